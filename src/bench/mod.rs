@@ -1,0 +1,8 @@
+//! `cairn bench`: a synthetic training state saved and restored against
+//! raw-disk and memcpy baselines measured in the same run.
+
+pub mod raw;
+pub mod run;
+pub mod synthetic;
+
+pub use run::{run_bench, BenchConfig, BenchReport};

@@ -1,0 +1,182 @@
+//! Raw baselines measured in the same run as cairn: memcpy into
+//! pre-faulted memory, a buffered write + fsync, an O_DIRECT write with
+//! several requests in flight, and a cold sequential read.
+
+use crate::error::{Error, Result};
+use memmap2::{MmapMut, MmapOptions};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// Block size for the raw write and read baselines.
+pub const RAW_BLOCK: usize = 8 << 20;
+/// Requests in flight for the O_DIRECT write.
+pub const DIRECT_QUEUE_DEPTH: usize = 4;
+
+/// Anonymous memory, populated so it never page-faults when used.
+pub fn prefaulted(len: usize) -> Result<MmapMut> {
+    let mut m = MmapOptions::new()
+        .len(len.max(1))
+        .populate()
+        .map_anon()
+        .map_err(|e| Error::io("map buffer", "<anonymous>", e))?;
+    for p in m.chunks_mut(4096) {
+        p[0] = 1;
+    }
+    Ok(m)
+}
+
+/// Copy `srcs` back to back into `dst` (pre-faulted), one thread.
+pub fn memcpy(srcs: &[&[u8]], dst: &mut [u8]) -> Duration {
+    let t = Instant::now();
+    let mut off = 0;
+    for s in srcs {
+        dst[off..off + s.len()].copy_from_slice(s);
+        off += s.len();
+    }
+    t.elapsed()
+}
+
+/// Write `srcs` back to back to a new file with buffered writes, then
+/// fsync: what `torch.save` followed by a sync does.
+pub fn buffered_write_fsync(path: &Path, srcs: &[&[u8]]) -> Result<Duration> {
+    let t = Instant::now();
+    let mut f = File::create(path).map_err(|e| Error::io("create", path, e))?;
+    for s in srcs {
+        for piece in s.chunks(RAW_BLOCK) {
+            f.write_all(piece)
+                .map_err(|e| Error::io("write", path, e))?;
+        }
+    }
+    f.sync_all().map_err(|e| Error::io("fsync", path, e))?;
+    Ok(t.elapsed())
+}
+
+/// Write `srcs` back to back with O_DIRECT: aligned 8 MiB blocks, four in
+/// flight, then fsync. The disk's best sequential write.
+pub fn direct_write(path: &Path, srcs: &[&[u8]]) -> Result<Duration> {
+    let total: usize = srcs.iter().map(|s| s.len()).sum();
+    let blocks = total.div_ceil(RAW_BLOCK);
+    let mut bufs: Vec<MmapMut> = (0..DIRECT_QUEUE_DEPTH)
+        .map(|_| prefaulted(RAW_BLOCK))
+        .collect::<Result<_>>()?;
+    let t = Instant::now();
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .map_err(|e| Error::io("create (O_DIRECT)", path, e))?;
+    let next = AtomicUsize::new(0);
+    let res: Vec<Result<()>> = std::thread::scope(|s| {
+        let handles: Vec<_> = bufs
+            .iter_mut()
+            .map(|buf| {
+                let (f, next) = (&f, &next);
+                s.spawn(move || -> Result<()> {
+                    loop {
+                        let b = next.fetch_add(1, Ordering::Relaxed);
+                        if b >= blocks {
+                            return Ok(());
+                        }
+                        let start = b * RAW_BLOCK;
+                        let len = RAW_BLOCK.min(total - start);
+                        gather(srcs, start, &mut buf[..len]);
+                        let padded = len.div_ceil(4096) * 4096;
+                        f.write_all_at(&buf[..padded], start as u64)
+                            .map_err(|e| Error::io("write (O_DIRECT)", path, e))?;
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or(Err(Error::Internal("writer panicked".into())))
+            })
+            .collect()
+    });
+    for r in res {
+        r?;
+    }
+    f.set_len(total as u64)
+        .map_err(|e| Error::io("truncate", path, e))?;
+    f.sync_all().map_err(|e| Error::io("fsync", path, e))?;
+    Ok(t.elapsed())
+}
+
+/// Copy bytes `[start, start + out.len())` of the concatenation of `srcs`.
+fn gather(srcs: &[&[u8]], start: usize, out: &mut [u8]) {
+    let mut pos = 0;
+    let mut filled = 0;
+    for s in srcs {
+        let end = pos + s.len();
+        if end > start + filled && filled < out.len() {
+            let from = start + filled - pos;
+            let n = (s.len() - from).min(out.len() - filled);
+            out[filled..filled + n].copy_from_slice(&s[from..from + n]);
+            filled += n;
+        }
+        pos = end;
+        if filled == out.len() {
+            break;
+        }
+    }
+}
+
+/// Read a file sequentially in 8 MiB blocks into a reused buffer.
+pub fn sequential_read(path: &Path) -> Result<(Duration, u64)> {
+    let mut buf = prefaulted(RAW_BLOCK)?;
+    let t = Instant::now();
+    let mut f = File::open(path).map_err(|e| Error::io("open", path, e))?;
+    let mut n = 0u64;
+    loop {
+        let r = f
+            .read(&mut buf[..])
+            .map_err(|e| Error::io("read", path, e))?;
+        if r == 0 {
+            break;
+        }
+        n += r as u64;
+    }
+    Ok((t.elapsed(), n))
+}
+
+/// Empty the page cache so the next read comes from the disk. Uses
+/// `/proc/sys/vm/drop_caches` when permitted (root); otherwise evicts each
+/// of `files` with `posix_fadvise(DONTNEED)`. Returns the method used.
+pub fn drop_caches(files: &[&Path]) -> &'static str {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    if std::fs::write("/proc/sys/vm/drop_caches", b"1").is_ok() {
+        return "drop_caches";
+    }
+    for f in files {
+        crate::local::durable::evict_from_cache(f);
+    }
+    "fadvise"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gather_spans_sources() {
+        let a = [1u8, 2, 3];
+        let b = [4u8, 5];
+        let c = [6u8, 7, 8, 9];
+        let srcs: [&[u8]; 3] = [&a, &b, &c];
+        let mut out = [0u8; 4];
+        gather(&srcs, 2, &mut out);
+        assert_eq!(out, [3, 4, 5, 6]);
+        let mut out = [0u8; 2];
+        gather(&srcs, 7, &mut out);
+        assert_eq!(out, [8, 9]);
+    }
+}

@@ -1,0 +1,371 @@
+//! The benchmark driver behind `cairn bench`.
+
+use super::raw;
+use super::synthetic::SyntheticState;
+use crate::codec::{CodecChoice, Encoder};
+use crate::error::{Error, Result};
+use crate::local::durable::unique_tmp_name;
+use crate::store::{StepSel, Store, StoreOptions};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Seed of the synthetic state; each step mixes in its number.
+pub const BASE_SEED: u64 = 0x00C0_FFEE_CA1B_0001;
+
+/// What to benchmark.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// Store directory.
+    pub store: PathBuf,
+    /// Run name the checkpoints are saved under.
+    pub run: String,
+    /// Approximate bytes of the training state.
+    pub size: u64,
+    /// Measured iterations (each saves two new steps).
+    pub iterations: usize,
+    /// Store settings; `staging_bytes` of 0 means "enough for the state".
+    pub options: StoreOptions,
+}
+
+/// One iteration's timings, in seconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchIteration {
+    /// Step saved in full.
+    pub step: u64,
+    /// Time `save` blocked the caller.
+    pub stall_s: f64,
+    /// memcpy of the same bytes into pre-faulted memory.
+    pub memcpy_s: f64,
+    /// `save` call to local commit.
+    pub durable_s: f64,
+    /// Buffered write + fsync of the same bytes.
+    pub raw_write_fsync_s: f64,
+    /// O_DIRECT write of the same bytes (8 MiB blocks, 4 in flight).
+    pub raw_direct_write_s: f64,
+    /// Cold restore into pre-faulted buffers, every chunk verified.
+    pub restore_s: f64,
+    /// Cold sequential read of the same bytes.
+    pub raw_cold_read_s: f64,
+    /// Bytes cairn wrote for the full save (headers included).
+    pub bytes_written: u64,
+    /// Step saved after changing about 10% of the tensors.
+    pub dedup_step: u64,
+    /// Fraction of the logical bytes changed for it.
+    pub dedup_changed_fraction: f64,
+    /// Fraction of the logical bytes written for it.
+    pub dedup_written_fraction: f64,
+}
+
+/// Compression figures for a sample of the state, one thread, reused
+/// context.
+#[derive(Debug, Clone, Serialize)]
+pub struct CompressionProbe {
+    /// Sample size in bytes.
+    pub sample_bytes: u64,
+    /// zstd-1 ratio (input / output) on the raw bytes.
+    pub zstd1_ratio: f64,
+    /// zstd-1 throughput, GB/s of input.
+    pub zstd1_gbps: f64,
+    /// zstd-1 ratio after fp32 byte-grouping.
+    pub zstd1_grouped_ratio: f64,
+    /// zstd-1 with byte-grouping throughput, GB/s of input.
+    pub zstd1_grouped_gbps: f64,
+    /// blake3 throughput, GB/s, one thread.
+    pub blake3_gbps: f64,
+}
+
+/// Everything `cairn bench` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Store directory.
+    pub store: PathBuf,
+    /// Run name.
+    pub run: String,
+    /// Bytes of the state.
+    pub logical_bytes: u64,
+    /// Tensors in the state.
+    pub tensors: usize,
+    /// Chunk size used.
+    pub chunk_size: usize,
+    /// Staging budget used.
+    pub staging_bytes: usize,
+    /// Codec for the local tier.
+    pub codec: CodecChoice,
+    /// How caches were dropped before cold reads.
+    pub cold_method: &'static str,
+    /// Median stall seconds.
+    pub stall_s: f64,
+    /// Median memcpy seconds.
+    pub memcpy_s: f64,
+    /// Median of stall / memcpy.
+    pub stall_ratio: f64,
+    /// Median seconds to local durability.
+    pub durable_s: f64,
+    /// Median buffered write + fsync seconds.
+    pub raw_write_fsync_s: f64,
+    /// Median of cairn's durable throughput / buffered write + fsync's.
+    pub durable_ratio: f64,
+    /// Median O_DIRECT write seconds.
+    pub raw_direct_write_s: f64,
+    /// Median of cairn's durable throughput / O_DIRECT write's.
+    pub durable_vs_direct_ratio: f64,
+    /// Median cold restore seconds.
+    pub restore_s: f64,
+    /// Median cold sequential read seconds.
+    pub raw_cold_read_s: f64,
+    /// Median of cairn's restore throughput / the raw cold read's.
+    pub restore_ratio: f64,
+    /// Logical / stored bytes of the full saves.
+    pub compression_ratio: f64,
+    /// Median fraction of bytes written by the ~10%-changed save.
+    pub dedup_written_fraction: f64,
+    /// Median fraction of bytes changed for it.
+    pub dedup_changed_fraction: f64,
+    /// Durable throughput, GB/s (median).
+    pub durable_gbps: f64,
+    /// Restore throughput, GB/s (median).
+    pub restore_gbps: f64,
+    /// Peak resident memory of the process (state, staging and restore
+    /// buffers included).
+    pub peak_rss_bytes: u64,
+    /// Compression probe.
+    pub compression: CompressionProbe,
+    /// Per-iteration figures.
+    pub iterations: Vec<BenchIteration>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Peak resident set size of this process, from /proc.
+pub fn peak_rss_bytes() -> u64 {
+    proc_status_kib("VmHWM:") * 1024
+}
+
+/// Current resident set size of this process, from /proc.
+pub fn rss_bytes() -> u64 {
+    proc_status_kib("VmRSS:") * 1024
+}
+
+fn proc_status_kib(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Run the benchmark.
+pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchReport> {
+    if cfg.iterations == 0 {
+        return Err(Error::invalid("iterations", "must be at least 1"));
+    }
+    progress(&format!(
+        "generating a {} MiB training state",
+        cfg.size >> 20
+    ));
+    let mut opts = cfg.options.clone();
+    let probe_state = SyntheticState::generate(cfg.size, BASE_SEED);
+    let total = probe_state.logical_bytes() as usize;
+    let n_tensors = probe_state.tensors.len();
+    if opts.staging_bytes == 0 {
+        // Room for the whole state plus ring wrap-around slack.
+        opts.staging_bytes = total + 4 * opts.chunk_size + (64 << 20);
+    }
+    let store = Store::open(&cfg.store, opts.clone())?;
+    let first_step = store.latest(&cfg.run)?.map_or(0, |s| s + 1);
+    let mut dest = raw::prefaulted(total)?;
+    let compression = probe_compression(&probe_state);
+    drop(probe_state);
+    let tmp = store.root().join("tmp");
+    let mut iters = Vec::new();
+    let mut stored_total = 0u64;
+    let mut logical_total = 0u64;
+    let mut cold_method = "none";
+    for i in 0..cfg.iterations {
+        let step = first_step + 2 * i as u64;
+        progress(&format!(
+            "iteration {}/{}: step {step}",
+            i + 1,
+            cfg.iterations
+        ));
+        let mut state = SyntheticState::generate(cfg.size, BASE_SEED ^ step);
+        let srcs: Vec<&[u8]> = state
+            .tensors
+            .iter()
+            .map(|t| t.bytes())
+            .chain([state.rng_state.as_slice(), state.loader_state.as_slice()])
+            .collect();
+        let memcpy_s = raw::memcpy(&srcs, &mut dest).as_secs_f64();
+        raw::drop_caches(&[]);
+
+        let t0 = Instant::now();
+        let handle = store.save(&cfg.run, step, &state.as_save_state())?;
+        let stall_s = t0.elapsed().as_secs_f64();
+        let rep = handle.wait()?;
+        let durable_s = t0.elapsed().as_secs_f64();
+        stored_total += rep.bytes_written;
+        logical_total += rep.bytes_written_uncompressed;
+
+        let raw_path = tmp.join(unique_tmp_name("bench-raw"));
+        let raw_write_fsync_s = raw::buffered_write_fsync(&raw_path, &srcs)?.as_secs_f64();
+        let _ = std::fs::remove_file(&raw_path);
+        let direct_path = tmp.join(unique_tmp_name("bench-direct"));
+        let raw_direct_write_s = raw::direct_write(&direct_path, &srcs)?.as_secs_f64();
+
+        // Cold restore into the pre-faulted buffers, then compare.
+        let chunk_files = chunk_paths(&store, &cfg.run, step)?;
+        let mut files: Vec<&Path> = chunk_files.iter().map(PathBuf::as_path).collect();
+        files.push(&direct_path);
+        cold_method = raw::drop_caches(&files);
+        let names: Vec<&str> = state.tensors.iter().map(|t| t.name.as_str()).collect();
+        let restore_s = {
+            let mut targets: Vec<(&str, &mut [u8])> = Vec::with_capacity(names.len());
+            let mut rest: &mut [u8] = &mut dest[..];
+            for (name, t) in names.iter().zip(&state.tensors) {
+                let (a, b) = rest.split_at_mut(t.bytes().len());
+                targets.push((name, a));
+                rest = b;
+            }
+            let t = Instant::now();
+            store.restore_into(&cfg.run, StepSel::Step(step), &mut targets)?;
+            t.elapsed().as_secs_f64()
+        };
+        let mut off = 0;
+        for t in &state.tensors {
+            let b = t.bytes();
+            if dest[off..off + b.len()] != *b {
+                return Err(Error::Internal(format!(
+                    "restored tensor {} differs from what was saved",
+                    t.name
+                )));
+            }
+            off += b.len();
+        }
+        raw::drop_caches(&files);
+        let (read, n) = raw::sequential_read(&direct_path)?;
+        let raw_cold_read_s = read.as_secs_f64();
+        let _ = std::fs::remove_file(&direct_path);
+        if n != total as u64 {
+            return Err(Error::Internal(format!(
+                "raw read returned {n} of {total} bytes"
+            )));
+        }
+
+        // Dedup: ~10% of tensors change.
+        drop(srcs);
+        let changed = state.perturb(0.10, BASE_SEED ^ step ^ 0xD1FF);
+        let rep2 = store
+            .save(&cfg.run, step + 1, &state.as_save_state())?
+            .wait()?;
+        iters.push(BenchIteration {
+            step,
+            stall_s,
+            memcpy_s,
+            durable_s,
+            raw_write_fsync_s,
+            raw_direct_write_s,
+            restore_s,
+            raw_cold_read_s,
+            bytes_written: rep.bytes_written,
+            dedup_step: step + 1,
+            dedup_changed_fraction: changed as f64 / total as f64,
+            dedup_written_fraction: rep2.bytes_written_uncompressed as f64 / total as f64,
+        });
+    }
+    let m = |f: &dyn Fn(&BenchIteration) -> f64| median(iters.iter().map(f).collect());
+    let gb = total as f64 / 1e9;
+    Ok(BenchReport {
+        store: cfg.store.clone(),
+        run: cfg.run.clone(),
+        logical_bytes: total as u64,
+        tensors: n_tensors,
+        chunk_size: opts.chunk_size,
+        staging_bytes: opts.staging_bytes,
+        codec: opts.codec,
+        cold_method,
+        stall_s: m(&|i| i.stall_s),
+        memcpy_s: m(&|i| i.memcpy_s),
+        stall_ratio: m(&|i| i.stall_s / i.memcpy_s),
+        durable_s: m(&|i| i.durable_s),
+        raw_write_fsync_s: m(&|i| i.raw_write_fsync_s),
+        durable_ratio: m(&|i| i.raw_write_fsync_s / i.durable_s),
+        raw_direct_write_s: m(&|i| i.raw_direct_write_s),
+        durable_vs_direct_ratio: m(&|i| i.raw_direct_write_s / i.durable_s),
+        restore_s: m(&|i| i.restore_s),
+        raw_cold_read_s: m(&|i| i.raw_cold_read_s),
+        restore_ratio: m(&|i| i.raw_cold_read_s / i.restore_s),
+        compression_ratio: if stored_total > 0 {
+            logical_total as f64 / stored_total as f64
+        } else {
+            1.0
+        },
+        dedup_written_fraction: m(&|i| i.dedup_written_fraction),
+        dedup_changed_fraction: m(&|i| i.dedup_changed_fraction),
+        durable_gbps: m(&|i| gb / i.durable_s),
+        restore_gbps: m(&|i| gb / i.restore_s),
+        peak_rss_bytes: peak_rss_bytes(),
+        compression,
+        iterations: iters,
+    })
+}
+
+fn chunk_paths(store: &Store, run: &str, step: u64) -> Result<Vec<PathBuf>> {
+    let m = store.manifest(run, step)?;
+    Ok(m.distinct_chunks()
+        .iter()
+        .map(|(id, _)| store.layout.chunk_path(id))
+        .collect())
+}
+
+fn probe_compression(state: &SyntheticState) -> CompressionProbe {
+    let mut sample = Vec::new();
+    for t in &state.tensors {
+        if sample.len() >= 64 << 20 {
+            break;
+        }
+        let b = t.bytes();
+        sample.extend_from_slice(&b[..b.len().min((64 << 20) - sample.len())]);
+    }
+    let n = sample.len() as f64;
+    let run = |width: u8| -> (f64, f64) {
+        let mut enc = match Encoder::new(CodecChoice::Zstd { level: 1 }) {
+            Ok(e) => e,
+            Err(_) => return (f64::NAN, f64::NAN),
+        };
+        let mut out = 0usize;
+        let t = Instant::now();
+        for c in sample.chunks(16 << 20) {
+            out += enc.encode_forced(c, width);
+        }
+        (n / out as f64, n / t.elapsed().as_secs_f64() / 1e9)
+    };
+    let (zstd1_ratio, zstd1_gbps) = run(0);
+    let (zstd1_grouped_ratio, zstd1_grouped_gbps) = run(4);
+    let t = Instant::now();
+    let _ = blake3::hash(&sample);
+    let blake3_gbps = n / t.elapsed().as_secs_f64() / 1e9;
+    CompressionProbe {
+        sample_bytes: sample.len() as u64,
+        zstd1_ratio,
+        zstd1_gbps,
+        zstd1_grouped_ratio,
+        zstd1_grouped_gbps,
+        blake3_gbps,
+    }
+}

@@ -1,0 +1,260 @@
+//! Chunk payload encoding: raw, zstd, and zstd over byte-grouped floats.
+//!
+//! Byte-grouping (a "shuffle" filter) rewrites `n` elements of width `w` as
+//! `w` planes: all first bytes, then all second bytes, and so on; trailing
+//! bytes that do not fill an element are appended unchanged. Exponent bytes
+//! of floats then sit together and compress far better.
+
+use crate::error::{Error, Result};
+use crate::format::chunk::Codec;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Payloads that do not shrink below this fraction of their input are
+/// stored raw.
+pub const MIN_SAVING: f64 = 0.97;
+
+/// How a tier encodes the chunks it writes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind")]
+pub enum CodecChoice {
+    /// Store uncompressed bytes (cheapest on CPU).
+    #[default]
+    Raw,
+    /// zstd at `level`, with byte-grouping for float tensors; falls back to
+    /// raw when a chunk does not shrink by at least 3%.
+    Zstd {
+        /// zstd compression level (1 is fast).
+        level: i32,
+    },
+}
+
+impl std::str::FromStr for CodecChoice {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "raw" => Ok(CodecChoice::Raw),
+            "zstd" => Ok(CodecChoice::Zstd { level: 1 }),
+            _ => match s.strip_prefix("zstd:").map(str::parse::<i32>) {
+                Some(Ok(level)) if (1..=19).contains(&level) => Ok(CodecChoice::Zstd { level }),
+                _ => Err(Error::invalid(
+                    "codec",
+                    format!("{s:?}: expected raw, zstd or zstd:LEVEL with LEVEL in 1..=19"),
+                )),
+            },
+        }
+    }
+}
+
+/// Reusable compression state for one worker thread: the zstd context and
+/// scratch buffers live as long as the worker.
+pub struct Encoder {
+    ctx: Option<zstd::bulk::Compressor<'static>>,
+    grouped: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl Encoder {
+    /// A new encoder for `choice`.
+    pub fn new(choice: CodecChoice) -> Result<Self> {
+        let ctx = match choice {
+            CodecChoice::Raw => None,
+            CodecChoice::Zstd { level } => Some(
+                zstd::bulk::Compressor::new(level)
+                    .map_err(|e| Error::Internal(format!("zstd init: {e}")))?,
+            ),
+        };
+        Ok(Encoder {
+            ctx,
+            grouped: Vec::new(),
+            out: Vec::new(),
+        })
+    }
+
+    /// Encode `data`; `width` is the element width to byte-group by (0 for
+    /// none). Returns the codec, filter and the payload, which is either
+    /// `data` itself or a slice of the encoder's output buffer.
+    pub fn encode<'a>(&'a mut self, data: &'a [u8], width: u8) -> (Codec, u8, &'a [u8]) {
+        let Some(ctx) = self.ctx.as_mut() else {
+            return (Codec::Raw, 0, data);
+        };
+        let width = if matches!(width, 2 | 4 | 8) && data.len() >= width as usize * 64 {
+            width
+        } else {
+            0
+        };
+        let input: &[u8] = if width > 0 {
+            self.grouped.resize(data.len(), 0);
+            byte_group(data, width as usize, &mut self.grouped);
+            &self.grouped
+        } else {
+            data
+        };
+        let bound = zstd::zstd_safe::compress_bound(input.len());
+        self.out.clear();
+        self.out.reserve(bound);
+        match ctx.compress_to_buffer(input, &mut self.out) {
+            Ok(n) if (n as f64) < data.len() as f64 * MIN_SAVING => {
+                (Codec::Zstd, width, &self.out[..n])
+            }
+            _ => (Codec::Raw, 0, data),
+        }
+    }
+}
+
+impl Encoder {
+    /// Compressed size of `data` without the raw fallback (for measuring
+    /// ratios); `data.len()` for a raw encoder.
+    pub fn encode_forced(&mut self, data: &[u8], width: u8) -> usize {
+        let Some(ctx) = self.ctx.as_mut() else {
+            return data.len();
+        };
+        let input: &[u8] = if matches!(width, 2 | 4 | 8) {
+            self.grouped.resize(data.len(), 0);
+            byte_group(data, width as usize, &mut self.grouped);
+            &self.grouped
+        } else {
+            data
+        };
+        self.out.clear();
+        self.out
+            .reserve(zstd::zstd_safe::compress_bound(input.len()));
+        ctx.compress_to_buffer(input, &mut self.out)
+            .unwrap_or(data.len())
+    }
+}
+
+/// Reusable decompression state for one reader thread.
+pub struct Decoder {
+    ctx: zstd::bulk::Decompressor<'static>,
+    grouped: Vec<u8>,
+}
+
+impl Decoder {
+    /// A new decoder.
+    pub fn new() -> Result<Self> {
+        Ok(Decoder {
+            ctx: zstd::bulk::Decompressor::new()
+                .map_err(|e| Error::Internal(format!("zstd init: {e}")))?,
+            grouped: Vec::new(),
+        })
+    }
+
+    /// Decode `payload` into `out`, which must be exactly the uncompressed
+    /// length. `path` names the chunk in errors.
+    pub fn decode(
+        &mut self,
+        codec: Codec,
+        filter: u8,
+        payload: &[u8],
+        out: &mut [u8],
+        path: &Path,
+    ) -> Result<()> {
+        let corrupt = |reason: String| Error::CorruptChunk {
+            chunk: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            path: path.to_path_buf(),
+            reason,
+            tensors: Vec::new(),
+        };
+        match codec {
+            Codec::Raw => {
+                if payload.len() != out.len() {
+                    return Err(corrupt("raw payload length mismatch".into()));
+                }
+                out.copy_from_slice(payload);
+                Ok(())
+            }
+            Codec::Zstd => {
+                let target: &mut [u8] = if filter == 0 {
+                    out
+                } else {
+                    self.grouped.resize(out.len(), 0);
+                    &mut self.grouped
+                };
+                let n = self
+                    .ctx
+                    .decompress_to_buffer(payload, target)
+                    .map_err(|e| corrupt(format!("zstd payload does not decode: {e}")))?;
+                if n != target.len() {
+                    return Err(corrupt(format!(
+                        "zstd payload decodes to {n} bytes, header says {}",
+                        target.len()
+                    )));
+                }
+                if filter != 0 {
+                    byte_ungroup(&self.grouped, filter as usize, out);
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Byte-group `src` by element width `w` into `dst` (same length).
+pub fn byte_group(src: &[u8], w: usize, dst: &mut [u8]) {
+    let n = src.len() / w;
+    for b in 0..w {
+        let plane = &mut dst[b * n..(b + 1) * n];
+        for (i, d) in plane.iter_mut().enumerate() {
+            *d = src[i * w + b];
+        }
+    }
+    dst[n * w..].copy_from_slice(&src[n * w..]);
+}
+
+/// Invert [`byte_group`].
+pub fn byte_ungroup(src: &[u8], w: usize, dst: &mut [u8]) {
+    let n = dst.len() / w;
+    for b in 0..w {
+        let plane = &src[b * n..(b + 1) * n];
+        for (i, &s) in plane.iter().enumerate() {
+            dst[i * w + b] = s;
+        }
+    }
+    let tail = n * w;
+    dst[tail..].copy_from_slice(&src[tail..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_ungroup_inverse() {
+        for len in [0usize, 1, 3, 4, 5, 17, 1000, 1003] {
+            for w in [2usize, 4, 8] {
+                let src: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+                let mut g = vec![0; len];
+                let mut back = vec![0; len];
+                byte_group(&src, w, &mut g);
+                byte_ungroup(&g, w, &mut back);
+                assert_eq!(src, back, "len {len} w {w}");
+            }
+        }
+    }
+
+    #[test]
+    fn zstd_round_trip_and_raw_fallback() {
+        let mut enc = Encoder::new(CodecChoice::Zstd { level: 1 }).unwrap();
+        let mut dec = Decoder::new().unwrap();
+        let floats: Vec<u8> = (0..4096u32)
+            .flat_map(|i| ((i % 7) as f32 * 0.01).to_le_bytes())
+            .collect();
+        let (codec, filter, payload) = enc.encode(&floats, 4);
+        assert_eq!((codec, filter), (Codec::Zstd, 4));
+        let payload = payload.to_vec();
+        let mut out = vec![0; floats.len()];
+        dec.decode(codec, filter, &payload, &mut out, Path::new("c"))
+            .unwrap();
+        assert_eq!(out, floats);
+        let noise: Vec<u8> = (0..4096u64)
+            .map(|i| (i.wrapping_mul(0x9E3779B97F4A7C15) >> 56) as u8)
+            .collect();
+        let (codec, _, _) = enc.encode(&noise, 0);
+        assert_eq!(codec, Codec::Raw);
+    }
+}

@@ -1,0 +1,165 @@
+//! Errors returned by cairn.
+//!
+//! [`Error`] carries structured fields naming what went wrong; [`Error::kind`]
+//! maps every variant to a small [`ErrorKind`] that tells the caller what to
+//! do about it (retry, fix the input, treat the data as corrupt, ...).
+
+use std::path::PathBuf;
+
+/// Result type used throughout cairn.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What the caller should do about an [`Error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// An I/O resource was unavailable or failed; retrying may succeed.
+    Unavailable,
+    /// The caller passed something invalid; fix the input.
+    Invalid,
+    /// Stored data is corrupt or malformed.
+    Data,
+    /// The requested run, step or tensor does not exist.
+    NotFound,
+    /// The checkpoint already exists; checkpoints are immutable.
+    AlreadyExists,
+    /// The store or pipeline has shut down.
+    Closed,
+    /// A bug in cairn.
+    Internal,
+}
+
+/// An error from cairn.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An operating-system I/O call failed.
+    #[error("I/O error during {op} on {path}: {source}")]
+    Io {
+        /// What cairn was doing (`"write chunk"`, `"fsync"`, ...).
+        op: &'static str,
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An argument or a piece of caller-supplied state is invalid.
+    #[error("invalid {what}: {reason}")]
+    InvalidInput {
+        /// Which input is wrong (`"tensor name"`, `"shape of tensor w"`, ...).
+        what: String,
+        /// Why it is rejected.
+        reason: String,
+    },
+    /// A chunk failed verification: bad header, truncated, or hash mismatch.
+    #[error("corrupt chunk {chunk} ({path}): {reason}{}", tensors_suffix(.tensors))]
+    CorruptChunk {
+        /// Hex blake3 id of the chunk.
+        chunk: String,
+        /// Where the chunk was read from.
+        path: PathBuf,
+        /// What was wrong with it.
+        reason: String,
+        /// Tensors and blobs whose bytes live (partly) in this chunk.
+        tensors: Vec<String>,
+    },
+    /// A manifest failed to parse or validate.
+    #[error("corrupt manifest {path}: {reason}")]
+    CorruptManifest {
+        /// The manifest file.
+        path: PathBuf,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// A stored object declares a format version this build cannot read.
+    #[error("unsupported {what} format version {found} in {path} (this build reads version {supported})")]
+    UnsupportedVersion {
+        /// Which kind of object (`"chunk"`, `"manifest"`, `"store"`).
+        what: &'static str,
+        /// Where it was read from.
+        path: PathBuf,
+        /// The version found.
+        found: u64,
+        /// The version this build supports.
+        supported: u64,
+    },
+    /// A chunk declares a codec or filter this build does not know.
+    #[error("unknown {what} {value} in chunk {path}")]
+    UnknownCodec {
+        /// `"codec"` or `"filter"`.
+        what: &'static str,
+        /// The raw value found in the header.
+        value: u8,
+        /// The chunk file.
+        path: PathBuf,
+    },
+    /// The requested object does not exist.
+    #[error("not found: {what}")]
+    NotFound {
+        /// What was looked for (`"run r1 step 7"`, `"tensor w"`).
+        what: String,
+    },
+    /// A checkpoint with this run and step is already committed.
+    #[error("checkpoint run {run} step {step} already exists")]
+    AlreadyExists {
+        /// The run.
+        run: String,
+        /// The step.
+        step: u64,
+    },
+    /// The store's background pipeline has shut down.
+    #[error("the store pipeline is closed")]
+    Closed,
+    /// An invariant inside cairn did not hold.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn tensors_suffix(tensors: &[String]) -> String {
+    if tensors.is_empty() {
+        String::new()
+    } else {
+        format!("; affects {}", tensors.join(", "))
+    }
+}
+
+impl Error {
+    /// The broad class of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Io { .. } => ErrorKind::Unavailable,
+            Error::InvalidInput { .. } => ErrorKind::Invalid,
+            Error::CorruptChunk { .. }
+            | Error::CorruptManifest { .. }
+            | Error::UnsupportedVersion { .. }
+            | Error::UnknownCodec { .. } => ErrorKind::Data,
+            Error::NotFound { .. } => ErrorKind::NotFound,
+            Error::AlreadyExists { .. } => ErrorKind::AlreadyExists,
+            Error::Closed => ErrorKind::Closed,
+            Error::Internal(_) => ErrorKind::Internal,
+        }
+    }
+
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::InvalidInput {
+            what: what.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn manifest(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Error::CorruptManifest {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,388 @@
+//! Manifests: the commit record of one checkpoint.
+//!
+//! A manifest file is a 56-byte envelope followed by a JSON body:
+//!
+//! ```text
+//! offset size field
+//!      0    8 magic "CAIRNMAN"
+//!      8    2 format version (u16 LE) = 1
+//!     10    6 reserved, must be zero
+//!     16    8 body length (u64 LE)
+//!     24   32 blake3 hash of the body
+//!     56    - body: UTF-8 JSON, a [`Manifest`]
+//! ```
+//!
+//! The hash makes any flipped byte detectable even where the JSON would
+//! still parse. [`decode_manifest_file`] checks the envelope, parses the body
+//! and validates every entry (names, sizes, chunk references) before anything
+//! else sees it.
+
+use super::chunk::MAX_CHUNK_LEN;
+use super::FORMAT_VERSION;
+use crate::chunk_id::ChunkId;
+use crate::dtype::{byte_len, DType};
+use crate::error::{Error, Result};
+use crate::layout::{validate_entry_name, validate_run_name};
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::path::Path;
+
+/// Magic bytes at the start of every manifest file.
+pub const MANIFEST_MAGIC: [u8; 8] = *b"CAIRNMAN";
+/// Size of the manifest envelope in bytes.
+pub const ENVELOPE_LEN: usize = 56;
+/// Largest manifest body any reader accepts (256 MiB).
+pub const MAX_MANIFEST_LEN: u64 = 256 << 20;
+/// Largest tensor or blob any reader accepts (1 TiB).
+pub const MAX_ENTRY_LEN: u64 = 1 << 40;
+
+/// One committed checkpoint: every tensor and blob with the chunks holding
+/// its bytes, and the caller's metadata.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Manifest schema version; 1.
+    pub format_version: u32,
+    /// The run this checkpoint belongs to.
+    pub run: String,
+    /// The training step.
+    pub step: u64,
+    /// Wall-clock commit time, milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// Chunk size the writer used (informational).
+    pub chunk_size: u64,
+    /// Tensors, in the order the caller gave them.
+    pub tensors: Vec<TensorEntry>,
+    /// Opaque byte blobs (RNG state, data-loader position, ...).
+    pub blobs: Vec<BlobEntry>,
+    /// Caller-supplied JSON metadata.
+    pub metadata: serde_json::Value,
+}
+
+/// Where a tensor shard sits in its global tensor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardInfo {
+    /// Shape of the full tensor across all ranks.
+    pub global_shape: Vec<u64>,
+    /// Offset of this shard in each dimension of the global tensor.
+    pub offsets: Vec<u64>,
+}
+
+/// A tensor in a manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorEntry {
+    /// Tensor name.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape of the bytes stored here (the local shard).
+    pub shape: Vec<u64>,
+    /// Byte length; equals `dtype.size() * product(shape)`.
+    pub len: u64,
+    /// For a shard of a larger tensor, where it sits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<ShardInfo>,
+    /// The tensor's bytes are the concatenation of these slices.
+    pub chunks: Vec<ChunkRef>,
+}
+
+/// An opaque blob in a manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlobEntry {
+    /// Blob name.
+    pub name: String,
+    /// Byte length.
+    pub len: u64,
+    /// The blob's bytes are the concatenation of these slices.
+    pub chunks: Vec<ChunkRef>,
+}
+
+/// A slice of one chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkRef {
+    /// The chunk's id (blake3 of its uncompressed bytes).
+    pub id: ChunkId,
+    /// Uncompressed length of the whole chunk.
+    pub chunk_len: u64,
+    /// Offset of the slice within the uncompressed chunk.
+    pub offset: u64,
+    /// Length of the slice.
+    pub len: u64,
+}
+
+/// A tensor or blob seen uniformly: name plus chunk slices.
+#[derive(Debug, Clone, Copy)]
+pub struct EntryRef<'a> {
+    /// Name of the tensor or blob.
+    pub name: &'a str,
+    /// Byte length.
+    pub len: u64,
+    /// Chunk slices holding the bytes.
+    pub chunks: &'a [ChunkRef],
+}
+
+impl Manifest {
+    /// Total bytes of all tensors and blobs.
+    pub fn logical_bytes(&self) -> u64 {
+        self.entries().map(|e| e.len).sum()
+    }
+
+    /// Tensors then blobs, uniformly.
+    pub fn entries(&self) -> impl Iterator<Item = EntryRef<'_>> {
+        self.tensors
+            .iter()
+            .map(|t| EntryRef {
+                name: &t.name,
+                len: t.len,
+                chunks: &t.chunks,
+            })
+            .chain(self.blobs.iter().map(|b| EntryRef {
+                name: &b.name,
+                len: b.len,
+                chunks: &b.chunks,
+            }))
+    }
+
+    /// Distinct chunks referenced, with their uncompressed lengths.
+    pub fn distinct_chunks(&self) -> Vec<(ChunkId, u64)> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for e in self.entries() {
+            for c in e.chunks {
+                if seen.insert(c.id) {
+                    out.push((c.id, c.chunk_len));
+                }
+            }
+        }
+        out
+    }
+
+    /// Check every invariant a reader relies on. `path` names the file in
+    /// errors.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |reason: String| Err(Error::manifest(path, reason));
+        if self.format_version != FORMAT_VERSION as u32 {
+            return Err(Error::UnsupportedVersion {
+                what: "manifest",
+                path: path.to_path_buf(),
+                found: self.format_version as u64,
+                supported: FORMAT_VERSION as u64,
+            });
+        }
+        if let Err(e) = validate_run_name(&self.run) {
+            return bad(e.to_string());
+        }
+        let mut names = HashSet::new();
+        for t in &self.tensors {
+            if let Err(e) = validate_entry_name("tensor", &t.name) {
+                return bad(e.to_string());
+            }
+            if !names.insert(("t", t.name.as_str())) {
+                return bad(format!("tensor {:?} appears twice", t.name));
+            }
+            match byte_len(t.dtype, &t.shape) {
+                Some(n) if n == t.len => {}
+                Some(n) => {
+                    return bad(format!(
+                        "tensor {:?}: shape {:?} of {} needs {n} bytes but len is {}",
+                        t.name, t.shape, t.dtype, t.len
+                    ))
+                }
+                None => {
+                    return bad(format!(
+                        "tensor {:?}: shape {:?} overflows",
+                        t.name, t.shape
+                    ))
+                }
+            }
+            if let Some(s) = &t.shard {
+                if s.global_shape.len() != t.shape.len() || s.offsets.len() != t.shape.len() {
+                    return bad(format!("tensor {:?}: shard rank mismatch", t.name));
+                }
+                for i in 0..t.shape.len() {
+                    if s.offsets[i]
+                        .checked_add(t.shape[i])
+                        .is_none_or(|end| end > s.global_shape[i])
+                    {
+                        return bad(format!(
+                            "tensor {:?}: shard does not fit its global shape",
+                            t.name
+                        ));
+                    }
+                }
+            }
+        }
+        for b in &self.blobs {
+            if let Err(e) = validate_entry_name("blob", &b.name) {
+                return bad(e.to_string());
+            }
+            if !names.insert(("b", b.name.as_str())) {
+                return bad(format!("blob {:?} appears twice", b.name));
+            }
+        }
+        for e in self.entries() {
+            if e.len > MAX_ENTRY_LEN {
+                return bad(format!(
+                    "{:?} declares {} bytes, over the {MAX_ENTRY_LEN}-byte limit",
+                    e.name, e.len
+                ));
+            }
+            let mut total: u64 = 0;
+            for c in e.chunks {
+                if c.chunk_len > MAX_CHUNK_LEN {
+                    return bad(format!(
+                        "{:?}: chunk {} declares {} bytes, over the {MAX_CHUNK_LEN}-byte limit",
+                        e.name, c.id, c.chunk_len
+                    ));
+                }
+                if c.offset
+                    .checked_add(c.len)
+                    .is_none_or(|end| end > c.chunk_len)
+                {
+                    return bad(format!(
+                        "{:?}: slice {}+{} lies outside chunk {} of {} bytes",
+                        e.name, c.offset, c.len, c.id, c.chunk_len
+                    ));
+                }
+                total = match total.checked_add(c.len) {
+                    Some(t) => t,
+                    None => return bad(format!("{:?}: chunk lengths overflow", e.name)),
+                };
+            }
+            if total != e.len {
+                return bad(format!(
+                    "{:?}: chunks hold {total} bytes but len is {}",
+                    e.name, e.len
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Serialize a manifest into the file form (envelope + JSON body).
+pub fn encode_manifest_file(m: &Manifest) -> Vec<u8> {
+    let body = serde_json::to_vec(m).unwrap_or_default();
+    encode_envelope(&body)
+}
+
+/// Wrap an arbitrary body in a manifest envelope (for tools and tests that
+/// need to build manifests by hand).
+pub fn encode_envelope(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(ENVELOPE_LEN + body.len());
+    out.extend_from_slice(&MANIFEST_MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&[0u8; 6]);
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(blake3::hash(body).as_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// Parse and validate a manifest file's bytes. `path` names it in errors.
+pub fn decode_manifest_file(buf: &[u8], path: &Path) -> Result<Manifest> {
+    let bad = |reason: String| Err(Error::manifest(path, reason));
+    if buf.len() < ENVELOPE_LEN {
+        return bad(format!(
+            "truncated: {} bytes, the envelope alone is {ENVELOPE_LEN}",
+            buf.len()
+        ));
+    }
+    if buf[0..8] != MANIFEST_MAGIC {
+        return bad("bad magic (not a cairn manifest)".into());
+    }
+    let version = u16::from_le_bytes([buf[8], buf[9]]);
+    if version != FORMAT_VERSION {
+        return Err(Error::UnsupportedVersion {
+            what: "manifest",
+            path: path.to_path_buf(),
+            found: version as u64,
+            supported: FORMAT_VERSION as u64,
+        });
+    }
+    if buf[10..16] != [0u8; 6] {
+        return bad("reserved envelope bytes are not zero".into());
+    }
+    let body_len = u64::from_le_bytes(buf[16..24].try_into().unwrap_or_default());
+    if body_len > MAX_MANIFEST_LEN {
+        return bad(format!(
+            "declared body of {body_len} bytes exceeds the {MAX_MANIFEST_LEN}-byte limit"
+        ));
+    }
+    let body = &buf[ENVELOPE_LEN..];
+    if body.len() as u64 != body_len {
+        return bad(format!(
+            "body is {} bytes but the envelope declares {body_len} (truncated or extended)",
+            body.len()
+        ));
+    }
+    if blake3::hash(body).as_bytes()[..] != buf[24..56] {
+        return bad("body hash mismatch (the manifest is corrupt)".into());
+    }
+    let m: Manifest = match serde_json::from_slice(body) {
+        Ok(m) => m,
+        Err(e) => return bad(format!("body does not parse: {e}")),
+    };
+    m.validate(path)?;
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        let id = ChunkId::of(b"abcd");
+        Manifest {
+            format_version: 1,
+            run: "r".into(),
+            step: 3,
+            created_unix_ms: 0,
+            chunk_size: 4,
+            tensors: vec![TensorEntry {
+                name: "w".into(),
+                dtype: DType::F32,
+                shape: vec![1],
+                len: 4,
+                shard: None,
+                chunks: vec![ChunkRef {
+                    id,
+                    chunk_len: 4,
+                    offset: 0,
+                    len: 4,
+                }],
+            }],
+            blobs: vec![],
+            metadata: serde_json::json!({"lr": 0.1}),
+        }
+    }
+
+    #[test]
+    fn round_trip_and_flip_detection() {
+        let m = sample();
+        let p = Path::new("m");
+        let enc = encode_manifest_file(&m);
+        assert_eq!(decode_manifest_file(&enc, p).unwrap(), m);
+        for i in 0..enc.len() {
+            let mut bad = enc.clone();
+            bad[i] ^= 0x01;
+            assert!(decode_manifest_file(&bad, p).is_err(), "flip at {i}");
+        }
+        assert!(decode_manifest_file(&enc[..enc.len() - 1], p).is_err());
+    }
+
+    #[test]
+    fn absurd_shapes_are_rejected() {
+        let mut m = sample();
+        m.tensors[0].shape = vec![u64::MAX, 4];
+        assert!(m.validate(Path::new("m")).is_err());
+        let mut m = sample();
+        m.tensors[0].shape = vec![1 << 40];
+        m.tensors[0].len = 4 << 40;
+        assert!(m.validate(Path::new("m")).is_err());
+    }
+}

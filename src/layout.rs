@@ -1,0 +1,202 @@
+//! The store's directory layout and the rules for names that reach it.
+//!
+//! ```text
+//! <root>/cairn-store.json                    store marker (format version)
+//! <root>/chunks/<2 hex>/<64 hex>             content-addressed chunk files
+//! <root>/runs/<run>/<step:020>/manifest.cairn  one committed checkpoint
+//! <root>/tmp/                                files being written
+//! ```
+//!
+//! Run names become directory names, so they are restricted to a safe
+//! alphabet. Tensor and blob names never become paths, but they are still
+//! checked so that tools exporting them to files cannot be steered outside
+//! their target.
+
+use crate::chunk_id::ChunkId;
+use crate::error::{Error, Result};
+use std::path::{Path, PathBuf};
+
+/// File name of the store marker.
+pub const STORE_MARKER: &str = "cairn-store.json";
+/// File name of a committed manifest inside its step directory.
+pub const MANIFEST_FILE: &str = "manifest.cairn";
+/// Longest run name accepted.
+pub const MAX_RUN_NAME: usize = 128;
+/// Longest tensor or blob name accepted, in bytes.
+pub const MAX_ENTRY_NAME: usize = 1024;
+
+/// Paths of everything in a store rooted at one directory.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    root: PathBuf,
+}
+
+impl Layout {
+    /// A layout rooted at `root`.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Layout { root: root.into() }
+    }
+
+    /// The store's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The store marker file.
+    pub fn marker(&self) -> PathBuf {
+        self.root.join(STORE_MARKER)
+    }
+
+    /// Directory holding all chunk fan-out directories.
+    pub fn chunks_dir(&self) -> PathBuf {
+        self.root.join("chunks")
+    }
+
+    /// Fan-out directory for chunks whose id starts with `prefix`.
+    pub fn chunk_dir_for_prefix(&self, prefix: u8) -> PathBuf {
+        self.chunks_dir().join(format!("{prefix:02x}"))
+    }
+
+    /// The file holding chunk `id`.
+    pub fn chunk_path(&self, id: &ChunkId) -> PathBuf {
+        self.chunk_dir_for_prefix(id.0[0]).join(id.to_hex())
+    }
+
+    /// Directory holding all runs.
+    pub fn runs_dir(&self) -> PathBuf {
+        self.root.join("runs")
+    }
+
+    /// Directory of one run. The name must have passed [`validate_run_name`].
+    pub fn run_dir(&self, run: &str) -> PathBuf {
+        self.runs_dir().join(run)
+    }
+
+    /// Directory of one step of a run.
+    pub fn step_dir(&self, run: &str, step: u64) -> PathBuf {
+        self.run_dir(run).join(step_dir_name(step))
+    }
+
+    /// The committed manifest of a checkpoint.
+    pub fn manifest_path(&self, run: &str, step: u64) -> PathBuf {
+        self.step_dir(run, step).join(MANIFEST_FILE)
+    }
+
+    /// Directory for files being written.
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+}
+
+/// Directory name of a step: zero-padded to 20 digits so listings sort.
+pub fn step_dir_name(step: u64) -> String {
+    format!("{step:020}")
+}
+
+/// Parse a step directory name written by [`step_dir_name`].
+pub fn parse_step_dir_name(name: &str) -> Option<u64> {
+    if name.len() == 20 && name.bytes().all(|b| b.is_ascii_digit()) {
+        name.parse().ok()
+    } else {
+        None
+    }
+}
+
+/// Check a run name: 1..=128 characters from `[A-Za-z0-9._-]`, not starting
+/// with a dot.
+pub fn validate_run_name(run: &str) -> Result<()> {
+    let bad = |reason: &str| Err(Error::invalid("run name", format!("{run:?}: {reason}")));
+    if run.is_empty() {
+        return bad("must not be empty");
+    }
+    if run.len() > MAX_RUN_NAME {
+        return bad("longer than 128 bytes");
+    }
+    if run.starts_with('.') {
+        return bad("must not start with '.'");
+    }
+    if !run
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return bad("only ASCII letters, digits, '.', '_' and '-' are allowed");
+    }
+    Ok(())
+}
+
+/// Check a tensor or blob name: non-empty UTF-8 of at most 1024 bytes with
+/// no control characters (NUL included), no backslash, not absolute, and no
+/// empty, `.` or `..` path component. Names like `model.layers.0.attn/q`
+/// are fine.
+pub fn validate_entry_name(kind: &str, name: &str) -> Result<()> {
+    let bad = |reason: &str| {
+        Err(Error::invalid(
+            format!("{kind} name"),
+            format!("{name:?}: {reason}"),
+        ))
+    };
+    if name.is_empty() {
+        return bad("must not be empty");
+    }
+    if name.len() > MAX_ENTRY_NAME {
+        return bad("longer than 1024 bytes");
+    }
+    if name.chars().any(|c| c.is_control()) {
+        return bad("contains a control character (NUL included)");
+    }
+    if name.contains('\\') {
+        return bad("contains a backslash");
+    }
+    if name.starts_with('/') {
+        return bad("is an absolute path");
+    }
+    if name
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return bad("has an empty, '.' or '..' path component");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_names() {
+        assert!(validate_run_name("llama-7b_run.3").is_ok());
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            "a\0b",
+            ".hidden",
+            &"x".repeat(129),
+        ] {
+            assert!(validate_run_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn entry_names() {
+        assert!(validate_entry_name("tensor", "model.layers.0.attn/q.weight").is_ok());
+        for bad in [
+            "", "../../x", "/abs", "a\0b", "a//b", "a/./b", "a/..", "a\\b", "x/",
+        ] {
+            assert!(validate_entry_name("tensor", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn step_names_sort() {
+        assert_eq!(step_dir_name(42), "00000000000000000042");
+        assert_eq!(
+            parse_step_dir_name(&step_dir_name(u64::MAX)),
+            Some(u64::MAX)
+        );
+        assert_eq!(parse_step_dir_name("42"), None);
+    }
+}

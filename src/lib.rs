@@ -1,0 +1,61 @@
+//! # cairn — a tiered checkpoint store for large-model training
+//!
+//! Training jobs save weights and optimizer state every few minutes; every
+//! second a save or restore stalls the accelerators is paid for. cairn makes
+//! `save` cost only a copy into a pre-faulted DRAM staging pool: hashing
+//! (blake3), optional compression (zstd with byte-grouping for floats),
+//! writes and fsyncs run in the background, and the checkpoint commits
+//! atomically when its manifest is published. Chunks are named by the hash
+//! of their bytes, so unchanged tensors cost nothing to save again, and
+//! every byte read back is verified.
+//!
+//! ```no_run
+//! use cairn::{DType, SaveState, StepSel, Store, StoreOptions, TensorFilter};
+//!
+//! # fn main() -> cairn::Result<()> {
+//! let store = Store::open("/tmp/ckpt", StoreOptions::default())?;
+//! let weights: Vec<f32> = vec![0.5; 1024];
+//! let bytes: &[u8] = bytemuck_free_cast(&weights);
+//! let state = SaveState::new()
+//!     .tensor("layer0.weight", DType::F32, &[32, 32], bytes)
+//!     .blob("rng", b"seed=7")
+//!     .metadata(serde_json::json!({"lr": 3e-4}));
+//! let handle = store.save("run1", 100, &state)?; // returns once staged
+//! // ... training continues; `weights` may be overwritten now ...
+//! let report = handle.wait()?; // durable on local disk
+//! println!("wrote {} bytes", report.bytes_written);
+//!
+//! let restored = store.restore("run1", StepSel::Latest, &TensorFilter::All)?;
+//! assert_eq!(restored.tensor("layer0.weight").unwrap().data, bytes);
+//! # Ok(()) }
+//! # fn bytemuck_free_cast(v: &[f32]) -> &[u8] {
+//! #     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 4) }
+//! # }
+//! ```
+//!
+//! `docs/architecture.md` describes the pipeline and `docs/format.md` the
+//! on-disk format.
+
+pub mod bench;
+pub mod chunk_id;
+pub mod codec;
+pub mod dtype;
+pub mod error;
+pub mod format;
+pub mod layout;
+pub mod local;
+pub mod restore;
+pub mod save;
+pub mod staging;
+pub mod store;
+pub mod verify;
+
+pub use chunk_id::ChunkId;
+pub use codec::CodecChoice;
+pub use dtype::DType;
+pub use error::{Error, ErrorKind, Result};
+pub use format::manifest::{Manifest, ShardInfo};
+pub use restore::{RestoreReport, Restored, RestoredTensor, TensorFilter};
+pub use save::{SaveHandle, SaveReport, SaveState, TensorView};
+pub use store::{StepSel, Store, StoreOptions};
+pub use verify::{Problem, VerifyReport};

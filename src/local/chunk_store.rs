@@ -1,0 +1,212 @@
+//! Content-addressed chunk files on local disk.
+//!
+//! A chunk is written to `tmp/` under a unique name, fsync'd, and only then
+//! renamed to `chunks/<2 hex>/<64 hex>`: a file at its final name is always
+//! complete, so finding one is enough to skip writing it again (dedup).
+
+use super::durable::{
+    create_dir_all_durable, create_new, fsync_dir, start_writeback, unique_tmp_name,
+};
+use crate::chunk_id::ChunkId;
+use crate::codec::Decoder;
+use crate::error::{Error, Result};
+use crate::format::chunk::{ChunkHeader, HEADER_LEN};
+use crate::layout::Layout;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// The chunk files of one local store.
+#[derive(Debug, Clone)]
+pub struct LocalChunkStore {
+    layout: Layout,
+}
+
+/// A chunk written to a temporary file, waiting for fsync and rename.
+pub struct PendingChunk {
+    file: File,
+    tmp: PathBuf,
+    dest: PathBuf,
+    /// Bytes written (header + payload).
+    pub stored_bytes: u64,
+}
+
+impl PendingChunk {
+    /// fsync the data and rename it to its final name.
+    pub fn finish(self) -> Result<()> {
+        let res = self
+            .file
+            .sync_data()
+            .map_err(|e| Error::io("fsync chunk", &self.tmp, e))
+            .and_then(|()| {
+                std::fs::rename(&self.tmp, &self.dest)
+                    .map_err(|e| Error::io("rename chunk into place", &self.dest, e))
+            });
+        if res.is_err() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+        res
+    }
+
+    /// Remove the temporary file.
+    pub fn abandon(self) {
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+impl LocalChunkStore {
+    /// The chunk store of `layout`.
+    pub fn new(layout: Layout) -> Self {
+        LocalChunkStore { layout }
+    }
+
+    /// Create the chunk fan-out directories (idempotent).
+    pub fn init(&self) -> Result<()> {
+        create_dir_all_durable(&self.layout.chunks_dir())?;
+        let mut created = false;
+        for p in 0..=255u8 {
+            let d = self.layout.chunk_dir_for_prefix(p);
+            match std::fs::create_dir(&d) {
+                Ok(()) => created = true,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::io("create directory", &d, e)),
+            }
+        }
+        if created {
+            fsync_dir(&self.layout.chunks_dir())?;
+        }
+        Ok(())
+    }
+
+    /// The store layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Whether a complete chunk file for `id` exists.
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.layout.chunk_path(id).is_file()
+    }
+
+    /// Write header + payload to a temporary file and start its writeback.
+    pub fn begin_write(&self, header: &ChunkHeader, payload: &[u8]) -> Result<PendingChunk> {
+        let tmp = self
+            .layout
+            .tmp_dir()
+            .join(unique_tmp_name(&header.id.to_hex()));
+        let mut file = create_new(&tmp)?;
+        let res = file
+            .write_all(&header.encode())
+            .and_then(|()| file.write_all(payload));
+        if let Err(e) = res {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::io("write chunk", &tmp, e));
+        }
+        start_writeback(&file);
+        Ok(PendingChunk {
+            file,
+            tmp,
+            dest: self.layout.chunk_path(&header.id),
+            stored_bytes: (HEADER_LEN + payload.len()) as u64,
+        })
+    }
+
+    /// fsync the fan-out directory holding chunks with this first byte.
+    pub fn sync_prefix_dir(&self, prefix: u8) -> Result<()> {
+        fsync_dir(&self.layout.chunk_dir_for_prefix(prefix))
+    }
+
+    /// Read chunk `id`, which must be `out.len()` bytes uncompressed, into
+    /// `out`, verifying its header and blake3 hash. `scratch` holds
+    /// compressed payloads. Returns the bytes read from disk.
+    pub fn read_verified(
+        &self,
+        id: &ChunkId,
+        out: &mut [u8],
+        scratch: &mut Vec<u8>,
+        decoder: &mut Decoder,
+    ) -> Result<u64> {
+        let path = self.layout.chunk_path(id);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(corrupt(id, &path, "missing from the store".into()))
+            }
+            Err(e) => return Err(Error::io("open chunk", &path, e)),
+        };
+        let file_len = file
+            .metadata()
+            .map_err(|e| Error::io("stat chunk", &path, e))?
+            .len();
+        let mut hbuf = [0u8; HEADER_LEN];
+        read_exact_at(&file, &mut hbuf, 0, &path, id)?;
+        let header = ChunkHeader::decode(&hbuf, &path)?;
+        if header.id != *id {
+            return Err(corrupt(
+                id,
+                &path,
+                format!("header names chunk {}", header.id),
+            ));
+        }
+        if header.uncompressed_len != out.len() as u64 {
+            return Err(corrupt(
+                id,
+                &path,
+                format!(
+                    "header declares {} bytes, the manifest {}",
+                    header.uncompressed_len,
+                    out.len()
+                ),
+            ));
+        }
+        if file_len != HEADER_LEN as u64 + header.stored_len {
+            return Err(corrupt(
+                id,
+                &path,
+                format!(
+                    "file is {file_len} bytes, header declares {} (truncated or extended)",
+                    HEADER_LEN as u64 + header.stored_len
+                ),
+            ));
+        }
+        match header.codec {
+            crate::format::chunk::Codec::Raw => {
+                read_exact_at(&file, out, HEADER_LEN as u64, &path, id)?;
+            }
+            crate::format::chunk::Codec::Zstd => {
+                scratch.resize(header.stored_len as usize, 0);
+                read_exact_at(&file, scratch, HEADER_LEN as u64, &path, id)?;
+                decoder.decode(header.codec, header.filter, scratch, out, &path)?;
+            }
+        }
+        let got = ChunkId::of(out);
+        if got != *id {
+            return Err(corrupt(
+                id,
+                &path,
+                format!("content hash mismatch (bytes hash to {got})"),
+            ));
+        }
+        Ok(file_len)
+    }
+}
+
+fn corrupt(id: &ChunkId, path: &Path, reason: String) -> Error {
+    Error::CorruptChunk {
+        chunk: id.to_hex(),
+        path: path.to_path_buf(),
+        reason,
+        tensors: Vec::new(),
+    }
+}
+
+fn read_exact_at(file: &File, buf: &mut [u8], off: u64, path: &Path, id: &ChunkId) -> Result<()> {
+    match file.read_exact_at(buf, off) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err(corrupt(id, path, "truncated".into()))
+        }
+        Err(e) => Err(Error::io("read chunk", path, e)),
+    }
+}

@@ -1,0 +1,137 @@
+//! Durable file primitives: fsync'd writes, atomic publication, directory
+//! fsyncs. Every file cairn commits goes through here.
+
+use crate::error::{Error, Result};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A file name for a temporary file that no other writer (thread or
+/// process) will pick: `<stem>.<pid>.<counter>.tmp`.
+pub fn unique_tmp_name(stem: &str) -> String {
+    format!(
+        "{stem}.{}.{}.tmp",
+        std::process::id(),
+        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// fsync a directory so the entries created or renamed in it are durable.
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    let f = File::open(dir).map_err(|e| Error::io("open directory", dir, e))?;
+    f.sync_all()
+        .map_err(|e| Error::io("fsync directory", dir, e))
+}
+
+/// Create `dir` and any missing parents, fsyncing each parent that gained
+/// an entry so the new directories survive a crash.
+pub fn create_dir_all_durable(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut missing: Vec<PathBuf> = Vec::new();
+    let mut cur = Some(dir);
+    while let Some(d) = cur {
+        if d.is_dir() {
+            break;
+        }
+        missing.push(d.to_path_buf());
+        cur = d.parent();
+    }
+    for d in missing.iter().rev() {
+        match std::fs::create_dir(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::io("create directory", d, e)),
+        }
+        if let Some(parent) = d.parent() {
+            fsync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
+/// Create a new file for writing; fails if it exists.
+pub fn create_new(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(path)
+        .map_err(|e| Error::io("create file", path, e))
+}
+
+/// Write `bytes` to a fresh temporary file in `tmp_dir` and fsync it.
+/// Returns the temporary path.
+pub fn write_tmp_synced(tmp_dir: &Path, stem: &str, bytes: &[u8]) -> Result<PathBuf> {
+    let tmp = tmp_dir.join(unique_tmp_name(stem));
+    let mut f = create_new(&tmp)?;
+    let res = f
+        .write_all(bytes)
+        .map_err(|e| Error::io("write", &tmp, e))
+        .and_then(|()| f.sync_all().map_err(|e| Error::io("fsync", &tmp, e)));
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(tmp)
+}
+
+/// Atomically publish `bytes` at `dest`: temp file, fsync, then a hard link
+/// that fails if `dest` exists (`Ok(false)`), then an fsync of `dest`'s
+/// directory. A reader sees either no file or the whole file.
+pub fn publish_new(tmp_dir: &Path, dest: &Path, bytes: &[u8]) -> Result<bool> {
+    let tmp = write_tmp_synced(tmp_dir, "publish", bytes)?;
+    let linked = std::fs::hard_link(&tmp, dest);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(e) => return Err(Error::io("link into place", dest, e)),
+    }
+    if let Some(parent) = dest.parent() {
+        fsync_dir(parent)?;
+    }
+    Ok(true)
+}
+
+/// Atomically replace `dest` with `bytes` (temp file, fsync, rename, fsync
+/// of the directory).
+pub fn publish_replace(tmp_dir: &Path, dest: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = write_tmp_synced(tmp_dir, "publish", bytes)?;
+    if let Err(e) = std::fs::rename(&tmp, dest) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io("rename into place", dest, e));
+    }
+    if let Some(parent) = dest.parent() {
+        fsync_dir(parent)?;
+    }
+    Ok(())
+}
+
+/// Ask the kernel to start writing back a file's dirty pages now, without
+/// waiting, so the later fsync finds less to do.
+pub fn start_writeback(f: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscall on a valid fd; failure only loses the hint.
+    unsafe {
+        libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+/// Drop a file's clean pages from the page cache (used to measure cold
+/// reads). Best effort.
+pub fn evict_from_cache(path: &Path) {
+    use std::os::fd::AsRawFd;
+    if let Ok(f) = File::open(path) {
+        let _ = f.sync_all();
+        // SAFETY: plain syscall on a valid fd.
+        unsafe {
+            libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+        }
+    }
+}

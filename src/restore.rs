@@ -1,0 +1,415 @@
+//! Restore: read a checkpoint's chunks in parallel, verify every byte, and
+//! place them in freshly allocated or caller-provided buffers.
+//!
+//! A [`RestorePlan`] groups the requested entries' slices by chunk so each
+//! chunk is read once. When a chunk maps whole onto one destination (the
+//! common case for large tensors), it is read straight into the
+//! destination and hashed there: no intermediate copy.
+
+use crate::chunk_id::ChunkId;
+use crate::codec::Decoder;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::format::manifest::{EntryRef, Manifest, ShardInfo};
+use crate::store::{StepSel, Store};
+use serde::Serialize;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Which tensors to restore.
+#[derive(Debug, Clone, Default)]
+pub enum TensorFilter {
+    /// Every tensor.
+    #[default]
+    All,
+    /// Exactly these names; a name not in the checkpoint is an error.
+    Names(BTreeSet<String>),
+    /// Names starting with this prefix.
+    Prefix(String),
+}
+
+impl TensorFilter {
+    /// A filter for exactly these names.
+    pub fn names<I: IntoIterator<Item = S>, S: Into<String>>(names: I) -> Self {
+        TensorFilter::Names(names.into_iter().map(Into::into).collect())
+    }
+
+    /// Whether `name` is selected.
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            TensorFilter::All => true,
+            TensorFilter::Names(n) => n.contains(name),
+            TensorFilter::Prefix(p) => name.starts_with(p.as_str()),
+        }
+    }
+}
+
+/// A restored tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RestoredTensor {
+    /// Name.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape.
+    pub shape: Vec<u64>,
+    /// Where the shard sits in its global tensor, if it is one.
+    pub shard: Option<ShardInfo>,
+    /// The bytes.
+    pub data: Vec<u8>,
+}
+
+/// Figures of one restore.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RestoreReport {
+    /// The step restored.
+    pub step: u64,
+    /// Bytes placed in destinations.
+    pub logical_bytes: u64,
+    /// Chunks read.
+    pub chunks_read: u64,
+    /// Bytes read from disk (headers included).
+    pub bytes_read: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+/// A restored checkpoint.
+#[derive(Debug, Clone)]
+pub struct Restored {
+    /// The manifest.
+    pub manifest: Manifest,
+    /// Selected tensors, in manifest order.
+    pub tensors: Vec<RestoredTensor>,
+    /// All blobs.
+    pub blobs: Vec<(String, Vec<u8>)>,
+    /// Figures.
+    pub report: RestoreReport,
+}
+
+impl Restored {
+    /// The tensor called `name`.
+    pub fn tensor(&self, name: &str) -> Option<&RestoredTensor> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// The blob called `name`.
+    pub fn blob(&self, name: &str) -> Option<&[u8]> {
+        self.blobs
+            .iter()
+            .find(|b| b.0 == name)
+            .map(|b| b.1.as_slice())
+    }
+}
+
+/// A destination for part of one chunk.
+struct Placement {
+    chunk_off: u64,
+    len: u64,
+    dest: *mut u8,
+}
+
+struct ChunkTask {
+    id: ChunkId,
+    chunk_len: u64,
+    placements: Vec<Placement>,
+    names: Vec<String>,
+}
+
+/// The chunks to read for a set of destinations.
+pub struct RestorePlan {
+    tasks: Vec<ChunkTask>,
+}
+
+// SAFETY: placements point into destination buffers that the plan's
+// creator borrows mutably for the plan's whole life, and slices of one
+// entry never overlap another's.
+unsafe impl Send for RestorePlan {}
+unsafe impl Sync for RestorePlan {}
+
+impl RestorePlan {
+    /// Plan reading `entries` into `dests` (same order, each exactly the
+    /// entry's length).
+    ///
+    /// # Safety
+    /// Each destination must be valid for writes of the entry's length and
+    /// stay borrowed, unaliased, until the plan is executed or dropped.
+    unsafe fn new(entries: &[EntryRef<'_>], dests: &[*mut u8]) -> Self {
+        let mut by_id: HashMap<ChunkId, usize> = HashMap::new();
+        let mut tasks: Vec<ChunkTask> = Vec::new();
+        for (e, &base) in entries.iter().zip(dests) {
+            let mut off = 0u64;
+            for c in e.chunks {
+                let idx = *by_id.entry(c.id).or_insert_with(|| {
+                    tasks.push(ChunkTask {
+                        id: c.id,
+                        chunk_len: c.chunk_len,
+                        placements: Vec::new(),
+                        names: Vec::new(),
+                    });
+                    tasks.len() - 1
+                });
+                let t = &mut tasks[idx];
+                t.placements.push(Placement {
+                    chunk_off: c.offset,
+                    len: c.len,
+                    dest: base.add(off as usize),
+                });
+                if t.names.last().map(String::as_str) != Some(e.name) {
+                    t.names.push(e.name.to_string());
+                }
+                off += c.len;
+            }
+        }
+        RestorePlan { tasks }
+    }
+
+    /// Number of distinct chunks to read.
+    pub fn chunk_count(&self) -> usize {
+        self.tasks.len()
+    }
+}
+
+impl Store {
+    /// Restore a checkpoint into new buffers. `filter` selects tensors;
+    /// blobs are always restored. Every chunk is verified.
+    pub fn restore(&self, run: &str, step: StepSel, filter: &TensorFilter) -> Result<Restored> {
+        let t0 = Instant::now();
+        let step = self.resolve(run, step)?;
+        let manifest = self.manifest(run, step)?;
+        check_names_exist(&manifest, filter)?;
+        let mut tensors = Vec::new();
+        let mut entries: Vec<EntryRef<'_>> = Vec::new();
+        for (t, e) in manifest.tensors.iter().zip(manifest.entries()) {
+            if filter.matches(&t.name) {
+                tensors.push(RestoredTensor {
+                    name: t.name.clone(),
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                    shard: t.shard.clone(),
+                    data: alloc_zeroed(t.len, &t.name)?,
+                });
+                entries.push(e);
+            }
+        }
+        let mut blobs = Vec::new();
+        for e in manifest.entries().skip(manifest.tensors.len()) {
+            blobs.push((e.name.to_string(), alloc_zeroed(e.len, e.name)?));
+            entries.push(e);
+        }
+        let dests: Vec<*mut u8> = tensors
+            .iter_mut()
+            .map(|t| t.data.as_mut_ptr())
+            .chain(blobs.iter_mut().map(|b| b.1.as_mut_ptr()))
+            .collect();
+        // SAFETY: each pointer is the start of a Vec of exactly the entry's
+        // length, owned here and not touched until the plan has run.
+        let plan = unsafe { RestorePlan::new(&entries, &dests) };
+        let mut report = self.execute(&plan)?;
+        report.step = step;
+        report.logical_bytes = entries.iter().map(|e| e.len).sum();
+        report.elapsed = t0.elapsed();
+        drop(entries);
+        Ok(Restored {
+            manifest,
+            tensors,
+            blobs,
+            report,
+        })
+    }
+
+    /// Restore tensors into caller buffers: each `(name, buffer)` is filled
+    /// with that tensor's bytes; the buffer must be exactly its length. Only
+    /// the chunks of the named tensors are read.
+    pub fn restore_into(
+        &self,
+        run: &str,
+        step: StepSel,
+        targets: &mut [(&str, &mut [u8])],
+    ) -> Result<RestoreReport> {
+        let t0 = Instant::now();
+        let step = self.resolve(run, step)?;
+        let manifest = self.manifest(run, step)?;
+        let by_name: HashMap<&str, EntryRef<'_>> = manifest
+            .entries()
+            .take(manifest.tensors.len())
+            .map(|e| (e.name, e))
+            .collect();
+        let mut entries = Vec::with_capacity(targets.len());
+        let mut dests = Vec::with_capacity(targets.len());
+        let mut seen = std::collections::HashSet::new();
+        for (name, buf) in targets.iter_mut() {
+            let e = by_name.get(name).ok_or_else(|| Error::NotFound {
+                what: format!("tensor {name:?} in run {run} step {step}"),
+            })?;
+            if !seen.insert(*name) {
+                return Err(Error::invalid(
+                    "restore target",
+                    format!("{name:?} named twice"),
+                ));
+            }
+            if buf.len() as u64 != e.len {
+                return Err(Error::invalid(
+                    format!("buffer for tensor {name:?}"),
+                    format!("is {} bytes, the tensor is {}", buf.len(), e.len),
+                ));
+            }
+            entries.push(*e);
+            dests.push(buf.as_mut_ptr());
+        }
+        // SAFETY: the buffers are borrowed mutably for this call, distinct
+        // (names are unique) and exactly the entries' lengths.
+        let plan = unsafe { RestorePlan::new(&entries, &dests) };
+        let mut report = self.execute(&plan)?;
+        report.step = step;
+        report.logical_bytes = entries.iter().map(|e| e.len).sum();
+        report.elapsed = t0.elapsed();
+        Ok(report)
+    }
+
+    /// Read every chunk of `plan` with `read_threads` threads.
+    fn execute(&self, plan: &RestorePlan) -> Result<RestoreReport> {
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let first_err: Mutex<Option<Error>> = Mutex::new(None);
+        let bytes_read = AtomicU64::new(0);
+        let threads = self.opts.read_threads.clamp(1, plan.tasks.len().max(1));
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| {
+                    let mut scratch = Vec::new();
+                    let mut whole = Vec::new();
+                    let mut decoder = match Decoder::new() {
+                        Ok(d) => d,
+                        Err(e) => {
+                            failed.store(true, Ordering::Relaxed);
+                            let _ = first_err.lock().map(|mut g| g.get_or_insert(e).to_string());
+                            return;
+                        }
+                    };
+                    loop {
+                        if failed.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(task) = plan.tasks.get(i) else {
+                            return;
+                        };
+                        match self.read_task(task, &mut scratch, &mut whole, &mut decoder) {
+                            Ok(n) => {
+                                bytes_read.fetch_add(n, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                failed.store(true, Ordering::Relaxed);
+                                let mut g = first_err.lock().unwrap_or_else(|p| p.into_inner());
+                                if g.is_none() {
+                                    *g = Some(with_tensors(e, &task.names));
+                                }
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(e) = first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e);
+        }
+        Ok(RestoreReport {
+            chunks_read: plan.tasks.len() as u64,
+            bytes_read: bytes_read.into_inner(),
+            ..Default::default()
+        })
+    }
+
+    fn read_task(
+        &self,
+        task: &ChunkTask,
+        scratch: &mut Vec<u8>,
+        whole: &mut Vec<u8>,
+        decoder: &mut Decoder,
+    ) -> Result<u64> {
+        if let [p] = task.placements.as_slice() {
+            if p.chunk_off == 0 && p.len == task.chunk_len {
+                // SAFETY: see RestorePlan::new.
+                let dest = unsafe { std::slice::from_raw_parts_mut(p.dest, p.len as usize) };
+                return self.chunks.read_verified(&task.id, dest, scratch, decoder);
+            }
+        }
+        whole.resize(task.chunk_len as usize, 0);
+        let n = self
+            .chunks
+            .read_verified(&task.id, whole, scratch, decoder)?;
+        for p in &task.placements {
+            let src = &whole[p.chunk_off as usize..(p.chunk_off + p.len) as usize];
+            // SAFETY: see RestorePlan::new.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), p.dest, src.len()) };
+        }
+        Ok(n)
+    }
+}
+
+/// Allocate `len` zeroed bytes lazily (calloc), failing cleanly instead of
+/// aborting when the system refuses.
+fn alloc_zeroed(len: u64, name: &str) -> Result<Vec<u8>> {
+    let n = usize::try_from(len).map_err(|_| {
+        Error::invalid(
+            format!("size of {name:?}"),
+            format!("{len} bytes do not fit in memory"),
+        )
+    })?;
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<u8>(n).map_err(|_| {
+        Error::invalid(
+            format!("size of {name:?}"),
+            format!("{len} bytes do not fit in memory"),
+        )
+    })?;
+    // SAFETY: layout has non-zero size; on success the pointer owns n
+    // zeroed bytes with the alignment of u8, as Vec<u8> requires.
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout);
+        if p.is_null() {
+            return Err(Error::invalid(
+                format!("size of {name:?}"),
+                format!("cannot allocate {len} bytes to restore it"),
+            ));
+        }
+        Ok(Vec::from_raw_parts(p, n, n))
+    }
+}
+
+fn check_names_exist(m: &Manifest, filter: &TensorFilter) -> Result<()> {
+    if let TensorFilter::Names(names) = filter {
+        for n in names {
+            if !m.tensors.iter().any(|t| &t.name == n) {
+                return Err(Error::NotFound {
+                    what: format!("tensor {n:?} in run {} step {}", m.run, m.step),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Attach the names of the entries a corrupt chunk hits.
+pub(crate) fn with_tensors(e: Error, names: &[String]) -> Error {
+    match e {
+        Error::CorruptChunk {
+            chunk,
+            path,
+            reason,
+            ..
+        } => Error::CorruptChunk {
+            chunk,
+            path,
+            reason,
+            tensors: names.to_vec(),
+        },
+        other => other,
+    }
+}

@@ -1,0 +1,404 @@
+//! The background pipeline that makes staged chunks durable.
+//!
+//! ```text
+//! save() --Chunk--> workers (hash, dedup, encode, write tmp file, release staging)
+//!                      |--Sync--> syncers (fdatasync, rename into chunks/)
+//!                      '--------> committer (wait for shared chunks, fsync dirs,
+//!                                            publish the manifest)
+//! ```
+//!
+//! Workers are CPU-bound (one per core); syncers block in fsync, so there
+//! are several to keep the disk queue full; a single committer publishes
+//! manifests. A save commits once all its chunks are durable, including
+//! chunks it shares with a concurrent save that is still writing them.
+
+use super::ctx::{Counters, Inflight, SaveCtx};
+use super::handle::SaveReport;
+use crate::chunk_id::ChunkId;
+use crate::codec::{CodecChoice, Encoder};
+use crate::error::{Error, Result};
+use crate::format::chunk::ChunkHeader;
+use crate::format::manifest::{encode_manifest_file, BlobEntry, ChunkRef, Manifest, TensorEntry};
+use crate::format::FORMAT_VERSION;
+use crate::local::durable::{create_dir_all_durable, fsync_dir, publish_new};
+use crate::local::{LocalChunkStore, PendingChunk};
+use crate::staging::StagingBuf;
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// A staged chunk for a worker.
+pub(crate) struct ChunkJob {
+    pub ctx: Arc<SaveCtx>,
+    pub seq: usize,
+    pub buf: StagingBuf,
+    /// Element width for byte-grouping (0: none).
+    pub width: u8,
+}
+
+enum SyncJob {
+    Chunk {
+        ctx: Arc<SaveCtx>,
+        id: ChunkId,
+        len: u64,
+        pending: PendingChunk,
+        inflight: Arc<Inflight>,
+    },
+}
+
+struct Shared {
+    chunks: LocalChunkStore,
+    inflight: Mutex<HashMap<ChunkId, Arc<Inflight>>>,
+    commit_tx: Sender<Arc<SaveCtx>>,
+}
+
+enum Claim {
+    Stored,
+    Wait(Arc<Inflight>),
+    Write(Arc<Inflight>),
+}
+
+impl Shared {
+    fn claim(&self, id: ChunkId) -> Claim {
+        let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(w) = map.get(&id) {
+            return Claim::Wait(w.clone());
+        }
+        if self.chunks.contains(&id) {
+            return Claim::Stored;
+        }
+        let w = Inflight::new();
+        map.insert(id, w.clone());
+        Claim::Write(w)
+    }
+
+    fn release(&self, id: &ChunkId, w: &Inflight, ok: bool) {
+        w.complete(ok);
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
+    /// One work item of `ctx` is done; hand it to the committer if last.
+    fn finish_one(&self, ctx: Arc<SaveCtx>) {
+        if ctx.finish_one() {
+            if let Err(e) = self.commit_tx.send(ctx) {
+                e.0.resolve(Err(Error::Closed));
+            }
+        }
+    }
+}
+
+/// The pipeline threads of one store.
+pub(crate) struct Pipeline {
+    tx: Option<Sender<ChunkJob>>,
+    shared: Option<Arc<Shared>>,
+    threads: Vec<JoinHandle<()>>,
+    committer: Option<JoinHandle<()>>,
+}
+
+impl Pipeline {
+    pub fn start(
+        chunks: LocalChunkStore,
+        codec: CodecChoice,
+        workers: usize,
+        syncers: usize,
+    ) -> Result<Self> {
+        let (tx, rx) = unbounded::<ChunkJob>();
+        let (sync_tx, sync_rx) = unbounded::<SyncJob>();
+        let (commit_tx, commit_rx) = unbounded::<Arc<SaveCtx>>();
+        let shared = Arc::new(Shared {
+            chunks,
+            inflight: Mutex::new(HashMap::new()),
+            commit_tx,
+        });
+        let mut threads = Vec::new();
+        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(f)
+                .map_err(|e| Error::Internal(format!("spawn pipeline thread: {e}")))
+        };
+        for i in 0..workers.max(1) {
+            let (rx, sync_tx, shared) = (rx.clone(), sync_tx.clone(), shared.clone());
+            let encoder = Encoder::new(codec)?;
+            threads.push(spawn(
+                format!("cairn-worker-{i}"),
+                Box::new(move || worker_loop(rx, sync_tx, shared, encoder)),
+            )?);
+        }
+        drop(sync_tx);
+        for i in 0..syncers.max(1) {
+            let (rx, shared) = (sync_rx.clone(), shared.clone());
+            threads.push(spawn(
+                format!("cairn-sync-{i}"),
+                Box::new(move || sync_loop(rx, shared)),
+            )?);
+        }
+        let committer = spawn(
+            "cairn-commit".into(),
+            Box::new(move || commit_loop(commit_rx)),
+        )?;
+        Ok(Pipeline {
+            tx: Some(tx),
+            shared: Some(shared),
+            threads,
+            committer: Some(committer),
+        })
+    }
+
+    pub fn submit(&self, job: ChunkJob) -> Result<()> {
+        let Some(tx) = &self.tx else {
+            return Err(Error::Closed);
+        };
+        let ctx = job.ctx.clone();
+        ctx.add_pending();
+        tx.send(job).map_err(|_| {
+            // The stager still holds its own token, so this cannot be last.
+            ctx.finish_one();
+            Error::Closed
+        })
+    }
+
+    /// Called by the stager once every chunk of `ctx` is submitted.
+    pub fn staging_done(&self, ctx: Arc<SaveCtx>) {
+        match &self.shared {
+            Some(shared) => shared.finish_one(ctx),
+            None => ctx.resolve(Err(Error::Closed)),
+        }
+    }
+
+    /// Drain all queued work, commit what completes, and stop the threads.
+    pub fn shutdown(&mut self) {
+        // Workers exit once the chunk queue is drained, syncers once every
+        // worker (their only senders) is gone. The committer exits when the
+        // last `Shared`, which owns its sender, is dropped.
+        self.tx.take();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        self.shared.take();
+        if let Some(t) = self.committer.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn worker_loop(
+    rx: Receiver<ChunkJob>,
+    sync_tx: Sender<SyncJob>,
+    shared: Arc<Shared>,
+    mut encoder: Encoder,
+) {
+    for job in rx {
+        let ChunkJob {
+            ctx,
+            seq,
+            buf,
+            width,
+        } = job;
+        let c = &ctx.counters;
+        let t = Instant::now();
+        let id = ChunkId::of(&buf);
+        Counters::add_time(&c.hash_ns, t);
+        let len = buf.len() as u64;
+        ctx.set_id(seq, id, len);
+        ctx.touch(&id);
+        Counters::add(&c.chunks, 1);
+        match shared.claim(id) {
+            Claim::Stored => {
+                Counters::add(&c.bytes_deduped, len);
+            }
+            Claim::Wait(w) => {
+                Counters::add(&c.bytes_deduped, len);
+                ctx.deps.lock().unwrap_or_else(|p| p.into_inner()).push(w);
+            }
+            Claim::Write(w) => {
+                let t = Instant::now();
+                let (codec, filter, payload) = encoder.encode(&buf, width);
+                Counters::add_time(&c.encode_ns, t);
+                let header = ChunkHeader {
+                    codec,
+                    filter,
+                    uncompressed_len: len,
+                    stored_len: payload.len() as u64,
+                    id,
+                };
+                let t = Instant::now();
+                let res = shared.chunks.begin_write(&header, payload);
+                Counters::add_time(&c.write_ns, t);
+                drop(buf);
+                match res {
+                    Ok(pending) => {
+                        let job = SyncJob::Chunk {
+                            ctx: ctx.clone(),
+                            id,
+                            len,
+                            pending,
+                            inflight: w.clone(),
+                        };
+                        if let Err(e) = sync_tx.send(job) {
+                            let SyncJob::Chunk { pending, .. } = e.0;
+                            pending.abandon();
+                            shared.release(&id, &w, false);
+                            ctx.fail(Error::Closed);
+                        } else {
+                            continue;
+                        }
+                    }
+                    Err(e) => {
+                        shared.release(&id, &w, false);
+                        ctx.fail(e);
+                    }
+                }
+            }
+        }
+        shared.finish_one(ctx);
+    }
+}
+
+fn sync_loop(rx: Receiver<SyncJob>, shared: Arc<Shared>) {
+    for job in rx {
+        let SyncJob::Chunk {
+            ctx,
+            id,
+            len,
+            pending,
+            inflight,
+        } = job;
+        let stored = pending.stored_bytes;
+        let t = Instant::now();
+        let res = pending.finish();
+        let c = &ctx.counters;
+        Counters::add_time(&c.sync_ns, t);
+        match res {
+            Ok(()) => {
+                Counters::add(&c.chunks_written, 1);
+                Counters::add(&c.bytes_written, stored);
+                Counters::add(&c.bytes_written_uncompressed, len);
+                shared.release(&id, &inflight, true);
+            }
+            Err(e) => {
+                shared.release(&id, &inflight, false);
+                ctx.fail(e);
+            }
+        }
+        shared.finish_one(ctx);
+    }
+}
+
+fn commit_loop(rx: Receiver<Arc<SaveCtx>>) {
+    for ctx in rx {
+        let r = commit(&ctx);
+        ctx.resolve(r);
+    }
+}
+
+fn commit(ctx: &SaveCtx) -> Result<SaveReport> {
+    if let Some(e) = ctx.take_error() {
+        return Err(e);
+    }
+    let t = Instant::now();
+    let deps = std::mem::take(&mut *ctx.deps.lock().unwrap_or_else(|p| p.into_inner()));
+    for d in deps {
+        if !d.wait() {
+            return Err(Error::Internal(
+                "a chunk shared with a concurrent save failed to write".into(),
+            ));
+        }
+    }
+    let layout_root = &ctx.layout;
+    for p in ctx.touched_prefixes() {
+        fsync_dir(&layout_root.chunk_dir_for_prefix(p))?;
+    }
+    let manifest = build_manifest(ctx)?;
+    let bytes = encode_manifest_file(&manifest);
+    let step_dir = layout_root.step_dir(&ctx.run, ctx.step);
+    create_dir_all_durable(&step_dir)?;
+    let dest = layout_root.manifest_path(&ctx.run, ctx.step);
+    if !publish_new(&layout_root.tmp_dir(), &dest, &bytes)? {
+        return Err(Error::AlreadyExists {
+            run: ctx.run.clone(),
+            step: ctx.step,
+        });
+    }
+    let c = &ctx.counters;
+    let ns = |a: &std::sync::atomic::AtomicU64| {
+        Duration::from_nanos(a.load(std::sync::atomic::Ordering::Relaxed))
+    };
+    let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    Ok(SaveReport {
+        run: ctx.run.clone(),
+        step: ctx.step,
+        logical_bytes: ctx.logical_bytes,
+        chunks: n(&c.chunks),
+        chunks_written: n(&c.chunks_written),
+        bytes_written: n(&c.bytes_written),
+        bytes_deduped: n(&c.bytes_deduped),
+        bytes_written_uncompressed: n(&c.bytes_written_uncompressed),
+        stall: *ctx.stall.lock().unwrap_or_else(|p| p.into_inner()),
+        durable: ctx.started.elapsed(),
+        hash_busy: ns(&c.hash_ns),
+        encode_busy: ns(&c.encode_ns),
+        write_busy: ns(&c.write_ns),
+        sync_busy: ns(&c.sync_ns),
+        commit: t.elapsed(),
+    })
+}
+
+fn build_manifest(ctx: &SaveCtx) -> Result<Manifest> {
+    let plan = std::mem::take(&mut *ctx.plan.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut tensors = Vec::new();
+    let mut blobs = Vec::new();
+    for e in plan {
+        let mut chunks = Vec::with_capacity(e.slices.len());
+        for (seq, offset, len) in e.slices {
+            let (id, chunk_len) = ctx
+                .id_of(seq)
+                .ok_or_else(|| Error::Internal(format!("chunk {seq} was never hashed")))?;
+            chunks.push(ChunkRef {
+                id,
+                chunk_len,
+                offset,
+                len,
+            });
+        }
+        match e.tensor {
+            Some((dtype, shape, shard)) => tensors.push(TensorEntry {
+                name: e.name,
+                dtype,
+                shape,
+                len: e.len,
+                shard,
+                chunks,
+            }),
+            None => blobs.push(BlobEntry {
+                name: e.name,
+                len: e.len,
+                chunks,
+            }),
+        }
+    }
+    Ok(Manifest {
+        format_version: FORMAT_VERSION as u32,
+        run: ctx.run.clone(),
+        step: ctx.step,
+        created_unix_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        chunk_size: ctx.chunk_size,
+        tensors,
+        blobs,
+        metadata: ctx.metadata.clone(),
+    })
+}

@@ -1,0 +1,235 @@
+//! The part of a save the caller waits for: validate the state, copy every
+//! byte into the staging pool, and queue the chunks for the pipeline.
+//!
+//! Large tensors are cut into chunks of their own at fixed offsets, so an
+//! unchanged tensor always yields the same chunks; small tensors and blobs
+//! are packed together afterwards. Nothing staged is held back while
+//! waiting for more staging space, so back-pressure cannot deadlock.
+
+use super::ctx::{PlannedEntry, SaveCtx};
+use super::handle::SaveHandle;
+use super::pipeline::{ChunkJob, Pipeline};
+use super::state::SaveState;
+use crate::dtype::byte_len;
+use crate::error::{Error, Result};
+use crate::layout::{validate_entry_name, validate_run_name, Layout};
+use crate::staging::{StagingBuf, StagingPool};
+use std::collections::HashSet;
+use std::sync::Arc;
+use tokio::sync::oneshot;
+
+/// Entries of at least this many bytes (or a quarter chunk, if smaller)
+/// get chunks of their own; smaller ones are packed.
+pub const PACK_THRESHOLD: usize = 1 << 20;
+
+/// Check a state before anything is staged.
+fn validate(state: &SaveState<'_>) -> Result<()> {
+    let mut names = HashSet::new();
+    for t in &state.tensors {
+        validate_entry_name("tensor", &t.name)?;
+        if !names.insert(("t", t.name.as_str())) {
+            return Err(Error::invalid(
+                "tensor name",
+                format!("{:?} appears twice", t.name),
+            ));
+        }
+        let want = byte_len(t.dtype, &t.shape).ok_or_else(|| {
+            Error::invalid(
+                format!("shape of tensor {:?}", t.name),
+                format!("{:?} overflows", t.shape),
+            )
+        })?;
+        if want != t.data.len() as u64 {
+            return Err(Error::invalid(
+                format!("data of tensor {:?}", t.name),
+                format!(
+                    "shape {:?} of {} needs {want} bytes, got {}",
+                    t.shape,
+                    t.dtype,
+                    t.data.len()
+                ),
+            ));
+        }
+        if let Some(s) = &t.shard {
+            let fits = s.global_shape.len() == t.shape.len()
+                && s.offsets.len() == t.shape.len()
+                && (0..t.shape.len()).all(|i| {
+                    s.offsets[i]
+                        .checked_add(t.shape[i])
+                        .is_some_and(|e| e <= s.global_shape[i])
+                });
+            if !fits {
+                return Err(Error::invalid(
+                    format!("shard of tensor {:?}", t.name),
+                    "offsets + shape must fit inside the global shape, with equal ranks",
+                ));
+            }
+        }
+    }
+    for (name, _) in &state.blobs {
+        validate_entry_name("blob", name)?;
+        if !names.insert(("b", name.as_str())) {
+            return Err(Error::invalid(
+                "blob name",
+                format!("{name:?} appears twice"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Stage `state` and hand it to the pipeline. Returns once every byte is
+/// copied into staging.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn stage_save(
+    layout: &Layout,
+    pool: &StagingPool,
+    pipeline: &Pipeline,
+    chunk_size: usize,
+    run: &str,
+    step: u64,
+    state: &SaveState<'_>,
+) -> Result<SaveHandle> {
+    validate_run_name(run)?;
+    validate(state)?;
+    if layout.manifest_path(run, step).exists() {
+        return Err(Error::AlreadyExists {
+            run: run.to_string(),
+            step,
+        });
+    }
+    let (tx, rx) = oneshot::channel();
+    let ctx = Arc::new(SaveCtx::new(
+        layout.clone(),
+        run.to_string(),
+        step,
+        chunk_size as u64,
+        state.metadata.clone(),
+        state.logical_bytes(),
+        tx,
+    ));
+    let res = stage_entries(pool, pipeline, chunk_size, &ctx, state);
+    let stall = ctx.started.elapsed();
+    *ctx.stall.lock().unwrap_or_else(|p| p.into_inner()) = stall;
+    if let Err(e) = &res {
+        ctx.fail(Error::Internal(format!("staging failed: {e}")));
+    }
+    pipeline.staging_done(ctx);
+    res?;
+    Ok(SaveHandle {
+        run: run.to_string(),
+        step,
+        stall,
+        rx,
+    })
+}
+
+fn stage_entries(
+    pool: &StagingPool,
+    pipeline: &Pipeline,
+    chunk_size: usize,
+    ctx: &Arc<SaveCtx>,
+    state: &SaveState<'_>,
+) -> Result<()> {
+    let threshold = PACK_THRESHOLD.min(chunk_size / 4).max(1);
+    // (entry, bytes, byte-group width)
+    let mut items: Vec<(PlannedEntry, &[u8], u8)> = Vec::new();
+    for t in &state.tensors {
+        let width = if t.dtype.is_wide_float() {
+            t.dtype.size() as u8
+        } else {
+            0
+        };
+        items.push((
+            PlannedEntry {
+                name: t.name.clone(),
+                tensor: Some((t.dtype, t.shape.clone(), t.shard.clone())),
+                len: t.data.len() as u64,
+                slices: Vec::new(),
+            },
+            t.data,
+            width,
+        ));
+    }
+    for (name, data) in &state.blobs {
+        items.push((
+            PlannedEntry {
+                name: name.clone(),
+                tensor: None,
+                len: data.len() as u64,
+                slices: Vec::new(),
+            },
+            data,
+            0,
+        ));
+    }
+
+    // Large entries: chunks of their own.
+    for (entry, data, width) in items.iter_mut().filter(|i| i.1.len() >= threshold) {
+        for piece in data.chunks(chunk_size) {
+            let mut buf = pool.alloc(piece.len())?;
+            buf.copy_from_slice(piece);
+            let seq = ctx.next_seq();
+            entry.slices.push((seq, 0, piece.len() as u64));
+            pipeline.submit(ChunkJob {
+                ctx: ctx.clone(),
+                seq,
+                buf,
+                width: *width,
+            })?;
+        }
+    }
+
+    // Small entries: packed.
+    let mut small_left: usize = items
+        .iter()
+        .filter(|i| i.1.len() < threshold)
+        .map(|i| i.1.len())
+        .sum();
+    let mut pack: Option<(StagingBuf, usize, usize)> = None; // (buf, seq, fill)
+    for (entry, data, _) in items.iter_mut().filter(|i| i.1.len() < threshold) {
+        if data.is_empty() {
+            continue;
+        }
+        if pack
+            .as_ref()
+            .is_some_and(|(b, _, fill)| b.len() - fill < data.len())
+        {
+            submit_pack(pipeline, ctx, pack.take())?;
+        }
+        if pack.is_none() {
+            let buf = pool.alloc(chunk_size.min(small_left))?;
+            let seq = ctx.next_seq();
+            pack = Some((buf, seq, 0));
+        }
+        let (buf, seq, fill) = pack
+            .as_mut()
+            .ok_or_else(|| Error::Internal("no pack".into()))?;
+        buf[*fill..*fill + data.len()].copy_from_slice(data);
+        entry.slices.push((*seq, *fill as u64, data.len() as u64));
+        *fill += data.len();
+        small_left -= data.len();
+    }
+    submit_pack(pipeline, ctx, pack.take())?;
+
+    *ctx.plan.lock().unwrap_or_else(|p| p.into_inner()) =
+        items.into_iter().map(|(e, _, _)| e).collect();
+    Ok(())
+}
+
+fn submit_pack(
+    pipeline: &Pipeline,
+    ctx: &Arc<SaveCtx>,
+    pack: Option<(StagingBuf, usize, usize)>,
+) -> Result<()> {
+    if let Some((mut buf, seq, fill)) = pack {
+        buf.truncate(fill);
+        pipeline.submit(ChunkJob {
+            ctx: ctx.clone(),
+            seq,
+            buf,
+            width: 0,
+        })?;
+    }
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! What a caller hands to `save`: named tensors, blobs and metadata, all
+//! borrowed. The bytes are copied into staging before `save` returns.
+
+use crate::dtype::DType;
+use crate::format::manifest::ShardInfo;
+
+/// A borrowed tensor: name, dtype, shape and its bytes (row-major,
+/// little-endian, `dtype.size() * product(shape)` of them).
+#[derive(Debug, Clone)]
+pub struct TensorView<'a> {
+    /// Tensor name.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape of `data`.
+    pub shape: Vec<u64>,
+    /// The bytes.
+    pub data: &'a [u8],
+    /// For a shard of a larger tensor, where it sits.
+    pub shard: Option<ShardInfo>,
+}
+
+/// Everything one checkpoint holds.
+#[derive(Debug, Clone, Default)]
+pub struct SaveState<'a> {
+    /// Tensors in caller order.
+    pub tensors: Vec<TensorView<'a>>,
+    /// Opaque blobs (RNG state, data-loader position, ...).
+    pub blobs: Vec<(String, &'a [u8])>,
+    /// JSON metadata stored in the manifest.
+    pub metadata: serde_json::Value,
+}
+
+impl<'a> SaveState<'a> {
+    /// An empty state.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Add a tensor.
+    pub fn tensor(
+        mut self,
+        name: impl Into<String>,
+        dtype: DType,
+        shape: &[u64],
+        data: &'a [u8],
+    ) -> Self {
+        self.tensors.push(TensorView {
+            name: name.into(),
+            dtype,
+            shape: shape.to_vec(),
+            data,
+            shard: None,
+        });
+        self
+    }
+
+    /// Add a shard of a larger tensor.
+    pub fn shard(
+        mut self,
+        name: impl Into<String>,
+        dtype: DType,
+        shape: &[u64],
+        data: &'a [u8],
+        shard: ShardInfo,
+    ) -> Self {
+        self.tensors.push(TensorView {
+            name: name.into(),
+            dtype,
+            shape: shape.to_vec(),
+            data,
+            shard: Some(shard),
+        });
+        self
+    }
+
+    /// Add an opaque blob.
+    pub fn blob(mut self, name: impl Into<String>, data: &'a [u8]) -> Self {
+        self.blobs.push((name.into(), data));
+        self
+    }
+
+    /// Set the JSON metadata.
+    pub fn metadata(mut self, metadata: serde_json::Value) -> Self {
+        self.metadata = metadata;
+        self
+    }
+
+    /// Total bytes of tensors and blobs.
+    pub fn logical_bytes(&self) -> u64 {
+        self.tensors
+            .iter()
+            .map(|t| t.data.len() as u64)
+            .sum::<u64>()
+            + self.blobs.iter().map(|b| b.1.len() as u64).sum::<u64>()
+    }
+}

@@ -1,0 +1,356 @@
+//! [`Store`]: a checkpoint store on a local directory.
+
+use crate::codec::CodecChoice;
+use crate::error::{Error, Result};
+use crate::format::manifest::{decode_manifest_file, Manifest};
+use crate::format::FORMAT_VERSION;
+use crate::layout::{parse_step_dir_name, validate_run_name, Layout};
+use crate::local::durable::{create_dir_all_durable, fsync_dir, publish_new};
+use crate::local::LocalChunkStore;
+use crate::save::{stage_save, Pipeline, SaveHandle, SaveState};
+use crate::staging::StagingPool;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Settings of a store. Loadable from JSON/TOML through serde; every field
+/// has a default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreOptions {
+    /// Largest chunk in bytes; large tensors are cut at multiples of it.
+    pub chunk_size: usize,
+    /// Bytes of pre-faulted DRAM staging. `save` blocks the caller only
+    /// while a state does not fit in what is free.
+    pub staging_bytes: usize,
+    /// How chunks written to local disk are encoded.
+    pub codec: CodecChoice,
+    /// Hash/encode/write threads (0: one per core).
+    pub workers: usize,
+    /// Threads that fsync and publish chunk files.
+    pub sync_threads: usize,
+    /// Threads that read chunks during restore and verify.
+    pub read_threads: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            chunk_size: 16 << 20,
+            staging_bytes: 512 << 20,
+            codec: CodecChoice::Raw,
+            workers: 0,
+            sync_threads: 4,
+            read_threads: 4,
+        }
+    }
+}
+
+impl StoreOptions {
+    fn check(&self) -> Result<()> {
+        if self.chunk_size < 4096 || self.chunk_size as u64 > crate::format::chunk::MAX_CHUNK_LEN {
+            return Err(Error::invalid(
+                "chunk_size",
+                format!("{} must be between 4 KiB and 1 GiB", self.chunk_size),
+            ));
+        }
+        if self.staging_bytes < self.chunk_size {
+            return Err(Error::invalid(
+                "staging_bytes",
+                format!(
+                    "{} is smaller than one chunk ({} bytes)",
+                    self.staging_bytes, self.chunk_size
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Which step to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepSel {
+    /// The highest committed step of the run.
+    Latest,
+    /// This step.
+    Step(u64),
+}
+
+impl std::str::FromStr for StepSel {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        if s == "latest" {
+            return Ok(StepSel::Latest);
+        }
+        s.parse()
+            .map(StepSel::Step)
+            .map_err(|_| Error::invalid("step", format!("{s:?}: expected a number or 'latest'")))
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoreMarker {
+    format: String,
+    version: u64,
+}
+
+struct Writer {
+    pool: StagingPool,
+    // Dropped first: drains queued saves before the pool goes away.
+    pipeline: Pipeline,
+}
+
+/// A checkpoint store on a local directory (the NVMe tier).
+///
+/// `Store` is `Send + Sync`; saves may run concurrently from several
+/// threads. Dropping it waits for queued saves to commit.
+pub struct Store {
+    pub(crate) layout: Layout,
+    pub(crate) chunks: LocalChunkStore,
+    pub(crate) opts: StoreOptions,
+    writer: Option<Writer>,
+}
+
+impl Store {
+    /// Open (creating if needed) a store at `root`, and start its staging
+    /// pool and pipeline threads.
+    pub fn open(root: impl AsRef<Path>, opts: StoreOptions) -> Result<Store> {
+        opts.check()?;
+        let layout = Layout::new(root.as_ref());
+        create_dir_all_durable(layout.root())?;
+        check_or_write_marker(&layout)?;
+        for d in [layout.runs_dir(), layout.tmp_dir()] {
+            create_dir_all_durable(&d)?;
+        }
+        let chunks = LocalChunkStore::new(layout.clone());
+        chunks.init()?;
+        let workers = if opts.workers == 0 {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        } else {
+            opts.workers
+        };
+        let pool = StagingPool::new(opts.staging_bytes)?;
+        let pipeline = Pipeline::start(chunks.clone(), opts.codec, workers, opts.sync_threads)?;
+        Ok(Store {
+            layout,
+            chunks,
+            opts,
+            writer: Some(Writer { pool, pipeline }),
+        })
+    }
+
+    /// Open an existing store for reading only: no staging memory, no
+    /// threads, nothing created.
+    pub fn open_read_only(root: impl AsRef<Path>, opts: StoreOptions) -> Result<Store> {
+        let layout = Layout::new(root.as_ref());
+        if !layout.marker().is_file() {
+            return Err(Error::NotFound {
+                what: format!("cairn store at {}", layout.root().display()),
+            });
+        }
+        check_or_write_marker(&layout)?;
+        Ok(Store {
+            chunks: LocalChunkStore::new(layout.clone()),
+            layout,
+            opts,
+            writer: None,
+        })
+    }
+
+    /// The store's root directory.
+    pub fn root(&self) -> &Path {
+        self.layout.root()
+    }
+
+    /// The store's settings.
+    pub fn options(&self) -> &StoreOptions {
+        &self.opts
+    }
+
+    /// The staging pool (absent on a read-only store).
+    pub fn staging_pool(&self) -> Option<&StagingPool> {
+        self.writer.as_ref().map(|w| &w.pool)
+    }
+
+    /// Save `state` as checkpoint `(run, step)`.
+    ///
+    /// Returns once every byte is copied into the staging pool; the caller
+    /// may then overwrite its buffers. The returned handle resolves when the
+    /// checkpoint is committed on local disk. A state larger than the
+    /// staging budget still saves: the call waits for staging space.
+    pub fn save(&self, run: &str, step: u64, state: &SaveState<'_>) -> Result<SaveHandle> {
+        let w = self
+            .writer
+            .as_ref()
+            .ok_or_else(|| Error::invalid("store", "opened read-only; use Store::open to save"))?;
+        stage_save(
+            &self.layout,
+            &w.pool,
+            &w.pipeline,
+            self.opts.chunk_size,
+            run,
+            step,
+            state,
+        )
+    }
+
+    /// Names of all runs with at least one committed checkpoint.
+    pub fn runs(&self) -> Result<Vec<String>> {
+        let dir = self.layout.runs_dir();
+        let mut out = Vec::new();
+        for name in read_dir_names(&dir)? {
+            if validate_run_name(&name).is_ok() && !self.steps(&name)?.is_empty() {
+                out.push(name);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Committed steps of `run`, ascending. A step directory without a
+    /// manifest (an interrupted save) is not listed.
+    pub fn steps(&self, run: &str) -> Result<Vec<u64>> {
+        validate_run_name(run)?;
+        let dir = self.layout.run_dir(run);
+        if !dir.is_dir() {
+            return Ok(Vec::new());
+        }
+        let mut out: Vec<u64> = read_dir_names(&dir)?
+            .iter()
+            .filter_map(|n| parse_step_dir_name(n))
+            .filter(|&s| self.layout.manifest_path(run, s).is_file())
+            .collect();
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// The highest committed step of `run`, if any.
+    pub fn latest(&self, run: &str) -> Result<Option<u64>> {
+        Ok(self.steps(run)?.last().copied())
+    }
+
+    /// Resolve a [`StepSel`] to a committed step.
+    pub fn resolve(&self, run: &str, sel: StepSel) -> Result<u64> {
+        match sel {
+            StepSel::Step(s) => {
+                validate_run_name(run)?;
+                if self.layout.manifest_path(run, s).is_file() {
+                    Ok(s)
+                } else {
+                    Err(Error::NotFound {
+                        what: format!("checkpoint run {run} step {s}"),
+                    })
+                }
+            }
+            StepSel::Latest => self.latest(run)?.ok_or_else(|| Error::NotFound {
+                what: format!("any committed checkpoint of run {run}"),
+            }),
+        }
+    }
+
+    /// Read and validate the manifest of a committed checkpoint.
+    pub fn manifest(&self, run: &str, step: u64) -> Result<Manifest> {
+        validate_run_name(run)?;
+        let path = self.layout.manifest_path(run, step);
+        let bytes = read_bounded(&path)?;
+        let m = decode_manifest_file(&bytes, &path)?;
+        if m.run != run || m.step != step {
+            return Err(Error::manifest(
+                &path,
+                format!("names run {} step {}, not its location", m.run, m.step),
+            ));
+        }
+        Ok(m)
+    }
+
+    /// Delete a checkpoint's manifest (its chunks stay until garbage
+    /// collection). The manifest goes first, so a crash midway leaves
+    /// either the whole checkpoint or none of it.
+    pub fn delete(&self, run: &str, step: u64) -> Result<()> {
+        validate_run_name(run)?;
+        let path = self.layout.manifest_path(run, step);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotFound {
+                    what: format!("checkpoint run {run} step {step}"),
+                })
+            }
+            Err(e) => return Err(Error::io("remove manifest", &path, e)),
+        }
+        let step_dir = self.layout.step_dir(run, step);
+        fsync_dir(&step_dir)?;
+        let _ = std::fs::remove_dir_all(&step_dir);
+        fsync_dir(&self.layout.run_dir(run))
+    }
+}
+
+fn check_or_write_marker(layout: &Layout) -> Result<()> {
+    let path = layout.marker();
+    if !path.exists() {
+        let body = serde_json::to_vec_pretty(&StoreMarker {
+            format: "cairn-store".into(),
+            version: FORMAT_VERSION as u64,
+        })
+        .map_err(|e| Error::Internal(e.to_string()))?;
+        let tmp = layout.root().to_path_buf();
+        publish_new(&tmp, &path, &body)?;
+    }
+    let bytes = read_bounded(&path)?;
+    let marker: StoreMarker =
+        serde_json::from_slice(&bytes).map_err(|e| Error::CorruptManifest {
+            path: path.clone(),
+            reason: format!("store marker does not parse: {e}"),
+        })?;
+    if marker.format != "cairn-store" {
+        return Err(Error::CorruptManifest {
+            path,
+            reason: format!("store marker names format {:?}", marker.format),
+        });
+    }
+    if marker.version != FORMAT_VERSION as u64 {
+        return Err(Error::UnsupportedVersion {
+            what: "store",
+            path,
+            found: marker.version,
+            supported: FORMAT_VERSION as u64,
+        });
+    }
+    Ok(())
+}
+
+/// Read a small metadata file, refusing anything over the manifest limit.
+pub(crate) fn read_bounded(path: &PathBuf) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::NotFound {
+            what: path.display().to_string(),
+        },
+        _ => Error::io("open", path, e),
+    })?;
+    let limit =
+        crate::format::manifest::MAX_MANIFEST_LEN + crate::format::manifest::ENVELOPE_LEN as u64;
+    let mut buf = Vec::new();
+    f.take(limit + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| Error::io("read", path, e))?;
+    if buf.len() as u64 > limit {
+        return Err(Error::manifest(path, format!("larger than {limit} bytes")));
+    }
+    Ok(buf)
+}
+
+fn read_dir_names(dir: &Path) -> Result<Vec<String>> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("list directory", dir, e)),
+    };
+    let mut out = Vec::new();
+    for ent in rd {
+        let ent = ent.map_err(|e| Error::io("list directory", dir, e))?;
+        if let Ok(name) = ent.file_name().into_string() {
+            out.push(name);
+        }
+    }
+    Ok(out)
+}

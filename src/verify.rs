@@ -1,0 +1,150 @@
+//! Verify: re-read and re-hash every chunk of the selected checkpoints and
+//! name each problem with the chunk and the tensors it hits.
+
+use crate::chunk_id::ChunkId;
+use crate::codec::Decoder;
+use crate::error::{Error, Result};
+use crate::store::Store;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// One thing wrong in a store.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Problem {
+    /// The run.
+    pub run: String,
+    /// The step.
+    pub step: u64,
+    /// The bad chunk, when the problem is a chunk.
+    pub chunk: Option<String>,
+    /// The file at fault.
+    pub path: PathBuf,
+    /// Tensors and blobs affected.
+    pub tensors: Vec<String>,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// Result of [`Store::verify`].
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VerifyReport {
+    /// Checkpoints examined.
+    pub checkpoints: u64,
+    /// Distinct chunks read and hashed.
+    pub chunks_checked: u64,
+    /// Bytes read from disk.
+    pub bytes_read: u64,
+    /// Everything found wrong; empty means every byte checked out.
+    pub problems: Vec<Problem>,
+}
+
+impl VerifyReport {
+    /// True when nothing is wrong.
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Where a chunk is used: run, step, entry name.
+type EntryAt = (String, u64, String);
+
+impl Store {
+    /// Verify checkpoints: all of them, one run's, or one step's.
+    pub fn verify(&self, run: Option<&str>, step: Option<u64>) -> Result<VerifyReport> {
+        let runs = match run {
+            Some(r) => vec![r.to_string()],
+            None => self.runs()?,
+        };
+        let mut report = VerifyReport::default();
+        let mut chunks: BTreeMap<ChunkId, (u64, Vec<EntryAt>)> = BTreeMap::new();
+        for r in &runs {
+            let steps = match step {
+                Some(s) => vec![self.resolve(r, crate::store::StepSel::Step(s))?],
+                None => self.steps(r)?,
+            };
+            for s in steps {
+                report.checkpoints += 1;
+                let m = match self.manifest(r, s) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        report.problems.push(Problem {
+                            run: r.clone(),
+                            step: s,
+                            chunk: None,
+                            path: self.layout.manifest_path(r, s),
+                            tensors: Vec::new(),
+                            reason: e.to_string(),
+                        });
+                        continue;
+                    }
+                };
+                for e in m.entries() {
+                    for c in e.chunks {
+                        let slot = chunks.entry(c.id).or_insert((c.chunk_len, Vec::new()));
+                        if slot.1.last().is_none_or(|l| l.2 != e.name || l.1 != s) {
+                            slot.1.push((r.clone(), s, e.name.to_string()));
+                        }
+                    }
+                }
+            }
+        }
+        let list: Vec<_> = chunks.into_iter().collect();
+        let next = AtomicUsize::new(0);
+        let bytes = AtomicU64::new(0);
+        let bad: Mutex<HashMap<ChunkId, Error>> = Mutex::new(HashMap::new());
+        let threads = self.opts.read_threads.clamp(1, list.len().max(1));
+        std::thread::scope(|sc| {
+            for _ in 0..threads {
+                sc.spawn(|| {
+                    let (mut buf, mut scratch) = (Vec::new(), Vec::new());
+                    let Ok(mut dec) = Decoder::new() else { return };
+                    while let Some((id, (len, _))) = list.get(next.fetch_add(1, Ordering::Relaxed))
+                    {
+                        buf.resize(*len as usize, 0);
+                        match self
+                            .chunks
+                            .read_verified(id, &mut buf, &mut scratch, &mut dec)
+                        {
+                            Ok(n) => {
+                                bytes.fetch_add(n, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                bad.lock().unwrap_or_else(|p| p.into_inner()).insert(*id, e);
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        report.chunks_checked = list.len() as u64;
+        report.bytes_read = bytes.into_inner();
+        let bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
+        for (id, (_, users)) in &list {
+            let Some(err) = bad.get(id) else { continue };
+            let mut per_ckpt: BTreeMap<(String, u64), Vec<String>> = BTreeMap::new();
+            for (r, s, name) in users {
+                per_ckpt
+                    .entry((r.clone(), *s))
+                    .or_default()
+                    .push(name.clone());
+            }
+            for ((r, s), tensors) in per_ckpt {
+                report.problems.push(Problem {
+                    run: r,
+                    step: s,
+                    chunk: Some(id.to_hex()),
+                    path: self.layout.chunk_path(id),
+                    tensors,
+                    reason: match err {
+                        Error::CorruptChunk { reason, .. } => reason.clone(),
+                        other => other.to_string(),
+                    },
+                });
+            }
+        }
+        Ok(report)
+    }
+}
