@@ -251,9 +251,11 @@ mod tests {
         dec.decode(codec, filter, &payload, &mut out, Path::new("c"))
             .unwrap();
         assert_eq!(out, floats);
-        let noise: Vec<u8> = (0..4096u64)
-            .map(|i| (i.wrapping_mul(0x9E3779B97F4A7C15) >> 56) as u8)
-            .collect();
+        let mut noise = vec![0u8; 4096];
+        blake3::Hasher::new()
+            .update(b"noise")
+            .finalize_xof()
+            .fill(&mut noise);
         let (codec, _, _) = enc.encode(&noise, 0);
         assert_eq!(codec, Codec::Raw);
     }

@@ -1,0 +1,112 @@
+//! Crash consistency: a saver process is SIGKILLed at random moments; after
+//! every kill the latest committed checkpoint restores bit-exact and no torn
+//! checkpoint is listed or restorable.
+
+mod common;
+
+use cairn::{ErrorKind, StepSel, Store, StoreOptions, TensorFilter};
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const CHILD_ENV: &str = "CAIRN_CRASH_CHILD_STORE";
+const KILLS: usize = 24;
+
+fn opts() -> StoreOptions {
+    StoreOptions {
+        chunk_size: 64 << 10,
+        staging_bytes: 2 << 20,
+        ..StoreOptions::default()
+    }
+}
+
+fn state(step: u64) -> OwnedState {
+    state_for_step(step, 24, 120_000)
+}
+
+/// The saver: runs only when re-executed by `sigkill_at_random_moments`.
+#[test]
+fn crash_child_saver() {
+    let Ok(dir) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let store = Store::open(&dir, opts()).unwrap();
+    let mut step = store.latest("crash").unwrap().map_or(0, |s| s + 1);
+    loop {
+        let s = state(step);
+        store.save("crash", step, &s.view()).unwrap().wait().unwrap();
+        println!("committed {step}");
+        step += 1;
+    }
+}
+
+#[test]
+fn sigkill_at_random_moments() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mut rng = Rng(0x5eed);
+    let mut last_reported: Option<u64> = None;
+    for round in 0..KILLS {
+        let mut child = Command::new(&exe)
+            .args(["crash_child_saver", "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut steps = Vec::new();
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(s) = line.strip_prefix("committed ") {
+                    steps.push(s.trim().parse::<u64>().unwrap());
+                }
+            }
+            steps
+        });
+        // Let it make some progress, then kill at a random moment.
+        let delay = Duration::from_millis(30 + rng.below(400));
+        let t = Instant::now();
+        while t.elapsed() < delay {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let reported = reader.join().unwrap();
+        if let Some(&s) = reported.last() {
+            last_reported = Some(s);
+        }
+
+        let store = Store::open_read_only(dir.path(), opts()).unwrap();
+        let steps = store.steps("crash").unwrap();
+        let latest = store.latest("crash").unwrap();
+        if let Some(r) = last_reported {
+            assert!(
+                latest.is_some_and(|l| l >= r),
+                "round {round}: step {r} was reported committed but latest is {latest:?}"
+            );
+        }
+        // Every listed checkpoint is whole and bit-exact.
+        for &s in steps.iter().rev().take(3) {
+            let got = store
+                .restore("crash", StepSel::Step(s), &TensorFilter::All)
+                .unwrap_or_else(|e| panic!("round {round}: listed step {s} does not restore: {e}"));
+            assert_restored_eq(&got, &state(s));
+        }
+        // The step being written when the kill landed is not restorable.
+        let next = latest.map_or(0, |l| l + 1);
+        let e = store
+            .restore("crash", StepSel::Step(next), &TensorFilter::All)
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound, "round {round}");
+    }
+    let store = Store::open_read_only(dir.path(), opts()).unwrap();
+    let report = store.verify(None, None).unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+    assert!(
+        report.checkpoints >= KILLS as u64 / 2,
+        "only {} checkpoints committed over {KILLS} runs",
+        report.checkpoints
+    );
+}
