@@ -35,7 +35,11 @@ fn crash_child_saver() {
     let mut step = store.latest("crash").unwrap().map_or(0, |s| s + 1);
     loop {
         let s = state(step);
-        store.save("crash", step, &s.view()).unwrap().wait().unwrap();
+        store
+            .save("crash", step, &s.view())
+            .unwrap()
+            .wait()
+            .unwrap();
         println!("committed {step}");
         step += 1;
     }
@@ -49,7 +53,12 @@ fn sigkill_at_random_moments() {
     let mut last_reported: Option<u64> = None;
     for round in 0..KILLS {
         let mut child = Command::new(&exe)
-            .args(["crash_child_saver", "--exact", "--nocapture", "--test-threads=1"])
+            .args([
+                "crash_child_saver",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_ENV, dir.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

@@ -18,7 +18,9 @@ fn unchanged_resave_writes_no_chunk_bytes() {
     assert_eq!(second.bytes_written, 0);
     assert_eq!(second.bytes_deduped, s.logical_bytes());
     assert_eq!(chunk_files(dir.path()).len(), files_before);
-    let r = store.restore("d", StepSel::Step(2), &TensorFilter::All).unwrap();
+    let r = store
+        .restore("d", StepSel::Step(2), &TensorFilter::All)
+        .unwrap();
     assert_restored_eq(&r, &s);
 }
 
@@ -43,7 +45,9 @@ fn ten_percent_changed_writes_about_ten_percent() {
     let rep = store.save("d", 2, &s.view()).unwrap().wait().unwrap();
     let frac = rep.bytes_written_uncompressed as f64 / s.logical_bytes() as f64;
     assert!((0.09..0.12).contains(&frac), "wrote {frac} of the bytes");
-    let got = store.restore("d", StepSel::Step(2), &TensorFilter::All).unwrap();
+    let got = store
+        .restore("d", StepSel::Step(2), &TensorFilter::All)
+        .unwrap();
     assert_restored_eq(&got, &s);
 }
 
@@ -63,7 +67,13 @@ fn identical_tensors_within_one_save_are_stored_once() {
         });
     }
     let rep = store.save("d", 1, &s.view()).unwrap().wait().unwrap();
-    assert!(rep.bytes_written_uncompressed <= 300_000, "{}", rep.bytes_written_uncompressed);
-    let got = store.restore("d", StepSel::Step(1), &TensorFilter::All).unwrap();
+    assert!(
+        rep.bytes_written_uncompressed <= 300_000,
+        "{}",
+        rep.bytes_written_uncompressed
+    );
+    let got = store
+        .restore("d", StepSel::Step(1), &TensorFilter::All)
+        .unwrap();
     assert_restored_eq(&got, &s);
 }

@@ -49,7 +49,11 @@ fn state_four_times_the_budget_saves_within_budget() {
             },
         )
         .unwrap();
-        store.save("m", i as u64, &state.view()).unwrap().wait().unwrap();
+        store
+            .save("m", i as u64, &state.view())
+            .unwrap()
+            .wait()
+            .unwrap();
         let peak = status_kib("VmHWM:") * 1024;
         let grew = peak.saturating_sub(before);
         assert!(
@@ -58,7 +62,9 @@ fn state_four_times_the_budget_saves_within_budget() {
         );
         drop(store);
         let store = Store::open_read_only(dir.path(), StoreOptions::default()).unwrap();
-        let got = store.restore("m", StepSel::Latest, &TensorFilter::All).unwrap();
+        let got = store
+            .restore("m", StepSel::Latest, &TensorFilter::All)
+            .unwrap();
         assert_restored_eq(&got, &state);
     }
 }

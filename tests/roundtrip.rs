@@ -95,7 +95,9 @@ fn tensors_larger_than_a_chunk_and_empty_ones() {
         ..Default::default()
     };
     store.save("r", 0, &state.view()).unwrap().wait().unwrap();
-    let got = store.restore("r", StepSel::Latest, &TensorFilter::All).unwrap();
+    let got = store
+        .restore("r", StepSel::Latest, &TensorFilter::All)
+        .unwrap();
     assert_restored_eq(&got, &state);
     let m = store.manifest("r", 0).unwrap();
     assert!(m.tensors[0].chunks.len() >= 31, "2 MB in 64 KiB chunks");
@@ -117,7 +119,9 @@ fn thousands_of_small_tensors_are_packed() {
         });
     }
     store.save("r", 3, &state.view()).unwrap().wait().unwrap();
-    let got = store.restore("r", StepSel::Step(3), &TensorFilter::All).unwrap();
+    let got = store
+        .restore("r", StepSel::Step(3), &TensorFilter::All)
+        .unwrap();
     assert_restored_eq(&got, &state);
     let chunks = store.manifest("r", 3).unwrap().distinct_chunks().len();
     assert!(chunks < 20, "{chunks} chunks for ~330 KB of small tensors");
@@ -143,7 +147,9 @@ fn buffers_overwritten_after_save_returns_do_not_leak_into_checkpoint() {
         t.data.fill(0xAB);
     }
     handle.wait().unwrap();
-    let got = store.restore("iso", StepSel::Step(1), &TensorFilter::All).unwrap();
+    let got = store
+        .restore("iso", StepSel::Step(1), &TensorFilter::All)
+        .unwrap();
     assert_restored_eq(&got, &original);
 }
 
@@ -182,7 +188,11 @@ fn filtered_restore_reads_only_needed_chunks() {
     assert_eq!(rep.logical_bytes, a.len() as u64);
     let mut wrong = vec![0u8; 3];
     let e = store
-        .restore_into("f", StepSel::Latest, &mut [("layers.5.weight", &mut wrong[..])])
+        .restore_into(
+            "f",
+            StepSel::Latest,
+            &mut [("layers.5.weight", &mut wrong[..])],
+        )
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Invalid);
     let e = store
@@ -213,9 +223,14 @@ fn list_latest_delete_and_immutability() {
     assert_eq!(e.kind(), ErrorKind::AlreadyExists);
     store.delete("a", 10).unwrap();
     assert_eq!(store.latest("a").unwrap(), Some(7));
-    let r = store.restore("a", StepSel::Latest, &TensorFilter::All).unwrap();
+    let r = store
+        .restore("a", StepSel::Latest, &TensorFilter::All)
+        .unwrap();
     assert_restored_eq(&r, &state_for_step(7, 3, 1000));
-    assert_eq!(store.delete("a", 10).unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(
+        store.delete("a", 10).unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
     assert_eq!(
         store
             .restore("a", StepSel::Step(10), &TensorFilter::All)
@@ -233,11 +248,19 @@ fn concurrent_saves_of_shared_chunks_all_commit() {
     std::thread::scope(|s| {
         for step in 0..4u64 {
             let (store, state) = (&store, &state);
-            s.spawn(move || store.save("c", step, &state.view()).unwrap().wait().unwrap());
+            s.spawn(move || {
+                store
+                    .save("c", step, &state.view())
+                    .unwrap()
+                    .wait()
+                    .unwrap()
+            });
         }
     });
     for step in 0..4 {
-        let r = store.restore("c", StepSel::Step(step), &TensorFilter::All).unwrap();
+        let r = store
+            .restore("c", StepSel::Step(step), &TensorFilter::All)
+            .unwrap();
         assert_eq!(r.tensors.len(), state.tensors.len());
         for (g, w) in r.tensors.iter().zip(&state.tensors) {
             assert_eq!(g.data, w.data);
@@ -251,7 +274,12 @@ async fn handle_can_be_awaited() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     let s = state_for_step(3, 4, 10_000);
-    let rep = store.save("aw", 3, &s.view()).unwrap().durable().await.unwrap();
+    let rep = store
+        .save("aw", 3, &s.view())
+        .unwrap()
+        .durable()
+        .await
+        .unwrap();
     assert_eq!(rep.step, 3);
     assert_eq!(store.latest("aw").unwrap(), Some(3));
 }

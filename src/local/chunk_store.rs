@@ -10,7 +10,7 @@ use super::durable::{
 use crate::chunk_id::ChunkId;
 use crate::codec::Decoder;
 use crate::error::{Error, Result};
-use crate::format::chunk::{ChunkHeader, HEADER_LEN};
+use crate::format::chunk::{ChunkHeader, Codec, HEADER_LEN};
 use crate::layout::Layout;
 use std::fs::File;
 use std::io::Write;
@@ -117,16 +117,10 @@ impl LocalChunkStore {
         fsync_dir(&self.layout.chunk_dir_for_prefix(prefix))
     }
 
-    /// Read chunk `id`, which must be `out.len()` bytes uncompressed, into
-    /// `out`, verifying its header and blake3 hash. `scratch` holds
-    /// compressed payloads. Returns the bytes read from disk.
-    pub fn read_verified(
-        &self,
-        id: &ChunkId,
-        out: &mut [u8],
-        scratch: &mut Vec<u8>,
-        decoder: &mut Decoder,
-    ) -> Result<u64> {
+    /// Open chunk `id` and validate its header against the expected
+    /// uncompressed length and the file's size, before anything is
+    /// allocated for its contents.
+    pub fn open_chunk(&self, id: &ChunkId, expected_len: u64) -> Result<OpenChunk> {
         let path = self.layout.chunk_path(id);
         let file = match File::open(&path) {
             Ok(f) => f,
@@ -149,14 +143,13 @@ impl LocalChunkStore {
                 format!("header names chunk {}", header.id),
             ));
         }
-        if header.uncompressed_len != out.len() as u64 {
+        if header.uncompressed_len != expected_len {
             return Err(corrupt(
                 id,
                 &path,
                 format!(
-                    "header declares {} bytes, the manifest {}",
-                    header.uncompressed_len,
-                    out.len()
+                    "header declares {} bytes, the manifest {expected_len}",
+                    header.uncompressed_len
                 ),
             ));
         }
@@ -170,25 +163,70 @@ impl LocalChunkStore {
                 ),
             ));
         }
-        match header.codec {
-            crate::format::chunk::Codec::Raw => {
-                read_exact_at(&file, out, HEADER_LEN as u64, &path, id)?;
-            }
-            crate::format::chunk::Codec::Zstd => {
-                scratch.resize(header.stored_len as usize, 0);
-                read_exact_at(&file, scratch, HEADER_LEN as u64, &path, id)?;
-                decoder.decode(header.codec, header.filter, scratch, out, &path)?;
+        Ok(OpenChunk { file, header, path })
+    }
+
+    /// Read chunk `id`, which must be `out.len()` bytes uncompressed, into
+    /// `out`, verifying its header and blake3 hash. `scratch` holds
+    /// compressed payloads. Returns the bytes read from disk.
+    pub fn read_verified(
+        &self,
+        id: &ChunkId,
+        out: &mut [u8],
+        scratch: &mut Vec<u8>,
+        decoder: &mut Decoder,
+    ) -> Result<u64> {
+        let chunk = self.open_chunk(id, out.len() as u64)?;
+        chunk.read_verified(out, scratch, decoder)
+    }
+}
+
+/// A chunk file whose header has been validated.
+pub struct OpenChunk {
+    file: File,
+    header: ChunkHeader,
+    path: PathBuf,
+}
+
+impl OpenChunk {
+    /// The validated header.
+    pub fn header(&self) -> &ChunkHeader {
+        &self.header
+    }
+
+    /// Read and decode the payload into `out` (exactly the uncompressed
+    /// length) and verify its hash. Returns the bytes read from disk.
+    pub fn read_verified(
+        &self,
+        out: &mut [u8],
+        scratch: &mut Vec<u8>,
+        decoder: &mut Decoder,
+    ) -> Result<u64> {
+        let (h, path, id) = (&self.header, &self.path, &self.header.id);
+        if out.len() as u64 != h.uncompressed_len {
+            return Err(Error::Internal(format!(
+                "buffer of {} bytes for chunk {id} of {}",
+                out.len(),
+                h.uncompressed_len
+            )));
+        }
+        match h.codec {
+            Codec::Raw => read_exact_at(&self.file, out, HEADER_LEN as u64, path, id)?,
+            Codec::Zstd => {
+                scratch.resize(h.stored_len as usize, 0);
+                read_exact_at(&self.file, scratch, HEADER_LEN as u64, path, id)?;
+                decoder.decode(h.codec, h.filter, scratch, out, path)?;
             }
         }
         let got = ChunkId::of(out);
         if got != *id {
             return Err(corrupt(
                 id,
-                &path,
+                path,
                 format!("content hash mismatch (bytes hash to {got})"),
             ));
         }
-        Ok(file_len)
+        Ok(HEADER_LEN as u64 + h.stored_len)
     }
 }
 

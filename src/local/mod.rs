@@ -3,4 +3,4 @@
 pub mod chunk_store;
 pub mod durable;
 
-pub use chunk_store::{LocalChunkStore, PendingChunk};
+pub use chunk_store::{LocalChunkStore, OpenChunk, PendingChunk};
