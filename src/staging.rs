@@ -27,7 +27,8 @@ pub struct StagingPool {
 }
 
 struct Inner {
-    map: MmapMut,
+    // Owns the memory `base` points into.
+    _map: MmapMut,
     base: *mut u8,
     cap: usize,
     ring: Mutex<Ring>,
@@ -113,7 +114,7 @@ impl StagingPool {
         let base = map.as_mut_ptr();
         Ok(StagingPool {
             inner: Arc::new(Inner {
-                map,
+                _map: map,
                 base,
                 cap,
                 ring: Mutex::new(Ring {
@@ -180,9 +181,10 @@ impl StagingPool {
         Ok(StagingBuf {
             pool: self.inner.clone(),
             id,
-            // SAFETY: start + len <= cap, inside the mapping.
+            // SAFETY: start + rounded <= cap, inside the mapping.
             ptr: unsafe { self.inner.base.add(start) },
             len,
+            reserved: rounded,
         })
     }
 }
@@ -193,6 +195,7 @@ pub struct StagingBuf {
     id: u64,
     ptr: *mut u8,
     len: usize,
+    reserved: usize,
 }
 
 // SAFETY: a StagingBuf is the only handle to its byte range.
@@ -213,6 +216,18 @@ impl StagingBuf {
     /// Shrink the visible length (the reserved space is unchanged).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+    }
+
+    /// The contents with the bytes after them zeroed up to the next
+    /// [`ALIGN`] boundary: a page-aligned buffer of aligned length, ready
+    /// for direct I/O.
+    pub fn aligned_padded(&mut self) -> &[u8] {
+        let padded = self.len.div_ceil(ALIGN) * ALIGN;
+        debug_assert!(padded <= self.reserved);
+        // SAFETY: padded <= reserved, all inside this buffer's range.
+        let all = unsafe { std::slice::from_raw_parts_mut(self.ptr, padded) };
+        all[self.len..].fill(0);
+        all
     }
 }
 
@@ -237,12 +252,6 @@ impl Drop for StagingBuf {
         ring.release(self.id);
         drop(ring);
         self.pool.freed.notify_all();
-    }
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        let _ = self.map.len();
     }
 }
 

@@ -30,6 +30,9 @@ pub struct StoreOptions {
     pub sync_threads: usize,
     /// Threads that read chunks during restore and verify.
     pub read_threads: usize,
+    /// Write raw chunks with O_DIRECT from the staging pool, skipping the
+    /// page cache, where the file system supports it.
+    pub direct_io: bool,
 }
 
 impl Default for StoreOptions {
@@ -41,6 +44,7 @@ impl Default for StoreOptions {
             workers: 0,
             sync_threads: 4,
             read_threads: 4,
+            direct_io: true,
         }
     }
 }
@@ -121,8 +125,11 @@ impl Store {
         for d in [layout.runs_dir(), layout.tmp_dir()] {
             create_dir_all_durable(&d)?;
         }
-        let chunks = LocalChunkStore::new(layout.clone());
+        let mut chunks = LocalChunkStore::new(layout.clone());
         chunks.init()?;
+        if opts.direct_io {
+            chunks.enable_direct_io();
+        }
         let workers = if opts.workers == 0 {
             std::thread::available_parallelism().map_or(2, |n| n.get())
         } else {

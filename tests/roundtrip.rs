@@ -45,9 +45,10 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
     #[test]
-    fn random_states_round_trip(state in arb_state(), zstd in any::<bool>()) {
+    fn random_states_round_trip(state in arb_state(), zstd in any::<bool>(), direct in any::<bool>()) {
         let dir = tempfile::tempdir().unwrap();
         let mut opts = small_opts();
+        opts.direct_io = direct;
         if zstd {
             opts.codec = cairn::CodecChoice::Zstd { level: 1 };
         }
@@ -186,7 +187,7 @@ fn filtered_restore_reads_only_needed_chunks() {
         .unwrap();
     assert_eq!(a, state.tensors[5].data);
     assert_eq!(rep.logical_bytes, a.len() as u64);
-    let mut wrong = vec![0u8; 3];
+    let mut wrong = [0u8; 3];
     let e = store
         .restore_into(
             "f",

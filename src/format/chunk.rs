@@ -6,7 +6,9 @@
 //!      8    2 format version (u16 LE) = 1
 //!     10    1 codec: 0 raw, 1 zstd
 //!     11    1 filter: 0 none, 2/4/8 byte-grouping with that element width
-//!     12    4 reserved, must be zero
+//!     12    4 payload offset (u32 LE): 64, or up to 65536 for writers
+//!               that align the payload for direct I/O; the bytes between
+//!               the header and the payload must be zero
 //!     16    8 uncompressed length (u64 LE)
 //!     24    8 stored payload length (u64 LE)
 //!     32   32 blake3 hash of the uncompressed bytes
@@ -21,6 +23,11 @@ use std::path::Path;
 pub const CHUNK_MAGIC: [u8; 8] = *b"CAIRNCHK";
 /// Size of the chunk header in bytes.
 pub const HEADER_LEN: usize = 64;
+/// Payload offset used by direct-I/O writers: one 4 KiB block.
+pub const ALIGNED_PAYLOAD_OFFSET: u32 = 4096;
+/// Largest payload offset a reader accepts.
+pub const MAX_PAYLOAD_OFFSET: u32 = 65536;
+
 /// Largest uncompressed chunk any reader accepts (1 GiB). Declared lengths
 /// above it are rejected before anything is allocated.
 pub const MAX_CHUNK_LEN: u64 = 1 << 30;
@@ -53,8 +60,10 @@ pub struct ChunkHeader {
     pub filter: u8,
     /// Length of the uncompressed bytes.
     pub uncompressed_len: u64,
-    /// Length of the payload that follows the header.
+    /// Length of the payload.
     pub stored_len: u64,
+    /// Where the payload starts in the file (64 or an aligned offset).
+    pub payload_offset: u32,
     /// blake3 of the uncompressed bytes.
     pub id: ChunkId,
 }
@@ -67,6 +76,7 @@ impl ChunkHeader {
         h[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
         h[10] = self.codec as u8;
         h[11] = self.filter;
+        h[12..16].copy_from_slice(&self.payload_offset.to_le_bytes());
         h[16..24].copy_from_slice(&self.uncompressed_len.to_le_bytes());
         h[24..32].copy_from_slice(&self.stored_len.to_le_bytes());
         h[32..64].copy_from_slice(&self.id.0);
@@ -115,8 +125,11 @@ impl ChunkHeader {
                 path: path.to_path_buf(),
             });
         }
-        if buf[12..16] != [0; 4] {
-            return Err(corrupt("reserved header bytes are not zero".into()));
+        let payload_offset = u32::from_le_bytes([buf[12], buf[13], buf[14], buf[15]]);
+        if !(HEADER_LEN as u32..=MAX_PAYLOAD_OFFSET).contains(&payload_offset) {
+            return Err(corrupt(format!(
+                "payload offset {payload_offset} outside {HEADER_LEN}..={MAX_PAYLOAD_OFFSET}"
+            )));
         }
         let uncompressed_len = u64::from_le_bytes(buf[16..24].try_into().unwrap_or_default());
         let stored_len = u64::from_le_bytes(buf[24..32].try_into().unwrap_or_default());
@@ -143,6 +156,7 @@ impl ChunkHeader {
             filter,
             uncompressed_len,
             stored_len,
+            payload_offset,
             id: ChunkId(id),
         })
     }
@@ -159,6 +173,7 @@ mod tests {
             filter: 4,
             uncompressed_len: 1000,
             stored_len: 900,
+            payload_offset: 64,
             id: ChunkId::of(b"x"),
         };
         let p = Path::new("c");
@@ -180,5 +195,8 @@ mod tests {
         bad[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(ChunkHeader::decode(&bad, p).is_err());
         assert!(ChunkHeader::decode(&enc[..10], p).is_err());
+        let mut bad = enc;
+        bad[12] = 3;
+        assert!(ChunkHeader::decode(&bad, p).is_err());
     }
 }

@@ -10,17 +10,21 @@ use super::durable::{
 use crate::chunk_id::ChunkId;
 use crate::codec::Decoder;
 use crate::error::{Error, Result};
-use crate::format::chunk::{ChunkHeader, Codec, HEADER_LEN};
+use crate::format::chunk::{ChunkHeader, Codec, ALIGNED_PAYLOAD_OFFSET, HEADER_LEN};
 use crate::layout::Layout;
+use crate::staging::StagingBuf;
+use crate::staging::ALIGN;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// The chunk files of one local store.
 #[derive(Debug, Clone)]
 pub struct LocalChunkStore {
     layout: Layout,
+    direct: bool,
 }
 
 /// A chunk written to a temporary file, waiting for fsync and rename.
@@ -58,7 +62,34 @@ impl PendingChunk {
 impl LocalChunkStore {
     /// The chunk store of `layout`.
     pub fn new(layout: Layout) -> Self {
-        LocalChunkStore { layout }
+        LocalChunkStore {
+            layout,
+            direct: false,
+        }
+    }
+
+    /// Use O_DIRECT for raw chunk payloads if the file system supports it
+    /// (probed with a real write in `tmp/`). Returns whether it is on.
+    pub fn enable_direct_io(&mut self) -> bool {
+        let probe = self.layout.tmp_dir().join(unique_tmp_name("direct-probe"));
+        let ok = (|| -> std::io::Result<()> {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&probe)?;
+            let block = AlignedBlock::new();
+            f.write_all_at(block.as_slice(), 0)
+        })()
+        .is_ok();
+        let _ = std::fs::remove_file(&probe);
+        self.direct = ok;
+        ok
+    }
+
+    /// Whether raw payloads are written with O_DIRECT.
+    pub fn direct_io(&self) -> bool {
+        self.direct
     }
 
     /// Create the chunk fan-out directories (idempotent).
@@ -96,6 +127,10 @@ impl LocalChunkStore {
             .tmp_dir()
             .join(unique_tmp_name(&header.id.to_hex()));
         let mut file = create_new(&tmp)?;
+        let header = ChunkHeader {
+            payload_offset: HEADER_LEN as u32,
+            ..*header
+        };
         let res = file
             .write_all(&header.encode())
             .and_then(|()| file.write_all(payload));
@@ -109,6 +144,47 @@ impl LocalChunkStore {
             tmp,
             dest: self.layout.chunk_path(&header.id),
             stored_bytes: (HEADER_LEN + payload.len()) as u64,
+        })
+    }
+
+    /// Write a raw chunk with O_DIRECT straight from its staging buffer:
+    /// one 4 KiB header block, then the page-aligned payload, then a
+    /// truncate to the exact length. Falls back to [`Self::begin_write`]
+    /// when direct I/O is off.
+    pub fn write_direct(&self, header: &ChunkHeader, buf: &mut StagingBuf) -> Result<PendingChunk> {
+        if !self.direct || header.codec != Codec::Raw {
+            return self.begin_write(header, buf);
+        }
+        let header = ChunkHeader {
+            payload_offset: ALIGNED_PAYLOAD_OFFSET,
+            ..*header
+        };
+        let tmp = self
+            .layout
+            .tmp_dir()
+            .join(unique_tmp_name(&header.id.to_hex()));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&tmp)
+            .map_err(|e| Error::io("create chunk (O_DIRECT)", &tmp, e))?;
+        let mut block = AlignedBlock::new();
+        block.as_mut_slice()[..HEADER_LEN].copy_from_slice(&header.encode());
+        let len = buf.len() as u64;
+        let res = file
+            .write_all_at(block.as_slice(), 0)
+            .and_then(|()| file.write_all_at(buf.aligned_padded(), ALIGNED_PAYLOAD_OFFSET as u64))
+            .and_then(|()| file.set_len(ALIGNED_PAYLOAD_OFFSET as u64 + len));
+        if let Err(e) = res {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::io("write chunk (O_DIRECT)", &tmp, e));
+        }
+        Ok(PendingChunk {
+            file,
+            tmp,
+            dest: self.layout.chunk_path(&header.id),
+            stored_bytes: ALIGNED_PAYLOAD_OFFSET as u64 + len,
         })
     }
 
@@ -153,15 +229,27 @@ impl LocalChunkStore {
                 ),
             ));
         }
-        if file_len != HEADER_LEN as u64 + header.stored_len {
+        let want_len = header.payload_offset as u64 + header.stored_len;
+        if file_len != want_len {
             return Err(corrupt(
                 id,
                 &path,
                 format!(
-                    "file is {file_len} bytes, header declares {} (truncated or extended)",
-                    HEADER_LEN as u64 + header.stored_len
+                    "file is {file_len} bytes, header declares {want_len} (truncated or extended)"
                 ),
             ));
+        }
+        let gap = header.payload_offset as usize - HEADER_LEN;
+        if gap > 0 {
+            let mut pad = vec![0u8; gap];
+            read_exact_at(&file, &mut pad, HEADER_LEN as u64, &path, id)?;
+            if pad.iter().any(|&b| b != 0) {
+                return Err(corrupt(
+                    id,
+                    &path,
+                    "non-zero bytes between header and payload".into(),
+                ));
+            }
         }
         Ok(OpenChunk { file, header, path })
     }
@@ -211,10 +299,10 @@ impl OpenChunk {
             )));
         }
         match h.codec {
-            Codec::Raw => read_exact_at(&self.file, out, HEADER_LEN as u64, path, id)?,
+            Codec::Raw => read_exact_at(&self.file, out, h.payload_offset as u64, path, id)?,
             Codec::Zstd => {
                 scratch.resize(h.stored_len as usize, 0);
-                read_exact_at(&self.file, scratch, HEADER_LEN as u64, path, id)?;
+                read_exact_at(&self.file, scratch, h.payload_offset as u64, path, id)?;
                 decoder.decode(h.codec, h.filter, scratch, out, path)?;
             }
         }
@@ -226,7 +314,45 @@ impl OpenChunk {
                 format!("content hash mismatch (bytes hash to {got})"),
             ));
         }
-        Ok(HEADER_LEN as u64 + h.stored_len)
+        Ok(h.payload_offset as u64 + h.stored_len)
+    }
+}
+
+/// One zeroed, page-aligned block for direct I/O.
+struct AlignedBlock {
+    ptr: *mut u8,
+}
+
+impl AlignedBlock {
+    const LAYOUT: std::alloc::Layout = match std::alloc::Layout::from_size_align(ALIGN, ALIGN) {
+        Ok(l) => l,
+        Err(_) => panic!("bad layout"),
+    };
+
+    fn new() -> Self {
+        // SAFETY: non-zero size; a null result is handled.
+        let ptr = unsafe { std::alloc::alloc_zeroed(Self::LAYOUT) };
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(Self::LAYOUT);
+        }
+        AlignedBlock { ptr }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr owns ALIGN initialized bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr, ALIGN) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, exclusively borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, ALIGN) }
+    }
+}
+
+impl Drop for AlignedBlock {
+    fn drop(&mut self) {
+        // SAFETY: allocated with the same layout in `new`.
+        unsafe { std::alloc::dealloc(self.ptr, Self::LAYOUT) }
     }
 }
 

@@ -17,7 +17,7 @@ use super::handle::SaveReport;
 use crate::chunk_id::ChunkId;
 use crate::codec::{CodecChoice, Encoder};
 use crate::error::{Error, Result};
-use crate::format::chunk::ChunkHeader;
+use crate::format::chunk::{ChunkHeader, Codec, HEADER_LEN};
 use crate::format::manifest::{encode_manifest_file, BlobEntry, ChunkRef, Manifest, TensorEntry};
 use crate::format::FORMAT_VERSION;
 use crate::local::durable::{create_dir_all_durable, fsync_dir, publish_new};
@@ -38,14 +38,24 @@ pub(crate) struct ChunkJob {
     pub width: u8,
 }
 
-enum SyncJob {
-    Chunk {
-        ctx: Arc<SaveCtx>,
-        id: ChunkId,
-        len: u64,
-        pending: PendingChunk,
-        inflight: Arc<Inflight>,
+/// How a chunk reaches disk.
+enum WriteKind {
+    /// Already in a temporary file (encoded payloads): fsync and publish.
+    Pending(PendingChunk),
+    /// Raw payload still in staging: write it with O_DIRECT, then publish.
+    Direct {
+        header: ChunkHeader,
+        buf: StagingBuf,
     },
+}
+
+/// A chunk for the I/O threads.
+struct SyncJob {
+    ctx: Arc<SaveCtx>,
+    id: ChunkId,
+    len: u64,
+    write: WriteKind,
+    inflight: Arc<Inflight>,
 }
 
 struct Shared {
@@ -224,41 +234,57 @@ fn worker_loop(
             }
             Claim::Write(w) => {
                 let t = Instant::now();
-                let (codec, filter, payload) = encoder.encode(&buf, width);
-                Counters::add_time(&c.encode_ns, t);
-                let header = ChunkHeader {
-                    codec,
-                    filter,
-                    uncompressed_len: len,
-                    stored_len: payload.len() as u64,
-                    id,
-                };
-                let t = Instant::now();
-                let res = shared.chunks.begin_write(&header, payload);
-                Counters::add_time(&c.write_ns, t);
-                drop(buf);
-                match res {
-                    Ok(pending) => {
-                        let job = SyncJob::Chunk {
-                            ctx: ctx.clone(),
-                            id,
-                            len,
-                            pending,
-                            inflight: w.clone(),
-                        };
-                        if let Err(e) = sync_tx.send(job) {
-                            let SyncJob::Chunk { pending, .. } = e.0;
-                            pending.abandon();
-                            shared.release(&id, &w, false);
-                            ctx.fail(Error::Closed);
-                        } else {
-                            continue;
-                        }
+                let (write, header) = {
+                    let (codec, filter, payload) = encoder.encode(&buf, width);
+                    let header = ChunkHeader {
+                        codec,
+                        filter,
+                        uncompressed_len: len,
+                        stored_len: payload.len() as u64,
+                        payload_offset: HEADER_LEN as u32,
+                        id,
+                    };
+                    Counters::add_time(&c.encode_ns, t);
+                    if codec == Codec::Raw && shared.chunks.direct_io() {
+                        (None, header)
+                    } else {
+                        // Encoded payloads live in the encoder: write them
+                        // to the page cache now and free the staging space.
+                        let t = Instant::now();
+                        let res = shared.chunks.begin_write(&header, payload);
+                        Counters::add_time(&c.write_ns, t);
+                        (Some(res), header)
                     }
-                    Err(e) => {
+                };
+                let write = match write {
+                    None => WriteKind::Direct { header, buf },
+                    Some(Ok(pending)) => {
+                        drop(buf);
+                        WriteKind::Pending(pending)
+                    }
+                    Some(Err(e)) => {
+                        drop(buf);
                         shared.release(&id, &w, false);
                         ctx.fail(e);
+                        shared.finish_one(ctx);
+                        continue;
                     }
+                };
+                let job = SyncJob {
+                    ctx: ctx.clone(),
+                    id,
+                    len,
+                    write,
+                    inflight: w.clone(),
+                };
+                if let Err(e) = sync_tx.send(job) {
+                    if let WriteKind::Pending(p) = e.0.write {
+                        p.abandon();
+                    }
+                    shared.release(&id, &w, false);
+                    ctx.fail(Error::Closed);
+                } else {
+                    continue;
                 }
             }
         }
@@ -268,20 +294,31 @@ fn worker_loop(
 
 fn sync_loop(rx: Receiver<SyncJob>, shared: Arc<Shared>) {
     for job in rx {
-        let SyncJob::Chunk {
+        let SyncJob {
             ctx,
             id,
             len,
-            pending,
+            write,
             inflight,
         } = job;
-        let stored = pending.stored_bytes;
-        let t = Instant::now();
-        let res = pending.finish();
         let c = &ctx.counters;
+        let pending = match write {
+            WriteKind::Pending(p) => Ok(p),
+            WriteKind::Direct { header, mut buf } => {
+                let t = Instant::now();
+                let res = shared.chunks.write_direct(&header, &mut buf);
+                Counters::add_time(&c.write_ns, t);
+                res
+            }
+        };
+        let t = Instant::now();
+        let res = pending.and_then(|p| {
+            let stored = p.stored_bytes;
+            p.finish().map(|()| stored)
+        });
         Counters::add_time(&c.sync_ns, t);
         match res {
-            Ok(()) => {
+            Ok(stored) => {
                 Counters::add(&c.chunks_written, 1);
                 Counters::add(&c.bytes_written, stored);
                 Counters::add(&c.bytes_written_uncompressed, len);
