@@ -18,7 +18,9 @@ fn parse_size(s: &str) -> u64 {
     } else {
         (s, 1)
     };
-    n.parse::<u64>().expect("CAIRN_BENCH_SIZE like 1GiB or 512MiB") * mult
+    n.parse::<u64>()
+        .expect("CAIRN_BENCH_SIZE like 1GiB or 512MiB")
+        * mult
 }
 
 fn main() {

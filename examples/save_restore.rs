@@ -13,9 +13,12 @@ fn as_bytes(v: &[f32]) -> &[u8] {
 }
 
 fn main() -> cairn::Result<()> {
-    let dir = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| std::env::temp_dir().join("cairn-example").display().to_string());
+    let dir = std::env::args().nth(1).unwrap_or_else(|| {
+        std::env::temp_dir()
+            .join("cairn-example")
+            .display()
+            .to_string()
+    });
     let store = Store::open(
         &dir,
         StoreOptions {
@@ -36,7 +39,12 @@ fn main() -> cairn::Result<()> {
         .tensor("layer1.weight", DType::F32, &[512, 512], as_bytes(&w1))
         .tensor("layer2.weight", DType::F32, &[2048, 512], as_bytes(&w2))
         .tensor("layer1.bias", DType::F32, &[512], as_bytes(&bias))
-        .tensor("optimizer.layer1.weight.exp_avg", DType::F32, &[512, 512], as_bytes(&exp_avg))
+        .tensor(
+            "optimizer.layer1.weight.exp_avg",
+            DType::F32,
+            &[512, 512],
+            as_bytes(&exp_avg),
+        )
         .blob("rng_state", &[7u8; 32])
         .metadata(serde_json::json!({"step": step, "lr": 3e-4}));
     let handle = store.save("example", step, &state)?;
@@ -54,7 +62,11 @@ fn main() -> cairn::Result<()> {
 
     let restored = store.restore("example", StepSel::Latest, &TensorFilter::All)?;
     let got = &restored.tensor("layer1.weight").expect("saved above").data;
-    assert_eq!(got.as_slice(), as_bytes(&expected_w1), "restored bytes differ");
+    assert_eq!(
+        got.as_slice(),
+        as_bytes(&expected_w1),
+        "restored bytes differ"
+    );
     println!(
         "restored step {} ({} tensors, {} chunks) and verified every byte",
         restored.report.step,

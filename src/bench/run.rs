@@ -211,6 +211,12 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
             .map(|t| t.bytes())
             .chain([state.rng_state.as_slice(), state.loader_state.as_slice()])
             .collect();
+        let state_bytes: usize = srcs.iter().map(|s| s.len()).sum();
+        if state_bytes != total {
+            return Err(Error::Internal(format!(
+                "step {step} state is {state_bytes} bytes, expected {total}"
+            )));
+        }
         let memcpy_s = raw::memcpy(&srcs, &mut dest).as_secs_f64();
         raw::drop_caches(&[]);
 
