@@ -108,6 +108,18 @@ pub enum Error {
         /// The step.
         step: u64,
     },
+    /// A call to the object store failed (after retries, where the error
+    /// was transient).
+    #[error("object store error during {op} on {path}: {source}")]
+    Remote {
+        /// What cairn was doing (`"upload chunk"`, `"get manifest"`, ...).
+        op: &'static str,
+        /// The object's path in the store.
+        path: String,
+        /// The underlying error.
+        #[source]
+        source: object_store::Error,
+    },
     /// The store's background pipeline has shut down.
     #[error("the store pipeline is closed")]
     Closed,
@@ -129,6 +141,13 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Io { .. } => ErrorKind::Unavailable,
+            Error::Remote { source, .. } => match source {
+                object_store::Error::NotFound { .. } => ErrorKind::NotFound,
+                object_store::Error::AlreadyExists { .. } => ErrorKind::AlreadyExists,
+                object_store::Error::InvalidPath { .. }
+                | object_store::Error::UnknownConfigurationKey { .. } => ErrorKind::Invalid,
+                _ => ErrorKind::Unavailable,
+            },
             Error::InvalidInput { .. } => ErrorKind::Invalid,
             Error::CorruptChunk { .. }
             | Error::CorruptManifest { .. }
@@ -145,6 +164,18 @@ impl Error {
         Error::Io {
             op,
             path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn remote(
+        op: &'static str,
+        path: impl ToString,
+        source: object_store::Error,
+    ) -> Self {
+        Error::Remote {
+            op,
+            path: path.to_string(),
             source,
         }
     }

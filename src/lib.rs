@@ -44,6 +44,7 @@ pub mod error;
 pub mod format;
 pub mod layout;
 pub mod local;
+pub mod remote;
 pub mod restore;
 pub mod save;
 pub mod staging;

@@ -10,7 +10,10 @@ use crate::chunk_id::ChunkId;
 use crate::codec::Decoder;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::format::chunk::decode_chunk_object;
 use crate::format::manifest::{EntryRef, Manifest, ShardInfo};
+use crate::local::LocalChunkStore;
+use crate::remote::RemoteStore;
 use crate::store::{StepSel, Store};
 use serde::Serialize;
 use std::collections::{BTreeSet, HashMap};
@@ -72,6 +75,9 @@ pub struct RestoreReport {
     pub chunks_read: u64,
     /// Bytes read from disk (headers included).
     pub bytes_read: u64,
+    /// Chunks fetched from a higher tier because the local copy was
+    /// missing or corrupt, and written back.
+    pub repaired: u64,
     /// Wall time.
     pub elapsed: Duration,
 }
@@ -174,50 +180,18 @@ impl RestorePlan {
 
 impl Store {
     /// Restore a checkpoint into new buffers. `filter` selects tensors;
-    /// blobs are always restored. Every chunk is verified.
+    /// blobs are always restored. Every chunk is verified; with a remote
+    /// attached, a chunk missing or corrupt locally is fetched from it,
+    /// verified, and written back to the local tier.
     pub fn restore(&self, run: &str, step: StepSel, filter: &TensorFilter) -> Result<Restored> {
         let t0 = Instant::now();
         let step = self.resolve(run, step)?;
         let manifest = self.manifest(run, step)?;
-        check_names_exist(&manifest, filter)?;
-        let mut tensors = Vec::new();
-        let mut entries: Vec<EntryRef<'_>> = Vec::new();
-        for (t, e) in manifest.tensors.iter().zip(manifest.entries()) {
-            if filter.matches(&t.name) {
-                tensors.push(RestoredTensor {
-                    name: t.name.clone(),
-                    dtype: t.dtype,
-                    shape: t.shape.clone(),
-                    shard: t.shard.clone(),
-                    data: alloc_zeroed(t.len, &t.name)?,
-                });
-                entries.push(e);
-            }
-        }
-        let mut blobs = Vec::new();
-        for e in manifest.entries().skip(manifest.tensors.len()) {
-            blobs.push((e.name.to_string(), alloc_zeroed(e.len, e.name)?));
-            entries.push(e);
-        }
-        let dests: Vec<*mut u8> = tensors
-            .iter_mut()
-            .map(|t| t.data.as_mut_ptr())
-            .chain(blobs.iter_mut().map(|b| b.1.as_mut_ptr()))
-            .collect();
-        // SAFETY: each pointer is the start of a Vec of exactly the entry's
-        // length, owned here and not touched until the plan has run.
-        let plan = unsafe { RestorePlan::new(&entries, &dests) };
-        let mut report = self.execute(&plan)?;
-        report.step = step;
-        report.logical_bytes = entries.iter().map(|e| e.len).sum();
-        report.elapsed = t0.elapsed();
-        drop(entries);
-        Ok(Restored {
-            manifest,
-            tensors,
-            blobs,
-            report,
-        })
+        let source = self.chunk_source();
+        let mut r = restore_manifest(manifest, filter, &source, self.opts.read_threads)?;
+        r.report.repaired = source.repaired();
+        r.report.elapsed = t0.elapsed();
+        Ok(r)
     }
 
     /// Restore tensors into caller buffers: each `(name, buffer)` is filled
@@ -262,92 +236,305 @@ impl Store {
         // SAFETY: the buffers are borrowed mutably for this call, distinct
         // (names are unique) and exactly the entries' lengths.
         let plan = unsafe { RestorePlan::new(&entries, &dests) };
-        let mut report = self.execute(&plan)?;
+        let source = self.chunk_source();
+        let mut report = execute(&plan, &source, self.opts.read_threads)?;
+        report.repaired = source.repaired();
         report.step = step;
         report.logical_bytes = entries.iter().map(|e| e.len).sum();
         report.elapsed = t0.elapsed();
         Ok(report)
     }
+}
 
-    /// Read every chunk of `plan` with `read_threads` threads.
-    fn execute(&self, plan: &RestorePlan) -> Result<RestoreReport> {
-        let next = AtomicUsize::new(0);
-        let failed = AtomicBool::new(false);
-        let first_err: Mutex<Option<Error>> = Mutex::new(None);
-        let bytes_read = AtomicU64::new(0);
-        let threads = self.opts.read_threads.clamp(1, plan.tasks.len().max(1));
-        std::thread::scope(|s| {
-            for _ in 0..threads {
-                s.spawn(|| {
-                    let mut scratch = Vec::new();
-                    let mut whole = Vec::new();
-                    let mut decoder = match Decoder::new() {
-                        Ok(d) => d,
+/// Read every chunk of `plan` from `source` with `threads` threads.
+pub(crate) fn execute(
+    plan: &RestorePlan,
+    source: &dyn ChunkSource,
+    threads: usize,
+) -> Result<RestoreReport> {
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let first_err: Mutex<Option<Error>> = Mutex::new(None);
+    let bytes_read = AtomicU64::new(0);
+    let threads = threads.clamp(1, plan.tasks.len().max(1));
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                let mut scratch = Vec::new();
+                let mut whole = Vec::new();
+                let mut decoder = match Decoder::new() {
+                    Ok(d) => d,
+                    Err(e) => {
+                        failed.store(true, Ordering::Relaxed);
+                        let _ = first_err.lock().map(|mut g| g.get_or_insert(e).to_string());
+                        return;
+                    }
+                };
+                loop {
+                    if failed.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(task) = plan.tasks.get(i) else {
+                        return;
+                    };
+                    match read_task(source, task, &mut scratch, &mut whole, &mut decoder) {
+                        Ok(n) => {
+                            bytes_read.fetch_add(n, Ordering::Relaxed);
+                        }
                         Err(e) => {
                             failed.store(true, Ordering::Relaxed);
-                            let _ = first_err.lock().map(|mut g| g.get_or_insert(e).to_string());
-                            return;
-                        }
-                    };
-                    loop {
-                        if failed.load(Ordering::Relaxed) {
-                            return;
-                        }
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(task) = plan.tasks.get(i) else {
-                            return;
-                        };
-                        match self.read_task(task, &mut scratch, &mut whole, &mut decoder) {
-                            Ok(n) => {
-                                bytes_read.fetch_add(n, Ordering::Relaxed);
+                            let mut g = first_err.lock().unwrap_or_else(|p| p.into_inner());
+                            if g.is_none() {
+                                *g = Some(with_tensors(e, &task.names));
                             }
-                            Err(e) => {
-                                failed.store(true, Ordering::Relaxed);
-                                let mut g = first_err.lock().unwrap_or_else(|p| p.into_inner());
-                                if g.is_none() {
-                                    *g = Some(with_tensors(e, &task.names));
-                                }
-                                return;
-                            }
+                            return;
                         }
                     }
-                });
-            }
-        });
-        if let Some(e) = first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            return Err(e);
+                }
+            });
         }
-        Ok(RestoreReport {
-            chunks_read: plan.tasks.len() as u64,
-            bytes_read: bytes_read.into_inner(),
-            ..Default::default()
-        })
+    });
+    if let Some(e) = first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
     }
+    Ok(RestoreReport {
+        chunks_read: plan.tasks.len() as u64,
+        bytes_read: bytes_read.into_inner(),
+        ..Default::default()
+    })
+}
 
-    fn read_task(
+fn read_task(
+    source: &dyn ChunkSource,
+    task: &ChunkTask,
+    scratch: &mut Vec<u8>,
+    whole: &mut Vec<u8>,
+    decoder: &mut Decoder,
+) -> Result<u64> {
+    if let [p] = task.placements.as_slice() {
+        if p.chunk_off == 0 && p.len == task.chunk_len {
+            // SAFETY: see RestorePlan::new.
+            let dest = unsafe { std::slice::from_raw_parts_mut(p.dest, p.len as usize) };
+            return source.read_chunk(
+                &task.id,
+                task.chunk_len,
+                Some(dest),
+                whole,
+                scratch,
+                decoder,
+            );
+        }
+    }
+    let n = source.read_chunk(&task.id, task.chunk_len, None, whole, scratch, decoder)?;
+    for p in &task.placements {
+        let src = &whole[p.chunk_off as usize..(p.chunk_off + p.len) as usize];
+        // SAFETY: see RestorePlan::new.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), p.dest, src.len()) };
+    }
+    Ok(n)
+}
+
+/// Restore the entries of `manifest` selected by `filter` (blobs always)
+/// from `source` into new buffers.
+pub(crate) fn restore_manifest(
+    manifest: Manifest,
+    filter: &TensorFilter,
+    source: &dyn ChunkSource,
+    threads: usize,
+) -> Result<Restored> {
+    let t0 = Instant::now();
+    check_names_exist(&manifest, filter)?;
+    let mut tensors = Vec::new();
+    let mut entries: Vec<EntryRef<'_>> = Vec::new();
+    for (t, e) in manifest.tensors.iter().zip(manifest.entries()) {
+        if filter.matches(&t.name) {
+            tensors.push(RestoredTensor {
+                name: t.name.clone(),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                shard: t.shard.clone(),
+                data: alloc_zeroed(t.len, &t.name)?,
+            });
+            entries.push(e);
+        }
+    }
+    let mut blobs = Vec::new();
+    for e in manifest.entries().skip(manifest.tensors.len()) {
+        blobs.push((e.name.to_string(), alloc_zeroed(e.len, e.name)?));
+        entries.push(e);
+    }
+    let dests: Vec<*mut u8> = tensors
+        .iter_mut()
+        .map(|t| t.data.as_mut_ptr())
+        .chain(blobs.iter_mut().map(|b| b.1.as_mut_ptr()))
+        .collect();
+    // SAFETY: each pointer is the start of a Vec of exactly the entry's
+    // length, owned here and not touched until the plan has run.
+    let plan = unsafe { RestorePlan::new(&entries, &dests) };
+    let mut report = execute(&plan, source, threads)?;
+    report.step = manifest.step;
+    report.logical_bytes = entries.iter().map(|e| e.len).sum();
+    report.elapsed = t0.elapsed();
+    drop(entries);
+    Ok(Restored {
+        manifest,
+        tensors,
+        blobs,
+        report,
+    })
+}
+
+/// Where a restore reads chunks from: a tier, or tiers in order.
+pub trait ChunkSource: Sync {
+    /// Read chunk `id` (`len` bytes uncompressed), verified, into `out` when
+    /// given (exactly `len` bytes), else into `buf`, which is sized only
+    /// after the chunk's header has been validated. Returns the bytes read
+    /// from the tier.
+    fn read_chunk(
         &self,
-        task: &ChunkTask,
+        id: &ChunkId,
+        len: u64,
+        out: Option<&mut [u8]>,
+        buf: &mut Vec<u8>,
         scratch: &mut Vec<u8>,
-        whole: &mut Vec<u8>,
+        decoder: &mut Decoder,
+    ) -> Result<u64>;
+
+    /// Chunks this source repaired in a lower tier so far.
+    fn repaired(&self) -> u64 {
+        0
+    }
+}
+
+impl ChunkSource for LocalChunkStore {
+    fn read_chunk(
+        &self,
+        id: &ChunkId,
+        len: u64,
+        out: Option<&mut [u8]>,
+        buf: &mut Vec<u8>,
+        scratch: &mut Vec<u8>,
         decoder: &mut Decoder,
     ) -> Result<u64> {
-        if let [p] = task.placements.as_slice() {
-            if p.chunk_off == 0 && p.len == task.chunk_len {
-                // SAFETY: see RestorePlan::new.
-                let dest = unsafe { std::slice::from_raw_parts_mut(p.dest, p.len as usize) };
-                return self.chunks.read_verified(&task.id, dest, scratch, decoder);
+        let chunk = self.open_chunk(id, len)?;
+        match out {
+            Some(o) => chunk.read_verified(o, scratch, decoder),
+            None => {
+                buf.resize(len as usize, 0);
+                chunk.read_verified(buf, scratch, decoder)
             }
         }
-        whole.resize(task.chunk_len as usize, 0);
-        let n = self
-            .chunks
-            .read_verified(&task.id, whole, scratch, decoder)?;
-        for p in &task.placements {
-            let src = &whole[p.chunk_off as usize..(p.chunk_off + p.len) as usize];
-            // SAFETY: see RestorePlan::new.
-            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), p.dest, src.len()) };
+    }
+}
+
+impl ChunkSource for RemoteStore {
+    fn read_chunk(
+        &self,
+        id: &ChunkId,
+        len: u64,
+        out: Option<&mut [u8]>,
+        buf: &mut Vec<u8>,
+        _scratch: &mut Vec<u8>,
+        decoder: &mut Decoder,
+    ) -> Result<u64> {
+        let object = self.block_on(self.fetch_chunk_object(id, len))??;
+        let target = match out {
+            Some(o) => o,
+            None => {
+                buf.resize(len as usize, 0);
+                &mut buf[..]
+            }
+        };
+        let path = std::path::PathBuf::from(self.chunk_path(id).to_string());
+        decode_chunk_object(&object, id, target, decoder, &path)?;
+        Ok(object.len() as u64)
+    }
+}
+
+/// The local tier backed by a remote one: a chunk missing or corrupt
+/// locally is fetched from the remote, verified, used, and written back.
+pub struct TieredSource<'a> {
+    local: &'a LocalChunkStore,
+    remote: Option<&'a RemoteStore>,
+    repaired: AtomicU64,
+}
+
+impl<'a> TieredSource<'a> {
+    /// Local first, then `remote` if given.
+    pub fn new(local: &'a LocalChunkStore, remote: Option<&'a RemoteStore>) -> Self {
+        TieredSource {
+            local,
+            remote,
+            repaired: AtomicU64::new(0),
         }
-        Ok(n)
+    }
+}
+
+impl ChunkSource for TieredSource<'_> {
+    fn read_chunk(
+        &self,
+        id: &ChunkId,
+        len: u64,
+        mut out: Option<&mut [u8]>,
+        buf: &mut Vec<u8>,
+        scratch: &mut Vec<u8>,
+        decoder: &mut Decoder,
+    ) -> Result<u64> {
+        let local_err =
+            match self
+                .local
+                .read_chunk(id, len, out.as_deref_mut(), buf, scratch, decoder)
+            {
+                Ok(n) => return Ok(n),
+                Err(e) => e,
+            };
+        let Some(remote) = self.remote else {
+            return Err(local_err);
+        };
+        if local_err.kind() != crate::error::ErrorKind::Data {
+            return Err(local_err);
+        }
+        tracing::warn!(chunk = %id, error = %local_err, "local chunk unusable; fetching from remote");
+        let object = remote.block_on(remote.fetch_chunk_object(id, len))??;
+        let target = match out {
+            Some(o) => o,
+            None => {
+                buf.resize(len as usize, 0);
+                &mut buf[..]
+            }
+        };
+        let path = std::path::PathBuf::from(remote.chunk_path(id).to_string());
+        decode_chunk_object(&object, id, target, decoder, &path)?;
+        self.local.put_object(id, &object)?;
+        self.repaired.fetch_add(1, Ordering::Relaxed);
+        Ok(object.len() as u64)
+    }
+
+    fn repaired(&self) -> u64 {
+        self.repaired.load(Ordering::Relaxed)
+    }
+}
+
+impl RemoteStore {
+    /// Restore a checkpoint straight from the remote, with no local copy.
+    /// Blocking; not for use inside an async runtime.
+    pub fn restore(&self, run: &str, step: StepSel, filter: &TensorFilter) -> Result<Restored> {
+        let t0 = Instant::now();
+        let step = match step {
+            StepSel::Step(s) => s,
+            StepSel::Latest => self
+                .block_on(self.steps(run))??
+                .last()
+                .copied()
+                .ok_or_else(|| Error::NotFound {
+                    what: format!("any committed checkpoint of run {run} in {}", self.url()),
+                })?,
+        };
+        let manifest = self.block_on(self.manifest(run, step))??;
+        let mut r = restore_manifest(manifest, filter, self, self.options().concurrency)?;
+        r.report.elapsed = t0.elapsed();
+        Ok(r)
     }
 }
 

@@ -7,6 +7,7 @@ use crate::format::FORMAT_VERSION;
 use crate::layout::{parse_step_dir_name, validate_run_name, Layout};
 use crate::local::durable::{create_dir_all_durable, fsync_dir, publish_new};
 use crate::local::LocalChunkStore;
+use crate::remote::RemoteStore;
 use crate::save::{stage_save, Pipeline, SaveHandle, SaveState};
 use crate::staging::StagingPool;
 use serde::{Deserialize, Serialize};
@@ -111,8 +112,21 @@ pub struct Store {
     pub(crate) layout: Layout,
     pub(crate) chunks: LocalChunkStore,
     pub(crate) opts: StoreOptions,
+    remote: Option<RemoteStore>,
     writer: Option<Writer>,
 }
+
+/// Where a checkpoint was uploaded, recorded next to its local manifest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UploadMarker {
+    /// The remote store's URL.
+    pub url: String,
+    /// When the remote manifest was committed.
+    pub uploaded_unix_ms: i64,
+}
+
+/// File name of the upload marker in a step directory.
+pub const UPLOAD_MARKER: &str = "remote.json";
 
 impl Store {
     /// Open (creating if needed) a store at `root`, and start its staging
@@ -141,6 +155,7 @@ impl Store {
             layout,
             chunks,
             opts,
+            remote: None,
             writer: Some(Writer { pool, pipeline }),
         })
     }
@@ -159,6 +174,7 @@ impl Store {
             chunks: LocalChunkStore::new(layout.clone()),
             layout,
             opts,
+            remote: None,
             writer: None,
         })
     }
@@ -171,6 +187,81 @@ impl Store {
     /// The store's settings.
     pub fn options(&self) -> &StoreOptions {
         &self.opts
+    }
+
+    /// Back this store with a remote tier: restores fetch (and repair)
+    /// chunks missing or corrupt locally from it, and [`Store::upload`]
+    /// sends checkpoints to it.
+    pub fn attach_remote(&mut self, remote: RemoteStore) -> &mut Self {
+        self.remote = Some(remote);
+        self
+    }
+
+    /// The attached remote tier.
+    pub fn remote(&self) -> Option<&RemoteStore> {
+        self.remote.as_ref()
+    }
+
+    /// The local chunk files.
+    pub fn chunk_store(&self) -> &LocalChunkStore {
+        &self.chunks
+    }
+
+    pub(crate) fn chunk_source(&self) -> crate::restore::TieredSource<'_> {
+        crate::restore::TieredSource::new(&self.chunks, self.remote.as_ref())
+    }
+
+    /// The manifest file of a committed checkpoint, validated, as stored.
+    pub fn manifest_bytes(&self, run: &str, step: u64) -> Result<Vec<u8>> {
+        validate_run_name(run)?;
+        let path = self.layout.manifest_path(run, step);
+        let bytes = read_bounded(&path)?;
+        decode_manifest_file(&bytes, &path)?;
+        Ok(bytes)
+    }
+
+    /// Upload committed checkpoint `(run, step)` to the attached remote and
+    /// wait until it is durable there; then record it locally. Blocking:
+    /// call it from a plain thread, not inside an async runtime.
+    pub fn upload(&self, run: &str, step: u64) -> Result<crate::remote::UploadReport> {
+        let remote = self
+            .remote
+            .as_ref()
+            .ok_or_else(|| Error::invalid("store", "no remote attached"))?;
+        let bytes = bytes::Bytes::from(self.manifest_bytes(run, step)?);
+        let refresh = remote.options().gc_grace / 2;
+        let report = remote.block_on(remote.upload_checkpoint(
+            &self.chunks,
+            run,
+            step,
+            bytes,
+            refresh,
+        ))??;
+        self.mark_uploaded(run, step, remote.url())?;
+        Ok(report)
+    }
+
+    /// Record that `(run, step)` is durable in the remote at `url`.
+    pub fn mark_uploaded(&self, run: &str, step: u64, url: &str) -> Result<()> {
+        let marker = UploadMarker {
+            url: url.to_string(),
+            uploaded_unix_ms: crate::remote::upload::now_ms(),
+        };
+        let body = serde_json::to_vec(&marker).map_err(|e| Error::Internal(e.to_string()))?;
+        crate::local::durable::publish_replace(
+            &self.layout.tmp_dir(),
+            &self.layout.step_dir(run, step).join(UPLOAD_MARKER),
+            &body,
+        )
+    }
+
+    /// Whether `(run, step)` is recorded as durable in the remote at `url`.
+    pub fn is_uploaded(&self, run: &str, step: u64, url: &str) -> bool {
+        let path = self.layout.step_dir(run, step).join(UPLOAD_MARKER);
+        std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<UploadMarker>(&b).ok())
+            .is_some_and(|m| m.url == url)
     }
 
     /// The staging pool (absent on a read-only store).

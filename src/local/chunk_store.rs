@@ -188,6 +188,34 @@ impl LocalChunkStore {
         })
     }
 
+    /// Store a whole chunk object (as fetched from another tier) under its
+    /// final name: temp file, fsync, rename, directory fsync. The caller
+    /// has verified it.
+    pub fn put_object(&self, id: &ChunkId, bytes: &[u8]) -> Result<()> {
+        let tmp = self.layout.tmp_dir().join(unique_tmp_name(&id.to_hex()));
+        let mut f = create_new(&tmp)?;
+        let res = f
+            .write_all(bytes)
+            .and_then(|()| f.sync_data())
+            .and_then(|()| std::fs::rename(&tmp, self.layout.chunk_path(id)));
+        if let Err(e) = res {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::io("write repaired chunk", &tmp, e));
+        }
+        self.sync_prefix_dir(id.0[0])
+    }
+
+    /// Read a whole chunk file as stored (header, padding and payload),
+    /// for copying it to another tier. Checks the header against `id` and
+    /// `expected_len` first.
+    pub fn read_object(&self, id: &ChunkId, expected_len: u64) -> Result<Vec<u8>> {
+        let chunk = self.open_chunk(id, expected_len)?;
+        let len = chunk.header.payload_offset as u64 + chunk.header.stored_len;
+        let mut buf = vec![0u8; len as usize];
+        read_exact_at(&chunk.file, &mut buf, 0, &chunk.path, id)?;
+        Ok(buf)
+    }
+
     /// fsync the fan-out directory holding chunks with this first byte.
     pub fn sync_prefix_dir(&self, prefix: u8) -> Result<()> {
         fsync_dir(&self.layout.chunk_dir_for_prefix(prefix))
@@ -212,33 +240,7 @@ impl LocalChunkStore {
         let mut hbuf = [0u8; HEADER_LEN];
         read_exact_at(&file, &mut hbuf, 0, &path, id)?;
         let header = ChunkHeader::decode(&hbuf, &path)?;
-        if header.id != *id {
-            return Err(corrupt(
-                id,
-                &path,
-                format!("header names chunk {}", header.id),
-            ));
-        }
-        if header.uncompressed_len != expected_len {
-            return Err(corrupt(
-                id,
-                &path,
-                format!(
-                    "header declares {} bytes, the manifest {expected_len}",
-                    header.uncompressed_len
-                ),
-            ));
-        }
-        let want_len = header.payload_offset as u64 + header.stored_len;
-        if file_len != want_len {
-            return Err(corrupt(
-                id,
-                &path,
-                format!(
-                    "file is {file_len} bytes, header declares {want_len} (truncated or extended)"
-                ),
-            ));
-        }
+        header.check(id, expected_len, file_len, &path)?;
         let gap = header.payload_offset as usize - HEADER_LEN;
         if gap > 0 {
             let mut pad = vec![0u8; gap];

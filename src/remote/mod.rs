@@ -1,0 +1,474 @@
+//! The object-storage tier: the same layout as a local store under a
+//! bucket prefix, reached only through `Arc<dyn ObjectStore>`.
+//!
+//! ```text
+//! <prefix>/chunks/<2 hex>/<64 hex>              chunk objects (same bytes as local files)
+//! <prefix>/runs/<run>/<step:020>/manifest.cairn  the remote commit, put last with PutMode::Create
+//! ```
+//!
+//! A remote checkpoint exists exactly when its manifest object exists, and
+//! a manifest is only put after every chunk it references is present, so a
+//! listed remote checkpoint is always whole.
+
+pub mod fault;
+pub mod fetch;
+pub mod metrics;
+pub mod retry;
+pub mod upload;
+
+pub use metrics::{RemoteMetrics, RemoteMetricsSnapshot};
+pub use retry::RetryPolicy;
+pub use upload::UploadReport;
+
+use crate::chunk_id::ChunkId;
+use crate::error::{Error, Result};
+use crate::format::manifest::{decode_manifest_file, Manifest};
+use crate::layout::{parse_step_dir_name, step_dir_name, validate_run_name, MANIFEST_FILE};
+use futures::TryStreamExt;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreScheme, PutMode, PutOptions, PutPayload};
+use serde::{Deserialize, Serialize};
+use std::sync::{Arc, OnceLock};
+
+/// Tuning of the remote tier.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RemoteOptions {
+    /// Chunks uploaded or downloaded at once.
+    pub concurrency: usize,
+    /// Objects larger than this are uploaded in parts.
+    pub multipart_threshold: usize,
+    /// Part size of multipart uploads, and range size of downloads.
+    pub part_size: usize,
+    /// Retry policy for every call.
+    pub retry: RetryPolicy,
+    /// Unreferenced chunk objects younger than this are never collected.
+    /// Uploads re-send a chunk the remote holds when its object is older
+    /// than half of it, so a chunk a new manifest relies on is never a
+    /// collection candidate.
+    #[serde(with = "humantime_serde")]
+    pub gc_grace: std::time::Duration,
+}
+
+impl Default for RemoteOptions {
+    fn default() -> Self {
+        RemoteOptions {
+            concurrency: 8,
+            multipart_threshold: 8 << 20,
+            part_size: 8 << 20,
+            retry: RetryPolicy::default(),
+            gc_grace: std::time::Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// A checkpoint store in object storage.
+#[derive(Clone)]
+pub struct RemoteStore {
+    inner: Arc<dyn ObjectStore>,
+    prefix: ObjPath,
+    url: String,
+    opts: RemoteOptions,
+    metrics: Arc<RemoteMetrics>,
+    rt: Arc<OnceLock<tokio::runtime::Runtime>>,
+}
+
+impl std::fmt::Debug for RemoteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RemoteStore({})", self.url)
+    }
+}
+
+impl RemoteStore {
+    /// Open a store from a URL: `s3://bucket/prefix`, `gs://bucket/prefix`,
+    /// `az://container/prefix`, or `file:///path`. Credentials, region and
+    /// endpoint come from the usual environment variables (`AWS_*`,
+    /// `GOOGLE_*`, `AZURE_*`) and from `options` (object_store's
+    /// configuration keys, e.g. `endpoint`, `region`, `access_key_id`,
+    /// `secret_access_key`, `allow_http`).
+    pub fn open(url: &str, options: &[(String, String)], opts: RemoteOptions) -> Result<Self> {
+        let parsed = url::Url::parse(url)
+            .map_err(|e| Error::invalid("remote URL", format!("{url:?}: {e}")))?;
+        let (scheme, prefix) = ObjectStoreScheme::parse(&parsed)
+            .map_err(|e| Error::invalid("remote URL", format!("{url:?}: {e}")))?;
+        let client = object_store::ClientOptions::new().with_timeout(opts.retry.request_timeout);
+        let bad_key = |k: &str, e: object_store::Error| {
+            Error::invalid("remote option", format!("{k:?}: {e}"))
+        };
+        let inner: Arc<dyn ObjectStore> = match scheme {
+            ObjectStoreScheme::AmazonS3 => {
+                let mut b = object_store::aws::AmazonS3Builder::from_env()
+                    .with_url(url)
+                    .with_retry(opts.retry.client_retry())
+                    .with_client_options(client);
+                for (k, v) in options {
+                    b = b.with_config(k.parse().map_err(|e| bad_key(k, e))?, v);
+                }
+                Arc::new(b.build().map_err(|e| Error::remote("open", url, e))?)
+            }
+            ObjectStoreScheme::GoogleCloudStorage => {
+                let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_url(url)
+                    .with_retry(opts.retry.client_retry())
+                    .with_client_options(client);
+                for (k, v) in options {
+                    b = b.with_config(k.parse().map_err(|e| bad_key(k, e))?, v);
+                }
+                Arc::new(b.build().map_err(|e| Error::remote("open", url, e))?)
+            }
+            ObjectStoreScheme::MicrosoftAzure => {
+                let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_url(url)
+                    .with_retry(opts.retry.client_retry())
+                    .with_client_options(client);
+                for (k, v) in options {
+                    b = b.with_config(k.parse().map_err(|e| bad_key(k, e))?, v);
+                }
+                Arc::new(b.build().map_err(|e| Error::remote("open", url, e))?)
+            }
+            ObjectStoreScheme::Local => {
+                let root = parsed.to_file_path().map_err(|_| {
+                    Error::invalid("remote URL", format!("{url:?} is not a local path"))
+                })?;
+                crate::local::durable::create_dir_all_durable(&root)?;
+                let fs = object_store::local::LocalFileSystem::new_with_prefix(&root)
+                    .map_err(|e| Error::remote("open", url, e))?;
+                return Ok(Self::new(Arc::new(fs), ObjPath::default(), url, opts));
+            }
+            other => {
+                return Err(Error::invalid(
+                    "remote URL",
+                    format!("{url:?}: scheme {other:?} is not supported (use s3, gs, az or file)"),
+                ))
+            }
+        };
+        Ok(Self::new(inner, prefix, url, opts))
+    }
+
+    /// Wrap an existing object store (for wrappers such as retry, metrics
+    /// or fault injection) with the checkpoint layout under `prefix`.
+    pub fn new(
+        inner: Arc<dyn ObjectStore>,
+        prefix: ObjPath,
+        url: &str,
+        opts: RemoteOptions,
+    ) -> Self {
+        RemoteStore {
+            inner,
+            prefix,
+            url: url.to_string(),
+            opts,
+            metrics: Arc::new(RemoteMetrics::default()),
+            rt: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// The URL the store was opened with.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The underlying object store.
+    pub fn object_store(&self) -> &Arc<dyn ObjectStore> {
+        &self.inner
+    }
+
+    /// Tuning in effect.
+    pub fn options(&self) -> &RemoteOptions {
+        &self.opts
+    }
+
+    /// Activity counters.
+    pub fn metrics(&self) -> &RemoteMetrics {
+        &self.metrics
+    }
+
+    /// Run a future to completion from synchronous code, on a runtime
+    /// owned by this store (created on first use). Must not be called from
+    /// inside an async runtime.
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> Result<F::Output> {
+        let rt = match self.rt.get() {
+            Some(rt) => rt,
+            None => {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .thread_name("cairn-remote")
+                    .enable_all()
+                    .build()
+                    .map_err(|e| Error::Internal(format!("start remote runtime: {e}")))?;
+                let _ = self.rt.set(rt);
+                self.rt
+                    .get()
+                    .ok_or_else(|| Error::Internal("remote runtime".into()))?
+            }
+        };
+        Ok(rt.block_on(f))
+    }
+
+    /// Path of chunk `id`.
+    pub fn chunk_path(&self, id: &ChunkId) -> ObjPath {
+        self.prefix
+            .child("chunks")
+            .child(id.prefix())
+            .child(id.to_hex())
+    }
+
+    fn run_path(&self, run: &str) -> ObjPath {
+        self.prefix.child("runs").child(run)
+    }
+
+    /// Path of the manifest of `(run, step)`.
+    pub fn manifest_path(&self, run: &str, step: u64) -> ObjPath {
+        self.run_path(run)
+            .child(step_dir_name(step))
+            .child(MANIFEST_FILE)
+    }
+
+    /// Metadata of chunk `id`, or `None` if the remote does not hold it.
+    pub async fn head_chunk(&self, id: &ChunkId) -> Result<Option<ObjectMeta>> {
+        let path = self.chunk_path(id);
+        let r = retry::retry(&self.opts.retry, &self.metrics, || async {
+            self.inner
+                .head(&path)
+                .await
+                .map_err(|e| Error::remote("head chunk", &path, e))
+        })
+        .await;
+        match r {
+            Ok(m) => Ok(Some(m)),
+            Err(Error::Remote {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Upload a whole object, in parts when it is large; retried whole.
+    pub async fn put_object(&self, path: &ObjPath, bytes: bytes::Bytes) -> Result<()> {
+        let len = bytes.len();
+        retry::retry(&self.opts.retry, &self.metrics, || {
+            let bytes = bytes.clone();
+            async move {
+                if len <= self.opts.multipart_threshold {
+                    self.inner
+                        .put(path, PutPayload::from(bytes))
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| Error::remote("put object", path, e))
+                } else {
+                    let upload = self
+                        .inner
+                        .put_multipart(path)
+                        .await
+                        .map_err(|e| Error::remote("start multipart upload", path, e))?;
+                    let mut w = object_store::WriteMultipart::new_with_chunk_size(
+                        upload,
+                        self.opts.part_size,
+                    );
+                    for part in bytes.chunks(self.opts.part_size) {
+                        w.wait_for_capacity(4)
+                            .await
+                            .map_err(|e| Error::remote("upload part", path, e))?;
+                        w.write(part);
+                    }
+                    w.finish()
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| Error::remote("finish multipart upload", path, e))
+                }
+            }
+        })
+        .await
+    }
+
+    /// Commit a manifest: put it only if absent. Returns `Ok(true)` if this
+    /// call created it, `Ok(false)` if an identical manifest was already
+    /// there; a different one is an `AlreadyExists` error.
+    pub async fn put_manifest(&self, run: &str, step: u64, bytes: bytes::Bytes) -> Result<bool> {
+        let path = self.manifest_path(run, step);
+        let r = retry::retry(&self.opts.retry, &self.metrics, || {
+            let bytes = bytes.clone();
+            let path = &path;
+            async move {
+                self.inner
+                    .put_opts(
+                        path,
+                        PutPayload::from(bytes),
+                        PutOptions {
+                            mode: PutMode::Create,
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .map_err(|e| Error::remote("put manifest", path, e))
+            }
+        })
+        .await;
+        match r {
+            Ok(_) => {
+                self.metrics.add_manifest();
+                Ok(true)
+            }
+            Err(Error::Remote {
+                source: object_store::Error::AlreadyExists { .. },
+                ..
+            }) => {
+                let existing = self.get_object(&path, "get manifest").await?;
+                if existing == bytes {
+                    Ok(false)
+                } else {
+                    Err(Error::AlreadyExists {
+                        run: run.to_string(),
+                        step,
+                    })
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Get a whole object (retried, body included).
+    pub async fn get_object(&self, path: &ObjPath, op: &'static str) -> Result<bytes::Bytes> {
+        retry::retry(&self.opts.retry, &self.metrics, || async {
+            let r = self
+                .inner
+                .get(path)
+                .await
+                .map_err(|e| Error::remote(op, path, e))?;
+            r.bytes().await.map_err(|e| Error::remote(op, path, e))
+        })
+        .await
+    }
+
+    /// Get a byte range of an object (retried, body included).
+    pub async fn get_range(
+        &self,
+        path: &ObjPath,
+        range: std::ops::Range<u64>,
+    ) -> Result<bytes::Bytes> {
+        retry::retry(&self.opts.retry, &self.metrics, || {
+            let range = range.clone();
+            async move {
+                self.inner
+                    .get_range(path, range)
+                    .await
+                    .map_err(|e| Error::remote("get range", path, e))
+            }
+        })
+        .await
+    }
+
+    /// Read and validate the manifest of `(run, step)`.
+    pub async fn manifest(&self, run: &str, step: u64) -> Result<Manifest> {
+        validate_run_name(run)?;
+        let path = self.manifest_path(run, step);
+        let bytes = match self.get_object(&path, "get manifest").await {
+            Ok(b) => b,
+            Err(Error::Remote {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => {
+                return Err(Error::NotFound {
+                    what: format!("checkpoint run {run} step {step} in {}", self.url),
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        let display = std::path::PathBuf::from(path.to_string());
+        let m = decode_manifest_file(&bytes, &display)?;
+        if m.run != run || m.step != step {
+            return Err(Error::manifest(
+                &display,
+                format!("names run {} step {}, not its location", m.run, m.step),
+            ));
+        }
+        Ok(m)
+    }
+
+    async fn list_dirs(&self, path: &ObjPath) -> Result<Vec<String>> {
+        let r = retry::retry(&self.opts.retry, &self.metrics, || async {
+            self.inner
+                .list_with_delimiter(Some(path))
+                .await
+                .map_err(|e| Error::remote("list", path, e))
+        })
+        .await?;
+        Ok(r.common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
+            .collect())
+    }
+
+    /// Runs with at least one committed remote checkpoint.
+    pub async fn runs(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for r in self.list_dirs(&self.prefix.child("runs")).await? {
+            if validate_run_name(&r).is_ok() && !self.steps(&r).await?.is_empty() {
+                out.push(r);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Committed remote steps of `run`, ascending.
+    pub async fn steps(&self, run: &str) -> Result<Vec<u64>> {
+        validate_run_name(run)?;
+        let mut out: Vec<u64> = self
+            .list_dirs(&self.run_path(run))
+            .await?
+            .iter()
+            .filter_map(|n| parse_step_dir_name(n))
+            .collect();
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// Delete the remote manifest of `(run, step)` (its chunks stay until
+    /// garbage collection).
+    pub async fn delete_checkpoint(&self, run: &str, step: u64) -> Result<()> {
+        validate_run_name(run)?;
+        let path = self.manifest_path(run, step);
+        retry::retry(&self.opts.retry, &self.metrics, || async {
+            self.inner
+                .delete(&path)
+                .await
+                .map_err(|e| Error::remote("delete manifest", &path, e))
+        })
+        .await
+    }
+
+    /// Every chunk object: id, last-modified time (ms since the epoch) and
+    /// size. Objects whose names are not chunk ids are skipped.
+    pub async fn list_chunks(&self) -> Result<Vec<(ChunkId, i64, u64)>> {
+        let path = self.prefix.child("chunks");
+        let metas: Vec<ObjectMeta> = retry::retry(&self.opts.retry, &self.metrics, || async {
+            self.inner
+                .list(Some(&path))
+                .try_collect()
+                .await
+                .map_err(|e| Error::remote("list chunks", &path, e))
+        })
+        .await?;
+        Ok(metas
+            .into_iter()
+            .filter_map(|m| {
+                let id: ChunkId = m.location.filename()?.parse().ok()?;
+                Some((id, m.last_modified.timestamp_millis(), m.size))
+            })
+            .collect())
+    }
+
+    /// Delete chunk `id`.
+    pub async fn delete_chunk(&self, id: &ChunkId) -> Result<()> {
+        let path = self.chunk_path(id);
+        retry::retry(&self.opts.retry, &self.metrics, || async {
+            match self.inner.delete(&path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(Error::remote("delete chunk", &path, e)),
+            }
+        })
+        .await
+    }
+}
