@@ -39,9 +39,11 @@
 pub mod bench;
 pub mod chunk_id;
 pub mod codec;
+pub mod daemon;
 pub mod dtype;
 pub mod error;
 pub mod format;
+pub mod gc;
 pub mod layout;
 pub mod local;
 pub mod remote;

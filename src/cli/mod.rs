@@ -4,6 +4,7 @@
 //! found a bad byte); 2 bad arguments.
 
 mod bench;
+mod daemon;
 mod list;
 mod size;
 mod verify;
@@ -36,6 +37,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Drain committed local checkpoints to object storage, apply
+    /// retention and garbage collection; status and metrics on loopback.
+    ///
+    /// Example: cairn daemon /nvme/ckpt --remote s3://bucket/ckpt
+    Daemon(daemon::DaemonArgs),
     /// Re-read and re-hash every chunk; exit 1 if any byte is bad.
     ///
     /// Example: cairn verify /tmp/ckpt --run bench --step 3
@@ -59,6 +65,7 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Bench(args) => bench::run(args),
+        Command::Daemon(args) => daemon::run(args),
         Command::Ls { store, json } => list::run(&store, json),
         Command::Verify {
             store,

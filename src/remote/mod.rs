@@ -183,6 +183,11 @@ impl RemoteStore {
         &self.metrics
     }
 
+    /// Shared handle to the activity counters.
+    pub fn metrics_arc(&self) -> Arc<RemoteMetrics> {
+        self.metrics.clone()
+    }
+
     /// Run a future to completion from synchronous code, on a runtime
     /// owned by this store (created on first use). Must not be called from
     /// inside an async runtime.

@@ -91,6 +91,7 @@ impl RemoteStore {
                     self.put_object(&self.chunk_path(&id), bytes::Bytes::from(object))
                         .await?;
                     self.metrics.add_upload(n);
+                    tracing::debug!(chunk = %id, bytes = n, "uploaded chunk");
                     uploaded.fetch_add(1, Ordering::Relaxed);
                     bytes_up.fetch_add(n, Ordering::Relaxed);
                     Ok(())
@@ -99,6 +100,15 @@ impl RemoteStore {
             .buffer_unordered(self.opts.concurrency.max(1))
             .try_collect::<Vec<()>>()
             .await?;
+        // A chunk skipped above is safe from collection for refresh_after
+        // after it was looked at; publish well inside that window or not
+        // at all (the next attempt starts over).
+        if t0.elapsed() > refresh_after / 2 {
+            return Err(Error::Internal(format!(
+                "upload of run {run} step {step} took {:?}, longer than a quarter of the gc grace period; not committing",
+                t0.elapsed()
+            )));
+        }
         let created = self.put_manifest(run, step, manifest_bytes).await?;
         Ok(UploadReport {
             run: run.to_string(),

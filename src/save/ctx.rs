@@ -96,6 +96,8 @@ pub(crate) struct SaveCtx {
     touched: Mutex<[bool; 256]>,
     pub counters: Counters,
     pub stall: Mutex<Duration>,
+    /// Shared collection lock, held until the save commits or fails.
+    pub gc_lock: Mutex<Option<crate::gc::GcLock>>,
     done: Mutex<Option<oneshot::Sender<Result<SaveReport>>>>,
 }
 
@@ -125,6 +127,7 @@ impl SaveCtx {
             touched: Mutex::new([false; 256]),
             counters: Counters::default(),
             stall: Mutex::new(Duration::ZERO),
+            gc_lock: Mutex::new(None),
             done: Mutex::new(Some(done)),
         }
     }
@@ -176,6 +179,10 @@ impl SaveCtx {
     }
 
     pub fn resolve(&self, r: Result<SaveReport>) {
+        self.gc_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if let Some(tx) = self.done.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = tx.send(r);
         }

@@ -98,6 +98,8 @@ pub(crate) fn stage_save(
             step,
         });
     }
+    // Held until commit: no collection runs while this save is in flight.
+    let gc_lock = crate::gc::GcLock::shared(layout.root())?;
     let (tx, rx) = oneshot::channel();
     let ctx = Arc::new(SaveCtx::new(
         layout.clone(),
@@ -108,6 +110,7 @@ pub(crate) fn stage_save(
         state.logical_bytes(),
         tx,
     ));
+    *ctx.gc_lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(gc_lock);
     let res = stage_entries(pool, pipeline, chunk_size, &ctx, state);
     let stall = ctx.started.elapsed();
     *ctx.stall.lock().unwrap_or_else(|p| p.into_inner()) = stall;

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod s3;
+
 use cairn::{DType, SaveState, Store, StoreOptions};
 use std::path::Path;
 

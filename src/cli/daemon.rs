@@ -1,0 +1,146 @@
+//! `cairn daemon`.
+
+use cairn::daemon::{DaemonConfig, FlushDaemon};
+use clap::Args;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Args)]
+pub struct DaemonArgs {
+    /// Local store to drain (or `local` in the config file).
+    local: Option<PathBuf>,
+    /// Remote store URL: s3://bucket/prefix, gs://..., az://..., file:///path.
+    #[arg(long)]
+    remote: Option<String>,
+    /// TOML config file; flags override it (see docs/cairn-daemon.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// object_store option for the remote, KEY=VALUE (repeatable), e.g.
+    /// endpoint=http://127.0.0.1:9000, allow_http=true, region=us-east-1.
+    #[arg(long = "remote-option", value_name = "KEY=VALUE")]
+    remote_options: Vec<String>,
+    /// Loopback address for /status and /metrics.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// How often to scan for new checkpoints (e.g. 2s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    poll_interval: Option<Duration>,
+    /// Keep this many newest checkpoints per run locally.
+    #[arg(long)]
+    local_keep_last: Option<usize>,
+    /// Keep this many newest checkpoints per run remotely.
+    #[arg(long)]
+    remote_keep_last: Option<usize>,
+    /// Also keep remotely every step divisible by this.
+    #[arg(long)]
+    remote_keep_every: Option<u64>,
+    /// Garbage-collection interval (0s: never).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    gc_interval: Option<Duration>,
+    /// Grace period for remote garbage collection.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    remote_gc_grace: Option<Duration>,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+fn config(a: &DaemonArgs) -> cairn::Result<DaemonConfig> {
+    let mut cfg = match &a.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| cairn::Error::InvalidInput {
+                what: format!("config {}", path.display()),
+                reason: e.to_string(),
+            })?;
+            DaemonConfig::from_toml(&text, path)?
+        }
+        None => {
+            let (Some(local), Some(remote)) = (&a.local, &a.remote) else {
+                return Err(cairn::Error::InvalidInput {
+                    what: "arguments".into(),
+                    reason: "give LOCAL and --remote, or --config".into(),
+                });
+            };
+            DaemonConfig::new(local.clone(), remote.clone())
+        }
+    };
+    if let Some(l) = &a.local {
+        cfg.local = l.clone();
+    }
+    if let Some(r) = &a.remote {
+        cfg.remote = r.clone();
+    }
+    for kv in &a.remote_options {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| cairn::Error::InvalidInput {
+                what: "--remote-option".into(),
+                reason: format!("{kv:?} is not KEY=VALUE"),
+            })?;
+        cfg.remote_options.insert(k.to_string(), v.to_string());
+    }
+    if let Some(l) = a.listen {
+        cfg.listen = l;
+    }
+    if let Some(p) = a.poll_interval {
+        cfg.poll_interval = p;
+    }
+    if a.local_keep_last.is_some() {
+        cfg.retention.local_keep_last = a.local_keep_last;
+    }
+    if a.remote_keep_last.is_some() {
+        cfg.retention.remote_keep_last = a.remote_keep_last;
+    }
+    if a.remote_keep_every.is_some() {
+        cfg.retention.remote_keep_every = a.remote_keep_every;
+    }
+    if let Some(i) = a.gc_interval {
+        cfg.gc.interval = Some(i);
+    }
+    if let Some(g) = a.remote_gc_grace {
+        cfg.remote_tuning.gc_grace = g;
+    }
+    Ok(cfg)
+}
+
+pub fn run(a: DaemonArgs) -> cairn::Result<i32> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if a.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let cfg = config(&a)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| cairn::Error::Internal(format!("runtime: {e}")))?;
+    rt.block_on(async move {
+        let daemon = FlushDaemon::new(cfg)?;
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate()).ok();
+            let term_fut = async {
+                match term.as_mut() {
+                    Some(t) => {
+                        t.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = term_fut => tracing::info!("SIGTERM received"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+            }
+            let _ = tx.send(true);
+        });
+        daemon.run(rx).await
+    })?;
+    Ok(0)
+}

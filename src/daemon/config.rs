@@ -1,0 +1,120 @@
+//! Settings of the flush daemon: from a TOML file, overridden by flags.
+
+use crate::error::{Error, Result};
+use crate::remote::RemoteOptions;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Retention settings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Keep this many newest checkpoints per run on local disk (older ones
+    /// are deleted once durable remotely). Unset: keep all.
+    pub local_keep_last: Option<usize>,
+    /// Keep this many newest checkpoints per run remotely. Unset: keep all.
+    pub remote_keep_last: Option<usize>,
+    /// Also keep remotely every step divisible by this.
+    pub remote_keep_every: Option<u64>,
+}
+
+/// Garbage-collection settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GcConfig {
+    /// How often to collect; unset or zero: never.
+    #[serde(with = "humantime_serde")]
+    pub interval: Option<Duration>,
+    /// Local chunks and leftovers younger than this are kept.
+    #[serde(with = "humantime_serde")]
+    pub local_grace: Duration,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        GcConfig {
+            interval: Some(Duration::from_secs(600)),
+            local_grace: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Everything the daemon needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// The local store to drain.
+    pub local: PathBuf,
+    /// The remote store URL (`s3://bucket/prefix`, `gs://`, `az://`,
+    /// `file:///path`).
+    pub remote: String,
+    /// object_store configuration keys for the remote (endpoint, region,
+    /// credentials, allow_http, ...), on top of the environment.
+    #[serde(default)]
+    pub remote_options: BTreeMap<String, String>,
+    /// Upload concurrency, part size, retries, remote gc grace.
+    #[serde(default)]
+    pub remote_tuning: RemoteOptions,
+    /// How often to look for new checkpoints.
+    #[serde(default = "default_poll", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Loopback address of the status and metrics endpoint.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Retention.
+    #[serde(default)]
+    pub retention: RetentionConfig,
+    /// Garbage collection.
+    #[serde(default)]
+    pub gc: GcConfig,
+}
+
+fn default_poll() -> Duration {
+    Duration::from_secs(2)
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+
+impl DaemonConfig {
+    /// Settings with defaults for everything but the two stores.
+    pub fn new(local: PathBuf, remote: String) -> Self {
+        DaemonConfig {
+            local,
+            remote,
+            remote_options: BTreeMap::new(),
+            remote_tuning: RemoteOptions::default(),
+            poll_interval: default_poll(),
+            listen: default_listen(),
+            retention: RetentionConfig::default(),
+            gc: GcConfig::default(),
+        }
+    }
+
+    /// Parse a TOML config file.
+    pub fn from_toml(text: &str, path: &std::path::Path) -> Result<Self> {
+        toml::from_str(text)
+            .map_err(|e| Error::invalid(format!("config {}", path.display()), e.to_string()))
+    }
+
+    /// Check the settings.
+    pub fn check(&self) -> Result<()> {
+        if !self.listen.ip().is_loopback() {
+            return Err(Error::invalid(
+                "listen",
+                format!("{} is not a loopback address", self.listen),
+            ));
+        }
+        if self.retention.local_keep_last == Some(0) || self.retention.remote_keep_last == Some(0) {
+            return Err(Error::invalid("retention", "keep_last must be at least 1"));
+        }
+        if self.poll_interval.is_zero() {
+            return Err(Error::invalid("poll_interval", "must be positive"));
+        }
+        Ok(())
+    }
+}
