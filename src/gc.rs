@@ -126,7 +126,11 @@ impl Store {
         let mut referenced: HashSet<ChunkId> = HashSet::new();
         for run in self.runs()? {
             for step in self.steps(&run)? {
-                let m = self.manifest(&run, step)?;
+                // A checkpoint deleted since the listing is no longer a root.
+                let m = match self.manifest(&run, step) {
+                    Err(e) if e.kind() == crate::error::ErrorKind::NotFound => continue,
+                    other => other?,
+                };
                 referenced.extend(m.distinct_chunks().into_iter().map(|(id, _)| id));
                 report.checkpoints += 1;
             }
@@ -239,7 +243,11 @@ impl RemoteStore {
         let mut referenced: HashSet<ChunkId> = HashSet::new();
         for run in self.runs().await? {
             for step in self.steps(&run).await? {
-                let m = self.manifest(&run, step).await?;
+                // A checkpoint deleted since the listing is no longer a root.
+                let m = match self.manifest(&run, step).await {
+                    Err(e) if e.kind() == crate::error::ErrorKind::NotFound => continue,
+                    other => other?,
+                };
                 referenced.extend(m.distinct_chunks().into_iter().map(|(id, _)| id));
                 report.checkpoints += 1;
             }
