@@ -76,7 +76,9 @@ fn local_gc_during_saves_keeps_every_referenced_chunk_and_reclaims_the_rest() {
     let report = store.verify(None, None).unwrap();
     assert!(report.ok(), "{:?}", report.problems);
     for step in store.steps("g").unwrap() {
-        let got = store.restore("g", StepSel::Step(step), &TensorFilter::All).unwrap();
+        let got = store
+            .restore("g", StepSel::Step(step), &TensorFilter::All)
+            .unwrap();
         assert_restored_eq(&got, &rolling_state(step));
     }
     // Nothing unreferenced is left after a final collection.
@@ -111,7 +113,10 @@ fn gc_dry_run_and_grace_period_delete_nothing() {
     assert_eq!(chunk_files(dir.path()).len(), before);
     let real = store.gc(Duration::ZERO, false).unwrap();
     assert_eq!(real.chunks_deleted, dry.chunks_deleted);
-    assert_eq!(chunk_files(dir.path()).len(), before - dry.chunks_deleted as usize);
+    assert_eq!(
+        chunk_files(dir.path()).len(),
+        before - dry.chunks_deleted as usize
+    );
     assert!(store.verify(None, None).unwrap().ok());
 }
 
@@ -181,7 +186,9 @@ fn remote_retention_and_gc_with_concurrent_uploads() {
     let steps = remote.block_on(remote.steps("g")).unwrap().unwrap();
     assert_eq!(steps, vec![0, 3, 6, 7], "keep the last 2 and every 3rd");
     for &step in &steps {
-        let got = remote.restore("g", StepSel::Step(step), &TensorFilter::All).unwrap();
+        let got = remote
+            .restore("g", StepSel::Step(step), &TensorFilter::All)
+            .unwrap();
         assert_restored_eq(&got, &rolling_state(step));
     }
     // After the grace period, unreferenced chunks go and referenced stay.
@@ -197,12 +204,17 @@ fn remote_retention_and_gc_with_concurrent_uploads() {
         .collect();
     let mut want = HashSet::new();
     for &step in &steps {
-        let m = remote.block_on(remote.manifest("g", step)).unwrap().unwrap();
+        let m = remote
+            .block_on(remote.manifest("g", step))
+            .unwrap()
+            .unwrap();
         want.extend(m.distinct_chunks().iter().map(|c| c.0.to_hex()));
     }
     assert_eq!(left, want);
     for &step in &steps {
-        let got = remote.restore("g", StepSel::Step(step), &TensorFilter::All).unwrap();
+        let got = remote
+            .restore("g", StepSel::Step(step), &TensorFilter::All)
+            .unwrap();
         assert_restored_eq(&got, &rolling_state(step));
     }
 }

@@ -106,8 +106,10 @@ fn config(a: &DaemonArgs) -> cairn::Result<DaemonConfig> {
 pub fn run(a: DaemonArgs) -> cairn::Result<i32> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if a.log_format == "json" {
         builder.json().init();

@@ -195,12 +195,19 @@ impl FlushDaemon {
             self.status.update(|s| {
                 s.checkpoints_uploaded += 1;
                 s.queue_depth = (pending.len() - i - 1) as u64;
-                let e = s.newest_remote.entry(run.clone()).or_insert(*step);
-                *e = (*e).max(*step);
             });
         }
         self.retention().await?;
-        self.status.update(|s| s.cycles += 1);
+        let mut newest_remote = std::collections::BTreeMap::new();
+        for run in self.remote.runs().await? {
+            if let Some(&s) = self.remote.steps(&run).await?.last() {
+                newest_remote.insert(run, s);
+            }
+        }
+        self.status.update(|s| {
+            s.newest_remote = newest_remote;
+            s.cycles += 1;
+        });
         Ok(())
     }
 
