@@ -2,6 +2,7 @@
 //! raw-disk and memcpy baselines measured in the same run.
 
 pub mod raw;
+pub mod remote;
 pub mod run;
 pub mod synthetic;
 

@@ -12,31 +12,55 @@ impl RemoteStore {
     /// Fetch chunk object `id` (uncompressed length `len`) whole, as
     /// stored. The size is checked against what such a chunk can occupy
     /// before anything is allocated; the content is not yet verified.
-    pub async fn fetch_chunk_object(&self, id: &ChunkId, len: u64) -> Result<Vec<u8>> {
+    pub async fn fetch_chunk_object(&self, id: &ChunkId, len: u64) -> Result<bytes::Bytes> {
         let path = self.chunk_path(id);
-        let meta = self
-            .head_chunk(id)
-            .await?
-            .ok_or_else(|| Error::CorruptChunk {
-                chunk: id.to_hex(),
-                path: path.to_string().into(),
-                reason: format!("missing from {}", self.url),
-                tensors: Vec::new(),
-            })?;
         let max = MAX_PAYLOAD_OFFSET as u64
             + (zstd::zstd_safe::compress_bound(len as usize) as u64).max(len);
-        if meta.size > max {
-            return Err(Error::CorruptChunk {
-                chunk: id.to_hex(),
-                path: path.to_string().into(),
-                reason: format!(
-                    "object is {} bytes, more than a {len}-byte chunk can take",
-                    meta.size
-                ),
-                tensors: Vec::new(),
-            });
-        }
-        let size = meta.size;
+        let too_big = |size: u64| Error::CorruptChunk {
+            chunk: id.to_hex(),
+            path: path.to_string().into(),
+            reason: format!("object is {size} bytes, more than a {len}-byte chunk can take"),
+            tensors: Vec::new(),
+        };
+        let missing = || Error::CorruptChunk {
+            chunk: id.to_hex(),
+            path: path.to_string().into(),
+            reason: format!("missing from {}", self.url),
+            tensors: Vec::new(),
+        };
+        // Objects up to a few parts come in one GET; larger ones in
+        // concurrent ranged GETs. The size is checked before the body is
+        // read either way.
+        let whole_limit = 4 * self.opts.part_size.max(1) as u64;
+        let first = super::retry::retry(&self.opts.retry, &self.metrics, || async {
+            let r = self
+                .inner
+                .get(&path)
+                .await
+                .map_err(|e| Error::remote("get chunk", &path, e))?;
+            let size = r.meta.size;
+            if size > max {
+                return Err(too_big(size));
+            }
+            if size > whole_limit {
+                return Ok(Err(size));
+            }
+            let b = r.bytes().await.map_err(|e| Error::remote("get chunk", &path, e))?;
+            Ok(Ok(b))
+        })
+        .await;
+        let size = match first {
+            Ok(Ok(bytes)) => {
+                self.metrics.add_download(bytes.len() as u64);
+                return Ok(bytes);
+            }
+            Ok(Err(size)) => size,
+            Err(Error::Remote {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => return Err(missing()),
+            Err(e) => return Err(e),
+        };
         let part = self.opts.part_size.max(1) as u64;
         let ranges: Vec<std::ops::Range<u64>> = (0..size.div_ceil(part))
             .map(|i| i * part..((i + 1) * part).min(size))
@@ -51,13 +75,13 @@ impl RemoteStore {
             out.extend_from_slice(&p);
         }
         self.metrics.add_download(out.len() as u64);
-        Ok(out)
+        Ok(out.into())
     }
 
     /// Fetch chunk `id` and decode it into `out` (exactly its uncompressed
     /// length), verifying its header and hash. Returns the object bytes,
     /// for writing back to a lower tier.
-    pub async fn fetch_chunk_verified(&self, id: &ChunkId, out: &mut [u8]) -> Result<Vec<u8>> {
+    pub async fn fetch_chunk_verified(&self, id: &ChunkId, out: &mut [u8]) -> Result<bytes::Bytes> {
         let object = self.fetch_chunk_object(id, out.len() as u64).await?;
         let mut dec = Decoder::new()?;
         let path = std::path::PathBuf::from(self.chunk_path(id).to_string());
