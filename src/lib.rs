@@ -48,6 +48,7 @@ pub mod layout;
 pub mod local;
 pub mod remote;
 pub mod restore;
+pub mod safetensors;
 pub mod save;
 pub mod staging;
 pub mod store;

@@ -65,9 +65,10 @@ impl RemoteStore {
         let bytes_up = AtomicU64::new(0);
         let skipped = AtomicU64::new(0);
         let fresh_after = now_ms() - refresh_after.as_millis() as i64;
+        let renewed = std::sync::Mutex::new(Vec::new());
         futures::stream::iter(chunks.iter().copied())
             .map(|(id, len)| {
-                let (uploaded, bytes_up, skipped) = (&uploaded, &bytes_up, &skipped);
+                let (uploaded, bytes_up, skipped, renewed) = (&uploaded, &bytes_up, &skipped, &renewed);
                 async move {
                     if let Some(meta) = self.head_chunk(&id).await? {
                         if meta.last_modified.timestamp_millis() > fresh_after {
@@ -75,6 +76,7 @@ impl RemoteStore {
                             self.metrics.add_skip();
                             return Ok::<(), Error>(());
                         }
+                        renewed.lock().unwrap_or_else(|p| p.into_inner()).push((id, len));
                     }
                     let local = local.clone();
                     let object = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
@@ -110,6 +112,21 @@ impl RemoteStore {
             )));
         }
         let created = self.put_manifest(run, step, manifest_bytes).await?;
+        // A chunk renewed above may have been deleted by a collector that
+        // checked its old age just before the renewal landed; put back any
+        // that vanished (the manifest now protects them).
+        let renewed = renewed.into_inner().unwrap_or_else(|p| p.into_inner());
+        for (id, len) in renewed {
+            if self.head_chunk(&id).await?.is_none() {
+                tracing::warn!(chunk = %id, "renewed chunk vanished under collection; uploading again");
+                let local = local.clone();
+                let object = tokio::task::spawn_blocking(move || local.read_object(&id, len))
+                    .await
+                    .map_err(|e| Error::Internal(format!("chunk reader: {e}")))??;
+                self.put_object(&self.chunk_path(&id), bytes::Bytes::from(object))
+                    .await?;
+            }
+        }
         Ok(UploadReport {
             run: run.to_string(),
             step,
