@@ -42,11 +42,14 @@ fn main() {
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
     let mut ropts = RemoteOptions::default();
-    if let Some(c) = std::env::var("CAIRN_BENCH_CONCURRENCY").ok().and_then(|v| v.parse().ok()) {
+    if let Some(c) = std::env::var("CAIRN_BENCH_CONCURRENCY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         ropts.concurrency = c;
     }
-    let remote = RemoteStore::open(&format!("s3://{bucket}/ckpt"), &options, ropts)
-        .expect("open remote");
+    let remote =
+        RemoteStore::open(&format!("s3://{bucket}/ckpt"), &options, ropts).expect("open remote");
     let dir = tempfile::tempdir().expect("tempdir");
     let r = run_remote_bench(
         dir.path().join("local"),

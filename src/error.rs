@@ -160,7 +160,8 @@ impl Error {
         }
     }
 
-    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    /// An [`Error::Io`].
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             op,
             path: path.into(),
@@ -180,7 +181,8 @@ impl Error {
         }
     }
 
-    pub(crate) fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Self {
+    /// An [`Error::InvalidInput`].
+    pub fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::InvalidInput {
             what: what.into(),
             reason: reason.into(),

@@ -39,6 +39,7 @@
 pub mod bench;
 pub mod chunk_id;
 pub mod codec;
+pub mod copy;
 pub mod daemon;
 pub mod dtype;
 pub mod error;
@@ -52,6 +53,7 @@ pub mod safetensors;
 pub mod save;
 pub mod staging;
 pub mod store;
+pub mod tier;
 pub mod verify;
 
 pub use chunk_id::ChunkId;

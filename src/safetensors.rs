@@ -63,17 +63,22 @@ pub struct StHeader {
 /// Parse and validate the header of a safetensors file whose total length
 /// is `file_len`; `bytes` must hold at least the header.
 pub fn parse_header(bytes: &[u8], file_len: u64, path: &Path) -> Result<StHeader> {
-    let bad = |reason: String| Error::invalid(format!("safetensors file {}", path.display()), reason);
+    let bad =
+        |reason: String| Error::invalid(format!("safetensors file {}", path.display()), reason);
     if bytes.len() < 8 {
         return Err(bad("shorter than the 8-byte header length".into()));
     }
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap_or_default());
     if n > MAX_HEADER || 8 + n > file_len || 8 + n > bytes.len() as u64 {
-        return Err(bad(format!("header length {n} is impossible for a {file_len}-byte file")));
+        return Err(bad(format!(
+            "header length {n} is impossible for a {file_len}-byte file"
+        )));
     }
     let v: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n as usize])
         .map_err(|e| bad(format!("header is not JSON: {e}")))?;
-    let obj = v.as_object().ok_or_else(|| bad("header is not a JSON object".into()))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| bad("header is not a JSON object".into()))?;
     let data_len = file_len - 8 - n;
     let mut tensors = Vec::new();
     let mut metadata = BTreeMap::new();
@@ -98,10 +103,15 @@ pub fn parse_header(bytes: &[u8], file_len: u64, path: &Path) -> Result<StHeader
             .filter(|a| a.len() == 2)
             .ok_or_else(|| bad(format!("{name}: no data_offsets")))?;
         let (begin, end) = (
-            offs[0].as_u64().ok_or_else(|| bad(format!("{name}: bad offsets")))?,
-            offs[1].as_u64().ok_or_else(|| bad(format!("{name}: bad offsets")))?,
+            offs[0]
+                .as_u64()
+                .ok_or_else(|| bad(format!("{name}: bad offsets")))?,
+            offs[1]
+                .as_u64()
+                .ok_or_else(|| bad(format!("{name}: bad offsets")))?,
         );
-        let want = byte_len(dtype, &shape).ok_or_else(|| bad(format!("{name}: shape overflows")))?;
+        let want =
+            byte_len(dtype, &shape).ok_or_else(|| bad(format!("{name}: shape overflows")))?;
         if begin > end || end > data_len || end - begin != want {
             return Err(bad(format!(
                 "{name}: offsets {begin}..{end} do not hold {want} bytes inside {data_len}"
@@ -138,7 +148,10 @@ pub fn write_file(
 ) -> Result<u64> {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
-        header.insert("__metadata__".into(), serde_json::to_value(metadata).unwrap_or_default());
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).unwrap_or_default(),
+        );
     }
     let mut off = 0u64;
     for (name, dtype, shape) in tensors {
@@ -200,7 +213,10 @@ mod tests {
         assert_eq!(h.tensors[0].name, "w");
         assert_eq!(h.tensors[1].dtype, DType::F8E4M3);
         let s = h.data_start as usize;
-        assert_eq!(&bytes[s + h.tensors[1].begin as usize..s + h.tensors[1].end as usize], &[9; 4]);
+        assert_eq!(
+            &bytes[s + h.tensors[1].begin as usize..s + h.tensors[1].end as usize],
+            &[9; 4]
+        );
         assert!(parse_header(&bytes[..20], 20, &p).is_err());
     }
 }

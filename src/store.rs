@@ -241,6 +241,47 @@ impl Store {
         Ok(report)
     }
 
+    /// Commit a manifest copied from another tier: validated, then
+    /// published only if absent. Returns `Ok(true)` if created, `Ok(false)`
+    /// if identical bytes were already there; different bytes are
+    /// `AlreadyExists`. The caller has stored every chunk it references.
+    pub fn commit_manifest(&self, run: &str, step: u64, bytes: &[u8]) -> Result<bool> {
+        validate_run_name(run)?;
+        let path = self.layout.manifest_path(run, step);
+        let m = decode_manifest_file(bytes, &path)?;
+        if m.run != run || m.step != step {
+            return Err(Error::manifest(
+                &path,
+                format!("names run {} step {}", m.run, m.step),
+            ));
+        }
+        for (id, _) in m.distinct_chunks() {
+            if !self.chunks.contains(&id) {
+                return Err(Error::invalid(
+                    "manifest commit",
+                    format!("chunk {id} of run {run} step {step} is not stored"),
+                ));
+            }
+        }
+        let dirs: std::collections::BTreeSet<u8> =
+            m.distinct_chunks().iter().map(|(id, _)| id.0[0]).collect();
+        for p in dirs {
+            self.chunks.sync_prefix_dir(p)?;
+        }
+        create_dir_all_durable(&self.layout.step_dir(run, step))?;
+        if publish_new(&self.layout.tmp_dir(), &path, bytes)? {
+            return Ok(true);
+        }
+        if read_bounded(&path)? == bytes {
+            Ok(false)
+        } else {
+            Err(Error::AlreadyExists {
+                run: run.to_string(),
+                step,
+            })
+        }
+    }
+
     /// Record that `(run, step)` is durable in the remote at `url`.
     pub fn mark_uploaded(&self, run: &str, step: u64, url: &str) -> Result<()> {
         let marker = UploadMarker {

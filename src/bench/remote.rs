@@ -135,7 +135,10 @@ pub fn run_remote_bench(
         let download_s = t.elapsed().as_secs_f64();
         for (got, want) in restored.tensors.iter().zip(&state.tensors) {
             if got.data != want.bytes() {
-                return Err(Error::Internal(format!("{} differs after download", want.name)));
+                return Err(Error::Internal(format!(
+                    "{} differs after download",
+                    want.name
+                )));
             }
         }
         drop(restored);

@@ -15,10 +15,6 @@ pub struct DaemonArgs {
     /// TOML config file; flags override it (see docs/cairn-daemon.toml).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// object_store option for the remote, KEY=VALUE (repeatable), e.g.
-    /// endpoint=http://127.0.0.1:9000, allow_http=true, region=us-east-1.
-    #[arg(long = "remote-option", value_name = "KEY=VALUE")]
-    remote_options: Vec<String>,
     /// Loopback address for /status and /metrics.
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
@@ -45,7 +41,7 @@ pub struct DaemonArgs {
     log_format: String,
 }
 
-fn config(a: &DaemonArgs) -> cairn::Result<DaemonConfig> {
+fn config(a: &DaemonArgs, remote_options: &[String]) -> cairn::Result<DaemonConfig> {
     let mut cfg = match &a.config {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| cairn::Error::InvalidInput {
@@ -70,7 +66,7 @@ fn config(a: &DaemonArgs) -> cairn::Result<DaemonConfig> {
     if let Some(r) = &a.remote {
         cfg.remote = r.clone();
     }
-    for kv in &a.remote_options {
+    for kv in remote_options {
         let (k, v) = kv
             .split_once('=')
             .ok_or_else(|| cairn::Error::InvalidInput {
@@ -103,7 +99,7 @@ fn config(a: &DaemonArgs) -> cairn::Result<DaemonConfig> {
     Ok(cfg)
 }
 
-pub fn run(a: DaemonArgs) -> cairn::Result<i32> {
+pub fn run(a: DaemonArgs, remote_options: &[String]) -> cairn::Result<i32> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
@@ -116,7 +112,7 @@ pub fn run(a: DaemonArgs) -> cairn::Result<i32> {
     } else {
         builder.init();
     }
-    let cfg = config(&a)?;
+    let cfg = config(&a, remote_options)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

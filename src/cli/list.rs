@@ -1,57 +1,139 @@
 //! `cairn ls`.
 
+use super::open::{open, print_json};
 use super::size::human;
-use cairn::{Store, StoreOptions};
+use cairn::tier::Tier;
 use serde::Serialize;
-use std::path::Path;
+use std::collections::HashSet;
 
 #[derive(Serialize)]
 struct Entry {
     run: String,
     step: u64,
     created_unix_ms: u64,
+    created: String,
     tensors: usize,
     blobs: usize,
+    /// Bytes of tensors and blobs.
     logical_bytes: u64,
+    /// Uncompressed bytes of the distinct chunks it references.
+    unique_bytes: u64,
+    /// Stored bytes of those chunks.
+    stored_bytes: u64,
+    /// Stored bytes of chunks the previous step of the run did not have.
+    new_stored_bytes: u64,
+    /// logical / unique.
+    dedup_ratio: f64,
+    /// unique / stored.
+    compression_ratio: f64,
     chunks: usize,
+    /// Tiers known to hold it.
+    tiers: Vec<String>,
 }
 
-pub fn run(store: &Path, json: bool) -> cairn::Result<i32> {
-    let store = Store::open_read_only(store, StoreOptions::default())?;
+pub fn run(
+    location: &str,
+    run_filter: Option<&str>,
+    json: bool,
+    raw_opts: &[String],
+) -> cairn::Result<i32> {
+    let tier = open(location, raw_opts)?;
+    let sizes = tier.chunk_sizes()?;
     let mut out = Vec::new();
-    for run in store.runs()? {
-        for step in store.steps(&run)? {
-            let m = store.manifest(&run, step)?;
+    let runs = match run_filter {
+        Some(r) => vec![r.to_string()],
+        None => tier.runs()?,
+    };
+    for run in runs {
+        let mut prev: HashSet<cairn::ChunkId> = HashSet::new();
+        for step in tier.steps(&run)? {
+            let m = tier.manifest(&run, step)?;
+            let chunks = m.distinct_chunks();
+            let unique: u64 = chunks.iter().map(|c| c.1).sum();
+            let stored: u64 = chunks
+                .iter()
+                .map(|c| sizes.get(&c.0).copied().unwrap_or(0))
+                .sum();
+            let new_stored: u64 = chunks
+                .iter()
+                .filter(|c| !prev.contains(&c.0))
+                .map(|c| sizes.get(&c.0).copied().unwrap_or(0))
+                .sum();
+            prev = chunks.iter().map(|c| c.0).collect();
+            let logical = m.logical_bytes();
+            let mut tiers = vec![tier.kind().to_string()];
+            if let Tier::Local(s) = &tier {
+                if let Some(url) = upload_url(s, &run, step) {
+                    tiers.push(format!("remote ({url})"));
+                }
+            }
+            let created = humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(m.created_unix_ms),
+            )
+            .to_string();
             out.push(Entry {
                 run: run.clone(),
                 step,
                 created_unix_ms: m.created_unix_ms,
+                created,
                 tensors: m.tensors.len(),
                 blobs: m.blobs.len(),
-                logical_bytes: m.logical_bytes(),
-                chunks: m.distinct_chunks().len(),
+                logical_bytes: logical,
+                unique_bytes: unique,
+                stored_bytes: stored,
+                new_stored_bytes: new_stored,
+                dedup_ratio: if unique > 0 {
+                    logical as f64 / unique as f64
+                } else {
+                    1.0
+                },
+                compression_ratio: if stored > 0 {
+                    unique as f64 / stored as f64
+                } else {
+                    1.0
+                },
+                chunks: chunks.len(),
+                tiers,
             });
         }
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+        print_json(&out);
     } else if out.is_empty() {
-        println!("no checkpoints in {}", store.root().display());
+        println!("no checkpoints in {}", tier.location());
     } else {
         println!(
-            "{:<24} {:>12} {:>8} {:>7} {:>12}",
-            "RUN", "STEP", "TENSORS", "CHUNKS", "SIZE"
+            "{:<20} {:>10} {:<20} {:>8} {:>10} {:>10} {:>10} {:>6} {:>6}  TIERS",
+            "RUN", "STEP", "CREATED", "TENSORS", "SIZE", "STORED", "NEW", "DEDUP", "COMPR"
         );
         for e in &out {
             println!(
-                "{:<24} {:>12} {:>8} {:>7} {:>12}",
+                "{:<20} {:>10} {:<20} {:>8} {:>10} {:>10} {:>10} {:>5.2}x {:>5.2}x  {}",
                 e.run,
                 e.step,
+                e.created,
                 e.tensors,
-                e.chunks,
-                human(e.logical_bytes)
+                human(e.logical_bytes),
+                human(e.stored_bytes),
+                human(e.new_stored_bytes),
+                e.dedup_ratio,
+                e.compression_ratio,
+                e.tiers.join(", ")
             );
         }
     }
     Ok(0)
+}
+
+fn upload_url(store: &cairn::Store, run: &str, step: u64) -> Option<String> {
+    let p = store
+        .root()
+        .join("runs")
+        .join(run)
+        .join(cairn::layout::step_dir_name(step))
+        .join(cairn::store::UPLOAD_MARKER);
+    let b = std::fs::read(p).ok()?;
+    serde_json::from_slice::<cairn::store::UploadMarker>(&b)
+        .ok()
+        .map(|m| m.url)
 }

@@ -5,19 +5,49 @@
 
 mod bench;
 mod daemon;
+mod diff;
+mod export;
+mod gc;
+mod inspect;
 mod list;
+mod open;
+mod restore;
 mod size;
 mod verify;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
+
+const AFTER_HELP: &str = "\
+STORE is a directory or an object-store URL (s3://bucket/prefix, gs://..., az://..., file:///path).
+Credentials, region and endpoint come from the AWS_*/GOOGLE_*/AZURE_* environment variables and --remote-option.
+
+Exit codes: 0 success; 1 failure (an error, or verify found a bad byte); 2 bad arguments.
+
+Examples:
+  cairn bench /tmp/ckpt --size 1GiB
+  cairn ls s3://ckpt-bucket/llama --remote-option region=us-east-1
+  cairn inspect /nvme/ckpt --run llama --step latest --tensor 'model.layers.0.*'
+  cairn restore s3://ckpt-bucket/llama --run llama --step latest --to /nvme/ckpt
+  cairn verify /nvme/ckpt --run llama
+  cairn export /nvme/ckpt --run llama --step 1200 --format safetensors --out ./hf-model
+  cairn diff /nvme/ckpt --run llama 1100 1200
+  cairn gc /nvme/ckpt --dry-run";
 
 /// cairn: a tiered checkpoint store for large-model training.
 #[derive(Parser)]
-#[command(name = "cairn", version, about, long_about = None)]
+#[command(name = "cairn", version, about, long_about = None, after_help = AFTER_HELP)]
 struct Cli {
+    /// object_store option for URL stores, KEY=VALUE (repeatable), e.g.
+    /// endpoint=http://127.0.0.1:9000, allow_http=true, region=us-east-1.
+    #[arg(long = "remote-option", value_name = "KEY=VALUE", global = true)]
+    remote_options: Vec<String>,
     #[command(subcommand)]
     command: Command,
+}
+
+fn parse_step(s: &str) -> Result<cairn::StepSel, String> {
+    s.parse().map_err(|e: cairn::Error| e.to_string())
 }
 
 #[derive(Subcommand)]
@@ -27,27 +57,115 @@ enum Command {
     ///
     /// Example: cairn bench /tmp/ckpt --size 1GiB --json
     Bench(bench::BenchArgs),
-    /// List runs and committed steps.
+    /// List runs and checkpoints: time, sizes, dedup and compression, tiers.
     ///
-    /// Example: cairn ls /tmp/ckpt --json
+    /// Example: cairn ls /nvme/ckpt --run llama --json
     Ls {
-        /// Store directory.
-        store: PathBuf,
+        /// Store (directory or URL).
+        store: String,
+        /// Only this run.
+        #[arg(long)]
+        run: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Drain committed local checkpoints to object storage, apply
-    /// retention and garbage collection; status and metrics on loopback.
+    /// Show a checkpoint's tensors, blobs and metadata.
     ///
-    /// Example: cairn daemon /nvme/ckpt --remote s3://bucket/ckpt
-    Daemon(daemon::DaemonArgs),
+    /// Example: cairn inspect /nvme/ckpt --run llama --step latest --tensor '*.weight'
+    Inspect {
+        /// Store (directory or URL).
+        store: String,
+        /// The run.
+        #[arg(long)]
+        run: String,
+        /// Step number or `latest`.
+        #[arg(long, value_parser = parse_step)]
+        step: cairn::StepSel,
+        /// Only tensors matching this glob (`*`, `?`).
+        #[arg(long)]
+        tensor: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy a checkpoint to another store (e.g. object storage to local
+    /// disk before a restart): parallel, verified, resumable.
+    ///
+    /// Example: cairn restore s3://bucket/ckpt --run llama --step latest --to /nvme/ckpt
+    Restore {
+        /// Source store (directory or URL).
+        store: String,
+        /// The run.
+        #[arg(long)]
+        run: String,
+        /// Step number or `latest`.
+        #[arg(long, value_parser = parse_step)]
+        step: cairn::StepSel,
+        /// Target store (directory, created if missing, or URL).
+        #[arg(long)]
+        to: String,
+        /// Only tensors matching this glob (blobs are always copied).
+        #[arg(long)]
+        tensor: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a checkpoint's tensors as safetensors (sharded with a
+    /// model.safetensors.index.json when larger than --max-shard-size).
+    ///
+    /// Example: cairn export /nvme/ckpt --run llama --step 1200 --format safetensors --out model.safetensors
+    Export {
+        /// Store (directory or URL).
+        store: String,
+        /// The run.
+        #[arg(long)]
+        run: String,
+        /// Step number or `latest`.
+        #[arg(long, value_parser = parse_step)]
+        step: cairn::StepSel,
+        /// Output format.
+        #[arg(long, default_value = "safetensors", value_parser = ["safetensors"])]
+        format: String,
+        /// Output file, or directory for sharded output.
+        #[arg(long)]
+        out: PathBuf,
+        /// Largest shard.
+        #[arg(long, default_value = "5GiB", value_parser = size::parse_size)]
+        max_shard_size: u64,
+        /// Only tensors matching this glob.
+        #[arg(long)]
+        tensor: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Import a safetensors file (or a sharded model's index.json) as a
+    /// checkpoint, with dedup against what the store holds.
+    ///
+    /// Example: cairn import /nvme/ckpt --run base --step 0 model.safetensors.index.json
+    Import {
+        /// Local store directory (created if missing).
+        store: String,
+        /// The run.
+        #[arg(long)]
+        run: String,
+        /// The step.
+        #[arg(long)]
+        step: u64,
+        /// A .safetensors file or a model.safetensors.index.json.
+        input: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Re-read and re-hash every chunk; exit 1 if any byte is bad.
     ///
-    /// Example: cairn verify /tmp/ckpt --run bench --step 3
+    /// Example: cairn verify /nvme/ckpt --run llama --step 1200
     Verify {
-        /// Store directory.
-        store: PathBuf,
+        /// Store (directory or URL).
+        store: String,
         /// Only this run.
         #[arg(long)]
         run: Option<String>,
@@ -58,21 +176,125 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compare two steps of a run: tensors added, removed, changed.
+    ///
+    /// Example: cairn diff /nvme/ckpt --run llama 1100 1200
+    Diff {
+        /// Store (directory or URL).
+        store: String,
+        /// The run.
+        #[arg(long)]
+        run: String,
+        /// Older step.
+        a: u64,
+        /// Newer step.
+        b: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reclaim chunks no checkpoint references.
+    ///
+    /// Example: cairn gc /nvme/ckpt --dry-run
+    Gc {
+        /// Store (directory or URL).
+        store: String,
+        /// Report what would be reclaimed; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Keep unreferenced chunks younger than this.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        grace: std::time::Duration,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drain committed local checkpoints to object storage, apply
+    /// retention and garbage collection; status and metrics on loopback.
+    ///
+    /// Example: cairn daemon /nvme/ckpt --remote s3://bucket/ckpt
+    Daemon(daemon::DaemonArgs),
+    /// Print a shell completion script.
+    ///
+    /// Example: cairn completions bash > /etc/bash_completion.d/cairn
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Parse arguments, run the command, and return the exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
+    let o = &cli.remote_options;
     let res = match cli.command {
         Command::Bench(args) => bench::run(args),
-        Command::Daemon(args) => daemon::run(args),
-        Command::Ls { store, json } => list::run(&store, json),
+        Command::Daemon(args) => daemon::run(args, o),
+        Command::Ls { store, run, json } => list::run(&store, run.as_deref(), json, o),
+        Command::Inspect {
+            store,
+            run,
+            step,
+            tensor,
+            json,
+        } => inspect::run(&store, &run, step, tensor.as_deref(), json, o),
+        Command::Restore {
+            store,
+            run,
+            step,
+            to,
+            tensor,
+            json,
+        } => restore::run(&store, &run, step, &to, tensor.as_deref(), json, o),
+        Command::Export {
+            store,
+            run,
+            step,
+            format: _,
+            out,
+            max_shard_size,
+            tensor,
+            json,
+        } => export::export(
+            &store,
+            &run,
+            step,
+            &out,
+            max_shard_size,
+            tensor.as_deref(),
+            json,
+            o,
+        ),
+        Command::Import {
+            store,
+            run,
+            step,
+            input,
+            json,
+        } => export::import(&store, &run, step, &input, json),
         Command::Verify {
             store,
             run,
             step,
             json,
-        } => verify::run(&store, run.as_deref(), step, json),
+        } => verify::run(&store, run.as_deref(), step, json, o),
+        Command::Diff {
+            store,
+            run,
+            a,
+            b,
+            json,
+        } => diff::run(&store, &run, a, b, json, o),
+        Command::Gc {
+            store,
+            dry_run,
+            grace,
+            json,
+        } => gc::run(&store, dry_run, grace, json, o),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "cairn", &mut std::io::stdout());
+            Ok(0)
+        }
     };
     match res {
         Ok(code) => code,

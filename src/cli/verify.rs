@@ -1,17 +1,19 @@
 //! `cairn verify`.
 
+use super::open::{open, print_json};
 use super::size::human;
-use cairn::{Store, StoreOptions};
-use std::path::Path;
 
-pub fn run(store: &Path, run: Option<&str>, step: Option<u64>, json: bool) -> cairn::Result<i32> {
-    let store = Store::open_read_only(store, StoreOptions::default())?;
-    let report = store.verify(run, step)?;
+pub fn run(
+    location: &str,
+    run: Option<&str>,
+    step: Option<u64>,
+    json: bool,
+    raw_opts: &[String],
+) -> cairn::Result<i32> {
+    let tier = open(location, raw_opts)?;
+    let report = tier.verify(run, step)?;
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).unwrap_or_default()
-        );
+        print_json(&report);
     } else {
         for p in &report.problems {
             match &p.chunk {

@@ -216,6 +216,27 @@ impl LocalChunkStore {
         Ok(buf)
     }
 
+    /// Stored size of every chunk file.
+    pub fn stored_sizes(&self) -> std::collections::HashMap<ChunkId, u64> {
+        let mut out = std::collections::HashMap::new();
+        for p in 0..=255u8 {
+            let Ok(rd) = std::fs::read_dir(self.layout.chunk_dir_for_prefix(p)) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                if let (Some(id), Ok(m)) = (
+                    e.file_name()
+                        .to_str()
+                        .and_then(|n| n.parse::<ChunkId>().ok()),
+                    e.metadata(),
+                ) {
+                    out.insert(id, m.len());
+                }
+            }
+        }
+        out
+    }
+
     /// fsync the fan-out directory holding chunks with this first byte.
     pub fn sync_prefix_dir(&self, prefix: u8) -> Result<()> {
         fsync_dir(&self.layout.chunk_dir_for_prefix(prefix))

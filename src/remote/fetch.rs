@@ -45,7 +45,10 @@ impl RemoteStore {
             if size > whole_limit {
                 return Ok(Err(size));
             }
-            let b = r.bytes().await.map_err(|e| Error::remote("get chunk", &path, e))?;
+            let b = r
+                .bytes()
+                .await
+                .map_err(|e| Error::remote("get chunk", &path, e))?;
             Ok(Ok(b))
         })
         .await;

@@ -68,7 +68,8 @@ impl RemoteStore {
         let renewed = std::sync::Mutex::new(Vec::new());
         futures::stream::iter(chunks.iter().copied())
             .map(|(id, len)| {
-                let (uploaded, bytes_up, skipped, renewed) = (&uploaded, &bytes_up, &skipped, &renewed);
+                let (uploaded, bytes_up, skipped, renewed) =
+                    (&uploaded, &bytes_up, &skipped, &renewed);
                 async move {
                     if let Some(meta) = self.head_chunk(&id).await? {
                         if meta.last_modified.timestamp_millis() > fresh_after {
@@ -76,7 +77,10 @@ impl RemoteStore {
                             self.metrics.add_skip();
                             return Ok::<(), Error>(());
                         }
-                        renewed.lock().unwrap_or_else(|p| p.into_inner()).push((id, len));
+                        renewed
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push((id, len));
                     }
                     let local = local.clone();
                     let object = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {

@@ -1,0 +1,36 @@
+//! `cairn gc`.
+
+use super::open::{open, print_json};
+use super::size::human;
+use cairn::tier::Tier;
+use std::time::Duration;
+
+pub fn run(
+    location: &str,
+    dry_run: bool,
+    grace: Duration,
+    json: bool,
+    raw_opts: &[String],
+) -> cairn::Result<i32> {
+    let tier = open(location, raw_opts)?;
+    let report = match &tier {
+        Tier::Local(s) => s.gc(grace, dry_run)?,
+        Tier::Remote(r) => r.block_on(r.gc(grace, dry_run))??,
+    };
+    if json {
+        print_json(&report);
+    } else {
+        println!(
+            "{} {} unreferenced chunks ({}); kept {} younger than {}; {} leftovers; {} chunks referenced by {} checkpoints",
+            if dry_run { "would reclaim" } else { "reclaimed" },
+            report.chunks_deleted,
+            human(report.bytes_reclaimed),
+            report.chunks_in_grace,
+            humantime::format_duration(grace),
+            report.leftovers_removed,
+            report.referenced_chunks,
+            report.checkpoints
+        );
+    }
+    Ok(0)
+}

@@ -1,0 +1,42 @@
+//! `cairn restore`: copy a checkpoint between tiers.
+
+use super::open::{open, open_for_write, print_json, progress};
+use super::size::human;
+use cairn::copy::{copy_checkpoint, glob_match};
+use cairn::StepSel;
+
+pub fn run(
+    location: &str,
+    run: &str,
+    step: StepSel,
+    to: &str,
+    glob: Option<&str>,
+    json: bool,
+    raw_opts: &[String],
+) -> cairn::Result<i32> {
+    let src = open(location, raw_opts)?;
+    let step = src.resolve(run, step)?;
+    let dst = open_for_write(to, raw_opts)?;
+    let m = src.manifest(run, step)?;
+    let total: u64 = m.distinct_chunks().iter().map(|c| c.1).sum();
+    let pb = progress(total, &format!("restore {run}/{step}"));
+    let select = glob.map(|g| move |name: &str| glob_match(g, name));
+    let sel: Option<&(dyn Fn(&str) -> bool + Sync)> = select.as_ref().map(|f| f as _);
+    let report = copy_checkpoint(&src, &dst, run, step, sel, 8, &|n| pb.inc(n))?;
+    pb.finish_and_clear();
+    if json {
+        print_json(&report);
+    } else {
+        println!(
+            "restored run {run} step {step} to {}: {} tensors, {} chunks ({} copied, {} already there), {} in {:.2?}",
+            dst.location(),
+            report.tensors,
+            report.chunks,
+            report.chunks_copied,
+            report.chunks_skipped,
+            human(report.bytes_copied),
+            report.elapsed
+        );
+    }
+    Ok(0)
+}

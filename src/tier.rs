@@ -1,0 +1,285 @@
+//! [`Tier`]: a store given by location — a local directory or an object
+//! store URL — with the operations the CLI needs on either.
+
+use crate::chunk_id::ChunkId;
+use crate::codec::Decoder;
+use crate::error::{Error, Result};
+use crate::format::chunk::decode_chunk_object;
+use crate::format::manifest::{decode_manifest_file, Manifest};
+use crate::remote::{RemoteOptions, RemoteStore};
+use crate::store::{StepSel, Store, StoreOptions};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// A local store or a remote one.
+pub enum Tier {
+    /// A directory.
+    Local(Store),
+    /// An object-store prefix.
+    Remote(RemoteStore),
+}
+
+/// Whether `location` names an object store (`s3://`, `gs://`, `az://`,
+/// `file://`, ...) rather than a local directory.
+pub fn is_url(location: &str) -> bool {
+    location.contains("://")
+}
+
+impl Tier {
+    /// Open an existing store at `location` for reading.
+    pub fn open(location: &str, remote_options: &[(String, String)]) -> Result<Tier> {
+        if is_url(location) {
+            Ok(Tier::Remote(RemoteStore::open(
+                location,
+                remote_options,
+                RemoteOptions::default(),
+            )?))
+        } else {
+            Ok(Tier::Local(Store::open_read_only(
+                location,
+                StoreOptions::default(),
+            )?))
+        }
+    }
+
+    /// Open a store at `location` for writing, creating a local one if
+    /// needed (with a small staging pool: copies do not stage).
+    pub fn open_for_write(location: &str, remote_options: &[(String, String)]) -> Result<Tier> {
+        if is_url(location) {
+            return Self::open(location, remote_options);
+        }
+        Ok(Tier::Local(Store::open(
+            location,
+            StoreOptions {
+                staging_bytes: 64 << 20,
+                ..StoreOptions::default()
+            },
+        )?))
+    }
+
+    /// Where the store is.
+    pub fn location(&self) -> String {
+        match self {
+            Tier::Local(s) => s.root().display().to_string(),
+            Tier::Remote(r) => r.url().to_string(),
+        }
+    }
+
+    /// `"local"` or `"remote"`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Tier::Local(_) => "local",
+            Tier::Remote(_) => "remote",
+        }
+    }
+
+    /// Runs with committed checkpoints.
+    pub fn runs(&self) -> Result<Vec<String>> {
+        match self {
+            Tier::Local(s) => s.runs(),
+            Tier::Remote(r) => r.block_on(r.runs())?,
+        }
+    }
+
+    /// Committed steps of `run`.
+    pub fn steps(&self, run: &str) -> Result<Vec<u64>> {
+        match self {
+            Tier::Local(s) => s.steps(run),
+            Tier::Remote(r) => r.block_on(r.steps(run))?,
+        }
+    }
+
+    /// Resolve a step selection.
+    pub fn resolve(&self, run: &str, sel: StepSel) -> Result<u64> {
+        let steps = self.steps(run)?;
+        let found = match sel {
+            StepSel::Latest => steps.last().copied(),
+            StepSel::Step(s) => steps.contains(&s).then_some(s),
+        };
+        found.ok_or_else(|| Error::NotFound {
+            what: match sel {
+                StepSel::Latest => format!(
+                    "any committed checkpoint of run {run} in {}",
+                    self.location()
+                ),
+                StepSel::Step(s) => format!("checkpoint run {run} step {s} in {}", self.location()),
+            },
+        })
+    }
+
+    /// The validated manifest file bytes of a checkpoint.
+    pub fn manifest_bytes(&self, run: &str, step: u64) -> Result<Vec<u8>> {
+        match self {
+            Tier::Local(s) => s.manifest_bytes(run, step),
+            Tier::Remote(r) => {
+                let path = r.manifest_path(run, step);
+                let b = r.block_on(r.get_object(&path, "get manifest"))??;
+                decode_manifest_file(&b, &PathBuf::from(path.to_string()))?;
+                Ok(b.to_vec())
+            }
+        }
+    }
+
+    /// The manifest of a checkpoint.
+    pub fn manifest(&self, run: &str, step: u64) -> Result<Manifest> {
+        match self {
+            Tier::Local(s) => s.manifest(run, step),
+            Tier::Remote(r) => r.block_on(r.manifest(run, step))?,
+        }
+    }
+
+    /// Whether the store holds chunk `id`.
+    pub fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
+        match self {
+            Tier::Local(s) => Ok(s.chunk_store().contains(id)),
+            Tier::Remote(r) => Ok(r.block_on(r.head_chunk(id))??.is_some()),
+        }
+    }
+
+    /// Read chunk object `id` (uncompressed `len`) as stored, verified.
+    pub fn read_chunk_object(&self, id: &ChunkId, len: u64) -> Result<bytes::Bytes> {
+        let (object, path) = match self {
+            Tier::Local(s) => (
+                bytes::Bytes::from(s.chunk_store().read_object(id, len)?),
+                s.chunk_store().layout().chunk_path(id),
+            ),
+            Tier::Remote(r) => (
+                r.block_on(r.fetch_chunk_object(id, len))??,
+                PathBuf::from(r.chunk_path(id).to_string()),
+            ),
+        };
+        let mut out = vec![0u8; len as usize];
+        decode_chunk_object(&object, id, &mut out, &mut Decoder::new()?, &path)?;
+        Ok(object)
+    }
+
+    /// Store a verified chunk object under its final name.
+    pub fn put_chunk_object(&self, id: &ChunkId, object: bytes::Bytes) -> Result<()> {
+        match self {
+            Tier::Local(s) => s.chunk_store().put_object(id, &object),
+            Tier::Remote(r) => r.block_on(r.put_object(&r.chunk_path(id), object))?,
+        }
+    }
+
+    /// Commit a manifest (only if absent; identical bytes count as done).
+    pub fn commit_manifest(&self, run: &str, step: u64, bytes: Vec<u8>) -> Result<bool> {
+        match self {
+            Tier::Local(s) => s.commit_manifest(run, step, &bytes),
+            Tier::Remote(r) => r.block_on(r.put_manifest(run, step, bytes.into()))?,
+        }
+    }
+
+    /// Verify checkpoints: all, one run's, or one step's. Every referenced
+    /// chunk is read and hashed once.
+    pub fn verify(
+        &self,
+        run: Option<&str>,
+        step: Option<u64>,
+    ) -> Result<crate::verify::VerifyReport> {
+        let remote = match self {
+            Tier::Local(s) => return s.verify(run, step),
+            Tier::Remote(r) => r,
+        };
+        use crate::verify::{Problem, VerifyReport};
+        let mut report = VerifyReport::default();
+        let runs = match run {
+            Some(r) => vec![r.to_string()],
+            None => self.runs()?,
+        };
+        let mut users: std::collections::BTreeMap<ChunkId, (u64, Vec<(String, u64, String)>)> =
+            Default::default();
+        for r in &runs {
+            let steps = match step {
+                Some(s) => vec![self.resolve(r, StepSel::Step(s))?],
+                None => self.steps(r)?,
+            };
+            for s in steps {
+                report.checkpoints += 1;
+                match self.manifest(r, s) {
+                    Ok(m) => {
+                        for e in m.entries() {
+                            for c in e.chunks {
+                                let u = users.entry(c.id).or_insert((c.chunk_len, Vec::new()));
+                                if u.1.last().is_none_or(|l| l.2 != e.name || l.1 != s) {
+                                    u.1.push((r.clone(), s, e.name.to_string()));
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => report.problems.push(Problem {
+                        run: r.clone(),
+                        step: s,
+                        chunk: None,
+                        path: PathBuf::from(remote.manifest_path(r, s).to_string()),
+                        tensors: Vec::new(),
+                        reason: e.to_string(),
+                    }),
+                }
+            }
+        }
+        let list: Vec<_> = users.into_iter().collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let bad = std::sync::Mutex::new(Vec::new());
+        let bytes = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|sc| {
+            for _ in 0..remote.options().concurrency.clamp(1, list.len().max(1)) {
+                sc.spawn(|| {
+                    while let Some((id, (len, _))) =
+                        list.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                    {
+                        match self.read_chunk_object(id, *len) {
+                            Ok(b) => {
+                                bytes.fetch_add(
+                                    b.len() as u64,
+                                    std::sync::atomic::Ordering::Relaxed,
+                                );
+                            }
+                            Err(e) => bad.lock().unwrap_or_else(|p| p.into_inner()).push((*id, e)),
+                        }
+                    }
+                });
+            }
+        });
+        report.chunks_checked = list.len() as u64;
+        report.bytes_read = bytes.into_inner();
+        let bad: HashMap<ChunkId, Error> = bad
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+            .into_iter()
+            .collect();
+        for (id, (_, us)) in &list {
+            let Some(err) = bad.get(id) else { continue };
+            let mut per: std::collections::BTreeMap<(String, u64), Vec<String>> =
+                Default::default();
+            for (r, s, n) in us {
+                per.entry((r.clone(), *s)).or_default().push(n.clone());
+            }
+            for ((r, s), tensors) in per {
+                report.problems.push(Problem {
+                    run: r,
+                    step: s,
+                    chunk: Some(id.to_hex()),
+                    path: PathBuf::from(remote.chunk_path(id).to_string()),
+                    tensors,
+                    reason: match err {
+                        Error::CorruptChunk { reason, .. } => reason.clone(),
+                        other => other.to_string(),
+                    },
+                });
+            }
+        }
+        Ok(report)
+    }
+
+    /// Stored size of every chunk object in the store.
+    pub fn chunk_sizes(&self) -> Result<HashMap<ChunkId, u64>> {
+        match self {
+            Tier::Local(s) => Ok(s.chunk_store().stored_sizes()),
+            Tier::Remote(r) => Ok(r
+                .block_on(r.list_chunks())??
+                .into_iter()
+                .map(|(id, _, size)| (id, size))
+                .collect()),
+        }
+    }
+}
