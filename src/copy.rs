@@ -48,6 +48,12 @@ pub fn copy_checkpoint(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<CopyReport> {
     let t0 = Instant::now();
+    // Copied chunks are unreferenced until the manifest commits: hold off
+    // local collection meanwhile, as a save does.
+    let _gc_lock = match dst {
+        Tier::Local(s) => Some(crate::gc::GcLock::shared(s.root())?),
+        Tier::Remote(_) => None,
+    };
     let mut manifest = src.manifest(run, step)?;
     let bytes = match select {
         None => src.manifest_bytes(run, step)?,

@@ -416,8 +416,13 @@ impl Store {
             }
             Err(e) => return Err(Error::io("remove manifest", &path, e)),
         }
+        // The manifest's removal is the deletion; make it durable. A
+        // collection may remove the emptied step directory concurrently.
         let step_dir = self.layout.step_dir(run, step);
-        fsync_dir(&step_dir)?;
+        match fsync_dir(&step_dir) {
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+            other => other?,
+        }
         let _ = std::fs::remove_dir_all(&step_dir);
         fsync_dir(&self.layout.run_dir(run))
     }

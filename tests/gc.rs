@@ -54,7 +54,7 @@ fn local_gc_during_saves_keeps_every_referenced_chunk_and_reclaims_the_rest() {
     let done = AtomicBool::new(false);
     let mut collections = 0;
     std::thread::scope(|s| {
-        s.spawn(|| {
+        let saver = s.spawn(|| {
             for step in 0..30u64 {
                 let st = rolling_state(step);
                 store.save("g", step, &st.view()).unwrap().wait().unwrap();
@@ -65,7 +65,8 @@ fn local_gc_during_saves_keeps_every_referenced_chunk_and_reclaims_the_rest() {
             }
             done.store(true, Ordering::Relaxed);
         });
-        while !done.load(Ordering::Relaxed) {
+        // Stop collecting when the saver is done (or has panicked).
+        while !done.load(Ordering::Relaxed) && !saver.is_finished() {
             store.gc(Duration::ZERO, false).unwrap();
             collections += 1;
             std::thread::sleep(Duration::from_millis(5));
@@ -157,7 +158,7 @@ fn remote_retention_and_gc_with_concurrent_uploads() {
     store.attach_remote(remote.clone());
     let done = AtomicBool::new(false);
     std::thread::scope(|s| {
-        s.spawn(|| {
+        let uploader = s.spawn(|| {
             for step in 0..8u64 {
                 store
                     .save("g", step, &rolling_state(step).view())
@@ -178,7 +179,7 @@ fn remote_retention_and_gc_with_concurrent_uploads() {
             done.store(true, Ordering::Relaxed);
         });
         let rt = tokio::runtime::Runtime::new().unwrap();
-        while !done.load(Ordering::Relaxed) {
+        while !done.load(Ordering::Relaxed) && !uploader.is_finished() {
             rt.block_on(remote.gc(grace, false)).unwrap();
             std::thread::sleep(Duration::from_millis(50));
         }
