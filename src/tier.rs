@@ -176,99 +176,10 @@ impl Tier {
         run: Option<&str>,
         step: Option<u64>,
     ) -> Result<crate::verify::VerifyReport> {
-        let remote = match self {
-            Tier::Local(s) => return s.verify(run, step),
-            Tier::Remote(r) => r,
-        };
-        use crate::verify::{Problem, VerifyReport};
-        let mut report = VerifyReport::default();
-        let runs = match run {
-            Some(r) => vec![r.to_string()],
-            None => self.runs()?,
-        };
-        let mut users: std::collections::BTreeMap<ChunkId, (u64, Vec<(String, u64, String)>)> =
-            Default::default();
-        for r in &runs {
-            let steps = match step {
-                Some(s) => vec![self.resolve(r, StepSel::Step(s))?],
-                None => self.steps(r)?,
-            };
-            for s in steps {
-                report.checkpoints += 1;
-                match self.manifest(r, s) {
-                    Ok(m) => {
-                        for e in m.entries() {
-                            for c in e.chunks {
-                                let u = users.entry(c.id).or_insert((c.chunk_len, Vec::new()));
-                                if u.1.last().is_none_or(|l| l.2 != e.name || l.1 != s) {
-                                    u.1.push((r.clone(), s, e.name.to_string()));
-                                }
-                            }
-                        }
-                    }
-                    Err(e) => report.problems.push(Problem {
-                        run: r.clone(),
-                        step: s,
-                        chunk: None,
-                        path: PathBuf::from(remote.manifest_path(r, s).to_string()),
-                        tensors: Vec::new(),
-                        reason: e.to_string(),
-                    }),
-                }
-            }
+        match self {
+            Tier::Local(s) => s.verify(run, step),
+            Tier::Remote(_) => crate::verify::verify(self, run, step),
         }
-        let list: Vec<_> = users.into_iter().collect();
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let bad = std::sync::Mutex::new(Vec::new());
-        let bytes = std::sync::atomic::AtomicU64::new(0);
-        std::thread::scope(|sc| {
-            for _ in 0..remote.options().concurrency.clamp(1, list.len().max(1)) {
-                sc.spawn(|| {
-                    while let Some((id, (len, _))) =
-                        list.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
-                    {
-                        match self.read_chunk_object(id, *len) {
-                            Ok(b) => {
-                                bytes.fetch_add(
-                                    b.len() as u64,
-                                    std::sync::atomic::Ordering::Relaxed,
-                                );
-                            }
-                            Err(e) => bad.lock().unwrap_or_else(|p| p.into_inner()).push((*id, e)),
-                        }
-                    }
-                });
-            }
-        });
-        report.chunks_checked = list.len() as u64;
-        report.bytes_read = bytes.into_inner();
-        let bad: HashMap<ChunkId, Error> = bad
-            .into_inner()
-            .unwrap_or_else(|p| p.into_inner())
-            .into_iter()
-            .collect();
-        for (id, (_, us)) in &list {
-            let Some(err) = bad.get(id) else { continue };
-            let mut per: std::collections::BTreeMap<(String, u64), Vec<String>> =
-                Default::default();
-            for (r, s, n) in us {
-                per.entry((r.clone(), *s)).or_default().push(n.clone());
-            }
-            for ((r, s), tensors) in per {
-                report.problems.push(Problem {
-                    run: r,
-                    step: s,
-                    chunk: Some(id.to_hex()),
-                    path: PathBuf::from(remote.chunk_path(id).to_string()),
-                    tensors,
-                    reason: match err {
-                        Error::CorruptChunk { reason, .. } => reason.clone(),
-                        other => other.to_string(),
-                    },
-                });
-            }
-        }
-        Ok(report)
     }
 
     /// Stored size of every chunk object in the store.
@@ -280,6 +191,53 @@ impl Tier {
                 .into_iter()
                 .map(|(id, _, size)| (id, size))
                 .collect()),
+        }
+    }
+}
+
+impl crate::verify::VerifySource for Tier {
+    fn runs(&self) -> Result<Vec<String>> {
+        Tier::runs(self)
+    }
+    fn steps(&self, run: &str) -> Result<Vec<u64>> {
+        Tier::steps(self, run)
+    }
+    fn resolve(&self, run: &str, step: u64) -> Result<u64> {
+        Tier::resolve(self, run, StepSel::Step(step))
+    }
+    fn manifest(&self, run: &str, step: u64) -> Result<Manifest> {
+        Tier::manifest(self, run, step)
+    }
+    fn manifest_location(&self, run: &str, step: u64) -> PathBuf {
+        match self {
+            Tier::Local(s) => s
+                .root()
+                .join("runs")
+                .join(run)
+                .join(crate::layout::step_dir_name(step)),
+            Tier::Remote(r) => PathBuf::from(r.manifest_path(run, step).to_string()),
+        }
+    }
+    fn chunk_location(&self, id: &ChunkId) -> PathBuf {
+        match self {
+            Tier::Local(s) => s.chunk_store().layout().chunk_path(id),
+            Tier::Remote(r) => PathBuf::from(r.chunk_path(id).to_string()),
+        }
+    }
+    fn check_chunk(
+        &self,
+        id: &ChunkId,
+        len: u64,
+        _buf: &mut Vec<u8>,
+        _scratch: &mut Vec<u8>,
+        _dec: &mut Decoder,
+    ) -> Result<u64> {
+        self.read_chunk_object(id, len).map(|b| b.len() as u64)
+    }
+    fn threads(&self) -> usize {
+        match self {
+            Tier::Local(s) => s.options().read_threads,
+            Tier::Remote(r) => r.options().concurrency,
         }
     }
 }

@@ -1,10 +1,12 @@
 //! Verify: re-read and re-hash every chunk of the selected checkpoints and
-//! name each problem with the chunk and the tensors it hits.
+//! name each problem with the chunk and the tensors it hits. The same
+//! procedure runs on any tier through [`VerifySource`].
 
 use crate::chunk_id::ChunkId;
 use crate::codec::Decoder;
 use crate::error::{Error, Result};
-use crate::store::Store;
+use crate::format::manifest::Manifest;
+use crate::store::{StepSel, Store};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -20,7 +22,7 @@ pub struct Problem {
     pub step: u64,
     /// The bad chunk, when the problem is a chunk.
     pub chunk: Option<String>,
-    /// The file at fault.
+    /// The file or object at fault.
     pub path: PathBuf,
     /// Tensors and blobs affected.
     pub tensors: Vec<String>,
@@ -28,14 +30,14 @@ pub struct Problem {
     pub reason: String,
 }
 
-/// Result of [`Store::verify`].
+/// Result of a verification.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct VerifyReport {
     /// Checkpoints examined.
     pub checkpoints: u64,
     /// Distinct chunks read and hashed.
     pub chunks_checked: u64,
-    /// Bytes read from disk.
+    /// Bytes read.
     pub bytes_read: u64,
     /// Everything found wrong; empty means every byte checked out.
     pub problems: Vec<Problem>,
@@ -48,103 +50,169 @@ impl VerifyReport {
     }
 }
 
+/// What verification needs from a tier.
+pub trait VerifySource: Sync {
+    /// Runs with committed checkpoints.
+    fn runs(&self) -> Result<Vec<String>>;
+    /// Committed steps of a run.
+    fn steps(&self, run: &str) -> Result<Vec<u64>>;
+    /// Resolve a step that must exist.
+    fn resolve(&self, run: &str, step: u64) -> Result<u64>;
+    /// Read a manifest.
+    fn manifest(&self, run: &str, step: u64) -> Result<Manifest>;
+    /// Where a manifest lives, for problem reports.
+    fn manifest_location(&self, run: &str, step: u64) -> PathBuf;
+    /// Where a chunk lives, for problem reports.
+    fn chunk_location(&self, id: &ChunkId) -> PathBuf;
+    /// Read and verify one chunk; returns the bytes read.
+    fn check_chunk(
+        &self,
+        id: &ChunkId,
+        len: u64,
+        buf: &mut Vec<u8>,
+        scratch: &mut Vec<u8>,
+        dec: &mut Decoder,
+    ) -> Result<u64>;
+    /// Chunks checked at once.
+    fn threads(&self) -> usize;
+}
+
 /// Where a chunk is used: run, step, entry name.
 type EntryAt = (String, u64, String);
 
-impl Store {
-    /// Verify checkpoints: all of them, one run's, or one step's.
-    pub fn verify(&self, run: Option<&str>, step: Option<u64>) -> Result<VerifyReport> {
-        let runs = match run {
-            Some(r) => vec![r.to_string()],
-            None => self.runs()?,
+/// Verify checkpoints of `src`: all, one run's, or one step's.
+pub fn verify(
+    src: &dyn VerifySource,
+    run: Option<&str>,
+    step: Option<u64>,
+) -> Result<VerifyReport> {
+    let runs = match run {
+        Some(r) => vec![r.to_string()],
+        None => src.runs()?,
+    };
+    let mut report = VerifyReport::default();
+    let mut chunks: BTreeMap<ChunkId, (u64, Vec<EntryAt>)> = BTreeMap::new();
+    for r in &runs {
+        let steps = match step {
+            Some(s) => vec![src.resolve(r, s)?],
+            None => src.steps(r)?,
         };
-        let mut report = VerifyReport::default();
-        let mut chunks: BTreeMap<ChunkId, (u64, Vec<EntryAt>)> = BTreeMap::new();
-        for r in &runs {
-            let steps = match step {
-                Some(s) => vec![self.resolve(r, crate::store::StepSel::Step(s))?],
-                None => self.steps(r)?,
+        for s in steps {
+            report.checkpoints += 1;
+            let m = match src.manifest(r, s) {
+                Ok(m) => m,
+                Err(e) => {
+                    report.problems.push(Problem {
+                        run: r.clone(),
+                        step: s,
+                        chunk: None,
+                        path: src.manifest_location(r, s),
+                        tensors: Vec::new(),
+                        reason: e.to_string(),
+                    });
+                    continue;
+                }
             };
-            for s in steps {
-                report.checkpoints += 1;
-                let m = match self.manifest(r, s) {
-                    Ok(m) => m,
-                    Err(e) => {
-                        report.problems.push(Problem {
-                            run: r.clone(),
-                            step: s,
-                            chunk: None,
-                            path: self.layout.manifest_path(r, s),
-                            tensors: Vec::new(),
-                            reason: e.to_string(),
-                        });
-                        continue;
-                    }
-                };
-                for e in m.entries() {
-                    for c in e.chunks {
-                        let slot = chunks.entry(c.id).or_insert((c.chunk_len, Vec::new()));
-                        if slot.1.last().is_none_or(|l| l.2 != e.name || l.1 != s) {
-                            slot.1.push((r.clone(), s, e.name.to_string()));
-                        }
+            for e in m.entries() {
+                for c in e.chunks {
+                    let slot = chunks.entry(c.id).or_insert((c.chunk_len, Vec::new()));
+                    if slot.1.last().is_none_or(|l| l.2 != e.name || l.1 != s) {
+                        slot.1.push((r.clone(), s, e.name.to_string()));
                     }
                 }
             }
         }
-        let list: Vec<_> = chunks.into_iter().collect();
-        let next = AtomicUsize::new(0);
-        let bytes = AtomicU64::new(0);
-        let bad: Mutex<HashMap<ChunkId, Error>> = Mutex::new(HashMap::new());
-        let threads = self.opts.read_threads.clamp(1, list.len().max(1));
-        std::thread::scope(|sc| {
-            for _ in 0..threads {
-                sc.spawn(|| {
-                    let (mut buf, mut scratch) = (Vec::new(), Vec::new());
-                    let Ok(mut dec) = Decoder::new() else { return };
-                    while let Some((id, (len, _))) = list.get(next.fetch_add(1, Ordering::Relaxed))
-                    {
-                        buf.resize(*len as usize, 0);
-                        match self
-                            .chunks
-                            .read_verified(id, &mut buf, &mut scratch, &mut dec)
-                        {
-                            Ok(n) => {
-                                bytes.fetch_add(n, Ordering::Relaxed);
-                            }
-                            Err(e) => {
-                                bad.lock().unwrap_or_else(|p| p.into_inner()).insert(*id, e);
-                            }
+    }
+    let list: Vec<_> = chunks.into_iter().collect();
+    let next = AtomicUsize::new(0);
+    let bytes = AtomicU64::new(0);
+    let bad: Mutex<HashMap<ChunkId, Error>> = Mutex::new(HashMap::new());
+    std::thread::scope(|sc| {
+        for _ in 0..src.threads().clamp(1, list.len().max(1)) {
+            sc.spawn(|| {
+                let (mut buf, mut scratch) = (Vec::new(), Vec::new());
+                let Ok(mut dec) = Decoder::new() else { return };
+                while let Some((id, (len, _))) = list.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    match src.check_chunk(id, *len, &mut buf, &mut scratch, &mut dec) {
+                        Ok(n) => {
+                            bytes.fetch_add(n, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            bad.lock().unwrap_or_else(|p| p.into_inner()).insert(*id, e);
                         }
                     }
-                });
-            }
-        });
-        report.chunks_checked = list.len() as u64;
-        report.bytes_read = bytes.into_inner();
-        let bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
-        for (id, (_, users)) in &list {
-            let Some(err) = bad.get(id) else { continue };
-            let mut per_ckpt: BTreeMap<(String, u64), Vec<String>> = BTreeMap::new();
-            for (r, s, name) in users {
-                per_ckpt
-                    .entry((r.clone(), *s))
-                    .or_default()
-                    .push(name.clone());
-            }
-            for ((r, s), tensors) in per_ckpt {
-                report.problems.push(Problem {
-                    run: r,
-                    step: s,
-                    chunk: Some(id.to_hex()),
-                    path: self.layout.chunk_path(id),
-                    tensors,
-                    reason: match err {
-                        Error::CorruptChunk { reason, .. } => reason.clone(),
-                        other => other.to_string(),
-                    },
-                });
-            }
+                }
+            });
         }
-        Ok(report)
+    });
+    report.chunks_checked = list.len() as u64;
+    report.bytes_read = bytes.into_inner();
+    let bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
+    for (id, (_, users)) in &list {
+        let Some(err) = bad.get(id) else { continue };
+        let mut per_ckpt: BTreeMap<(String, u64), Vec<String>> = BTreeMap::new();
+        for (r, s, name) in users {
+            per_ckpt
+                .entry((r.clone(), *s))
+                .or_default()
+                .push(name.clone());
+        }
+        for ((r, s), tensors) in per_ckpt {
+            report.problems.push(Problem {
+                run: r,
+                step: s,
+                chunk: Some(id.to_hex()),
+                path: src.chunk_location(id),
+                tensors,
+                reason: match err {
+                    Error::CorruptChunk { reason, .. } => reason.clone(),
+                    other => other.to_string(),
+                },
+            });
+        }
+    }
+    Ok(report)
+}
+
+impl VerifySource for Store {
+    fn runs(&self) -> Result<Vec<String>> {
+        Store::runs(self)
+    }
+    fn steps(&self, run: &str) -> Result<Vec<u64>> {
+        Store::steps(self, run)
+    }
+    fn resolve(&self, run: &str, step: u64) -> Result<u64> {
+        Store::resolve(self, run, StepSel::Step(step))
+    }
+    fn manifest(&self, run: &str, step: u64) -> Result<Manifest> {
+        Store::manifest(self, run, step)
+    }
+    fn manifest_location(&self, run: &str, step: u64) -> PathBuf {
+        self.layout.manifest_path(run, step)
+    }
+    fn chunk_location(&self, id: &ChunkId) -> PathBuf {
+        self.layout.chunk_path(id)
+    }
+    fn check_chunk(
+        &self,
+        id: &ChunkId,
+        len: u64,
+        buf: &mut Vec<u8>,
+        scratch: &mut Vec<u8>,
+        dec: &mut Decoder,
+    ) -> Result<u64> {
+        let c = self.chunks.open_chunk(id, len)?;
+        buf.resize(len as usize, 0);
+        c.read_verified(buf, scratch, dec)
+    }
+    fn threads(&self) -> usize {
+        self.opts.read_threads
+    }
+}
+
+impl Store {
+    /// Verify checkpoints: all of them, one run's, or one step's.
+    pub fn verify(&self, run: Option<&str>, step: Option<u64>) -> Result<VerifyReport> {
+        verify(self, run, step)
     }
 }

@@ -66,7 +66,9 @@ pub fn export(
             shards.push(Vec::new());
             fill = 0;
         }
-        shards.last_mut().map(|s| s.push(i));
+        if let Some(s) = shards.last_mut() {
+            s.push(i);
+        }
         fill += t.len;
     }
     let total: u64 = tensors.iter().map(|t| t.len).sum();
