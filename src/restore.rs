@@ -438,18 +438,31 @@ impl ChunkSource for RemoteStore {
         _scratch: &mut Vec<u8>,
         decoder: &mut Decoder,
     ) -> Result<u64> {
-        let object = self.block_on(self.fetch_chunk_object(id, len))??;
-        let target = match out {
-            Some(o) => o,
-            None => {
-                buf.resize(len as usize, 0);
-                &mut buf[..]
-            }
-        };
-        let path = std::path::PathBuf::from(self.chunk_path(id).to_string());
-        decode_chunk_object(&object, id, target, decoder, &path)?;
-        Ok(object.len() as u64)
+        fetch_into(self, id, len, out, buf, decoder).map(|o| o.len() as u64)
     }
+}
+
+/// Fetch chunk `id` from `remote` and decode it, verified, into `out` (or
+/// `buf`, sized after the download is checked). Returns the object.
+fn fetch_into(
+    remote: &RemoteStore,
+    id: &ChunkId,
+    len: u64,
+    out: Option<&mut [u8]>,
+    buf: &mut Vec<u8>,
+    decoder: &mut Decoder,
+) -> Result<bytes::Bytes> {
+    let object = remote.block_on(remote.fetch_chunk_object(id, len))??;
+    let target = match out {
+        Some(o) => o,
+        None => {
+            buf.resize(len as usize, 0);
+            &mut buf[..]
+        }
+    };
+    let path = std::path::PathBuf::from(remote.chunk_path(id).to_string());
+    decode_chunk_object(&object, id, target, decoder, &path)?;
+    Ok(object)
 }
 
 /// The local tier backed by a remote one: a chunk missing or corrupt
@@ -496,16 +509,7 @@ impl ChunkSource for TieredSource<'_> {
             return Err(local_err);
         }
         tracing::warn!(chunk = %id, error = %local_err, "local chunk unusable; fetching from remote");
-        let object = remote.block_on(remote.fetch_chunk_object(id, len))??;
-        let target = match out {
-            Some(o) => o,
-            None => {
-                buf.resize(len as usize, 0);
-                &mut buf[..]
-            }
-        };
-        let path = std::path::PathBuf::from(remote.chunk_path(id).to_string());
-        decode_chunk_object(&object, id, target, decoder, &path)?;
+        let object = fetch_into(remote, id, len, out, buf, decoder)?;
         self.local.put_object(id, &object)?;
         self.repaired.fetch_add(1, Ordering::Relaxed);
         Ok(object.len() as u64)

@@ -95,36 +95,29 @@ impl RemoteStore {
         let bad_key = |k: &str, e: object_store::Error| {
             Error::invalid("remote option", format!("{k:?}: {e}"))
         };
+        // The three HTTP backends are configured the same way.
+        macro_rules! http_backend {
+            ($builder:expr) => {{
+                let mut b = $builder
+                    .with_url(url)
+                    .with_retry(opts.retry.client_retry())
+                    .with_client_options(client);
+                for (k, v) in options {
+                    b = b.with_config(k.parse().map_err(|e| bad_key(k, e))?, v);
+                }
+                Arc::new(b.build().map_err(|e| Error::remote("open", url, e))?)
+                    as Arc<dyn ObjectStore>
+            }};
+        }
         let inner: Arc<dyn ObjectStore> = match scheme {
             ObjectStoreScheme::AmazonS3 => {
-                let mut b = object_store::aws::AmazonS3Builder::from_env()
-                    .with_url(url)
-                    .with_retry(opts.retry.client_retry())
-                    .with_client_options(client);
-                for (k, v) in options {
-                    b = b.with_config(k.parse().map_err(|e| bad_key(k, e))?, v);
-                }
-                Arc::new(b.build().map_err(|e| Error::remote("open", url, e))?)
+                http_backend!(object_store::aws::AmazonS3Builder::from_env())
             }
             ObjectStoreScheme::GoogleCloudStorage => {
-                let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                    .with_url(url)
-                    .with_retry(opts.retry.client_retry())
-                    .with_client_options(client);
-                for (k, v) in options {
-                    b = b.with_config(k.parse().map_err(|e| bad_key(k, e))?, v);
-                }
-                Arc::new(b.build().map_err(|e| Error::remote("open", url, e))?)
+                http_backend!(object_store::gcp::GoogleCloudStorageBuilder::from_env())
             }
             ObjectStoreScheme::MicrosoftAzure => {
-                let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
-                    .with_url(url)
-                    .with_retry(opts.retry.client_retry())
-                    .with_client_options(client);
-                for (k, v) in options {
-                    b = b.with_config(k.parse().map_err(|e| bad_key(k, e))?, v);
-                }
-                Arc::new(b.build().map_err(|e| Error::remote("open", url, e))?)
+                http_backend!(object_store::azure::MicrosoftAzureBuilder::from_env())
             }
             ObjectStoreScheme::Local => {
                 let root = parsed.to_file_path().map_err(|_| {
