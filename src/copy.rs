@@ -83,7 +83,7 @@ pub fn copy_checkpoint(
                     return;
                 };
                 let r = (|| -> Result<()> {
-                    if dst.has_chunk(&id)? {
+                    if dst.has_live_chunk(&id)? {
                         skipped.fetch_add(1, Ordering::Relaxed);
                         progress(len);
                         return Ok(());
@@ -106,6 +106,16 @@ pub fn copy_checkpoint(
     });
     if let Some(e) = first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
+    }
+    if let Tier::Remote(r) = dst {
+        // Same rule as uploads: chunks found present were young enough to
+        // be safe from remote collection for gc_grace / 4 (see crate::gc).
+        if t0.elapsed() > r.options().gc_grace / 4 {
+            return Err(Error::Internal(format!(
+                "copy of run {run} step {step} took {:?}, longer than a quarter of the gc grace period; not committing",
+                t0.elapsed()
+            )));
+        }
     }
     let created = dst.commit_manifest(run, step, bytes)?;
     Ok(CopyReport {

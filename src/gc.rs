@@ -168,9 +168,12 @@ impl Store {
             }
         }
         // Leftovers of interrupted saves.
+        // Temporary files may belong to a repair or copy that does not
+        // hold the lock; leave them at least ten minutes whatever the grace.
+        let tmp_grace = grace.max(Duration::from_secs(600));
         if let Ok(rd) = std::fs::read_dir(self.layout.tmp_dir()) {
             for ent in rd.flatten() {
-                if ent.metadata().is_ok_and(|m| age(&m) >= grace) {
+                if ent.metadata().is_ok_and(|m| age(&m) >= tmp_grace) {
                     report.leftovers_removed += 1;
                     if !dry_run {
                         let _ = std::fs::remove_file(ent.path());
@@ -262,12 +265,6 @@ impl RemoteStore {
                 report.chunks_in_grace += 1;
                 continue;
             }
-            if marked_at.elapsed() > grace / 4 {
-                return Err(Error::Internal(
-                    "remote collection took longer than a quarter of the grace period; stopped"
-                        .into(),
-                ));
-            }
             // Re-check right before deleting: an uploader may have renewed it.
             match self.head_chunk(&id).await? {
                 Some(meta)
@@ -277,6 +274,12 @@ impl RemoteStore {
                     report.chunks_in_grace += 1;
                     continue;
                 }
+            }
+            if marked_at.elapsed() > grace / 4 {
+                return Err(Error::Internal(
+                    "remote collection took longer than a quarter of the grace period; stopped"
+                        .into(),
+                ));
             }
             report.chunks_deleted += 1;
             report.bytes_reclaimed += size;

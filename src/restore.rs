@@ -328,7 +328,9 @@ fn read_task(
     }
     let n = source.read_chunk(&task.id, task.chunk_len, None, whole, scratch, decoder)?;
     for p in &task.placements {
-        let src = &whole[p.chunk_off as usize..(p.chunk_off + p.len) as usize];
+        let src = whole
+            .get(p.chunk_off as usize..(p.chunk_off + p.len) as usize)
+            .ok_or_else(|| Error::Internal(format!("slice outside chunk {}", task.id)))?;
         // SAFETY: see RestorePlan::new.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), p.dest, src.len()) };
     }

@@ -136,6 +136,22 @@ impl Tier {
         }
     }
 
+    /// Whether the store holds chunk `id` in a state a new manifest may
+    /// rely on: locally, present; remotely, present and younger than half
+    /// the collection grace period (an older object is uploaded again, which
+    /// renews it; see [`crate::gc`]).
+    pub fn has_live_chunk(&self, id: &ChunkId) -> Result<bool> {
+        match self {
+            Tier::Local(s) => Ok(s.chunk_store().contains(id)),
+            Tier::Remote(r) => {
+                let fresh_after =
+                    crate::remote::upload::now_ms() - (r.options().gc_grace / 2).as_millis() as i64;
+                Ok(r.block_on(r.head_chunk(id))??
+                    .is_some_and(|m| m.last_modified.timestamp_millis() > fresh_after))
+            }
+        }
+    }
+
     /// Read chunk object `id` (uncompressed `len`) as stored, verified.
     pub fn read_chunk_object(&self, id: &ChunkId, len: u64) -> Result<bytes::Bytes> {
         let (object, path) = match self {

@@ -224,6 +224,14 @@ impl Manifest {
                 return bad(format!("blob {:?} appears twice", b.name));
             }
         }
+        let mut chunk_lens: std::collections::HashMap<ChunkId, u64> = Default::default();
+        for e in self.entries() {
+            for c in e.chunks {
+                if *chunk_lens.entry(c.id).or_insert(c.chunk_len) != c.chunk_len {
+                    return bad(format!("chunk {} is given two different lengths", c.id));
+                }
+            }
+        }
         for e in self.entries() {
             if e.len > MAX_ENTRY_LEN {
                 return bad(format!(
@@ -373,6 +381,18 @@ mod tests {
             assert!(decode_manifest_file(&bad, p).is_err(), "flip at {i}");
         }
         assert!(decode_manifest_file(&enc[..enc.len() - 1], p).is_err());
+    }
+
+    #[test]
+    fn one_chunk_one_length() {
+        let mut m = sample();
+        let mut t = m.tensors[0].clone();
+        t.name = "w2".into();
+        t.shape = vec![1];
+        t.chunks[0].chunk_len = 1000;
+        t.chunks[0].offset = 996;
+        m.tensors.push(t);
+        assert!(m.validate(Path::new("m")).is_err());
     }
 
     #[test]

@@ -203,6 +203,35 @@ impl Drop for Pipeline {
     }
 }
 
+/// Cleans up after a job whose processing panicked: the chunk it claimed
+/// is released as failed (so no other save waits on it forever), the save
+/// fails, and its work item is counted done so its handle resolves.
+struct PanicGuard<'a> {
+    shared: &'a Shared,
+    ctx: Option<Arc<SaveCtx>>,
+    claimed: Option<(ChunkId, Arc<Inflight>)>,
+}
+
+impl PanicGuard<'_> {
+    /// The job accounted for itself.
+    fn disarm(&mut self) {
+        self.ctx = None;
+        self.claimed = None;
+    }
+}
+
+impl Drop for PanicGuard<'_> {
+    fn drop(&mut self) {
+        if let Some((id, w)) = self.claimed.take() {
+            self.shared.release(&id, &w, false);
+        }
+        if let Some(ctx) = self.ctx.take() {
+            ctx.fail(Error::Internal("a pipeline thread panicked".into()));
+            self.shared.finish_one(ctx);
+        }
+    }
+}
+
 fn worker_loop(
     rx: Receiver<ChunkJob>,
     sync_tx: Sender<SyncJob>,
@@ -210,6 +239,25 @@ fn worker_loop(
     mut encoder: Encoder,
 ) {
     for job in rx {
+        let mut guard = PanicGuard {
+            shared: &shared,
+            ctx: Some(job.ctx.clone()),
+            claimed: None,
+        };
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            process_chunk(job, &sync_tx, &shared, &mut encoder, &mut guard)
+        }));
+    }
+}
+
+fn process_chunk(
+    job: ChunkJob,
+    sync_tx: &Sender<SyncJob>,
+    shared: &Shared,
+    encoder: &mut Encoder,
+    guard: &mut PanicGuard<'_>,
+) {
+    {
         let ChunkJob {
             ctx,
             seq,
@@ -233,6 +281,7 @@ fn worker_loop(
                 ctx.deps.lock().unwrap_or_else(|p| p.into_inner()).push(w);
             }
             Claim::Write(w) => {
+                guard.claimed = Some((id, w.clone()));
                 let t = Instant::now();
                 let (write, header) = {
                     let (codec, filter, payload) = encoder.encode(&buf, width);
@@ -264,10 +313,11 @@ fn worker_loop(
                     }
                     Some(Err(e)) => {
                         drop(buf);
+                        guard.disarm();
                         shared.release(&id, &w, false);
                         ctx.fail(e);
                         shared.finish_one(ctx);
-                        continue;
+                        return;
                     }
                 };
                 let job = SyncJob {
@@ -277,6 +327,7 @@ fn worker_loop(
                     write,
                     inflight: w.clone(),
                 };
+                guard.disarm();
                 if let Err(e) = sync_tx.send(job) {
                     if let WriteKind::Pending(p) = e.0.write {
                         p.abandon();
@@ -284,16 +335,30 @@ fn worker_loop(
                     shared.release(&id, &w, false);
                     ctx.fail(Error::Closed);
                 } else {
-                    continue;
+                    return;
                 }
             }
         }
+        guard.disarm();
         shared.finish_one(ctx);
     }
 }
 
 fn sync_loop(rx: Receiver<SyncJob>, shared: Arc<Shared>) {
     for job in rx {
+        let mut guard = PanicGuard {
+            shared: &shared,
+            ctx: Some(job.ctx.clone()),
+            claimed: Some((job.id, job.inflight.clone())),
+        };
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            process_sync(job, &shared, &mut guard)
+        }));
+    }
+}
+
+fn process_sync(job: SyncJob, shared: &Shared, guard: &mut PanicGuard<'_>) {
+    {
         let SyncJob {
             ctx,
             id,
@@ -317,6 +382,7 @@ fn sync_loop(rx: Receiver<SyncJob>, shared: Arc<Shared>) {
             p.finish().map(|()| stored)
         });
         Counters::add_time(&c.sync_ns, t);
+        guard.disarm();
         match res {
             Ok(stored) => {
                 Counters::add(&c.chunks_written, 1);
@@ -335,7 +401,8 @@ fn sync_loop(rx: Receiver<SyncJob>, shared: Arc<Shared>) {
 
 fn commit_loop(rx: Receiver<Arc<SaveCtx>>) {
     for ctx in rx {
-        let r = commit(&ctx);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| commit(&ctx)))
+            .unwrap_or_else(|_| Err(Error::Internal("the commit thread panicked".into())));
         ctx.resolve(r);
     }
 }
