@@ -128,6 +128,19 @@ impl Tier {
         }
     }
 
+    /// Restore a checkpoint from this tier into new buffers, verified.
+    pub fn restore(
+        &self,
+        run: &str,
+        step: StepSel,
+        filter: &crate::TensorFilter,
+    ) -> Result<crate::Restored> {
+        match self {
+            Tier::Local(s) => s.restore(run, step, filter),
+            Tier::Remote(r) => r.restore(run, step, filter),
+        }
+    }
+
     /// Whether the store holds chunk `id`.
     pub fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
         match self {

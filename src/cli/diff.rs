@@ -86,16 +86,8 @@ pub fn run(
         .collect();
     if !packed.is_empty() {
         let filter = cairn::TensorFilter::names(packed.iter().cloned());
-        let (ra, rb) = match &tier {
-            cairn::tier::Tier::Local(s) => (
-                s.restore(run, cairn::StepSel::Step(a), &filter)?,
-                s.restore(run, cairn::StepSel::Step(b), &filter)?,
-            ),
-            cairn::tier::Tier::Remote(r) => (
-                r.restore(run, cairn::StepSel::Step(a), &filter)?,
-                r.restore(run, cairn::StepSel::Step(b), &filter)?,
-            ),
-        };
+        let ra = tier.restore(run, cairn::StepSel::Step(a), &filter)?;
+        let rb = tier.restore(run, cairn::StepSel::Step(b), &filter)?;
         let same: std::collections::HashSet<&str> = ra
             .tensors
             .iter()

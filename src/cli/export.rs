@@ -4,7 +4,6 @@ use super::open::{open, print_json, progress};
 use super::size::human;
 use cairn::copy::glob_match;
 use cairn::safetensors::{parse_header, write_file};
-use cairn::tier::Tier;
 use cairn::{DType, Error, SaveState, StepSel, Store, StoreOptions, TensorFilter};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -19,19 +18,6 @@ struct ExportReport {
     index: Option<PathBuf>,
     tensors: usize,
     bytes: u64,
-}
-
-fn restore_some(
-    tier: &Tier,
-    run: &str,
-    step: u64,
-    names: &[String],
-) -> cairn::Result<cairn::Restored> {
-    let filter = TensorFilter::names(names.iter().cloned());
-    match tier {
-        Tier::Local(s) => s.restore(run, StepSel::Step(step), &filter),
-        Tier::Remote(r) => r.restore(run, StepSel::Step(step), &filter),
-    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -103,7 +89,11 @@ pub fn export(
             single.clone()
         };
         let names: Vec<String> = shard.iter().map(|&i| tensors[i].name.clone()).collect();
-        let restored = restore_some(&tier, run, step, &names)?;
+        let restored = tier.restore(
+            run,
+            StepSel::Step(step),
+            &TensorFilter::names(names.iter().cloned()),
+        )?;
         let by_name: BTreeMap<&str, &cairn::RestoredTensor> = restored
             .tensors
             .iter()
