@@ -2,6 +2,7 @@
 //! `object_store` multipart put and a plain get of the same bytes, measured
 //! in the same run.
 
+use super::run::median;
 use super::synthetic::SyntheticState;
 use crate::error::{Error, Result};
 use crate::remote::RemoteStore;
@@ -53,18 +54,6 @@ pub struct RemoteBenchReport {
     pub second_upload_fraction: f64,
     /// Per iteration.
     pub iterations: Vec<RemoteBenchIteration>,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 /// Save a synthetic state of `size` bytes in a local store at `local`,

@@ -135,7 +135,8 @@ pub struct BenchReport {
     pub iterations: Vec<BenchIteration>,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// Median of `v` (NaN when empty).
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }

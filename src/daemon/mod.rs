@@ -96,11 +96,7 @@ impl FlushDaemon {
             tokio::select! {
                 r = self.cycle() => {
                     if let Err(e) = r {
-                        tracing::error!(error = %e, "scan cycle failed");
-                        self.status.update(|s| {
-                            s.errors += 1;
-                            s.last_error = Some(e.to_string());
-                        });
+                        self.record_error("scan cycle failed", &e);
                     }
                 }
                 _ = shutdown.changed() => break,
@@ -115,11 +111,7 @@ impl FlushDaemon {
                 tokio::select! {
                     r = self.collect() => {
                         if let Err(e) = r {
-                            tracing::error!(error = %e, "garbage collection failed");
-                            self.status.update(|s| {
-                                s.errors += 1;
-                                s.last_error = Some(e.to_string());
-                            });
+                            self.record_error("garbage collection failed", &e);
                         }
                     }
                     _ = shutdown.changed() => break,
@@ -134,6 +126,14 @@ impl FlushDaemon {
         tracing::info!("cairn daemon stopping");
         let _ = server.await;
         Ok(())
+    }
+
+    fn record_error(&self, what: &str, e: &Error) {
+        tracing::error!(error = %e, "{what}");
+        self.status.update(|s| {
+            s.errors += 1;
+            s.last_error = Some(e.to_string());
+        });
     }
 
     /// One scan: upload what is pending, oldest first, then retention.

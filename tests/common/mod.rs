@@ -36,11 +36,7 @@ impl OwnedState {
     }
 
     pub fn logical_bytes(&self) -> u64 {
-        self.tensors
-            .iter()
-            .map(|t| t.data.len() as u64)
-            .sum::<u64>()
-            + self.blobs.iter().map(|b| b.1.len() as u64).sum::<u64>()
+        self.view().logical_bytes()
     }
 }
 
