@@ -3,9 +3,9 @@
 //! endpoint in CAIRN_TEST_S3_ENDPOINT (scripts/bench-remote starts one).
 //! Prints figures; asserts nothing about timings.
 
-use cairn::bench::remote::run_remote_bench;
-use cairn::remote::{RemoteOptions, RemoteStore};
 use cairn::StoreOptions;
+use cairn::{RemoteOptions, RemoteStore};
+use cairn_cli::bench::remote::run_remote_bench;
 use std::io::{Read, Write};
 
 fn main() {

@@ -6,8 +6,8 @@
 //! CAIRN_BENCH_SIZE=4GiB CAIRN_BENCH_ITERS=5 cargo bench --bench save_restore
 //! ```
 
-use cairn::bench::{run_bench, BenchConfig};
 use cairn::{CodecChoice, StoreOptions};
+use cairn_cli::bench::{run_bench, BenchConfig};
 
 fn parse_size(s: &str) -> u64 {
     let s = s.trim();

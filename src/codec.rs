@@ -5,8 +5,9 @@
 //! bytes that do not fill an element are appended unchanged. Exponent bytes
 //! of floats then sit together and compress far better.
 
+use crate::chunk_id::ChunkId;
 use crate::error::{Error, Result};
-use crate::format::chunk::Codec;
+use crate::format::chunk::{ChunkHeader, Codec, HEADER_LEN};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -217,6 +218,38 @@ pub fn byte_ungroup(src: &[u8], w: usize, dst: &mut [u8]) {
     }
     let tail = n * w;
     dst[tail..].copy_from_slice(&src[tail..]);
+}
+
+/// Validate a whole chunk object held in memory (header, padding, payload)
+/// and decode it into `out` (exactly the uncompressed length), verifying
+/// the blake3 hash. `path` names the object in errors.
+pub fn decode_chunk_object(
+    bytes: &[u8],
+    id: &ChunkId,
+    out: &mut [u8],
+    decoder: &mut Decoder,
+    path: &Path,
+) -> Result<()> {
+    let header = ChunkHeader::decode(bytes, path)?;
+    header.check(id, out.len() as u64, bytes.len() as u64, path)?;
+    let corrupt = |reason: String| Error::CorruptChunk {
+        chunk: id.to_hex(),
+        path: path.to_path_buf(),
+        reason,
+        tensors: Vec::new(),
+    };
+    let start = header.payload_offset as usize;
+    if bytes[HEADER_LEN..start].iter().any(|&b| b != 0) {
+        return Err(corrupt("non-zero bytes between header and payload".into()));
+    }
+    decoder.decode(header.codec, header.filter, &bytes[start..], out, path)?;
+    let got = ChunkId::of(out);
+    if got != *id {
+        return Err(corrupt(format!(
+            "content hash mismatch (bytes hash to {got})"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

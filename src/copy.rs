@@ -51,7 +51,7 @@ pub fn copy_checkpoint(
     // Copied chunks are unreferenced until the manifest commits: hold off
     // local collection meanwhile, as a save does.
     let _gc_lock = match dst {
-        Tier::Local(s) => Some(crate::gc::GcLock::shared(s.root())?),
+        Tier::Local(s) => Some(crate::local::GcLock::shared(s.root())?),
         Tier::Remote(_) => None,
     };
     let mut manifest = src.manifest(run, step)?;

@@ -169,11 +169,8 @@ impl Error {
         }
     }
 
-    pub(crate) fn remote(
-        op: &'static str,
-        path: impl ToString,
-        source: object_store::Error,
-    ) -> Self {
+    /// An [`Error::Remote`].
+    pub fn remote(op: &'static str, path: impl ToString, source: object_store::Error) -> Self {
         Error::Remote {
             op,
             path: path.to_string(),

@@ -36,32 +36,56 @@
 //! `docs/architecture.md` describes the pipeline and `docs/format.md` the
 //! on-disk format.
 
-pub mod bench;
-pub mod chunk_id;
-pub mod codec;
-pub mod copy;
-pub mod daemon;
-pub mod dtype;
-pub mod error;
+mod chunk_id;
+mod clock;
+mod codec;
+mod copy;
+mod daemon;
+mod dtype;
+mod error;
+#[doc(hidden)]
 pub mod format;
-pub mod gc;
-pub mod layout;
-pub mod local;
-pub mod remote;
-pub mod restore;
+mod gc;
+mod layout;
+mod local;
+mod parallel;
+mod remote;
+mod restore;
 pub mod safetensors;
-pub mod save;
-pub mod staging;
-pub mod store;
-pub mod tier;
-pub mod verify;
+mod save;
+mod staging;
+mod store;
+mod tier;
+mod verify;
+
+/// The object-store crate whose errors and stores appear in cairn's API.
+pub use object_store;
 
 pub use chunk_id::ChunkId;
-pub use codec::CodecChoice;
+pub use clock::{system_clock, Clock, ManualClock, SharedClock, SystemClock};
+pub use codec::{CodecChoice, Encoder};
+pub use copy::{copy_checkpoint, glob_match, CopyReport};
+pub use daemon::{
+    DaemonConfig, DaemonStatus, FlushDaemon, GcConfig, RetentionConfig, SharedStatus,
+};
 pub use dtype::DType;
 pub use error::{Error, ErrorKind, Result};
-pub use format::manifest::{Manifest, ShardInfo};
+pub use format::manifest::{BlobEntry, ChunkRef, EntryRef, Manifest, ShardInfo, TensorEntry};
+pub use gc::GcReport;
+pub use layout::validate_run_name;
+pub use remote::{
+    RemoteMetrics, RemoteMetricsSnapshot, RemoteOptions, RemoteStore, RetryPolicy, UploadReport,
+};
 pub use restore::{RestoreReport, Restored, RestoredTensor, TensorFilter};
 pub use save::{SaveHandle, SaveReport, SaveState, TensorView};
-pub use store::{StepSel, Store, StoreOptions};
+pub use store::{StepSel, Store, StoreOptions, UploadMarker};
+pub use tier::{is_url, Tier};
 pub use verify::{Problem, VerifyReport};
+
+/// Test support for code built on cairn: an object store wrapper that
+/// injects failures, lost responses and delays. Enabled by the
+/// `test-util` feature; never needed in production.
+#[cfg(feature = "test-util")]
+pub mod testing {
+    pub use crate::remote::fault::{FaultConfig, FaultyObjectStore};
+}

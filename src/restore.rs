@@ -7,18 +7,17 @@
 //! destination and hashed there: no intermediate copy.
 
 use crate::chunk_id::ChunkId;
+use crate::codec::decode_chunk_object;
 use crate::codec::Decoder;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::format::chunk::decode_chunk_object;
 use crate::format::manifest::{EntryRef, Manifest, ShardInfo};
 use crate::local::LocalChunkStore;
 use crate::remote::RemoteStore;
 use crate::store::{StepSel, Store};
 use serde::Serialize;
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Which tensors to restore.
@@ -110,44 +109,56 @@ impl Restored {
     }
 }
 
-/// A destination for part of one chunk.
-struct Placement {
+/// A destination for part of one chunk: the chunk's bytes from
+/// `chunk_off` fill `dest` exactly.
+struct Placement<'a> {
     chunk_off: u64,
-    len: u64,
-    dest: *mut u8,
+    dest: &'a mut [u8],
 }
 
-struct ChunkTask {
+/// One chunk to read and the destination slices it fills.
+struct ChunkTask<'a> {
     id: ChunkId,
     chunk_len: u64,
-    placements: Vec<Placement>,
+    placements: Vec<Placement<'a>>,
     names: Vec<String>,
 }
 
-/// The chunks to read for a set of destinations.
-pub struct RestorePlan {
-    tasks: Vec<ChunkTask>,
+/// The chunks to read for a set of destinations. Each destination buffer
+/// is cut into disjoint slices, one per chunk reference, so the tasks own
+/// their slices and can run on any thread.
+pub(crate) struct RestorePlan<'a> {
+    tasks: Vec<ChunkTask<'a>>,
 }
 
-// SAFETY: placements point into destination buffers that the plan's
-// creator borrows mutably for the plan's whole life, and slices of one
-// entry never overlap another's.
-unsafe impl Send for RestorePlan {}
-unsafe impl Sync for RestorePlan {}
-
-impl RestorePlan {
+impl<'a> RestorePlan<'a> {
     /// Plan reading `entries` into `dests` (same order, each exactly the
     /// entry's length).
-    ///
-    /// # Safety
-    /// Each destination must be valid for writes of the entry's length and
-    /// stay borrowed, unaliased, until the plan is executed or dropped.
-    unsafe fn new(entries: &[EntryRef<'_>], dests: &[*mut u8]) -> Self {
+    fn new(entries: &[EntryRef<'_>], dests: Vec<&'a mut [u8]>) -> Result<Self> {
         let mut by_id: HashMap<ChunkId, usize> = HashMap::new();
-        let mut tasks: Vec<ChunkTask> = Vec::new();
-        for (e, &base) in entries.iter().zip(dests) {
-            let mut off = 0u64;
+        let mut tasks: Vec<ChunkTask<'a>> = Vec::new();
+        for (e, dest) in entries.iter().zip(dests) {
+            if dest.len() as u64 != e.len {
+                return Err(Error::Internal(format!(
+                    "restore buffer of {:?} is {} bytes, the entry is {}",
+                    e.name,
+                    dest.len(),
+                    e.len
+                )));
+            }
+            let mut rest = dest;
             for c in e.chunks {
+                let len = usize::try_from(c.len)
+                    .ok()
+                    .filter(|&l| l <= rest.len())
+                    .ok_or_else(|| {
+                        Error::Internal(format!(
+                            "chunk slices of {:?} overrun its length {}",
+                            e.name, e.len
+                        ))
+                    })?;
+                let (head, tail) = std::mem::take(&mut rest).split_at_mut(len);
+                rest = tail;
                 let idx = *by_id.entry(c.id).or_insert_with(|| {
                     tasks.push(ChunkTask {
                         id: c.id,
@@ -160,25 +171,24 @@ impl RestorePlan {
                 let t = &mut tasks[idx];
                 t.placements.push(Placement {
                     chunk_off: c.offset,
-                    len: c.len,
-                    dest: base.add(off as usize),
+                    dest: head,
                 });
                 if t.names.last().map(String::as_str) != Some(e.name) {
                     t.names.push(e.name.to_string());
                 }
-                off += c.len;
             }
         }
-        RestorePlan { tasks }
-    }
-
-    /// Number of distinct chunks to read.
-    pub fn chunk_count(&self) -> usize {
-        self.tasks.len()
+        Ok(RestorePlan { tasks })
     }
 }
 
 impl Store {
+    /// The tiers a restore reads from: local chunks, then the attached
+    /// remote, repairing the local tier.
+    pub(crate) fn chunk_source(&self) -> TieredSource<'_> {
+        TieredSource::new(self.chunk_store(), self.remote())
+    }
+
     /// Restore a checkpoint into new buffers. `filter` selects tensors;
     /// blobs are always restored. Every chunk is verified; with a remote
     /// attached, a chunk missing or corrupt locally is fetched from it,
@@ -231,13 +241,11 @@ impl Store {
                 ));
             }
             entries.push(*e);
-            dests.push(buf.as_mut_ptr());
+            dests.push(&mut **buf);
         }
-        // SAFETY: the buffers are borrowed mutably for this call, distinct
-        // (names are unique) and exactly the entries' lengths.
-        let plan = unsafe { RestorePlan::new(&entries, &dests) };
+        let plan = RestorePlan::new(&entries, dests)?;
         let source = self.chunk_source();
-        let mut report = execute(&plan, &source, self.opts.read_threads)?;
+        let mut report = execute(plan, &source, self.opts.read_threads)?;
         report.repaired = source.repaired();
         report.step = step;
         report.logical_bytes = entries.iter().map(|e| e.len).sum();
@@ -247,59 +255,26 @@ impl Store {
 }
 
 /// Read every chunk of `plan` from `source` with `threads` threads.
-pub(crate) fn execute(
-    plan: &RestorePlan,
+fn execute(
+    plan: RestorePlan<'_>,
     source: &dyn ChunkSource,
     threads: usize,
 ) -> Result<RestoreReport> {
-    let next = AtomicUsize::new(0);
-    let failed = AtomicBool::new(false);
-    let first_err: Mutex<Option<Error>> = Mutex::new(None);
+    let chunks = plan.tasks.len() as u64;
     let bytes_read = AtomicU64::new(0);
-    let threads = threads.clamp(1, plan.tasks.len().max(1));
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| {
-                let mut scratch = Vec::new();
-                let mut whole = Vec::new();
-                let mut decoder = match Decoder::new() {
-                    Ok(d) => d,
-                    Err(e) => {
-                        failed.store(true, Ordering::Relaxed);
-                        let _ = first_err.lock().map(|mut g| g.get_or_insert(e).to_string());
-                        return;
-                    }
-                };
-                loop {
-                    if failed.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(task) = plan.tasks.get(i) else {
-                        return;
-                    };
-                    match read_task(source, task, &mut scratch, &mut whole, &mut decoder) {
-                        Ok(n) => {
-                            bytes_read.fetch_add(n, Ordering::Relaxed);
-                        }
-                        Err(e) => {
-                            failed.store(true, Ordering::Relaxed);
-                            let mut g = first_err.lock().unwrap_or_else(|p| p.into_inner());
-                            if g.is_none() {
-                                *g = Some(with_tensors(e, &task.names));
-                            }
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    if let Some(e) = first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(e);
-    }
+    crate::parallel::try_for_each(
+        plan.tasks.into_iter(),
+        threads,
+        || Ok((Vec::new(), Vec::new(), Decoder::new()?)),
+        |(scratch, whole, decoder), mut task| {
+            let n = read_task(source, &mut task, scratch, whole, decoder)
+                .map_err(|e| with_tensors(e, &task.names))?;
+            bytes_read.fetch_add(n, Ordering::Relaxed);
+            Ok(())
+        },
+    )?;
     Ok(RestoreReport {
-        chunks_read: plan.tasks.len() as u64,
+        chunks_read: chunks,
         bytes_read: bytes_read.into_inner(),
         ..Default::default()
     })
@@ -307,19 +282,17 @@ pub(crate) fn execute(
 
 fn read_task(
     source: &dyn ChunkSource,
-    task: &ChunkTask,
+    task: &mut ChunkTask<'_>,
     scratch: &mut Vec<u8>,
     whole: &mut Vec<u8>,
     decoder: &mut Decoder,
 ) -> Result<u64> {
-    if let [p] = task.placements.as_slice() {
-        if p.chunk_off == 0 && p.len == task.chunk_len {
-            // SAFETY: see RestorePlan::new.
-            let dest = unsafe { std::slice::from_raw_parts_mut(p.dest, p.len as usize) };
+    if let [p] = task.placements.as_mut_slice() {
+        if p.chunk_off == 0 && p.dest.len() as u64 == task.chunk_len {
             return source.read_chunk(
                 &task.id,
                 task.chunk_len,
-                Some(dest),
+                Some(&mut *p.dest),
                 whole,
                 scratch,
                 decoder,
@@ -327,12 +300,13 @@ fn read_task(
         }
     }
     let n = source.read_chunk(&task.id, task.chunk_len, None, whole, scratch, decoder)?;
-    for p in &task.placements {
-        let src = whole
-            .get(p.chunk_off as usize..(p.chunk_off + p.len) as usize)
+    for p in &mut task.placements {
+        let start = p.chunk_off as usize;
+        let src = start
+            .checked_add(p.dest.len())
+            .and_then(|end| whole.get(start..end))
             .ok_or_else(|| Error::Internal(format!("slice outside chunk {}", task.id)))?;
-        // SAFETY: see RestorePlan::new.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), p.dest, src.len()) };
+        p.dest.copy_from_slice(src);
     }
     Ok(n)
 }
@@ -366,15 +340,13 @@ pub(crate) fn restore_manifest(
         blobs.push((e.name.to_string(), alloc_zeroed(e.len, e.name)?));
         entries.push(e);
     }
-    let dests: Vec<*mut u8> = tensors
+    let dests: Vec<&mut [u8]> = tensors
         .iter_mut()
-        .map(|t| t.data.as_mut_ptr())
-        .chain(blobs.iter_mut().map(|b| b.1.as_mut_ptr()))
+        .map(|t| t.data.as_mut_slice())
+        .chain(blobs.iter_mut().map(|b| b.1.as_mut_slice()))
         .collect();
-    // SAFETY: each pointer is the start of a Vec of exactly the entry's
-    // length, owned here and not touched until the plan has run.
-    let plan = unsafe { RestorePlan::new(&entries, &dests) };
-    let mut report = execute(&plan, source, threads)?;
+    let plan = RestorePlan::new(&entries, dests)?;
+    let mut report = execute(plan, source, threads)?;
     report.step = manifest.step;
     report.logical_bytes = entries.iter().map(|e| e.len).sum();
     report.elapsed = t0.elapsed();

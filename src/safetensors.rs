@@ -188,6 +188,12 @@ pub fn write_file(
     res.map(|()| 8 + h.len() as u64 + off)
 }
 
+/// Durably write (or replace) a sharded model's `model.safetensors.index.json`
+/// at `path`: a temporary file in `dir`, fsync, rename, fsync of `dir`.
+pub fn publish_index(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
+    crate::local::durable::publish_replace(dir, path, bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -36,8 +36,11 @@ struct Inner {
 }
 
 // SAFETY: the mapping is only reached through `StagingBuf`s, whose ranges
-// the ring keeps disjoint; the ring itself sits behind a mutex.
+// the ring keeps disjoint; the ring itself sits behind a mutex. Moving the
+// owner to another thread moves no aliasing access with it.
 unsafe impl Send for Inner {}
+// SAFETY: as for Send: shared references reach the ring only through its
+// mutex, and the mapping only through disjoint `StagingBuf` ranges.
 unsafe impl Sync for Inner {}
 
 struct Ring {
@@ -200,6 +203,8 @@ pub struct StagingBuf {
 
 // SAFETY: a StagingBuf is the only handle to its byte range.
 unsafe impl Send for StagingBuf {}
+// SAFETY: a StagingBuf is the only handle to its byte range, and `&self`
+// gives only read access to it.
 unsafe impl Sync for StagingBuf {}
 
 impl StagingBuf {

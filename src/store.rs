@@ -207,10 +207,6 @@ impl Store {
         &self.chunks
     }
 
-    pub(crate) fn chunk_source(&self) -> crate::restore::TieredSource<'_> {
-        crate::restore::TieredSource::new(&self.chunks, self.remote.as_ref())
-    }
-
     /// The manifest file of a committed checkpoint, validated, as stored.
     pub fn manifest_bytes(&self, run: &str, step: u64) -> Result<Vec<u8>> {
         validate_run_name(run)?;
@@ -294,6 +290,22 @@ impl Store {
             &self.layout.step_dir(run, step).join(UPLOAD_MARKER),
             &body,
         )
+    }
+
+    /// The remote URL that `(run, step)` is recorded as uploaded to, if any
+    /// (the local upload marker the flush daemon writes after a remote
+    /// commit).
+    pub fn uploaded_to(&self, run: &str, step: u64) -> Option<String> {
+        let path = self.layout.step_dir(run, step).join(UPLOAD_MARKER);
+        std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<UploadMarker>(&b).ok())
+            .map(|m| m.url)
+    }
+
+    /// The file holding chunk `id` in this store (whether or not it exists).
+    pub fn chunk_path(&self, id: &crate::ChunkId) -> PathBuf {
+        self.layout.chunk_path(id)
     }
 
     /// Whether `(run, step)` is recorded as durable in the remote at `url`.

@@ -2,9 +2,9 @@
 //! store URL — with the operations the CLI needs on either.
 
 use crate::chunk_id::ChunkId;
+use crate::codec::decode_chunk_object;
 use crate::codec::Decoder;
 use crate::error::{Error, Result};
-use crate::format::chunk::decode_chunk_object;
 use crate::format::manifest::{decode_manifest_file, Manifest};
 use crate::remote::{RemoteOptions, RemoteStore};
 use crate::store::{StepSel, Store, StoreOptions};
@@ -152,7 +152,7 @@ impl Tier {
     /// Whether the store holds chunk `id` in a state a new manifest may
     /// rely on: locally, present; remotely, present and younger than half
     /// the collection grace period (an older object is uploaded again, which
-    /// renews it; see [`crate::gc`]).
+    /// renews it; see the collection protocol in `docs/architecture.md`).
     pub fn has_live_chunk(&self, id: &ChunkId) -> Result<bool> {
         match self {
             Tier::Local(s) => Ok(s.chunk_store().contains(id)),

@@ -3,7 +3,7 @@
 
 mod common;
 
-use cairn::remote::RemoteOptions;
+use cairn::RemoteOptions;
 use cairn::{StepSel, Store, StoreOptions, TensorFilter};
 use common::*;
 use std::collections::HashSet;

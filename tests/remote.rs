@@ -3,9 +3,9 @@
 
 mod common;
 
-use cairn::remote::fault::{FaultConfig, FaultyObjectStore};
-use cairn::remote::{RemoteOptions, RemoteStore, RetryPolicy};
+use cairn::testing::{FaultConfig, FaultyObjectStore};
 use cairn::{ErrorKind, StepSel, Store, StoreOptions, TensorFilter};
+use cairn::{RemoteOptions, RemoteStore, RetryPolicy};
 use common::*;
 use std::sync::Arc;
 use std::time::Duration;

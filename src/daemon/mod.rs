@@ -14,7 +14,7 @@ pub mod config;
 pub mod http;
 pub mod status;
 
-pub use config::DaemonConfig;
+pub use config::{DaemonConfig, GcConfig, RetentionConfig};
 pub use status::{DaemonStatus, SharedStatus};
 
 use crate::error::{Error, Result};

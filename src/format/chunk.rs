@@ -198,38 +198,6 @@ impl ChunkHeader {
     }
 }
 
-/// Validate a whole chunk object held in memory (header, padding, payload)
-/// and decode it into `out` (exactly the uncompressed length), verifying
-/// the blake3 hash. `path` names the object in errors.
-pub fn decode_chunk_object(
-    bytes: &[u8],
-    id: &ChunkId,
-    out: &mut [u8],
-    decoder: &mut crate::codec::Decoder,
-    path: &Path,
-) -> Result<()> {
-    let header = ChunkHeader::decode(bytes, path)?;
-    header.check(id, out.len() as u64, bytes.len() as u64, path)?;
-    let corrupt = |reason: String| Error::CorruptChunk {
-        chunk: id.to_hex(),
-        path: path.to_path_buf(),
-        reason,
-        tensors: Vec::new(),
-    };
-    let start = header.payload_offset as usize;
-    if bytes[HEADER_LEN..start].iter().any(|&b| b != 0) {
-        return Err(corrupt("non-zero bytes between header and payload".into()));
-    }
-    decoder.decode(header.codec, header.filter, &bytes[start..], out, path)?;
-    let got = ChunkId::of(out);
-    if got != *id {
-        return Err(corrupt(format!(
-            "content hash mismatch (bytes hash to {got})"
-        )));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

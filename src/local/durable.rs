@@ -122,16 +122,3 @@ pub fn start_writeback(f: &File) {
         libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
     }
 }
-
-/// Drop a file's clean pages from the page cache (used to measure cold
-/// reads). Best effort.
-pub fn evict_from_cache(path: &Path) {
-    use std::os::fd::AsRawFd;
-    if let Ok(f) = File::open(path) {
-        let _ = f.sync_all();
-        // SAFETY: plain syscall on a valid fd.
-        unsafe {
-            libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
-        }
-    }
-}

@@ -3,9 +3,10 @@
 
 use super::RemoteStore;
 use crate::chunk_id::ChunkId;
+use crate::codec::decode_chunk_object;
 use crate::codec::Decoder;
 use crate::error::{Error, Result};
-use crate::format::chunk::{decode_chunk_object, MAX_PAYLOAD_OFFSET};
+use crate::format::chunk::MAX_PAYLOAD_OFFSET;
 use futures::{StreamExt, TryStreamExt};
 
 impl RemoteStore {

@@ -10,6 +10,7 @@
 //! a manifest is only put after every chunk it references is present, so a
 //! listed remote checkpoint is always whole.
 
+#[cfg(any(test, feature = "test-util"))]
 pub mod fault;
 pub mod fetch;
 pub mod metrics;

@@ -2,9 +2,9 @@
 //! parallel and verified, then the manifest, put last and only if absent.
 
 use super::RemoteStore;
+use crate::codec::decode_chunk_object;
 use crate::codec::Decoder;
 use crate::error::{Error, Result};
-use crate::format::chunk::decode_chunk_object;
 use crate::local::LocalChunkStore;
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;

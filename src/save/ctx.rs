@@ -97,7 +97,7 @@ pub(crate) struct SaveCtx {
     pub counters: Counters,
     pub stall: Mutex<Duration>,
     /// Shared collection lock, held until the save commits or fails.
-    pub gc_lock: Mutex<Option<crate::gc::GcLock>>,
+    pub gc_lock: Mutex<Option<crate::local::GcLock>>,
     done: Mutex<Option<oneshot::Sender<Result<SaveReport>>>>,
 }
 

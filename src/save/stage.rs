@@ -99,7 +99,7 @@ pub(crate) fn stage_save(
         });
     }
     // Held until commit: no collection runs while this save is in flight.
-    let gc_lock = crate::gc::GcLock::shared(layout.root())?;
+    let gc_lock = crate::local::GcLock::shared(layout.root())?;
     let (tx, rx) = oneshot::channel();
     let ctx = Arc::new(SaveCtx::new(
         layout.clone(),

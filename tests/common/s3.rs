@@ -1,7 +1,7 @@
 //! The loopback S3-compatible server started by `scripts/test`.
 #![allow(dead_code)]
 
-use cairn::remote::{RemoteOptions, RemoteStore};
+use cairn::{RemoteOptions, RemoteStore};
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -2,10 +2,9 @@
 
 use super::raw;
 use super::synthetic::SyntheticState;
-use crate::codec::{CodecChoice, Encoder};
-use crate::error::{Error, Result};
-use crate::local::durable::unique_tmp_name;
-use crate::store::{StepSel, Store, StoreOptions};
+use cairn::{CodecChoice, Encoder};
+use cairn::{Error, Result};
+use cairn::{StepSel, Store, StoreOptions};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -229,10 +228,10 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
         stored_total += rep.bytes_written;
         logical_total += rep.bytes_written_uncompressed;
 
-        let raw_path = tmp.join(unique_tmp_name("bench-raw"));
+        let raw_path = tmp.join(format!("bench-raw.{}.tmp", std::process::id()));
         let raw_write_fsync_s = raw::buffered_write_fsync(&raw_path, &srcs)?.as_secs_f64();
         let _ = std::fs::remove_file(&raw_path);
-        let direct_path = tmp.join(unique_tmp_name("bench-direct"));
+        let direct_path = tmp.join(format!("bench-direct.{}.tmp", std::process::id()));
         let raw_direct_write_s = raw::direct_write(&direct_path, &srcs)?.as_secs_f64();
 
         // Cold restore into the pre-faulted buffers, then compare.
@@ -336,7 +335,7 @@ fn chunk_paths(store: &Store, run: &str, step: u64) -> Result<Vec<PathBuf>> {
     let m = store.manifest(run, step)?;
     Ok(m.distinct_chunks()
         .iter()
-        .map(|(id, _)| store.layout.chunk_path(id))
+        .map(|(id, _)| store.chunk_path(id))
         .collect())
 }
 

@@ -1,5 +1,6 @@
 //! End-to-end tests of the built `cairn` binary.
 
+#[path = "../../../tests/common/mod.rs"]
 mod common;
 
 use std::path::Path;

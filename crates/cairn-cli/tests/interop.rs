@@ -1,6 +1,7 @@
 //! Interoperability with the Python `safetensors` and `numpy` packages
 //! (installed by scripts/test; CAIRN_TEST_PYTHON names that interpreter).
 
+#[path = "../../../tests/common/mod.rs"]
 mod common;
 
 use cairn::{DType, StepSel, Store, TensorFilter};

@@ -1,6 +1,6 @@
 //! Opening the store a command names: a path or an object-store URL.
 
-use cairn::tier::Tier;
+use cairn::Tier;
 
 /// Parse `KEY=VALUE` remote options.
 pub fn remote_options(raw: &[String]) -> cairn::Result<Vec<(String, String)>> {

@@ -2,7 +2,7 @@
 
 use super::open::{open, print_json, progress};
 use super::size::human;
-use cairn::copy::glob_match;
+use cairn::glob_match;
 use cairn::safetensors::{parse_header, write_file};
 use cairn::{DType, Error, SaveState, StepSel, Store, StoreOptions, TensorFilter};
 use serde::Serialize;
@@ -130,7 +130,7 @@ pub fn export(
         let idx = dir.join("model.safetensors.index.json");
         let body = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         let bytes = serde_json::to_vec_pretty(&body).map_err(|e| Error::Internal(e.to_string()))?;
-        cairn::local::durable::publish_replace(&dir, &idx, &bytes)?;
+        cairn::safetensors::publish_index(&dir, &idx, &bytes)?;
         Some(idx)
     } else {
         None
@@ -211,7 +211,7 @@ pub fn import(
     input: &Path,
     json: bool,
 ) -> cairn::Result<i32> {
-    if cairn::tier::is_url(location) {
+    if cairn::is_url(location) {
         return Err(Error::invalid(
             "import target",
             "import into a local store, then `cairn restore --to` the remote",

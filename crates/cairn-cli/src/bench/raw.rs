@@ -2,7 +2,7 @@
 //! pre-faulted memory, a buffered write + fsync, an O_DIRECT write with
 //! several requests in flight, and a cold sequential read.
 
-use crate::error::{Error, Result};
+use cairn::{Error, Result};
 use memmap2::{MmapMut, MmapOptions};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -157,9 +157,22 @@ pub fn drop_caches(files: &[&Path]) -> &'static str {
         return "drop_caches";
     }
     for f in files {
-        crate::local::durable::evict_from_cache(f);
+        evict_from_cache(f);
     }
     "fadvise"
+}
+
+/// Drop a file's clean pages from the page cache. Best effort.
+fn evict_from_cache(path: &Path) {
+    use std::os::fd::AsRawFd;
+    if let Ok(f) = std::fs::File::open(path) {
+        let _ = f.sync_all();
+        // SAFETY: plain syscall on a valid, open fd; failure only loses
+        // the hint.
+        unsafe {
+            libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,9 +1,10 @@
 //! The flush daemon as users run it: the `cairn daemon` binary against a
 //! loopback S3-compatible server, killed with SIGKILL and restarted.
 
+#[path = "../../../tests/common/mod.rs"]
 mod common;
 
-use cairn::remote::{RemoteOptions, RemoteStore};
+use cairn::{RemoteOptions, RemoteStore};
 use cairn::{StepSel, Store, StoreOptions, TensorFilter};
 use common::*;
 use std::collections::HashSet;

@@ -2,7 +2,7 @@
 
 use super::open::{open, print_json};
 use super::size::human;
-use cairn::tier::Tier;
+use cairn::Tier;
 use serde::Serialize;
 use std::collections::HashSet;
 
@@ -126,14 +126,5 @@ pub fn run(
 }
 
 fn upload_url(store: &cairn::Store, run: &str, step: u64) -> Option<String> {
-    let p = store
-        .root()
-        .join("runs")
-        .join(run)
-        .join(cairn::layout::step_dir_name(step))
-        .join(cairn::store::UPLOAD_MARKER);
-    let b = std::fs::read(p).ok()?;
-    serde_json::from_slice::<cairn::store::UploadMarker>(&b)
-        .ok()
-        .map(|m| m.url)
+    store.uploaded_to(run, step)
 }

@@ -2,7 +2,7 @@
 
 use super::open::{open, print_json};
 use super::size::human;
-use cairn::tier::Tier;
+use cairn::Tier;
 use std::time::Duration;
 
 pub fn run(

@@ -4,10 +4,10 @@
 
 use super::run::median;
 use super::synthetic::SyntheticState;
-use crate::error::{Error, Result};
-use crate::remote::RemoteStore;
-use crate::store::{StepSel, Store, StoreOptions};
-use crate::TensorFilter;
+use cairn::RemoteStore;
+use cairn::TensorFilter;
+use cairn::{Error, Result};
+use cairn::{StepSel, Store, StoreOptions};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -76,7 +76,7 @@ pub fn run_remote_bench(
     store.attach_remote(remote.clone());
     let first = store.latest("remote-bench")?.map_or(0, |s| s + 1);
     let raw_path = remote
-        .chunk_path(&crate::ChunkId::of(b"raw"))
+        .chunk_path(&cairn::ChunkId::of(b"raw"))
         .child("bench-raw-object");
     let mut iters = Vec::new();
     for i in 0..iterations {

@@ -1,6 +1,6 @@
 //! `cairn daemon`.
 
-use cairn::daemon::{DaemonConfig, FlushDaemon};
+use cairn::{DaemonConfig, FlushDaemon};
 use clap::Args;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -2,8 +2,8 @@
 
 use super::open::{open, open_for_write, print_json, progress};
 use super::size::human;
-use cairn::copy::{copy_checkpoint, glob_match};
 use cairn::StepSel;
+use cairn::{copy_checkpoint, glob_match};
 
 pub fn run(
     location: &str,

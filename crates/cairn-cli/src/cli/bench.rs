@@ -1,8 +1,8 @@
 //! `cairn bench`.
 
 use super::size::{human, parse_size};
-use cairn::bench::{run_bench, BenchConfig, BenchReport};
 use cairn::{CodecChoice, StoreOptions};
+use cairn_cli::bench::{run_bench, BenchConfig, BenchReport};
 use clap::Args;
 use std::path::PathBuf;
 

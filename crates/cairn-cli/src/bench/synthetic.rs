@@ -2,8 +2,8 @@
 //! plus Adam's `exp_avg` and `exp_avg_sq` of the same shapes, generated
 //! deterministically from a seed.
 
-use crate::dtype::DType;
-use crate::save::SaveState;
+use cairn::DType;
+use cairn::SaveState;
 
 /// One synthetic tensor.
 pub struct SynthTensor {

@@ -1,9 +1,10 @@
 //! End-to-end tests of the operator commands (ls, inspect, restore,
 //! export, diff, gc, verify) on local directories and S3 URLs.
 
+#[path = "../../../tests/common/mod.rs"]
 mod common;
 
-use cairn::remote::RemoteOptions;
+use cairn::RemoteOptions;
 use cairn::{Store, StoreOptions};
 use common::*;
 use std::process::{Command, Output};

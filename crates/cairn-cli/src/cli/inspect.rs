@@ -2,7 +2,7 @@
 
 use super::open::{open, print_json};
 use super::size::human;
-use cairn::copy::glob_match;
+use cairn::glob_match;
 use cairn::StepSel;
 use serde::Serialize;
 

@@ -1,0 +1,55 @@
+//! The collection lock of a local store: saves and copies into the store
+//! hold it shared until they commit; a local garbage collection holds it
+//! exclusive for its whole mark-and-sweep.
+
+use crate::error::{Error, Result};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+/// File name of the collection lock in a store's root.
+pub const GC_LOCK: &str = "gc.lock";
+
+/// A held `flock` on a store's collection lock; released on drop.
+#[derive(Debug)]
+pub struct GcLock {
+    _file: File,
+}
+
+impl GcLock {
+    fn take(root: &Path, exclusive: bool) -> Result<Self> {
+        let path = root.join(GC_LOCK);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io("open gc lock", &path, e))?;
+        let op = if exclusive {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
+        };
+        loop {
+            // SAFETY: flock on a valid fd.
+            let r = unsafe { libc::flock(file.as_raw_fd(), op) };
+            if r == 0 {
+                return Ok(GcLock { _file: file });
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(Error::io("lock gc lock", &path, e));
+            }
+        }
+    }
+
+    /// The shared lock a save holds while in flight.
+    pub fn shared(root: &Path) -> Result<Self> {
+        Self::take(root, false)
+    }
+
+    /// The exclusive lock a collection holds.
+    pub fn exclusive(root: &Path) -> Result<Self> {
+        Self::take(root, true)
+    }
+}
