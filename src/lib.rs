@@ -67,6 +67,7 @@ pub use codec::{CodecChoice, Encoder};
 pub use copy::{copy_checkpoint, glob_match, CopyReport};
 pub use daemon::{
     DaemonConfig, DaemonStatus, FlushDaemon, GcConfig, RetentionConfig, SharedStatus,
+    MAX_CONFIG_LEN,
 };
 pub use dtype::DType;
 pub use error::{Error, ErrorKind, Result};

@@ -166,7 +166,7 @@ pub fn write_file(
     while h.len() % 8 != 0 {
         h.push(b' ');
     }
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = crate::local::durable::parent_dir(path);
     let tmp = dir.join(crate::local::durable::unique_tmp_name(".cairn-export"));
     let res = (|| -> Result<()> {
         let f = crate::local::durable::create_new(&tmp)?;

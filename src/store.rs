@@ -297,7 +297,7 @@ impl Store {
     /// commit).
     pub fn uploaded_to(&self, run: &str, step: u64) -> Option<String> {
         let path = self.layout.step_dir(run, step).join(UPLOAD_MARKER);
-        std::fs::read(&path)
+        crate::local::durable::read_limited(&path, 1 << 20)
             .ok()
             .and_then(|b| serde_json::from_slice::<UploadMarker>(&b).ok())
             .map(|m| m.url)
@@ -311,7 +311,7 @@ impl Store {
     /// Whether `(run, step)` is recorded as durable in the remote at `url`.
     pub fn is_uploaded(&self, run: &str, step: u64, url: &str) -> bool {
         let path = self.layout.step_dir(run, step).join(UPLOAD_MARKER);
-        std::fs::read(&path)
+        read_bounded(&path)
             .ok()
             .and_then(|b| serde_json::from_slice::<UploadMarker>(&b).ok())
             .is_some_and(|m| m.url == url)
@@ -474,25 +474,15 @@ fn check_or_write_marker(layout: &Layout) -> Result<()> {
     Ok(())
 }
 
-/// Read a small metadata file, refusing anything over the manifest limit.
+/// Read a small metadata file, refusing anything over the manifest limit
+/// and anything that is not a regular file.
 pub(crate) fn read_bounded(path: &PathBuf) -> Result<Vec<u8>> {
-    use std::io::Read;
-    let f = std::fs::File::open(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::NotFound {
-            what: path.display().to_string(),
-        },
-        _ => Error::io("open", path, e),
-    })?;
     let limit =
         crate::format::manifest::MAX_MANIFEST_LEN + crate::format::manifest::ENVELOPE_LEN as u64;
-    let mut buf = Vec::new();
-    f.take(limit + 1)
-        .read_to_end(&mut buf)
-        .map_err(|e| Error::io("read", path, e))?;
-    if buf.len() as u64 > limit {
-        return Err(Error::manifest(path, format!("larger than {limit} bytes")));
-    }
-    Ok(buf)
+    crate::local::durable::read_limited(path, limit).map_err(|e| match e {
+        Error::InvalidInput { reason, .. } => Error::manifest(path, reason),
+        e => e,
+    })
 }
 
 fn read_dir_names(dir: &Path) -> Result<Vec<String>> {

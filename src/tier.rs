@@ -26,10 +26,11 @@ pub fn is_url(location: &str) -> bool {
 }
 
 impl Tier {
-    /// Open an existing store at `location` for reading.
+    /// Open an existing store at `location` for reading; nothing is
+    /// created, and a missing store is [`Error::NotFound`] naming it.
     pub fn open(location: &str, remote_options: &[(String, String)]) -> Result<Tier> {
         if is_url(location) {
-            Ok(Tier::Remote(RemoteStore::open(
+            Ok(Tier::Remote(RemoteStore::open_existing(
                 location,
                 remote_options,
                 RemoteOptions::default(),
@@ -46,7 +47,11 @@ impl Tier {
     /// needed (with a small staging pool: copies do not stage).
     pub fn open_for_write(location: &str, remote_options: &[(String, String)]) -> Result<Tier> {
         if is_url(location) {
-            return Self::open(location, remote_options);
+            return Ok(Tier::Remote(RemoteStore::open(
+                location,
+                remote_options,
+                RemoteOptions::default(),
+            )?));
         }
         Ok(Tier::Local(Store::open(
             location,
@@ -113,7 +118,7 @@ impl Tier {
             Tier::Local(s) => s.manifest_bytes(run, step),
             Tier::Remote(r) => {
                 let path = r.manifest_path(run, step);
-                let b = r.block_on(r.get_object(&path, "get manifest"))??;
+                let b = r.block_on(r.get_manifest_object(&path))??;
                 decode_manifest_file(&b, &PathBuf::from(path.to_string()))?;
                 Ok(b.to_vec())
             }

@@ -80,7 +80,9 @@ pub trait VerifySource: Sync {
 /// Where a chunk is used: run, step, entry name.
 type EntryAt = (String, u64, String);
 
-/// Verify checkpoints of `src`: all, one run's, or one step's.
+/// Verify checkpoints of `src`: all, one run's, or one step's. A named run
+/// with no committed checkpoint, or a step that is not committed, is
+/// [`Error::NotFound`] rather than an empty report.
 pub fn verify(
     src: &dyn VerifySource,
     run: Option<&str>,
@@ -95,7 +97,15 @@ pub fn verify(
     for r in &runs {
         let steps = match step {
             Some(s) => vec![src.resolve(r, s)?],
-            None => src.steps(r)?,
+            None => {
+                let steps = src.steps(r)?;
+                if steps.is_empty() && run.is_some() {
+                    return Err(Error::NotFound {
+                        what: format!("any committed checkpoint of run {r}"),
+                    });
+                }
+                steps
+            }
         };
         for s in steps {
             report.checkpoints += 1;

@@ -42,6 +42,9 @@ impl Default for GcConfig {
     }
 }
 
+/// Largest daemon config file accepted.
+pub const MAX_CONFIG_LEN: u64 = 1 << 20;
+
 /// Everything the daemon needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -93,6 +96,23 @@ impl DaemonConfig {
             retention: RetentionConfig::default(),
             gc: GcConfig::default(),
         }
+    }
+
+    /// Read and parse a TOML config file of at most [`MAX_CONFIG_LEN`]
+    /// bytes. A file that is not a regular file (a FIFO, `/dev/zero`) or
+    /// is larger is refused before anything is read.
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        let bytes =
+            crate::local::durable::read_limited(path, MAX_CONFIG_LEN).map_err(|e| match e {
+                crate::Error::InvalidInput { reason, .. } => {
+                    crate::Error::invalid(format!("config {}", path.display()), reason)
+                }
+                e => e,
+            })?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            crate::Error::invalid(format!("config {}", path.display()), e.to_string())
+        })?;
+        Self::from_toml(&text, path)
     }
 
     /// Parse a TOML config file.

@@ -14,7 +14,7 @@ pub mod config;
 pub mod http;
 pub mod status;
 
-pub use config::{DaemonConfig, GcConfig, RetentionConfig};
+pub use config::{DaemonConfig, GcConfig, RetentionConfig, MAX_CONFIG_LEN};
 pub use status::{DaemonStatus, SharedStatus};
 
 use crate::error::{Error, Result};

@@ -1,5 +1,6 @@
 //! Durable file primitives: fsync'd writes, atomic publication, directory
-//! fsyncs. Every file cairn commits goes through here.
+//! fsyncs, and bounded reads of small files. Every file cairn commits goes
+//! through here.
 
 use crate::error::{Error, Result};
 use std::fs::{File, OpenOptions};
@@ -18,6 +19,59 @@ pub fn unique_tmp_name(stem: &str) -> String {
         std::process::id(),
         TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// The directory holding `path`: its parent, or `.` for a bare relative
+/// name such as `model.safetensors` (whose [`Path::parent`] is empty) and
+/// for a root (which has none).
+pub fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Read a small file whole: at most `limit` bytes, through a bounded read.
+/// A missing file is [`Error::NotFound`]; a file that is not a regular file
+/// (a FIFO, a device such as `/dev/zero`, a directory) or is larger than
+/// `limit` is [`Error::InvalidInput`] naming it.
+pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    // O_NONBLOCK: opening a FIFO must not wait for a writer.
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::NotFound {
+                what: path.display().to_string(),
+            },
+            _ => Error::io("open", path, e),
+        })?;
+    let meta = f.metadata().map_err(|e| Error::io("stat", path, e))?;
+    let too_large = || {
+        Error::invalid(
+            format!("file {}", path.display()),
+            format!("larger than {limit} bytes"),
+        )
+    };
+    if !meta.is_file() {
+        return Err(Error::invalid(
+            format!("file {}", path.display()),
+            "not a regular file",
+        ));
+    }
+    if meta.len() > limit {
+        return Err(too_large());
+    }
+    let mut buf = Vec::with_capacity(meta.len() as usize);
+    f.take(limit + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| Error::io("read", path, e))?;
+    if buf.len() as u64 > limit {
+        return Err(too_large());
+    }
+    Ok(buf)
 }
 
 /// fsync a directory so the entries created or renamed in it are durable.
@@ -40,7 +94,8 @@ pub fn create_dir_all_durable(dir: &Path) -> Result<()> {
             break;
         }
         missing.push(d.to_path_buf());
-        cur = d.parent();
+        // A bare relative name's parent is "", the current directory.
+        cur = d.parent().filter(|p| !p.as_os_str().is_empty());
     }
     for d in missing.iter().rev() {
         match std::fs::create_dir(d) {
@@ -48,9 +103,7 @@ pub fn create_dir_all_durable(dir: &Path) -> Result<()> {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(Error::io("create directory", d, e)),
         }
-        if let Some(parent) = d.parent() {
-            fsync_dir(parent)?;
-        }
+        fsync_dir(parent_dir(d))?;
     }
     Ok(())
 }
@@ -93,9 +146,7 @@ pub fn publish_new(tmp_dir: &Path, dest: &Path, bytes: &[u8]) -> Result<bool> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
         Err(e) => return Err(Error::io("link into place", dest, e)),
     }
-    if let Some(parent) = dest.parent() {
-        fsync_dir(parent)?;
-    }
+    fsync_dir(parent_dir(dest))?;
     Ok(true)
 }
 
@@ -107,9 +158,7 @@ pub fn publish_replace(tmp_dir: &Path, dest: &Path, bytes: &[u8]) -> Result<()> 
         let _ = std::fs::remove_file(&tmp);
         return Err(Error::io("rename into place", dest, e));
     }
-    if let Some(parent) = dest.parent() {
-        fsync_dir(parent)?;
-    }
+    fsync_dir(parent_dir(dest))?;
     Ok(())
 }
 

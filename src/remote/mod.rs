@@ -23,7 +23,7 @@ pub use upload::UploadReport;
 
 use crate::chunk_id::ChunkId;
 use crate::error::{Error, Result};
-use crate::format::manifest::{decode_manifest_file, Manifest};
+use crate::format::manifest::{decode_manifest_file, Manifest, ENVELOPE_LEN, MAX_MANIFEST_LEN};
 use crate::layout::{parse_step_dir_name, step_dir_name, validate_run_name, MANIFEST_FILE};
 use futures::TryStreamExt;
 use object_store::path::Path as ObjPath;
@@ -87,7 +87,32 @@ impl RemoteStore {
     /// `GOOGLE_*`, `AZURE_*`) and from `options` (object_store's
     /// configuration keys, e.g. `endpoint`, `region`, `access_key_id`,
     /// `secret_access_key`, `allow_http`).
+    ///
+    /// A `file://` directory is created if missing; see
+    /// [`RemoteStore::open_existing`] to read a store without creating it.
     pub fn open(url: &str, options: &[(String, String)], opts: RemoteOptions) -> Result<Self> {
+        Self::open_impl(url, options, opts, true)
+    }
+
+    /// Open an existing store from a URL, as [`RemoteStore::open`] does,
+    /// but create nothing: a `file://` URL must name a directory that is
+    /// empty or holds a store's `runs`/`chunks` layout, otherwise the result
+    /// is [`Error::NotFound`] naming it. (Object-store prefixes have no
+    /// directory to check; an empty prefix reads as an empty store.)
+    pub fn open_existing(
+        url: &str,
+        options: &[(String, String)],
+        opts: RemoteOptions,
+    ) -> Result<Self> {
+        Self::open_impl(url, options, opts, false)
+    }
+
+    fn open_impl(
+        url: &str,
+        options: &[(String, String)],
+        opts: RemoteOptions,
+        create: bool,
+    ) -> Result<Self> {
         let parsed = url::Url::parse(url)
             .map_err(|e| Error::invalid("remote URL", format!("{url:?}: {e}")))?;
         let (scheme, prefix) = ObjectStoreScheme::parse(&parsed)
@@ -124,7 +149,13 @@ impl RemoteStore {
                 let root = parsed.to_file_path().map_err(|_| {
                     Error::invalid("remote URL", format!("{url:?} is not a local path"))
                 })?;
-                crate::local::durable::create_dir_all_durable(&root)?;
+                if create {
+                    crate::local::durable::create_dir_all_durable(&root)?;
+                } else if !is_local_store_dir(&root) {
+                    return Err(Error::NotFound {
+                        what: format!("cairn store at {url}"),
+                    });
+                }
                 let fs = object_store::local::LocalFileSystem::new_with_prefix(&root)
                     .map_err(|e| Error::remote("open", url, e))?;
                 return Ok(Self::new(Arc::new(fs), ObjPath::default(), url, opts));
@@ -313,7 +344,7 @@ impl RemoteStore {
                 source: object_store::Error::AlreadyExists { .. },
                 ..
             }) => {
-                let existing = self.get_object(&path, "get manifest").await?;
+                let existing = self.get_manifest_object(&path).await?;
                 if existing == bytes {
                     Ok(false)
                 } else {
@@ -340,6 +371,40 @@ impl RemoteStore {
         .await
     }
 
+    /// Get a manifest object whole, refusing one larger than a manifest may
+    /// be: the size comes from the object's metadata before any of the body
+    /// is read, and the body is read with the same cap (retried).
+    pub async fn get_manifest_object(&self, path: &ObjPath) -> Result<bytes::Bytes> {
+        let limit = MAX_MANIFEST_LEN + ENVELOPE_LEN as u64;
+        let display = || std::path::PathBuf::from(path.to_string());
+        let too_large = || Error::manifest(display(), format!("larger than {limit} bytes"));
+        retry::retry(&self.opts.retry, &self.metrics, || async {
+            let op = "get manifest";
+            let r = self
+                .inner
+                .get(path)
+                .await
+                .map_err(|e| Error::remote(op, path, e))?;
+            if r.meta.size > limit {
+                return Err(too_large());
+            }
+            let mut buf = Vec::with_capacity(r.meta.size as usize);
+            let mut body = r.into_stream();
+            while let Some(part) = body
+                .try_next()
+                .await
+                .map_err(|e| Error::remote(op, path, e))?
+            {
+                if (buf.len() + part.len()) as u64 > limit {
+                    return Err(too_large());
+                }
+                buf.extend_from_slice(&part);
+            }
+            Ok(bytes::Bytes::from(buf))
+        })
+        .await
+    }
+
     /// Get a byte range of an object (retried, body included).
     pub async fn get_range(
         &self,
@@ -362,7 +427,7 @@ impl RemoteStore {
     pub async fn manifest(&self, run: &str, step: u64) -> Result<Manifest> {
         validate_run_name(run)?;
         let path = self.manifest_path(run, step);
-        let bytes = match self.get_object(&path, "get manifest").await {
+        let bytes = match self.get_manifest_object(&path).await {
             Ok(b) => b,
             Err(Error::Remote {
                 source: object_store::Error::NotFound { .. },
@@ -470,4 +535,13 @@ impl RemoteStore {
         })
         .await
     }
+}
+
+/// Whether `root` can be read as a `file://` store: a directory that is
+/// empty or holds `runs` or `chunks`.
+fn is_local_store_dir(root: &std::path::Path) -> bool {
+    let Ok(mut entries) = std::fs::read_dir(root) else {
+        return false;
+    };
+    entries.next().is_none() || root.join("runs").is_dir() || root.join("chunks").is_dir()
 }

@@ -296,7 +296,7 @@ fn bad_daemon_arguments_are_clear_errors() {
             .unwrap()
     };
     let o = run(&["daemon"]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--remote"));
     let missing = dir.path().join("none");
     let o = run(&[
@@ -317,7 +317,7 @@ fn bad_daemon_arguments_are_clear_errors() {
         "--listen",
         "0.0.0.0:9999",
     ]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("loopback"));
     let cfg = dir.path().join("bad.toml");
     std::fs::write(&cfg, "local = 3\n").unwrap();

@@ -6,4 +6,4 @@ pub mod remote;
 pub mod run;
 pub mod synthetic;
 
-pub use run::{run_bench, BenchConfig, BenchReport};
+pub use run::{check_size, run_bench, BenchConfig, BenchReport, MIN_SIZE};

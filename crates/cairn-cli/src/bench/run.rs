@@ -12,6 +12,54 @@ use std::time::Instant;
 /// Seed of the synthetic state; each step mixes in its number.
 pub const BASE_SEED: u64 = 0x00C0_FFEE_CA1B_0001;
 
+/// Smallest state the bench accepts: below it the synthetic model cannot
+/// shrink further, so a smaller `size` would silently bench a larger state.
+pub const MIN_SIZE: u64 = 1 << 20;
+
+/// Check `cfg`'s size: at least [`MIN_SIZE`], and small enough that the
+/// bench's copies of the state (the state itself, its staging copy and the
+/// restore buffers) fit in the memory the kernel reports available
+/// (`MemAvailable` in `/proc/meminfo`; unchecked where that is unreadable).
+pub fn check_size(cfg: &BenchConfig) -> Result<()> {
+    let mib = |b: u64| b >> 20;
+    if cfg.size < MIN_SIZE {
+        return Err(Error::invalid(
+            "bench size",
+            format!("{} bytes: the state must be at least 1 MiB", cfg.size),
+        ));
+    }
+    let staging = match cfg.options.staging_bytes {
+        0 => cfg
+            .size
+            .saturating_add(4 * cfg.options.chunk_size as u64 + (64 << 20)),
+        s => s as u64,
+    };
+    let need = cfg.size.saturating_mul(2).saturating_add(staging);
+    if let Some(avail) = mem_available() {
+        if need > avail {
+            return Err(Error::invalid(
+                "bench size (--size)",
+                format!(
+                    "a {} MiB state needs about {} MiB of memory (the state, its staging copy and \
+                     the restore buffers), more than the {} MiB of available memory (MemAvailable)",
+                    mib(cfg.size),
+                    mib(need),
+                    mib(avail)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `MemAvailable` from `/proc/meminfo`, in bytes.
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib.saturating_mul(1024))
+}
+
 /// What to benchmark.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
@@ -175,6 +223,7 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
     if cfg.iterations == 0 {
         return Err(Error::invalid("iterations", "must be at least 1"));
     }
+    check_size(cfg)?;
     progress(&format!(
         "generating a {} MiB training state",
         cfg.size >> 20

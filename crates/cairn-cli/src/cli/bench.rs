@@ -2,7 +2,7 @@
 
 use super::size::{human, parse_size};
 use cairn::{CodecChoice, StoreOptions};
-use cairn_cli::bench::{run_bench, BenchConfig, BenchReport};
+use cairn_cli::bench::{run_bench, BenchConfig, BenchReport, MIN_SIZE};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -10,27 +10,64 @@ use std::path::PathBuf;
 pub struct BenchArgs {
     /// Store directory (created if missing); checkpoints are left there.
     store: PathBuf,
-    /// Size of the synthetic training state (weights + Adam states).
-    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    /// Size of the synthetic training state (weights + Adam states), at
+    /// least 1 MiB; the bench holds about three copies of it in memory.
+    #[arg(long, default_value = "1GiB", value_parser = parse_bench_size)]
     size: u64,
-    /// Measured iterations; medians are reported.
-    #[arg(long, default_value_t = 3)]
+    /// Measured iterations (at least 1); medians are reported.
+    #[arg(long, default_value_t = 3, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     iterations: usize,
-    /// Chunk size.
-    #[arg(long, default_value = "16MiB", value_parser = parse_size)]
+    /// Chunk size (4 KiB to 1 GiB).
+    #[arg(long, default_value = "16MiB", value_parser = parse_chunk_size)]
     chunk_size: u64,
-    /// Staging budget (default: enough for the whole state).
+    /// Staging budget, at least one chunk (default: enough for the whole state).
     #[arg(long, value_parser = parse_size)]
     staging: Option<u64>,
     /// Local-tier codec: raw, zstd or zstd:LEVEL.
     #[arg(long, default_value = "raw")]
     codec: CodecChoice,
     /// Run name for the checkpoints.
-    #[arg(long, default_value = "bench")]
+    #[arg(long, default_value = "bench", value_parser = super::parse_run)]
     run: String,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// `--size`: a size of at least [`MIN_SIZE`].
+fn parse_bench_size(s: &str) -> Result<u64, String> {
+    let v = parse_size(s)?;
+    if v < MIN_SIZE {
+        return Err(format!(
+            "{s:?} is too small: the state must be at least {} MiB",
+            MIN_SIZE >> 20
+        ));
+    }
+    Ok(v)
+}
+
+/// `--chunk-size`: 4 KiB to 1 GiB.
+fn parse_chunk_size(s: &str) -> Result<u64, String> {
+    let v = parse_size(s)?;
+    let max = cairn::format::chunk::MAX_CHUNK_LEN;
+    if !(4096..=max).contains(&v) {
+        return Err(format!("{s:?} must be between 4 KiB and {}", human(max)));
+    }
+    Ok(v)
+}
+
+impl BenchArgs {
+    /// Checks across arguments: the staging budget holds at least a chunk.
+    pub fn check(&self) -> Result<(), String> {
+        match self.staging {
+            Some(st) if st < self.chunk_size => Err(format!(
+                "--staging {} is smaller than one chunk (--chunk-size {})",
+                human(st),
+                human(self.chunk_size)
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 pub fn run(a: BenchArgs) -> cairn::Result<i32> {
@@ -49,16 +86,16 @@ pub fn run(a: BenchArgs) -> cairn::Result<i32> {
     let json = a.json;
     let r = run_bench(&cfg, |msg| eprintln!("cairn bench: {msg}"))?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+        super::open::print_json(&r)?;
     } else {
-        print_human(&r);
+        print_human(&r)?;
     }
     Ok(0)
 }
 
-fn print_human(r: &BenchReport) {
+fn print_human(r: &BenchReport) -> cairn::Result<()> {
     let gb = r.logical_bytes as f64 / 1e9;
-    println!(
+    outln!(
         "state: {} in {} tensors; chunk {}, staging {}, codec {:?}; medians of {} iterations",
         human(r.logical_bytes),
         r.tensors,
@@ -67,11 +104,13 @@ fn print_human(r: &BenchReport) {
         r.codec,
         r.iterations.len()
     );
-    println!(
+    outln!(
         "save stall        {:>8.3} s   memcpy {:>8.3} s   stall/memcpy {:.2}x",
-        r.stall_s, r.memcpy_s, r.stall_ratio
+        r.stall_s,
+        r.memcpy_s,
+        r.stall_ratio
     );
-    println!(
+    outln!(
         "local durable     {:>8.3} s  ({:.2} GB/s)   buffered write+fsync {:.3} s ({:.2} GB/s)   ratio {:.2}",
         r.durable_s,
         gb / r.durable_s,
@@ -79,13 +118,13 @@ fn print_human(r: &BenchReport) {
         gb / r.raw_write_fsync_s,
         r.durable_ratio
     );
-    println!(
+    outln!(
         "                                          O_DIRECT write       {:.3} s ({:.2} GB/s)   ratio {:.2}",
         r.raw_direct_write_s,
         gb / r.raw_direct_write_s,
         r.durable_vs_direct_ratio
     );
-    println!(
+    outln!(
         "cold restore      {:>8.3} s  ({:.2} GB/s)   raw cold read        {:.3} s ({:.2} GB/s)   ratio {:.2}   [{}]",
         r.restore_s,
         gb / r.restore_s,
@@ -94,12 +133,12 @@ fn print_human(r: &BenchReport) {
         r.restore_ratio,
         r.cold_method
     );
-    println!(
+    outln!(
         "dedup: {:.1}% of bytes changed -> {:.1}% written",
         100.0 * r.dedup_changed_fraction,
         100.0 * r.dedup_written_fraction
     );
-    println!(
+    outln!(
         "compression: stored ratio {:.3}; probe zstd-1 {:.3} ({:.2} GB/s/thread), byte-grouped {:.3} ({:.2} GB/s/thread); blake3 {:.2} GB/s/thread",
         r.compression_ratio,
         r.compression.zstd1_ratio,
@@ -108,9 +147,10 @@ fn print_human(r: &BenchReport) {
         r.compression.zstd1_grouped_gbps,
         r.compression.blake3_gbps
     );
-    println!(
+    outln!(
         "peak RSS {} (state, staging and restore buffers)",
         human(r.peak_rss_bytes)
     );
-    println!("checkpoints left in {} (run {})", r.store.display(), r.run);
+    outln!("checkpoints left in {} (run {})", r.store.display(), r.run);
+    Ok(())
 }

@@ -16,16 +16,16 @@ pub struct DaemonArgs {
     #[arg(long)]
     config: Option<PathBuf>,
     /// Loopback address for /status and /metrics.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_loopback)]
     listen: Option<std::net::SocketAddr>,
-    /// How often to scan for new checkpoints (e.g. 2s).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    /// How often to scan for new checkpoints (e.g. 2s; more than zero).
+    #[arg(long, value_parser = parse_positive_duration)]
     poll_interval: Option<Duration>,
-    /// Keep this many newest checkpoints per run locally.
-    #[arg(long)]
+    /// Keep this many newest checkpoints per run locally (at least 1).
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     local_keep_last: Option<usize>,
-    /// Keep this many newest checkpoints per run remotely.
-    #[arg(long)]
+    /// Keep this many newest checkpoints per run remotely (at least 1).
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     remote_keep_last: Option<usize>,
     /// Also keep remotely every step divisible by this.
     #[arg(long)]
@@ -41,15 +41,40 @@ pub struct DaemonArgs {
     log_format: String,
 }
 
+/// `--listen`: a socket address on loopback.
+fn parse_loopback(s: &str) -> Result<std::net::SocketAddr, String> {
+    let a: std::net::SocketAddr = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not an address such as 127.0.0.1:9464: {e}"))?;
+    if !a.ip().is_loopback() {
+        return Err(format!("{a} is not a loopback address"));
+    }
+    Ok(a)
+}
+
+/// A duration greater than zero.
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?;
+    if d.is_zero() {
+        return Err(format!("{s:?} must be more than zero"));
+    }
+    Ok(d)
+}
+
+impl DaemonArgs {
+    /// Checks across arguments: without --config, LOCAL and --remote are
+    /// both needed.
+    pub fn check(&self) -> Result<(), String> {
+        if self.config.is_none() && (self.local.is_none() || self.remote.is_none()) {
+            return Err("give LOCAL and --remote, or --config FILE".into());
+        }
+        Ok(())
+    }
+}
+
 fn config(a: &DaemonArgs, remote_options: &[String]) -> cairn::Result<DaemonConfig> {
     let mut cfg = match &a.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| cairn::Error::InvalidInput {
-                what: format!("config {}", path.display()),
-                reason: e.to_string(),
-            })?;
-            DaemonConfig::from_toml(&text, path)?
-        }
+        Some(path) => DaemonConfig::load(path)?,
         None => {
             let (Some(local), Some(remote)) = (&a.local, &a.remote) else {
                 return Err(cairn::Error::InvalidInput {

@@ -120,16 +120,16 @@ pub fn run(
         .map(|n| n.to_string())
         .collect();
     if json {
-        print_json(&d);
+        print_json(&d)?;
     } else {
         for n in &d.added {
-            println!("+ {n}");
+            outln!("+ {n}");
         }
         for n in &d.removed {
-            println!("- {n}");
+            outln!("- {n}");
         }
         for c in &d.changed {
-            println!(
+            outln!(
                 "~ {} ({} differ{})",
                 c.name,
                 human(c.bytes_differing),
@@ -140,7 +140,7 @@ pub fn run(
                 }
             );
         }
-        println!(
+        outln!(
             "run {run}: step {a} -> {b}: {} added, {} removed, {} changed, {} unchanged; {} differ",
             d.added.len(),
             d.removed.len(),

@@ -68,12 +68,7 @@ pub fn export(
         std::fs::create_dir_all(out).map_err(|e| Error::io("create directory", out, e))?;
         (out.to_path_buf(), out.join("model.safetensors"))
     } else {
-        (
-            out.parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| PathBuf::from(".")),
-            out.to_path_buf(),
-        )
+        (parent_dir(out).to_path_buf(), out.to_path_buf())
     };
     let pb = progress(total, &format!("export {run}/{step}"));
     let mut files = Vec::new();
@@ -144,9 +139,9 @@ pub fn export(
         bytes: total,
     };
     if json {
-        print_json(&report);
+        print_json(&report)?;
     } else {
-        println!(
+        outln!(
             "exported {} tensors ({}) of run {run} step {step} to {} file(s){}",
             report.tensors,
             human(total),
@@ -171,7 +166,7 @@ fn import_files(input: &Path) -> cairn::Result<Vec<PathBuf>> {
         let map = v["weight_map"].as_object().ok_or_else(|| {
             Error::invalid(format!("index {}", input.display()), "no weight_map object")
         })?;
-        let dir = input.parent().unwrap_or(Path::new("."));
+        let dir = parent_dir(input);
         let mut files: Vec<PathBuf> = Vec::new();
         for f in map.values() {
             let name = f.as_str().unwrap_or("");
@@ -260,9 +255,9 @@ pub fn import(
         bytes_deduped: rep.bytes_deduped,
     };
     if json {
-        print_json(&report);
+        print_json(&report)?;
     } else {
-        println!(
+        outln!(
             "imported {} tensors ({}) from {} file(s) as run {run} step {step}: {} written, {} already stored",
             tensors,
             human(rep.logical_bytes),
@@ -272,4 +267,12 @@ pub fn import(
         );
     }
     Ok(0)
+}
+
+/// The directory holding `path`: its parent, or `.` for a bare file name.
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
 }

@@ -18,9 +18,9 @@ pub fn run(
         Tier::Remote(r) => r.block_on(r.gc(grace, dry_run))??,
     };
     if json {
-        print_json(&report);
+        print_json(&report)?;
     } else {
-        println!(
+        outln!(
             "{} {} unreferenced chunks ({}); kept {} younger than {}; {} leftovers; {} chunks referenced by {} checkpoints",
             if dry_run { "would reclaim" } else { "reclaimed" },
             report.chunks_deleted,

@@ -58,6 +58,11 @@ pub fn run(
             shard: t.shard.clone(),
         })
         .collect();
+    if let (Some(g), true) = (glob, tensors.is_empty()) {
+        return Err(cairn::Error::NotFound {
+            what: format!("tensors matching {g:?} in run {run} step {step}"),
+        });
+    }
     let out = Inspect {
         run: run.to_string(),
         step,
@@ -75,10 +80,10 @@ pub fn run(
         metadata: m.metadata.clone(),
     };
     if json {
-        print_json(&out);
+        print_json(&out)?;
         return Ok(0);
     }
-    println!(
+    outln!(
         "run {} step {}: {} in {} tensors, {} blobs",
         out.run,
         out.step,
@@ -86,12 +91,16 @@ pub fn run(
         m.tensors.len(),
         m.blobs.len()
     );
-    println!(
+    outln!(
         "{:<60} {:<7} {:<20} {:>10} {:>6}",
-        "TENSOR", "DTYPE", "SHAPE", "SIZE", "CHUNKS"
+        "TENSOR",
+        "DTYPE",
+        "SHAPE",
+        "SIZE",
+        "CHUNKS"
     );
     for t in &out.tensors {
-        println!(
+        outln!(
             "{:<60} {:<7} {:<20} {:>10} {:>6}",
             t.name,
             t.dtype,
@@ -101,8 +110,8 @@ pub fn run(
         );
     }
     for b in &out.blobs {
-        println!("blob {:<55} {:>10}", b.name, human(b.bytes));
+        outln!("blob {:<55} {:>10}", b.name, human(b.bytes));
     }
-    println!("metadata: {}", out.metadata);
+    outln!("metadata: {}", out.metadata);
     Ok(0)
 }

@@ -41,6 +41,11 @@ pub fn run(
     let sizes = tier.chunk_sizes()?;
     let mut out = Vec::new();
     let runs = match run_filter {
+        Some(r) if tier.steps(r)?.is_empty() => {
+            return Err(cairn::Error::NotFound {
+                what: format!("any committed checkpoint of run {r} in {}", tier.location()),
+            })
+        }
         Some(r) => vec![r.to_string()],
         None => tier.runs()?,
     };
@@ -98,16 +103,24 @@ pub fn run(
         }
     }
     if json {
-        print_json(&out);
+        print_json(&out)?;
     } else if out.is_empty() {
-        println!("no checkpoints in {}", tier.location());
+        outln!("no checkpoints in {}", tier.location());
     } else {
-        println!(
+        outln!(
             "{:<20} {:>10} {:<20} {:>8} {:>10} {:>10} {:>10} {:>6} {:>6}  TIERS",
-            "RUN", "STEP", "CREATED", "TENSORS", "SIZE", "STORED", "NEW", "DEDUP", "COMPR"
+            "RUN",
+            "STEP",
+            "CREATED",
+            "TENSORS",
+            "SIZE",
+            "STORED",
+            "NEW",
+            "DEDUP",
+            "COMPR"
         );
         for e in &out {
-            println!(
+            outln!(
                 "{:<20} {:>10} {:<20} {:>8} {:>10} {:>10} {:>10} {:>5.2}x {:>5.2}x  {}",
                 e.run,
                 e.step,

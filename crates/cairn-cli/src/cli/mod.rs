@@ -2,6 +2,14 @@
 //!
 //! Exit codes: 0 success; 1 the command failed (an error, or `verify`
 //! found a bad byte); 2 bad arguments.
+//!
+//! Arguments are checked while parsing (clap exits 2 by itself); the
+//! checks that need more than one argument run in [`check_args`] before any
+//! command starts, and exit 2 the same way. Errors from the command itself,
+//! bad data in an input file included, exit 1.
+
+#[macro_use]
+mod output;
 
 mod bench;
 mod daemon;
@@ -40,7 +48,7 @@ Examples:
 struct Cli {
     /// object_store option for URL stores, KEY=VALUE (repeatable), e.g.
     /// endpoint=http://127.0.0.1:9000, allow_http=true, region=us-east-1.
-    #[arg(long = "remote-option", value_name = "KEY=VALUE", global = true)]
+    #[arg(long = "remote-option", value_name = "KEY=VALUE", global = true, value_parser = parse_remote_option)]
     remote_options: Vec<String>,
     #[command(subcommand)]
     command: Command,
@@ -48,6 +56,21 @@ struct Cli {
 
 fn parse_step(s: &str) -> Result<cairn::StepSel, String> {
     s.parse().map_err(|e: cairn::Error| e.to_string())
+}
+
+/// A run name, checked as the store checks it.
+pub(crate) fn parse_run(s: &str) -> Result<String, String> {
+    cairn::validate_run_name(s)
+        .map(|()| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// `KEY=VALUE` with a non-empty key.
+fn parse_remote_option(s: &str) -> Result<String, String> {
+    match s.split_once('=') {
+        Some((k, _)) if !k.is_empty() => Ok(s.to_string()),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
 }
 
 #[derive(Subcommand)]
@@ -64,7 +87,7 @@ enum Command {
         /// Store (directory or URL).
         store: String,
         /// Only this run.
-        #[arg(long)]
+        #[arg(long, value_parser = parse_run)]
         run: Option<String>,
         /// Print JSON.
         #[arg(long)]
@@ -77,7 +100,7 @@ enum Command {
         /// Store (directory or URL).
         store: String,
         /// The run.
-        #[arg(long)]
+        #[arg(long, value_parser = parse_run)]
         run: String,
         /// Step number or `latest`.
         #[arg(long, value_parser = parse_step)]
@@ -97,7 +120,7 @@ enum Command {
         /// Source store (directory or URL).
         store: String,
         /// The run.
-        #[arg(long)]
+        #[arg(long, value_parser = parse_run)]
         run: String,
         /// Step number or `latest`.
         #[arg(long, value_parser = parse_step)]
@@ -120,7 +143,7 @@ enum Command {
         /// Store (directory or URL).
         store: String,
         /// The run.
-        #[arg(long)]
+        #[arg(long, value_parser = parse_run)]
         run: String,
         /// Step number or `latest`.
         #[arg(long, value_parser = parse_step)]
@@ -149,7 +172,7 @@ enum Command {
         /// Local store directory (created if missing).
         store: String,
         /// The run.
-        #[arg(long)]
+        #[arg(long, value_parser = parse_run)]
         run: String,
         /// The step.
         #[arg(long)]
@@ -167,7 +190,7 @@ enum Command {
         /// Store (directory or URL).
         store: String,
         /// Only this run.
-        #[arg(long)]
+        #[arg(long, value_parser = parse_run)]
         run: Option<String>,
         /// Only this step (needs --run).
         #[arg(long, requires = "run")]
@@ -183,7 +206,7 @@ enum Command {
         /// Store (directory or URL).
         store: String,
         /// The run.
-        #[arg(long)]
+        #[arg(long, value_parser = parse_run)]
         run: String,
         /// Older step.
         a: u64,
@@ -223,9 +246,23 @@ enum Command {
     },
 }
 
+/// Checks that need several arguments at once; an error is a bad argument.
+fn check_args(cli: &Cli) -> Result<(), String> {
+    match &cli.command {
+        Command::Bench(a) => a.check(),
+        Command::Daemon(a) => a.check(),
+        _ => Ok(()),
+    }
+}
+
 /// Parse arguments, run the command, and return the exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
+    if let Err(msg) = check_args(&cli) {
+        Cli::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, msg)
+            .exit();
+    }
     let o = &cli.remote_options;
     let res = match cli.command {
         Command::Bench(args) => bench::run(args),
@@ -292,8 +329,9 @@ pub fn main() -> i32 {
             json,
         } => gc::run(&store, dry_run, grace, json, o),
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "cairn", &mut std::io::stdout());
-            Ok(0)
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "cairn", &mut script);
+            output::write(&script).map(|()| 0)
         }
     };
     match res {

@@ -45,6 +45,9 @@ pub fn progress(total: u64, what: &str) -> indicatif::ProgressBar {
 }
 
 /// Print a serializable value as pretty JSON.
-pub fn print_json<T: serde::Serialize>(v: &T) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+pub fn print_json<T: serde::Serialize>(v: &T) -> cairn::Result<()> {
+    let text =
+        serde_json::to_string_pretty(v).map_err(|e| cairn::Error::Internal(e.to_string()))?;
+    outln!("{text}");
+    Ok(())
 }

@@ -16,8 +16,15 @@ pub fn run(
 ) -> cairn::Result<i32> {
     let src = open(location, raw_opts)?;
     let step = src.resolve(run, step)?;
-    let dst = open_for_write(to, raw_opts)?;
     let m = src.manifest(run, step)?;
+    if let Some(g) = glob {
+        if !m.tensors.iter().any(|t| glob_match(g, &t.name)) {
+            return Err(cairn::Error::NotFound {
+                what: format!("tensors matching {g:?} in run {run} step {step}"),
+            });
+        }
+    }
+    let dst = open_for_write(to, raw_opts)?;
     let total: u64 = m.distinct_chunks().iter().map(|c| c.1).sum();
     let pb = progress(total, &format!("restore {run}/{step}"));
     let select = glob.map(|g| move |name: &str| glob_match(g, name));
@@ -25,9 +32,9 @@ pub fn run(
     let report = copy_checkpoint(&src, &dst, run, step, sel, 8, &|n| pb.inc(n))?;
     pb.finish_and_clear();
     if json {
-        print_json(&report);
+        print_json(&report)?;
     } else {
-        println!(
+        outln!(
             "restored run {run} step {step} to {}: {} tensors, {} chunks ({} copied, {} already there), {} in {:.2?}",
             dst.location(),
             report.tensors,

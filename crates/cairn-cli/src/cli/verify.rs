@@ -13,11 +13,11 @@ pub fn run(
     let tier = open(location, raw_opts)?;
     let report = tier.verify(run, step)?;
     if json {
-        print_json(&report);
+        print_json(&report)?;
     } else {
         for p in &report.problems {
             match &p.chunk {
-                Some(c) => println!(
+                Some(c) => outln!(
                     "BAD  run {} step {}: chunk {c} ({}): {}; affects {}",
                     p.run,
                     p.step,
@@ -25,10 +25,10 @@ pub fn run(
                     p.reason,
                     p.tensors.join(", ")
                 ),
-                None => println!("BAD  run {} step {}: {}", p.run, p.step, p.reason),
+                None => outln!("BAD  run {} step {}: {}", p.run, p.step, p.reason),
             }
         }
-        println!(
+        outln!(
             "{} checkpoints, {} chunks, {} read: {}",
             report.checkpoints,
             report.chunks_checked,

@@ -1,0 +1,447 @@
+//! The command line as a shell user meets it: relative paths, closed or
+//! full stdout, bench sizes, bounded reads, selections that match nothing,
+//! and the exit code of bad arguments.
+
+use cairn::{DType, SaveState, Store, StoreOptions};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cairn");
+
+/// Address-space limit for runs that could otherwise eat the machine's
+/// memory: such a run fails instead.
+const AS_LIMIT: u64 = 1 << 30;
+
+fn cairn_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run cairn")
+}
+
+fn cairn(args: &[&str]) -> Output {
+    cairn_in(Path::new("/"), args)
+}
+
+/// Run with an address-space limit, so a runaway allocation fails the
+/// test rather than the machine.
+fn cairn_limited(args: &[&str]) -> Output {
+    let mut c = Command::new(BIN);
+    c.args(args);
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child.
+    unsafe {
+        c.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: AS_LIMIT,
+                rlim_max: AS_LIMIT,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    c.output().expect("run cairn")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn small_opts() -> StoreOptions {
+    StoreOptions {
+        chunk_size: 64 << 10,
+        staging_bytes: 1 << 20,
+        ..StoreOptions::default()
+    }
+}
+
+/// A store at `root` with run `r`, steps 1 and 2, each `n` small tensors
+/// (step 2 changes every third one).
+fn make_store(root: &Path, n: usize) {
+    let store = Store::open(root, small_opts()).expect("open store");
+    for step in [1u64, 2] {
+        let data: Vec<Vec<u8>> = (0..n)
+            .map(|i| {
+                let v = if step == 2 && i % 3 == 0 { 7 } else { 1 };
+                vec![(i as u8).wrapping_add(v); 64]
+            })
+            .collect();
+        let mut s = SaveState::new();
+        for (i, d) in data.iter().enumerate() {
+            s = s.tensor(
+                format!("model.layers.{i}.weight"),
+                DType::F32,
+                &[16],
+                d.as_slice(),
+            );
+        }
+        store.save("r", step, &s).unwrap().wait().unwrap();
+    }
+}
+
+#[test]
+fn p08_bare_relative_paths_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+    make_store(&cwd.join("src"), 4);
+
+    let o = cairn_in(
+        cwd,
+        &[
+            "export",
+            "src",
+            "--run",
+            "r",
+            "--step",
+            "1",
+            "--out",
+            "model.safetensors",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "export: {}", stderr(&o));
+    assert!(cwd.join("model.safetensors").is_file());
+
+    let o = cairn_in(
+        cwd,
+        &[
+            "import",
+            "ck",
+            "--run",
+            "r",
+            "--step",
+            "1",
+            "model.safetensors",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "import: {}", stderr(&o));
+    assert!(cwd.join("ck").join("runs").join("r").is_dir());
+
+    let o = cairn_in(
+        cwd,
+        &["restore", "src", "--run", "r", "--step", "2", "--to", "ck2"],
+    );
+    assert_eq!(o.status.code(), Some(0), "restore: {}", stderr(&o));
+    let o = cairn_in(cwd, &["verify", "ck2", "--run", "r", "--step", "2"]);
+    assert_eq!(o.status.code(), Some(0), "verify ck2: {}", stderr(&o));
+
+    let o = cairn_in(
+        cwd,
+        &[
+            "bench",
+            "bk",
+            "--size",
+            "1MiB",
+            "--iterations",
+            "1",
+            "--chunk-size",
+            "256KiB",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "bench: {}", stderr(&o));
+    let o = cairn_in(cwd, &["verify", "bk"]);
+    assert_eq!(o.status.code(), Some(0), "verify bk: {}", stderr(&o));
+}
+
+/// Run `args` with stdout a pipe whose read end is already closed.
+fn with_closed_stdout(args: &[&str]) -> Output {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two new descriptors into the array.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both descriptors are new and owned here alone.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(r);
+    Command::new(BIN)
+        .args(args)
+        .stdout(w)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run cairn")
+}
+
+/// Run `args` with stdout on /dev/full.
+fn with_full_stdout(args: &[&str]) -> Output {
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    Command::new(BIN)
+        .args(args)
+        .stdout(full)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run cairn")
+}
+
+#[test]
+fn p09_closed_stdout_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("s");
+    make_store(&root, 300);
+    let s = root.to_str().unwrap();
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["ls", s],
+        vec!["ls", s, "--json"],
+        vec!["inspect", s, "--run", "r", "--step", "latest"],
+        vec!["inspect", s, "--run", "r", "--step", "1", "--json"],
+        vec!["verify", s],
+        vec!["diff", s, "--run", "r", "1", "2"],
+        vec!["gc", s, "--dry-run"],
+        vec!["completions", "bash"],
+    ];
+    for args in &commands {
+        let o = with_closed_stdout(args);
+        let err = stderr(&o);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(o.status.code(), Some(0), "{args:?} on a closed pipe: {err}");
+
+        let o = with_full_stdout(args);
+        let err = stderr(&o);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(o.status.code(), Some(1), "{args:?} on /dev/full: {err}");
+        assert!(
+            err.contains("error:") && err.contains("No space left on device"),
+            "{args:?} on /dev/full: {err}"
+        );
+    }
+}
+
+#[test]
+fn p10_bench_size_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("b");
+    let s = store.to_str().unwrap();
+    let o = cairn_limited(&["bench", s, "--size", "1TiB"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "--size 1TiB: {err}");
+    assert!(
+        err.contains("--size") && err.contains("available memory"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("allocation"),
+        "{err}"
+    );
+    assert!(!store.exists(), "a refused bench must not create the store");
+
+    for tiny in ["0", "1000", "512KiB"] {
+        let o = cairn(&["bench", s, "--size", tiny]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "--size {tiny}: {err}");
+        assert!(err.contains("at least 1 MiB"), "--size {tiny}: {err}");
+        assert!(!store.exists());
+    }
+}
+
+#[test]
+fn p11_reads_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    // A 2 GiB sparse manifest under a file:// remote.
+    let remote = dir.path().join("remote");
+    let step_dir = remote.join("runs").join("r").join(format!("{:020}", 1));
+    std::fs::create_dir_all(&step_dir).unwrap();
+    std::fs::create_dir_all(remote.join("chunks")).unwrap();
+    let f = std::fs::File::create(step_dir.join("manifest.cairn")).unwrap();
+    f.set_len(2 << 30).unwrap();
+    drop(f);
+    let url = format!("file://{}", remote.display());
+    for args in [
+        vec!["ls", url.as_str()],
+        vec!["inspect", url.as_str(), "--run", "r", "--step", "1"],
+        vec!["verify", url.as_str()],
+    ] {
+        let o = cairn_limited(&args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        if args[0] == "verify" {
+            assert!(
+                stdout(&o).contains("larger than"),
+                "{args:?}: {}",
+                stdout(&o)
+            );
+        } else {
+            assert!(err.contains("larger than"), "{args:?}: {err}");
+        }
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+
+    // Daemon config: a device that never ends, and an oversized file.
+    let o = cairn_limited(&["daemon", "--config", "/dev/zero"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("/dev/zero") && err.contains("not a regular file"),
+        "{err}"
+    );
+    let big = dir.path().join("big.toml");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(2 << 30)
+        .unwrap();
+    let o = cairn_limited(&["daemon", "--config", big.to_str().unwrap()]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("big.toml") && err.contains("larger than"),
+        "{err}"
+    );
+}
+
+#[test]
+fn p14_selections_and_missing_stores_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("s");
+    make_store(&root, 4);
+    let s = root.to_str().unwrap();
+
+    // A run that does not exist.
+    for args in [
+        vec!["verify", s, "--run", "TYPO"],
+        vec!["ls", s, "--run", "TYPO"],
+    ] {
+        let o = cairn(&args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stdout(&o));
+        assert!(stderr(&o).contains("TYPO"), "{args:?}: {}", stderr(&o));
+        assert!(!stdout(&o).contains("verified"), "{}", stdout(&o));
+    }
+    // A tensor glob that matches nothing.
+    let o = cairn(&[
+        "inspect", s, "--run", "r", "--step", "1", "--tensor", "nomatch*",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(stderr(&o).contains("nomatch*"), "{}", stderr(&o));
+    let to = dir.path().join("copy");
+    let o = cairn(&[
+        "restore",
+        s,
+        "--run",
+        "r",
+        "--step",
+        "1",
+        "--to",
+        to.to_str().unwrap(),
+        "--tensor",
+        "nomatch*",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(stderr(&o).contains("nomatch*"), "{}", stderr(&o));
+
+    // Read-only commands never create a store.
+    let missing = dir.path().join("typo");
+    let url = format!("file://{}", missing.display());
+    let not_store = dir.path().join("notastore");
+    std::fs::create_dir(&not_store).unwrap();
+    std::fs::write(not_store.join("hello.txt"), b"hi").unwrap();
+    let not_store_url = format!("file://{}", not_store.display());
+    for loc in [
+        missing.to_str().unwrap(),
+        url.as_str(),
+        not_store.to_str().unwrap(),
+        not_store_url.as_str(),
+    ] {
+        for args in [
+            vec!["ls", loc],
+            vec!["verify", loc],
+            vec!["gc", loc, "--dry-run"],
+            vec!["gc", loc],
+            vec!["inspect", loc, "--run", "r", "--step", "latest"],
+        ] {
+            let o = cairn(&args);
+            let err = stderr(&o);
+            assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stdout(&o));
+            assert!(
+                err.contains("not found") && err.contains(missing.to_str().unwrap())
+                    || err.contains(not_store.to_str().unwrap()),
+                "{args:?}: {err}"
+            );
+            assert!(!missing.exists(), "{args:?} created {}", missing.display());
+        }
+    }
+    assert_eq!(std::fs::read_dir(&not_store).unwrap().count(), 1);
+}
+
+#[test]
+fn p16_bad_arguments_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("s");
+    make_store(&root, 4);
+    let s = root.to_str().unwrap();
+    let b = dir.path().join("bench");
+    let bs = b.to_str().unwrap();
+    let remote = format!("file://{}", dir.path().join("remote").display());
+    let r = remote.as_str();
+    let cases: Vec<Vec<&str>> = vec![
+        // Invalid run names.
+        vec!["ls", s, "--run", "../x"],
+        vec!["inspect", s, "--run", "a/b", "--step", "1"],
+        vec!["verify", s, "--run", ".hidden"],
+        vec!["diff", s, "--run", "", "1", "2"],
+        vec!["export", s, "--run", "a b", "--step", "1", "--out", "x"],
+        vec![
+            "import",
+            s,
+            "--run",
+            "../up",
+            "--step",
+            "1",
+            "x.safetensors",
+        ],
+        vec!["restore", s, "--run", "a/b", "--step", "1", "--to", bs],
+        vec!["bench", bs, "--run", "../x"],
+        // Bench sizes and counts.
+        vec!["bench", bs, "--chunk-size", "0"],
+        vec!["bench", bs, "--chunk-size", "2GiB"],
+        vec!["bench", bs, "--staging", "1"],
+        vec!["bench", bs, "--chunk-size", "4MiB", "--staging", "1MiB"],
+        vec!["bench", bs, "--iterations", "0"],
+        // Daemon arguments.
+        vec!["daemon"],
+        vec!["daemon", bs],
+        vec!["daemon", "--remote", r],
+        vec!["daemon", bs, "--remote", r, "--poll-interval", "0s"],
+        vec!["daemon", bs, "--remote", r, "--local-keep-last", "0"],
+        vec!["daemon", bs, "--remote", r, "--remote-keep-last", "0"],
+        vec!["daemon", bs, "--remote", r, "--listen", "0.0.0.0:9464"],
+        vec!["daemon", bs, "--remote", r, "--listen", "10.1.2.3:80"],
+        vec!["daemon", bs, "--remote", r, "--remote-option", "novalue"],
+        // A malformed --remote-option anywhere.
+        vec!["ls", r, "--remote-option", "region"],
+        vec!["--remote-option", "=x", "verify", s],
+    ];
+    for args in &cases {
+        let o = cairn(args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("error"), "{args:?}: {err}");
+        assert!(!b.exists(), "{args:?} created {bs}");
+        assert!(
+            !dir.path().join("remote").exists(),
+            "{args:?} created the remote"
+        );
+    }
+
+    // Bad data in an input file is a failure, not a bad argument.
+    let junk = dir.path().join("junk.safetensors");
+    std::fs::write(&junk, b"this is not safetensors").unwrap();
+    let o = cairn(&[
+        "import",
+        s,
+        "--run",
+        "r",
+        "--step",
+        "9",
+        junk.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, b"local = 3\n").unwrap();
+    let o = cairn(&["daemon", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+}
