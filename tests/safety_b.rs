@@ -210,6 +210,29 @@ fn p02_save_refuses_manifest_over_read_limit() {
     assert_eq!(store.steps("r").unwrap(), vec![2]);
 }
 
+#[test]
+fn p02_manifest_encoder_refuses_body_over_read_limit() {
+    // The encoder every commit goes through (saves, copies between tiers)
+    // refuses what decode_manifest_file would refuse.
+    let mut m = cairn::Manifest {
+        format_version: 1,
+        run: "r".into(),
+        step: 1,
+        created_unix_ms: 0,
+        chunk_size: 4096,
+        tensors: vec![],
+        blobs: vec![],
+        metadata: serde_json::json!({ "notes": "z".repeat(257 << 20) }),
+    };
+    let err = cairn::format::manifest::encode_manifest(&m).expect_err("over the limit");
+    assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
+    assert!(err.to_string().contains("limit"), "{err}");
+    m.metadata = serde_json::json!({"notes": "small"});
+    let bytes = cairn::format::manifest::encode_manifest(&m).unwrap();
+    let back = cairn::format::manifest::decode_manifest_file(&bytes, Path::new("m")).unwrap();
+    assert_eq!(back, m);
+}
+
 // ---------------------------------------------------------------- point 5
 
 #[test]

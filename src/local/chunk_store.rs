@@ -123,7 +123,7 @@ impl LocalChunkStore {
     /// Whether stored chunk `id` of `len` uncompressed bytes may be reused
     /// by a new checkpoint instead of written: a regular file whose header
     /// names `id` and `len`, whose size matches the header and whose padding
-    /// is zero (one open and a 64-byte read). With `full`, its payload is
+    /// is zero (one open and a read of the header block). With `full`, its payload is
     /// also read, decoded and hashed. Any failure means "write it again".
     pub fn is_reusable(&self, id: &ChunkId, len: u64, full: bool) -> bool {
         let Ok(chunk) = self.open_chunk(id, len) else {
