@@ -5,7 +5,7 @@
 
 use crate::chunk_id::ChunkId;
 use crate::error::{Error, Result};
-use crate::format::manifest::encode_manifest_file;
+use crate::format::manifest::encode_manifest;
 use crate::tier::Tier;
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -64,7 +64,7 @@ pub fn copy_checkpoint(
                     what: format!("tensors matching the selection in run {run} step {step}"),
                 });
             }
-            encode_manifest_file(&manifest)
+            encode_manifest(&manifest)?
         }
     };
     let chunks: Vec<(ChunkId, u64)> = manifest.distinct_chunks();
@@ -83,7 +83,7 @@ pub fn copy_checkpoint(
                     return;
                 };
                 let r = (|| -> Result<()> {
-                    if dst.has_live_chunk(&id)? {
+                    if dst.has_verified_chunk(&id, len)? {
                         skipped.fetch_add(1, Ordering::Relaxed);
                         progress(len);
                         return Ok(());

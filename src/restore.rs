@@ -550,8 +550,10 @@ fn alloc_zeroed(len: u64, name: &str) -> Result<Vec<u8>> {
 
 fn check_names_exist(m: &Manifest, filter: &TensorFilter) -> Result<()> {
     if let TensorFilter::Names(names) = filter {
+        let present: std::collections::HashSet<&str> =
+            m.tensors.iter().map(|t| t.name.as_str()).collect();
         for n in names {
-            if !m.tensors.iter().any(|t| &t.name == n) {
+            if !present.contains(n.as_str()) {
                 return Err(Error::NotFound {
                     what: format!("tensor {n:?} in run {} step {}", m.run, m.step),
                 });

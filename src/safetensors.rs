@@ -62,6 +62,15 @@ pub struct StHeader {
 
 /// Parse and validate the header of a safetensors file whose total length
 /// is `file_len`; `bytes` must hold at least the header.
+///
+/// As strict as the reference implementation: the header is at most
+/// [`MAX_HEADER`] bytes of one JSON object; a key (tensor name or
+/// `__metadata__`, or a key inside it) may appear only once; `__metadata__`
+/// maps strings to strings; every tensor has a known dtype, a shape and
+/// `data_offsets` holding exactly its bytes; and the tensors tile the data
+/// section with no gap, overlap or trailing byte. The header is parsed
+/// straight into [`StTensor`]s, without a JSON tree, so memory stays a small
+/// multiple of the header size.
 pub fn parse_header(bytes: &[u8], file_len: u64, path: &Path) -> Result<StHeader> {
     let bad =
         |reason: String| Error::invalid(format!("safetensors file {}", path.display()), reason);
@@ -69,77 +78,252 @@ pub fn parse_header(bytes: &[u8], file_len: u64, path: &Path) -> Result<StHeader
         return Err(bad("shorter than the 8-byte header length".into()));
     }
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap_or_default());
-    if n > MAX_HEADER || 8 + n > file_len || 8 + n > bytes.len() as u64 {
+    if n > MAX_HEADER {
+        return Err(bad(format!(
+            "header length {n} is over the {MAX_HEADER}-byte limit"
+        )));
+    }
+    if 8 + n > file_len || 8 + n > bytes.len() as u64 {
         return Err(bad(format!(
             "header length {n} is impossible for a {file_len}-byte file"
         )));
     }
-    let v: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n as usize])
-        .map_err(|e| bad(format!("header is not JSON: {e}")))?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| bad("header is not a JSON object".into()))?;
+    let text = &bytes[8..8 + n as usize];
+    if text.first() != Some(&b'{') {
+        return Err(bad("header is not a JSON object".into()));
+    }
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let raw = serde::de::Deserializer::deserialize_map(&mut de, RawHeaderVisitor)
+        .and_then(|r| de.end().map(|()| r))
+        .map_err(|e| bad(format!("header: {e}")))?;
     let data_len = file_len - 8 - n;
-    let mut tensors = Vec::new();
-    let mut metadata = BTreeMap::new();
-    for (name, entry) in obj {
-        if name == "__metadata__" {
-            for (k, val) in entry.as_object().into_iter().flatten() {
-                metadata.insert(k.clone(), val.as_str().unwrap_or_default().to_string());
-            }
-            continue;
-        }
-        validate_entry_name("tensor", name)?;
-        let dtype = parse_dtype(entry["dtype"].as_str().unwrap_or(""))
-            .map_err(|_| bad(format!("{name}: unknown dtype {}", entry["dtype"])))?;
-        let shape: Vec<u64> = entry["shape"]
-            .as_array()
-            .ok_or_else(|| bad(format!("{name}: no shape")))?
-            .iter()
-            .map(|d| d.as_u64().ok_or_else(|| bad(format!("{name}: bad shape"))))
-            .collect::<Result<_>>()?;
-        let offs = entry["data_offsets"]
-            .as_array()
-            .filter(|a| a.len() == 2)
-            .ok_or_else(|| bad(format!("{name}: no data_offsets")))?;
-        let (begin, end) = (
-            offs[0]
-                .as_u64()
-                .ok_or_else(|| bad(format!("{name}: bad offsets")))?,
-            offs[1]
-                .as_u64()
-                .ok_or_else(|| bad(format!("{name}: bad offsets")))?,
-        );
+    let mut tensors = Vec::with_capacity(raw.tensors.len());
+    for (name, info) in raw.tensors {
+        validate_entry_name("tensor", &name)
+            .map_err(|e| bad(format!("tensor name {name:?}: {e}")))?;
+        let dtype = parse_dtype(&info.dtype)
+            .map_err(|_| bad(format!("{name}: unknown dtype {:?}", info.dtype)))?;
+        let (begin, end) = info.data_offsets;
         let want =
-            byte_len(dtype, &shape).ok_or_else(|| bad(format!("{name}: shape overflows")))?;
+            byte_len(dtype, &info.shape).ok_or_else(|| bad(format!("{name}: shape overflows")))?;
         if begin > end || end > data_len || end - begin != want {
             return Err(bad(format!(
                 "{name}: offsets {begin}..{end} do not hold {want} bytes inside {data_len}"
             )));
         }
         tensors.push(StTensor {
-            name: name.clone(),
+            name,
             dtype,
-            shape,
+            shape: info.shape,
             begin,
             end,
         });
     }
-    tensors.sort_by_key(|t| (t.begin, t.end));
-    for w in tensors.windows(2) {
-        if w[1].begin < w[0].end {
-            return Err(bad(format!("{} and {} overlap", w[0].name, w[1].name)));
+    {
+        let mut names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+        names.sort_unstable();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(bad(format!("duplicate tensor name {:?}", w[0])));
         }
+    }
+    tensors.sort_by_key(|t| (t.begin, t.end));
+    let mut at = 0u64;
+    for (i, t) in tensors.iter().enumerate() {
+        if t.begin < at {
+            return Err(bad(format!(
+                "{} and {} overlap",
+                tensors[i - 1].name,
+                t.name
+            )));
+        }
+        if t.begin > at {
+            return Err(bad(format!(
+                "gap of {} bytes at offset {at} before tensor {}",
+                t.begin - at,
+                t.name
+            )));
+        }
+        at = t.end;
+    }
+    if at != data_len {
+        return Err(bad(format!(
+            "gap of {} bytes after the last tensor: the data section is {data_len} bytes",
+            data_len - at
+        )));
     }
     Ok(StHeader {
         tensors,
-        metadata,
+        metadata: raw.metadata,
         data_start: 8 + n,
     })
 }
 
+/// A tensor's header entry as written.
+#[derive(serde::Deserialize)]
+struct RawInfo {
+    dtype: String,
+    shape: Vec<u64>,
+    data_offsets: (u64, u64),
+}
+
+struct RawHeader {
+    tensors: Vec<(String, RawInfo)>,
+    metadata: BTreeMap<String, String>,
+}
+
+struct RawHeaderVisitor;
+
+impl<'de> serde::de::Visitor<'de> for RawHeaderVisitor {
+    type Value = RawHeader;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object of tensors")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<RawHeader, A::Error> {
+        use serde::de::Error as _;
+        let mut tensors = Vec::new();
+        let mut metadata = None;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "__metadata__" {
+                if metadata.is_some() {
+                    return Err(A::Error::custom("duplicate key \"__metadata__\""));
+                }
+                metadata = Some(map.next_value::<StringMap>()?.0);
+            } else {
+                let info = map.next_value::<RawInfo>()?;
+                tensors.push((key, info));
+            }
+        }
+        Ok(RawHeader {
+            tensors,
+            metadata: metadata.unwrap_or_default(),
+        })
+    }
+}
+
+/// `__metadata__`: string keys, string values, each key once.
+struct StringMap(BTreeMap<String, String>);
+
+impl<'de> serde::Deserialize<'de> for StringMap {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = StringMap;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("__metadata__ as an object of strings")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<StringMap, A::Error> {
+                use serde::de::Error as _;
+                let mut out = BTreeMap::new();
+                while let Some(k) = map.next_key::<String>()? {
+                    let v = map.next_value::<MetaString>()?.0;
+                    if out.contains_key(&k) {
+                        return Err(A::Error::custom(format!(
+                            "duplicate key {k:?} in __metadata__"
+                        )));
+                    }
+                    out.insert(k, v);
+                }
+                Ok(StringMap(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// A `__metadata__` value: a string and nothing else.
+struct MetaString(String);
+
+impl<'de> serde::Deserialize<'de> for MetaString {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = MetaString;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string (__metadata__ values must be strings)")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<MetaString, E> {
+                Ok(MetaString(v.to_owned()))
+            }
+            fn visit_string<E: serde::de::Error>(
+                self,
+                v: String,
+            ) -> std::result::Result<MetaString, E> {
+                Ok(MetaString(v))
+            }
+        }
+        d.deserialize_string(V)
+    }
+}
+
+/// Check that `path` may be replaced by an output file: it is absent or a
+/// regular file. Device nodes, FIFOs, sockets, directories and symbolic
+/// links are refused, never renamed over.
+pub fn check_output_path(path: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_file() => Ok(()),
+        Ok(m) => {
+            use std::os::unix::fs::FileTypeExt;
+            let ft = m.file_type();
+            let kind = if ft.is_dir() {
+                "a directory"
+            } else if ft.is_symlink() {
+                "a symbolic link"
+            } else if ft.is_fifo() {
+                "a FIFO"
+            } else if ft.is_char_device() || ft.is_block_device() {
+                "a device"
+            } else if ft.is_socket() {
+                "a socket"
+            } else {
+                "a special file"
+            };
+            Err(Error::invalid(
+                format!("output {}", path.display()),
+                format!("is {kind}, not a regular file; refusing to replace it"),
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("stat output", path, e)),
+    }
+}
+
+/// Open `path` for reading only if it is a regular file. The open itself
+/// cannot block (`O_NONBLOCK`, which regular files ignore), and the type is
+/// checked on the opened descriptor, so a FIFO or device put in place of
+/// the file is refused instead of hanging or being read.
+pub fn open_regular(path: &Path, what: &str) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::NotFound {
+                what: format!("{what} {}", path.display()),
+            },
+            _ => Error::io("open", path, e),
+        })?;
+    let m = f.metadata().map_err(|e| Error::io("stat", path, e))?;
+    if !m.is_file() {
+        return Err(Error::invalid(
+            format!("{what} {}", path.display()),
+            "not a regular file",
+        ));
+    }
+    Ok(f)
+}
+
 /// Write a safetensors file atomically (temp file, fsync, rename). `fill`
-/// is called once per tensor, in order, to write its bytes.
+/// is called once per tensor, in order, to write its bytes. Only an absent
+/// path or a regular file is replaced (see [`check_output_path`]).
 pub fn write_file(
     path: &Path,
     tensors: &[(String, DType, Vec<u64>)],
@@ -162,6 +346,7 @@ pub fn write_file(
         );
         off += n;
     }
+    check_output_path(path)?;
     let mut h = serde_json::to_vec(&header).map_err(|e| Error::Internal(e.to_string()))?;
     while h.len() % 8 != 0 {
         h.push(b' ');
@@ -179,6 +364,7 @@ pub fn write_file(
         }
         let f = w.into_inner().map_err(|e| io(e.into_error()))?;
         f.sync_all().map_err(io)?;
+        check_output_path(path)?;
         std::fs::rename(&tmp, path).map_err(|e| Error::io("rename safetensors", path, e))?;
         crate::local::durable::fsync_dir(dir)
     })();
@@ -186,6 +372,13 @@ pub fn write_file(
         let _ = std::fs::remove_file(&tmp);
     }
     res.map(|()| 8 + h.len() as u64 + off)
+}
+
+/// Remove an earlier export's file at `path` and fsync its directory, so
+/// the removal survives a crash before what replaces it is published.
+pub fn remove_durably(path: &Path) -> Result<()> {
+    std::fs::remove_file(path).map_err(|e| Error::io("remove older export", path, e))?;
+    crate::local::durable::fsync_dir(crate::local::durable::parent_dir(path))
 }
 
 /// Durably write (or replace) a sharded model's `model.safetensors.index.json`

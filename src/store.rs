@@ -34,6 +34,11 @@ pub struct StoreOptions {
     /// Write raw chunks with O_DIRECT from the staging pool, skipping the
     /// page cache, where the file system supports it.
     pub direct_io: bool,
+    /// Before a save reuses a chunk already stored, read it back and check
+    /// its hash (otherwise only its header and size are checked, which is
+    /// enough on the trainer's save path). A chunk that fails is written
+    /// again. `cairn import` turns this on.
+    pub verify_reused_chunks: bool,
 }
 
 impl Default for StoreOptions {
@@ -46,6 +51,7 @@ impl Default for StoreOptions {
             sync_threads: 4,
             read_threads: 4,
             direct_io: true,
+            verify_reused_chunks: false,
         }
     }
 }
@@ -150,7 +156,13 @@ impl Store {
             opts.workers
         };
         let pool = StagingPool::new(opts.staging_bytes)?;
-        let pipeline = Pipeline::start(chunks.clone(), opts.codec, workers, opts.sync_threads)?;
+        let pipeline = Pipeline::start(
+            chunks.clone(),
+            opts.codec,
+            workers,
+            opts.sync_threads,
+            opts.verify_reused_chunks,
+        )?;
         Ok(Store {
             layout,
             chunks,

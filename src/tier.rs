@@ -4,7 +4,7 @@
 use crate::chunk_id::ChunkId;
 use crate::codec::decode_chunk_object;
 use crate::codec::Decoder;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::format::manifest::{decode_manifest_file, Manifest};
 use crate::remote::{RemoteOptions, RemoteStore};
 use crate::store::{StepSel, Store, StoreOptions};
@@ -167,6 +167,21 @@ impl Tier {
                 Ok(r.block_on(r.head_chunk(id))??
                     .is_some_and(|m| m.last_modified.timestamp_millis() > fresh_after))
             }
+        }
+    }
+
+    /// Whether the store holds chunk `id` (uncompressed `len`) whole, so a
+    /// copy may skip it: as [`Self::has_live_chunk`], and its object read
+    /// back and verified against its hash. A chunk that is corrupt, not a
+    /// regular file, or gone counts as absent, so the copy writes it again.
+    pub fn has_verified_chunk(&self, id: &ChunkId, len: u64) -> Result<bool> {
+        if !self.has_live_chunk(id)? {
+            return Ok(false);
+        }
+        match self.read_chunk_object(id, len) {
+            Ok(_) => Ok(true),
+            Err(e) if matches!(e.kind(), ErrorKind::Data | ErrorKind::NotFound) => Ok(false),
+            Err(e) => Err(e),
         }
     }
 

@@ -278,6 +278,30 @@ pub fn encode_manifest_file(m: &Manifest) -> Vec<u8> {
     encode_envelope(&body)
 }
 
+/// Serialize a manifest into the file form, refusing a body over
+/// [`MAX_MANIFEST_LEN`]: every writer commits through this, so nothing is
+/// published that readers would refuse. The body is written once, after
+/// room for the envelope.
+pub fn encode_manifest(m: &Manifest) -> Result<Vec<u8>> {
+    let mut out = vec![0u8; ENVELOPE_LEN];
+    serde_json::to_writer(&mut out, m).map_err(|e| Error::Internal(e.to_string()))?;
+    let body_len = (out.len() - ENVELOPE_LEN) as u64;
+    if body_len > MAX_MANIFEST_LEN {
+        return Err(Error::invalid(
+            format!("manifest of run {} step {}", m.run, m.step),
+            format!(
+                "its body would be {body_len} bytes, over the {MAX_MANIFEST_LEN}-byte limit readers accept (too many entries or too much metadata)"
+            ),
+        ));
+    }
+    let hash = blake3::hash(&out[ENVELOPE_LEN..]);
+    out[0..8].copy_from_slice(&MANIFEST_MAGIC);
+    out[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out[16..24].copy_from_slice(&body_len.to_le_bytes());
+    out[24..56].copy_from_slice(hash.as_bytes());
+    Ok(out)
+}
+
 /// Wrap an arbitrary body in a manifest envelope (for tools and tests that
 /// need to build manifests by hand).
 pub fn encode_envelope(body: &[u8]) -> Vec<u8> {
@@ -374,6 +398,7 @@ mod tests {
         let m = sample();
         let p = Path::new("m");
         let enc = encode_manifest_file(&m);
+        assert_eq!(encode_manifest(&m).unwrap(), enc);
         assert_eq!(decode_manifest_file(&enc, p).unwrap(), m);
         for i in 0..enc.len() {
             let mut bad = enc.clone();

@@ -120,6 +120,27 @@ impl LocalChunkStore {
         self.layout.chunk_path(id).is_file()
     }
 
+    /// Whether stored chunk `id` of `len` uncompressed bytes may be reused
+    /// by a new checkpoint instead of written: a regular file whose header
+    /// names `id` and `len`, whose size matches the header and whose padding
+    /// is zero (one open and a read of the header block). With `full`, its payload is
+    /// also read, decoded and hashed. Any failure means "write it again".
+    pub fn is_reusable(&self, id: &ChunkId, len: u64, full: bool) -> bool {
+        let Ok(chunk) = self.open_chunk(id, len) else {
+            return false;
+        };
+        if !full {
+            return true;
+        }
+        let Ok(mut decoder) = Decoder::new() else {
+            return false;
+        };
+        let mut out = vec![0u8; len as usize];
+        chunk
+            .read_verified(&mut out, &mut Vec::new(), &mut decoder)
+            .is_ok()
+    }
+
     /// Write header + payload to a temporary file and start its writeback.
     pub fn begin_write(&self, header: &ChunkHeader, payload: &[u8]) -> Result<PendingChunk> {
         let tmp = self
@@ -247,17 +268,26 @@ impl LocalChunkStore {
     /// allocated for its contents.
     pub fn open_chunk(&self, id: &ChunkId, expected_len: u64) -> Result<OpenChunk> {
         let path = self.layout.chunk_path(id);
-        let file = match File::open(&path) {
+        // O_NONBLOCK: opening a FIFO put in place of a chunk must not hang
+        // (regular files ignore the flag). The type is checked on the fd.
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+        {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(corrupt(id, &path, "missing from the store".into()))
             }
             Err(e) => return Err(Error::io("open chunk", &path, e)),
         };
-        let file_len = file
+        let meta = file
             .metadata()
-            .map_err(|e| Error::io("stat chunk", &path, e))?
-            .len();
+            .map_err(|e| Error::io("stat chunk", &path, e))?;
+        if !meta.is_file() {
+            return Err(corrupt(id, &path, "not a regular file".into()));
+        }
+        let file_len = meta.len();
         let mut hbuf = [0u8; HEADER_LEN];
         read_exact_at(&file, &mut hbuf, 0, &path, id)?;
         let header = ChunkHeader::decode(&hbuf, &path)?;

@@ -18,7 +18,7 @@ use crate::chunk_id::ChunkId;
 use crate::codec::{CodecChoice, Encoder};
 use crate::error::{Error, Result};
 use crate::format::chunk::{ChunkHeader, Codec, HEADER_LEN};
-use crate::format::manifest::{encode_manifest_file, BlobEntry, ChunkRef, Manifest, TensorEntry};
+use crate::format::manifest::{encode_manifest, BlobEntry, ChunkRef, Manifest, TensorEntry};
 use crate::format::FORMAT_VERSION;
 use crate::local::durable::{create_dir_all_durable, fsync_dir, publish_new};
 use crate::local::{LocalChunkStore, PendingChunk};
@@ -60,6 +60,8 @@ struct SyncJob {
 
 struct Shared {
     chunks: LocalChunkStore,
+    /// Re-hash a stored chunk before reusing it (not only its header).
+    verify_reused: bool,
     inflight: Mutex<HashMap<ChunkId, Arc<Inflight>>>,
     commit_tx: Sender<Arc<SaveCtx>>,
 }
@@ -71,12 +73,24 @@ enum Claim {
 }
 
 impl Shared {
-    fn claim(&self, id: ChunkId) -> Claim {
+    /// Decide who writes chunk `id` of `len` bytes. A stored chunk is
+    /// reused only if it checks out (header and size; with
+    /// `verify_reused`, its hash too); otherwise it is written again over
+    /// the bad file. The check runs outside the lock: at worst a chunk
+    /// that another save has just finished is written twice, identically.
+    fn claim(&self, id: ChunkId, len: u64) -> Claim {
+        {
+            let map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(w) = map.get(&id) {
+                return Claim::Wait(w.clone());
+            }
+        }
+        let stored = self.chunks.is_reusable(&id, len, self.verify_reused);
         let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(w) = map.get(&id) {
             return Claim::Wait(w.clone());
         }
-        if self.chunks.contains(&id) {
+        if stored {
             return Claim::Stored;
         }
         let w = Inflight::new();
@@ -116,12 +130,14 @@ impl Pipeline {
         codec: CodecChoice,
         workers: usize,
         syncers: usize,
+        verify_reused: bool,
     ) -> Result<Self> {
         let (tx, rx) = unbounded::<ChunkJob>();
         let (sync_tx, sync_rx) = unbounded::<SyncJob>();
         let (commit_tx, commit_rx) = unbounded::<Arc<SaveCtx>>();
         let shared = Arc::new(Shared {
             chunks,
+            verify_reused,
             inflight: Mutex::new(HashMap::new()),
             commit_tx,
         });
@@ -272,7 +288,7 @@ fn process_chunk(
         ctx.set_id(seq, id, len);
         ctx.touch(&id);
         Counters::add(&c.chunks, 1);
-        match shared.claim(id) {
+        match shared.claim(id, len) {
             Claim::Stored => {
                 Counters::add(&c.bytes_deduped, len);
             }
@@ -425,7 +441,7 @@ fn commit(ctx: &SaveCtx) -> Result<SaveReport> {
         fsync_dir(&layout_root.chunk_dir_for_prefix(p))?;
     }
     let manifest = build_manifest(ctx)?;
-    let bytes = encode_manifest_file(&manifest);
+    let bytes = encode_manifest(&manifest)?;
     let step_dir = layout_root.step_dir(&ctx.run, ctx.step);
     create_dir_all_durable(&step_dir)?;
     let dest = layout_root.manifest_path(&ctx.run, ctx.step);

@@ -22,6 +22,34 @@ use tokio::sync::oneshot;
 /// get chunks of their own; smaller ones are packed.
 pub const PACK_THRESHOLD: usize = 1 << 20;
 
+/// Refuse metadata that alone would make the manifest larger than readers
+/// accept, before anything is staged (the commit checks the whole manifest).
+fn check_metadata_size(metadata: &serde_json::Value) -> Result<()> {
+    struct Count(u64);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len() as u64;
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(0);
+    serde_json::to_writer(&mut n, metadata).map_err(|e| Error::Internal(e.to_string()))?;
+    let limit = crate::format::manifest::MAX_MANIFEST_LEN;
+    if n.0 > limit {
+        return Err(Error::invalid(
+            "metadata",
+            format!(
+                "serializes to {} bytes, over the {limit}-byte manifest limit readers accept",
+                n.0
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Check a state before anything is staged.
 fn validate(state: &SaveState<'_>) -> Result<()> {
     let mut names = HashSet::new();
@@ -66,6 +94,7 @@ fn validate(state: &SaveState<'_>) -> Result<()> {
             }
         }
     }
+    check_metadata_size(&state.metadata)?;
     for (name, _) in &state.blobs {
         validate_entry_name("blob", name)?;
         if !names.insert(("b", name.as_str())) {

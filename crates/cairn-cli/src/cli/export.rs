@@ -3,7 +3,7 @@
 use super::open::{open, print_json, progress};
 use super::size::human;
 use cairn::glob_match;
-use cairn::safetensors::{parse_header, write_file};
+use cairn::safetensors::{check_output_path, open_regular, parse_header, write_file, MAX_HEADER};
 use cairn::{DType, Error, SaveState, StepSel, Store, StoreOptions, TensorFilter};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -18,6 +18,8 @@ struct ExportReport {
     index: Option<PathBuf>,
     tensors: usize,
     bytes: u64,
+    /// An older single-file export removed from the output directory.
+    removed: Option<PathBuf>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -70,19 +72,36 @@ pub fn export(
     } else {
         (parent_dir(out).to_path_buf(), out.to_path_buf())
     };
+    let paths: Vec<PathBuf> = (0..shards.len())
+        .map(|k| {
+            if sharded {
+                dir.join(format!(
+                    "model-{:05}-of-{:05}.safetensors",
+                    k + 1,
+                    shards.len()
+                ))
+            } else {
+                single.clone()
+            }
+        })
+        .collect();
+    let index_path = dir.join("model.safetensors.index.json");
+    // Refuse before writing anything if an output path is not a regular
+    // file (a device, FIFO, directory or symbolic link is never replaced).
+    for p in &paths {
+        check_output_path(p)?;
+    }
+    let stale = if sharded {
+        check_output_path(&index_path)?;
+        stale_single_file(&single)?
+    } else {
+        None
+    };
     let pb = progress(total, &format!("export {run}/{step}"));
     let mut files = Vec::new();
     let mut weight_map = BTreeMap::new();
-    for (k, shard) in shards.iter().enumerate() {
-        let path = if sharded {
-            dir.join(format!(
-                "model-{:05}-of-{:05}.safetensors",
-                k + 1,
-                shards.len()
-            ))
-        } else {
-            single.clone()
-        };
+    for (shard, path) in shards.iter().zip(&paths) {
+        let path = path.clone();
         let names: Vec<String> = shard.iter().map(|&i| tensors[i].name.clone()).collect();
         let restored = tier.restore(
             run,
@@ -121,8 +140,13 @@ pub fn export(
         files.push(path);
     }
     pb.finish_and_clear();
+    if let Some(old) = &stale {
+        // Loaders prefer model.safetensors over an index: remove the older
+        // single-file export before the new index is published.
+        cairn::safetensors::remove_durably(old)?;
+    }
     let index = if sharded {
-        let idx = dir.join("model.safetensors.index.json");
+        let idx = index_path;
         let body = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         let bytes = serde_json::to_vec_pretty(&body).map_err(|e| Error::Internal(e.to_string()))?;
         cairn::safetensors::publish_index(&dir, &idx, &bytes)?;
@@ -137,6 +161,7 @@ pub fn export(
         index,
         tensors: tensors.len(),
         bytes: total,
+        removed: stale,
     };
     if json {
         print_json(&report)?;
@@ -156,11 +181,68 @@ pub fn export(
     Ok(0)
 }
 
-/// Files named by an import argument: one safetensors file, or every shard
-/// of an index.
-fn import_files(input: &Path) -> cairn::Result<Vec<PathBuf>> {
+/// Before a sharded export into `single`'s directory: an older
+/// `model.safetensors` there, which loaders would prefer over the new index.
+/// A regular file that cairn wrote (its metadata names a `cairn_run`) is
+/// returned, to be removed once the shards are written; anything else there
+/// is refused, untouched.
+fn stale_single_file(single: &Path) -> cairn::Result<Option<PathBuf>> {
+    use std::io::Read;
+    match std::fs::symlink_metadata(single) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io("stat", single, e)),
+        Ok(_) => {}
+    }
+    let refuse = |why: &str| {
+        Error::invalid(
+            format!("output directory entry {}", single.display()),
+            format!(
+                "{why}; loaders would prefer it over the sharded export's index, so remove it first"
+            ),
+        )
+    };
+    check_output_path(single).map_err(|_| refuse("is not a regular file"))?;
+    let f = open_regular(single, "safetensors file")?;
+    let file_len = f
+        .metadata()
+        .map_err(|e| Error::io("stat", single, e))?
+        .len();
+    let mut head = Vec::new();
+    f.take(8 + MAX_HEADER)
+        .read_to_end(&mut head)
+        .map_err(|e| Error::io("read", single, e))?;
+    let n = head
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
+        .unwrap_or(0);
+    head.truncate((8 + n.min(MAX_HEADER)) as usize);
+    match parse_header(&head, file_len, single) {
+        Ok(h) if h.metadata.contains_key("cairn_run") => Ok(Some(single.to_path_buf())),
+        _ => Err(refuse("was not written by cairn export")),
+    }
+}
+
+/// Largest index file read (an index lists names only).
+const MAX_INDEX: u64 = 100_000_000;
+
+/// Files named by an import argument, with the tensors each must hold: one
+/// safetensors file (`None`: whatever it holds), or every shard of an index
+/// with the names its `weight_map` gives it.
+#[allow(clippy::type_complexity)]
+fn import_files(input: &Path) -> cairn::Result<Vec<(PathBuf, Option<Vec<String>>)>> {
+    use std::io::Read;
     if input.extension().is_some_and(|e| e == "json") {
-        let text = std::fs::read_to_string(input).map_err(|e| Error::io("read index", input, e))?;
+        let mut text = String::new();
+        open_regular(input, "index")?
+            .take(MAX_INDEX + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| Error::io("read index", input, e))?;
+        if text.len() as u64 > MAX_INDEX {
+            return Err(Error::invalid(
+                format!("index {}", input.display()),
+                format!("larger than {MAX_INDEX} bytes"),
+            ));
+        }
         let v: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| Error::invalid(format!("index {}", input.display()), e.to_string()))?;
         let map = v["weight_map"].as_object().ok_or_else(|| {
@@ -168,7 +250,8 @@ fn import_files(input: &Path) -> cairn::Result<Vec<PathBuf>> {
         })?;
         let dir = parent_dir(input);
         let mut files: Vec<PathBuf> = Vec::new();
-        for f in map.values() {
+        let mut names: BTreeMap<PathBuf, Vec<String>> = BTreeMap::new();
+        for (tensor, f) in map {
             let name = f.as_str().unwrap_or("");
             if name.is_empty() || name.contains('/') || name.contains("..") {
                 return Err(Error::invalid(
@@ -177,15 +260,52 @@ fn import_files(input: &Path) -> cairn::Result<Vec<PathBuf>> {
                 ));
             }
             let p = dir.join(name);
-            if !files.contains(&p) {
-                files.push(p);
-            }
+            names.entry(p.clone()).or_default().push(tensor.clone());
         }
-        files.sort();
-        Ok(files)
+        files.extend(names.keys().cloned());
+        Ok(files
+            .into_iter()
+            .map(|f| {
+                let n = names.remove(&f);
+                (f, n)
+            })
+            .collect())
     } else {
-        Ok(vec![input.to_path_buf()])
+        Ok(vec![(input.to_path_buf(), None)])
     }
+}
+
+/// Check that shard `file` holds exactly the tensors the index maps to it.
+fn check_against_index(
+    index: &Path,
+    file: &Path,
+    expected: &[String],
+    header: &cairn::safetensors::StHeader,
+) -> cairn::Result<()> {
+    let bad = |reason: String| Error::invalid(format!("index {}", index.display()), reason);
+    let held: std::collections::HashSet<&str> =
+        header.tensors.iter().map(|t| t.name.as_str()).collect();
+    for n in expected {
+        if !held.contains(n.as_str()) {
+            return Err(bad(format!(
+                "weight_map puts tensor {n:?} in {}, which does not hold it",
+                file.display()
+            )));
+        }
+    }
+    let mapped: std::collections::HashSet<&str> = expected.iter().map(String::as_str).collect();
+    if let Some(t) = header
+        .tensors
+        .iter()
+        .find(|t| !mapped.contains(t.name.as_str()))
+    {
+        return Err(bad(format!(
+            "{} holds tensor {:?}, which the weight_map does not map to it",
+            file.display(),
+            t.name
+        )));
+    }
+    Ok(())
 }
 
 #[derive(Serialize)]
@@ -212,19 +332,42 @@ pub fn import(
             "import into a local store, then `cairn restore --to` the remote",
         ));
     }
-    let store = Store::open(location, StoreOptions::default())?;
     let files = import_files(input)?;
     let mut maps = Vec::new();
-    for f in &files {
-        let file = std::fs::File::open(f).map_err(|e| Error::io("open safetensors", f, e))?;
+    let mut meta = serde_json::Map::new();
+    for (f, expected) in &files {
+        let file = open_regular(f, "safetensors file")?;
         // SAFETY: read-only mapping of a file we only read; a concurrent
         // writer could change bytes under us, which the hash of what we
         // store would then reflect.
         let map =
             unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io("map safetensors", f, e))?;
-        let header = parse_header(&map, map.len() as u64, f)?;
+        let mut header = parse_header(&map, map.len() as u64, f)?;
+        if let Some(expected) = expected {
+            check_against_index(input, f, expected, &header)?;
+        }
+        for (k, v) in std::mem::take(&mut header.metadata) {
+            meta.insert(k, serde_json::Value::String(v));
+        }
         maps.push((map, header));
     }
+    if maps.iter().all(|(_, h)| h.tensors.is_empty()) {
+        return Err(Error::invalid(
+            format!("import of {}", input.display()),
+            "the input holds no tensors",
+        ));
+    }
+    // Chunks already in the store are re-read and hashed before an import
+    // reuses them (a bit-rotted chunk is written again instead). The input
+    // is mapped, not loaded, so a modest staging pool keeps memory bounded.
+    let store = Store::open(
+        location,
+        StoreOptions {
+            verify_reused_chunks: true,
+            staging_bytes: 128 << 20,
+            ..StoreOptions::default()
+        },
+    )?;
     let mut state = SaveState::new();
     let mut seen = std::collections::HashSet::new();
     for (map, h) in &maps {
@@ -240,9 +383,13 @@ pub fn import(
             state = state.tensor(t.name.clone(), t.dtype, &t.shape, &map[s..e]);
         }
     }
-    let meta: BTreeMap<String, String> =
-        maps.iter().flat_map(|(_, h)| h.metadata.clone()).collect();
-    state = state.metadata(serde_json::json!({ "imported_from": input.display().to_string(), "safetensors_metadata": meta }));
+    let mut top = serde_json::Map::new();
+    top.insert("imported_from".into(), input.display().to_string().into());
+    top.insert(
+        "safetensors_metadata".into(),
+        serde_json::Value::Object(meta),
+    );
+    state = state.metadata(serde_json::Value::Object(top));
     let tensors = state.tensors.len();
     let rep = store.save(run, step, &state)?.wait()?;
     let report = ImportReport {
