@@ -26,7 +26,7 @@
 
 use crate::chunk_id::ChunkId;
 use crate::error::{Error, Result};
-use crate::layout::parse_step_dir_name;
+use crate::layout::{check_store_dir, parse_step_dir_name, validate_run_name};
 use crate::local::durable::fsync_dir;
 use crate::local::GcLock;
 use crate::remote::RemoteStore;
@@ -66,10 +66,13 @@ impl Store {
     /// Collect unreferenced chunks of the local tier older than `grace`,
     /// leftover temporary files and uncommitted step directories. Waits for
     /// in-flight saves to commit and holds off new ones while it runs. Any
-    /// unreadable manifest aborts the collection: nothing is deleted on
-    /// partial knowledge.
+    /// run or step directory that cannot be listed and any unreadable
+    /// manifest aborts the collection: nothing is deleted on partial
+    /// knowledge. A store-owned directory that is a symbolic link aborts it
+    /// too; nothing is ever deleted through a link.
     pub fn gc(&self, grace: Duration, dry_run: bool) -> Result<GcReport> {
         let _lock = GcLock::exclusive(self.root())?;
+        self.layout.check_dirs(None, None)?;
         let mut report = GcReport {
             dry_run,
             ..Default::default()
@@ -89,9 +92,10 @@ impl Store {
         report.referenced_chunks = referenced.len() as u64;
         for prefix in 0..=255u8 {
             let dir = self.layout.chunk_dir_for_prefix(prefix);
-            let Ok(rd) = std::fs::read_dir(&dir) else {
+            if !check_store_dir(&dir)? {
                 continue;
-            };
+            }
+            let rd = std::fs::read_dir(&dir).map_err(|e| Error::io("list directory", &dir, e))?;
             let mut removed = false;
             for ent in rd.flatten() {
                 let name = ent.file_name();
@@ -101,7 +105,11 @@ impl Store {
                 if referenced.contains(&id) {
                     continue;
                 }
+                // Not followed: a link is not a chunk file.
                 let Ok(meta) = ent.metadata() else { continue };
+                if !meta.is_file() {
+                    continue;
+                }
                 if age(&meta) < grace {
                     report.chunks_in_grace += 1;
                     continue;
@@ -122,8 +130,15 @@ impl Store {
         // Temporary files may belong to a repair or copy that does not
         // hold the lock; leave them at least ten minutes whatever the grace.
         let tmp_grace = grace.max(Duration::from_secs(600));
-        if let Ok(rd) = std::fs::read_dir(self.layout.tmp_dir()) {
+        let tmp_dir = self.layout.tmp_dir();
+        let tmp_entries = if check_store_dir(&tmp_dir)? {
+            std::fs::read_dir(&tmp_dir).ok()
+        } else {
+            None
+        };
+        if let Some(rd) = tmp_entries {
             for ent in rd.flatten() {
+                // Removing a link removes the link, never its target.
                 if ent.metadata().is_ok_and(|m| age(&m) >= tmp_grace) {
                     report.leftovers_removed += 1;
                     if !dry_run {
@@ -132,22 +147,58 @@ impl Store {
                 }
             }
         }
-        if let Ok(rd) = std::fs::read_dir(self.layout.runs_dir()) {
-            for run in rd.flatten() {
-                let Ok(steps) = std::fs::read_dir(run.path()) else {
+        let runs_dir = self.layout.runs_dir();
+        let runs = if check_store_dir(&runs_dir)? {
+            std::fs::read_dir(&runs_dir).map_err(|e| Error::io("list directory", &runs_dir, e))?
+        } else {
+            return Ok(report);
+        };
+        for run in runs.flatten() {
+            if run
+                .file_name()
+                .to_str()
+                .is_none_or(|n| validate_run_name(n).is_err())
+            {
+                continue;
+            }
+            // A run directory must be a directory, never a link.
+            let Ok(ft) = run.file_type() else { continue };
+            if ft.is_symlink() {
+                check_store_dir(&run.path())?;
+            }
+            if !ft.is_dir() {
+                continue;
+            }
+            let steps = std::fs::read_dir(run.path())
+                .map_err(|e| Error::io("list directory", run.path(), e))?;
+            for st in steps.flatten() {
+                let p = st.path();
+                if st
+                    .file_name()
+                    .to_str()
+                    .and_then(parse_step_dir_name)
+                    .is_none()
+                {
                     continue;
+                }
+                // A step directory must be a directory, never a link.
+                let Ok(meta) = st.metadata() else { continue };
+                if meta.file_type().is_symlink() {
+                    check_store_dir(&p)?;
+                }
+                if !meta.is_dir() {
+                    continue;
+                }
+                let manifest = p.join(crate::layout::MANIFEST_FILE);
+                let committed = match std::fs::symlink_metadata(&manifest) {
+                    Ok(_) => true,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+                    Err(e) => return Err(Error::io("examine manifest", &manifest, e)),
                 };
-                for st in steps.flatten() {
-                    let p = st.path();
-                    let named_step = st.file_name().to_str().and_then(parse_step_dir_name);
-                    if named_step.is_some()
-                        && !p.join(crate::layout::MANIFEST_FILE).exists()
-                        && st.metadata().is_ok_and(|m| age(&m) >= grace)
-                    {
-                        report.leftovers_removed += 1;
-                        if !dry_run {
-                            let _ = std::fs::remove_dir_all(&p);
-                        }
+                if !committed && age(&meta) >= grace {
+                    report.leftovers_removed += 1;
+                    if !dry_run {
+                        let _ = std::fs::remove_dir_all(&p);
                     }
                 }
             }
@@ -156,25 +207,49 @@ impl Store {
     }
 
     /// Local retention: keep the newest `keep_last` checkpoints of every
-    /// run; delete older ones, but only those recorded as durable in the
-    /// remote at `remote_url`, and never the newest such one. Returns what
-    /// was deleted.
+    /// run; delete older ones, but only those recorded as uploaded to
+    /// `remote` whose remote manifest still exists (one HEAD each, just
+    /// before the delete), and never the newest checkpoint durable in
+    /// `remote` as seen now. A remote emptied behind the store's back (a
+    /// lifecycle rule, an operator) therefore costs no local copy. Blocking:
+    /// call it from a plain thread or from `tokio::task::spawn_blocking`
+    /// (whose runtime then runs the HEADs), not from async code. Returns
+    /// what was deleted.
     pub fn apply_local_retention(
         &self,
         keep_last: usize,
-        remote_url: &str,
+        remote: &RemoteStore,
     ) -> Result<Vec<(String, u64)>> {
+        let url = remote.url();
+        // Inside spawn_blocking, use the caller's runtime: the store's own
+        // runtime could not be dropped later from async code.
+        let handle = tokio::runtime::Handle::try_current().ok();
+        let durable_now = |run: &str, s: u64| -> Result<bool> {
+            match &handle {
+                Some(h) => h.block_on(remote.has_manifest(run, s)),
+                None => remote.block_on(remote.has_manifest(run, s))?,
+            }
+        };
         let mut deleted = Vec::new();
         for run in self.runs()? {
             let steps = self.steps(&run)?;
-            let newest_durable = steps
-                .iter()
-                .rev()
-                .find(|&&s| self.is_uploaded(&run, s, remote_url))
-                .copied();
             let cut = steps.len().saturating_sub(keep_last.max(1));
+            if cut == 0 {
+                continue;
+            }
+            let mut newest_durable = None;
+            for &s in steps.iter().rev() {
+                if self.is_uploaded(&run, s, url) && durable_now(&run, s)? {
+                    newest_durable = Some(s);
+                    break;
+                }
+            }
+            // Nothing is durable remotely: keep everything.
+            let Some(newest_durable) = newest_durable else {
+                continue;
+            };
             for &s in &steps[..cut] {
-                if Some(s) != newest_durable && self.is_uploaded(&run, s, remote_url) {
+                if s < newest_durable && self.is_uploaded(&run, s, url) && durable_now(&run, s)? {
                     self.delete(&run, s)?;
                     deleted.push((run.clone(), s));
                 }
@@ -187,7 +262,15 @@ impl Store {
 impl RemoteStore {
     /// Collect unreferenced chunk objects older than `grace` (see the
     /// module documentation for why this is safe with concurrent uploads).
+    /// A zero `grace` is refused (`InvalidInput`): it would let the
+    /// collection delete chunks an upload is relying on right now.
     pub async fn gc(&self, grace: Duration, dry_run: bool) -> Result<GcReport> {
+        if grace.is_zero() {
+            return Err(Error::invalid(
+                "remote gc grace",
+                "must be positive: uploads must finish within a quarter of it",
+            ));
+        }
         let mut report = GcReport {
             dry_run,
             ..Default::default()

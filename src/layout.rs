@@ -86,6 +86,48 @@ impl Layout {
     pub fn tmp_dir(&self) -> PathBuf {
         self.root.join("tmp")
     }
+
+    /// Check the store-owned directories `chunks/`, `runs/` and `tmp/`,
+    /// and with `run` (and `step`) that run's (and step's) directory, with
+    /// [`check_store_dir`]: none may be a symbolic link. Absent ones pass.
+    pub fn check_dirs(&self, run: Option<&str>, step: Option<u64>) -> Result<()> {
+        for d in [self.chunks_dir(), self.runs_dir(), self.tmp_dir()] {
+            check_store_dir(&d)?;
+        }
+        if let Some(run) = run {
+            validate_run_name(run)?;
+            check_store_dir(&self.run_dir(run))?;
+            if let Some(step) = step {
+                check_store_dir(&self.step_dir(run, step))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Examine a directory the store owns (`chunks/`, `chunks/<xx>/`, `runs/`,
+/// `runs/<run>/`, `runs/<run>/<step>/`, `tmp/`) without following a
+/// symbolic link: `Ok(true)` if it is a directory, `Ok(false)` if it does
+/// not exist, and an error naming it if it is a symbolic link, something
+/// other than a directory, or cannot be examined. cairn never reads,
+/// creates, renames or deletes through such a link; only the store root
+/// itself may be one.
+pub fn check_store_dir(path: &Path) -> Result<bool> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => Err(Error::io(
+            "open store directory",
+            path,
+            std::io::Error::other("is a symbolic link; cairn never follows links inside a store"),
+        )),
+        Ok(m) if m.is_dir() => Ok(true),
+        Ok(_) => Err(Error::io(
+            "open store directory",
+            path,
+            std::io::Error::other("is not a directory"),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::io("examine store directory", path, e)),
+    }
 }
 
 /// Directory name of a step: zero-padded to 20 digits so listings sort.

@@ -75,7 +75,8 @@ pub use format::manifest::{BlobEntry, ChunkRef, EntryRef, Manifest, ShardInfo, T
 pub use gc::GcReport;
 pub use layout::validate_run_name;
 pub use remote::{
-    RemoteMetrics, RemoteMetricsSnapshot, RemoteOptions, RemoteStore, RetryPolicy, UploadReport,
+    check_remote_gc_grace, RemoteMetrics, RemoteMetricsSnapshot, RemoteOptions, RemoteStore,
+    RetryPolicy, UploadReport, MIN_REMOTE_GC_GRACE,
 };
 pub use restore::{RestoreReport, Restored, RestoredTensor, TensorFilter};
 pub use save::{SaveHandle, SaveReport, SaveState, TensorView};

@@ -4,7 +4,7 @@ use crate::codec::CodecChoice;
 use crate::error::{Error, Result};
 use crate::format::manifest::{decode_manifest_file, Manifest};
 use crate::format::FORMAT_VERSION;
-use crate::layout::{parse_step_dir_name, validate_run_name, Layout};
+use crate::layout::{check_store_dir, parse_step_dir_name, validate_run_name, Layout};
 use crate::local::durable::{create_dir_all_durable, fsync_dir, publish_new};
 use crate::local::LocalChunkStore;
 use crate::remote::RemoteStore;
@@ -142,6 +142,8 @@ impl Store {
         let layout = Layout::new(root.as_ref());
         create_dir_all_durable(layout.root())?;
         check_or_write_marker(&layout)?;
+        // Nothing is created or written through a link inside the store.
+        layout.check_dirs(None, None)?;
         for d in [layout.runs_dir(), layout.tmp_dir()] {
             create_dir_all_durable(&d)?;
         }
@@ -276,6 +278,7 @@ impl Store {
         for p in dirs {
             self.chunks.sync_prefix_dir(p)?;
         }
+        self.layout.check_dirs(Some(run), Some(step))?;
         create_dir_all_durable(&self.layout.step_dir(run, step))?;
         if publish_new(&self.layout.tmp_dir(), &path, bytes)? {
             return Ok(true);
@@ -297,6 +300,7 @@ impl Store {
             uploaded_unix_ms: crate::remote::upload::now_ms(),
         };
         let body = serde_json::to_vec(&marker).map_err(|e| Error::Internal(e.to_string()))?;
+        self.layout.check_dirs(Some(run), Some(step))?;
         crate::local::durable::publish_replace(
             &self.layout.tmp_dir(),
             &self.layout.step_dir(run, step).join(UPLOAD_MARKER),
@@ -356,13 +360,23 @@ impl Store {
         )
     }
 
-    /// Names of all runs with at least one committed checkpoint.
+    /// Names of all runs with at least one committed checkpoint, and of
+    /// runs whose directory cannot be listed (for those, [`Store::steps`]
+    /// returns the error), so that nothing unreadable goes unnoticed.
+    /// Fails if `runs/` cannot be listed or is a symbolic link.
     pub fn runs(&self) -> Result<Vec<String>> {
         let dir = self.layout.runs_dir();
+        if !check_store_dir(&dir)? {
+            return Ok(Vec::new());
+        }
         let mut out = Vec::new();
-        for name in read_dir_names(&dir)? {
-            if validate_run_name(&name).is_ok() && !self.steps(&name)?.is_empty() {
-                out.push(name);
+        for (name, ft) in read_dir_entries(&dir)? {
+            if validate_run_name(&name).is_err() || !(ft.is_dir() || ft.is_symlink()) {
+                continue;
+            }
+            match self.steps(&name) {
+                Ok(steps) if steps.is_empty() => {}
+                _ => out.push(name),
             }
         }
         out.sort();
@@ -370,20 +384,45 @@ impl Store {
     }
 
     /// Committed steps of `run`, ascending. A step directory without a
-    /// manifest (an interrupted save) is not listed.
+    /// manifest (an interrupted save) is not listed; one where the
+    /// manifest's presence cannot be determined (say, permission denied) is,
+    /// so that reading its manifest reports the error. Fails if the run's
+    /// directory cannot be listed, or it or one of its step directories is
+    /// a symbolic link.
     pub fn steps(&self, run: &str) -> Result<Vec<u64>> {
         validate_run_name(run)?;
-        let dir = self.layout.run_dir(run);
-        if !dir.is_dir() {
+        if !check_store_dir(&self.layout.runs_dir())? {
             return Ok(Vec::new());
         }
-        let mut out: Vec<u64> = read_dir_names(&dir)?
-            .iter()
-            .filter_map(|n| parse_step_dir_name(n))
-            .filter(|&s| self.layout.manifest_path(run, s).is_file())
-            .collect();
+        let dir = self.layout.run_dir(run);
+        if !check_store_dir(&dir)? {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for (name, ft) in read_dir_entries(&dir)? {
+            let Some(step) = parse_step_dir_name(&name) else {
+                continue;
+            };
+            if ft.is_symlink() {
+                check_store_dir(&dir.join(&name))?;
+            }
+            if ft.is_dir() && self.manifest_present(run, step).unwrap_or(true) {
+                out.push(step);
+            }
+        }
         out.sort_unstable();
         Ok(out)
+    }
+
+    /// Whether the manifest of `(run, step)` exists, without following a
+    /// link; an error if that cannot be determined.
+    fn manifest_present(&self, run: &str, step: u64) -> Result<bool> {
+        let path = self.layout.manifest_path(run, step);
+        match std::fs::symlink_metadata(&path) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io("examine manifest", &path, e)),
+        }
     }
 
     /// The highest committed step of `run`, if any.
@@ -396,7 +435,7 @@ impl Store {
         match sel {
             StepSel::Step(s) => {
                 validate_run_name(run)?;
-                if self.layout.manifest_path(run, s).is_file() {
+                if self.manifest_present(run, s)? {
                     Ok(s)
                 } else {
                     Err(Error::NotFound {
@@ -430,6 +469,7 @@ impl Store {
     /// either the whole checkpoint or none of it.
     pub fn delete(&self, run: &str, step: u64) -> Result<()> {
         validate_run_name(run)?;
+        self.layout.check_dirs(Some(run), Some(step))?;
         let path = self.layout.manifest_path(run, step);
         match std::fs::remove_file(&path) {
             Ok(()) => {}
@@ -497,7 +537,8 @@ pub(crate) fn read_bounded(path: &PathBuf) -> Result<Vec<u8>> {
     })
 }
 
-fn read_dir_names(dir: &Path) -> Result<Vec<String>> {
+/// Names and types (links not followed) of the entries of `dir`.
+fn read_dir_entries(dir: &Path) -> Result<Vec<(String, std::fs::FileType)>> {
     let rd = match std::fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -506,8 +547,11 @@ fn read_dir_names(dir: &Path) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for ent in rd {
         let ent = ent.map_err(|e| Error::io("list directory", dir, e))?;
+        let ft = ent
+            .file_type()
+            .map_err(|e| Error::io("list directory", ent.path(), e))?;
         if let Ok(name) = ent.file_name().into_string() {
-            out.push(name);
+            out.push((name, ft));
         }
     }
     Ok(out)

@@ -3,7 +3,7 @@
 
 mod common;
 
-use cairn::RemoteOptions;
+use cairn::{RemoteOptions, RemoteStore};
 use cairn::{StepSel, Store, StoreOptions, TensorFilter};
 use common::*;
 use std::collections::HashSet;
@@ -124,7 +124,14 @@ fn gc_dry_run_and_grace_period_delete_nothing() {
 #[test]
 fn local_retention_only_drops_checkpoints_durable_remotely() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), opts()).unwrap();
+    let mut store = Store::open(dir.path().join("local"), opts()).unwrap();
+    let remote = RemoteStore::open(
+        &format!("file://{}", dir.path().join("remote").display()),
+        &[],
+        RemoteOptions::default(),
+    )
+    .unwrap();
+    store.attach_remote(remote.clone());
     for step in 0..6 {
         store
             .save("r", step, &rolling_state(step).view())
@@ -132,11 +139,10 @@ fn local_retention_only_drops_checkpoints_durable_remotely() {
             .wait()
             .unwrap();
     }
-    let url = "s3://bucket/x";
     for step in [0, 1, 3] {
-        store.mark_uploaded("r", step, url).unwrap();
+        store.upload("r", step).unwrap();
     }
-    let deleted = store.apply_local_retention(2, url).unwrap();
+    let deleted = store.apply_local_retention(2, &remote).unwrap();
     // Steps 0..=3 are beyond the newest two; only uploaded ones go, and
     // step 3, the newest durable one, stays.
     assert_eq!(deleted, vec![("r".to_string(), 0), ("r".to_string(), 1)]);

@@ -12,8 +12,11 @@ use std::time::Duration;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetentionConfig {
-    /// Keep this many newest checkpoints per run on local disk (older ones
-    /// are deleted once durable remotely). Unset: keep all.
+    /// Keep this many newest checkpoints per run on local disk. An older
+    /// one is deleted only while the remote still holds it (checked just
+    /// before the delete), and never the newest one the remote holds; so
+    /// this may not exceed `remote_keep_last`, or checkpoints the remote
+    /// retired would pile up locally. Unset: keep all.
     pub local_keep_last: Option<usize>,
     /// Keep this many newest checkpoints per run remotely. Unset: keep all.
     pub remote_keep_last: Option<usize>,
@@ -121,7 +124,9 @@ impl DaemonConfig {
             .map_err(|e| Error::invalid(format!("config {}", path.display()), e.to_string()))
     }
 
-    /// Check the settings.
+    /// Check the settings: a loopback listen address, positive intervals
+    /// and keep counts, `local_keep_last` at most `remote_keep_last`, and a
+    /// remote gc grace of at least [`crate::remote::MIN_REMOTE_GC_GRACE`].
     pub fn check(&self) -> Result<()> {
         if !self.listen.ip().is_loopback() {
             return Err(Error::invalid(
@@ -132,9 +137,23 @@ impl DaemonConfig {
         if self.retention.local_keep_last == Some(0) || self.retention.remote_keep_last == Some(0) {
             return Err(Error::invalid("retention", "keep_last must be at least 1"));
         }
+        if let (Some(local), Some(remote)) = (
+            self.retention.local_keep_last,
+            self.retention.remote_keep_last,
+        ) {
+            if local > remote {
+                return Err(Error::invalid(
+                    "retention",
+                    format!(
+                        "local_keep_last ({local}) exceeds remote_keep_last ({remote}): local retention deletes only checkpoints the remote still holds"
+                    ),
+                ));
+            }
+        }
         if self.poll_interval.is_zero() {
             return Err(Error::invalid("poll_interval", "must be positive"));
         }
+        crate::remote::check_remote_gc_grace(self.remote_tuning.gc_grace)?;
         Ok(())
     }
 }

@@ -211,8 +211,24 @@ impl FlushDaemon {
         Ok(())
     }
 
+    /// Local retention first: it deletes a local checkpoint only while the
+    /// remote still holds it, so it must look before remote retention
+    /// thins the remote out.
     async fn retention(&self) -> Result<()> {
         let r = &self.cfg.retention;
+        if let Some(keep) = r.local_keep_last {
+            let local = self.local.clone();
+            let remote = self.remote.clone();
+            let deleted =
+                tokio::task::spawn_blocking(move || local.apply_local_retention(keep, &remote))
+                    .await
+                    .map_err(|e| Error::Internal(format!("retention: {e}")))??;
+            for (run, step) in &deleted {
+                tracing::info!(run = %run, step = *step, "local retention deleted checkpoint");
+            }
+            self.status
+                .update(|s| s.retention_deleted_local += deleted.len() as u64);
+        }
         if let Some(keep) = r.remote_keep_last {
             let deleted = self
                 .remote
@@ -223,19 +239,6 @@ impl FlushDaemon {
             }
             self.status
                 .update(|s| s.retention_deleted_remote += deleted.len() as u64);
-        }
-        if let Some(keep) = r.local_keep_last {
-            let local = self.local.clone();
-            let url = self.remote.url().to_string();
-            let deleted =
-                tokio::task::spawn_blocking(move || local.apply_local_retention(keep, &url))
-                    .await
-                    .map_err(|e| Error::Internal(format!("retention: {e}")))??;
-            for (run, step) in &deleted {
-                tracing::info!(run = %run, step = *step, "local retention deleted checkpoint");
-            }
-            self.status
-                .update(|s| s.retention_deleted_local += deleted.len() as u64);
         }
         Ok(())
     }

@@ -11,7 +11,7 @@ use crate::chunk_id::ChunkId;
 use crate::codec::Decoder;
 use crate::error::{Error, Result};
 use crate::format::chunk::{ChunkHeader, Codec, ALIGNED_PAYLOAD_OFFSET, HEADER_LEN};
-use crate::layout::Layout;
+use crate::layout::{check_store_dir, Layout};
 use crate::staging::StagingBuf;
 use crate::staging::ALIGN;
 use std::fs::File;
@@ -43,6 +43,7 @@ impl PendingChunk {
             .file
             .sync_data()
             .map_err(|e| Error::io("fsync chunk", &self.tmp, e))
+            .and_then(|()| check_fan_out_dir(&self.dest))
             .and_then(|()| {
                 std::fs::rename(&self.tmp, &self.dest)
                     .map_err(|e| Error::io("rename chunk into place", &self.dest, e))
@@ -92,12 +93,17 @@ impl LocalChunkStore {
         self.direct
     }
 
-    /// Create the chunk fan-out directories (idempotent).
+    /// Create the chunk fan-out directories (idempotent). Fails, naming
+    /// it, if `chunks/` or a fan-out directory is a symbolic link.
     pub fn init(&self) -> Result<()> {
+        check_store_dir(&self.layout.chunks_dir())?;
         create_dir_all_durable(&self.layout.chunks_dir())?;
         let mut created = false;
         for p in 0..=255u8 {
             let d = self.layout.chunk_dir_for_prefix(p);
+            if check_store_dir(&d)? {
+                continue;
+            }
             match std::fs::create_dir(&d) {
                 Ok(()) => created = true,
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -215,13 +221,19 @@ impl LocalChunkStore {
     pub fn put_object(&self, id: &ChunkId, bytes: &[u8]) -> Result<()> {
         let tmp = self.layout.tmp_dir().join(unique_tmp_name(&id.to_hex()));
         let mut f = create_new(&tmp)?;
+        let dest = self.layout.chunk_path(id);
         let res = f
             .write_all(bytes)
             .and_then(|()| f.sync_data())
-            .and_then(|()| std::fs::rename(&tmp, self.layout.chunk_path(id)));
+            .map_err(|e| Error::io("write repaired chunk", &tmp, e))
+            .and_then(|()| check_fan_out_dir(&dest))
+            .and_then(|()| {
+                std::fs::rename(&tmp, &dest)
+                    .map_err(|e| Error::io("rename chunk into place", &dest, e))
+            });
         if let Err(e) = res {
             let _ = std::fs::remove_file(&tmp);
-            return Err(Error::io("write repaired chunk", &tmp, e));
+            return Err(e);
         }
         self.sync_prefix_dir(id.0[0])
     }
@@ -406,6 +418,19 @@ impl Drop for AlignedBlock {
     fn drop(&mut self) {
         // SAFETY: allocated with the same layout in `new`.
         unsafe { std::alloc::dealloc(self.ptr, Self::LAYOUT) }
+    }
+}
+
+/// The fan-out directory a chunk file goes into must be a real directory
+/// of the store, not a symbolic link.
+fn check_fan_out_dir(dest: &Path) -> Result<()> {
+    let dir = dest.parent().unwrap_or(dest);
+    if check_store_dir(dir)? {
+        Ok(())
+    } else {
+        Err(Error::NotFound {
+            what: format!("chunk directory {}", dir.display()),
+        })
     }
 }
 

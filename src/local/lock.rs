@@ -19,10 +19,12 @@ pub struct GcLock {
 impl GcLock {
     fn take(root: &Path, exclusive: bool) -> Result<Self> {
         let path = root.join(GC_LOCK);
+        use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(|e| Error::io("open gc lock", &path, e))?;
         let op = if exclusive {

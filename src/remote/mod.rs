@@ -46,7 +46,9 @@ pub struct RemoteOptions {
     /// Unreferenced chunk objects younger than this are never collected.
     /// Uploads re-send a chunk the remote holds when its object is older
     /// than half of it, so a chunk a new manifest relies on is never a
-    /// collection candidate.
+    /// collection candidate, and an upload must finish within a quarter of
+    /// it. Must be positive; the daemon and the CLI require at least
+    /// [`MIN_REMOTE_GC_GRACE`] (see [`check_remote_gc_grace`]).
     #[serde(with = "humantime_serde")]
     pub gc_grace: std::time::Duration,
 }
@@ -61,6 +63,28 @@ impl Default for RemoteOptions {
             gc_grace: std::time::Duration::from_secs(24 * 3600),
         }
     }
+}
+
+/// The shortest remote collection grace period the daemon and `cairn gc`
+/// accept: an upload must finish within a quarter of it (15 seconds), and
+/// node clocks must agree to within an eighth of it.
+pub const MIN_REMOTE_GC_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Check a remote collection grace period given by a user: at least
+/// [`MIN_REMOTE_GC_GRACE`], because the remote protocol needs every upload
+/// to finish within a quarter of it. An `InvalidInput` error otherwise.
+pub fn check_remote_gc_grace(grace: std::time::Duration) -> Result<()> {
+    if grace < MIN_REMOTE_GC_GRACE {
+        return Err(Error::invalid(
+            "remote gc grace",
+            format!(
+                "{} is shorter than the minimum of {}: uploads must finish within a quarter of the grace period",
+                humantime::format_duration(grace),
+                humantime::format_duration(MIN_REMOTE_GC_GRACE)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A checkpoint store in object storage.
@@ -113,6 +137,12 @@ impl RemoteStore {
         opts: RemoteOptions,
         create: bool,
     ) -> Result<Self> {
+        if opts.gc_grace.is_zero() {
+            return Err(Error::invalid(
+                "remote gc grace",
+                "must be positive: uploads must finish within a quarter of it",
+            ));
+        }
         let parsed = url::Url::parse(url)
             .map_err(|e| Error::invalid("remote URL", format!("{url:?}: {e}")))?;
         let (scheme, prefix) = ObjectStoreScheme::parse(&parsed)
@@ -476,17 +506,57 @@ impl RemoteStore {
         Ok(out)
     }
 
-    /// Committed remote steps of `run`, ascending.
+    /// Committed remote steps of `run`, ascending: those whose manifest
+    /// object exists. A step prefix holding anything else (an empty
+    /// directory left by a `file://` delete, a stray object) is not a
+    /// checkpoint.
     pub async fn steps(&self, run: &str) -> Result<Vec<u64>> {
         validate_run_name(run)?;
-        let mut out: Vec<u64> = self
-            .list_dirs(&self.run_path(run))
-            .await?
+        let base = self.run_path(run);
+        let metas: Vec<ObjectMeta> = retry::retry(&self.opts.retry, &self.metrics, || async {
+            self.inner
+                .list(Some(&base))
+                .try_collect()
+                .await
+                .map_err(|e| Error::remote("list", &base, e))
+        })
+        .await?;
+        let mut out: Vec<u64> = metas
             .iter()
-            .filter_map(|n| parse_step_dir_name(n))
+            .filter_map(|m| {
+                let parts: Vec<_> = m.location.prefix_match(&base)?.collect();
+                match parts.as_slice() {
+                    [step, file] if file.as_ref() == MANIFEST_FILE => {
+                        parse_step_dir_name(step.as_ref())
+                    }
+                    _ => None,
+                }
+            })
             .collect();
         out.sort_unstable();
+        out.dedup();
         Ok(out)
+    }
+
+    /// Whether the manifest of `(run, step)` exists remotely (one HEAD).
+    pub async fn has_manifest(&self, run: &str, step: u64) -> Result<bool> {
+        validate_run_name(run)?;
+        let path = self.manifest_path(run, step);
+        let r = retry::retry(&self.opts.retry, &self.metrics, || async {
+            self.inner
+                .head(&path)
+                .await
+                .map_err(|e| Error::remote("head manifest", &path, e))
+        })
+        .await;
+        match r {
+            Ok(_) => Ok(true),
+            Err(Error::Remote {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Delete the remote manifest of `(run, step)` (its chunks stay until

@@ -443,6 +443,7 @@ fn commit(ctx: &SaveCtx) -> Result<SaveReport> {
     let manifest = build_manifest(ctx)?;
     let bytes = encode_manifest(&manifest)?;
     let step_dir = layout_root.step_dir(&ctx.run, ctx.step);
+    layout_root.check_dirs(Some(&ctx.run), Some(ctx.step))?;
     create_dir_all_durable(&step_dir)?;
     let dest = layout_root.manifest_path(&ctx.run, ctx.step);
     if !publish_new(&layout_root.tmp_dir(), &dest, &bytes)? {

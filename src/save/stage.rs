@@ -121,6 +121,7 @@ pub(crate) fn stage_save(
 ) -> Result<SaveHandle> {
     validate_run_name(run)?;
     validate(state)?;
+    layout.check_dirs(Some(run), Some(step))?;
     if layout.manifest_path(run, step).exists() {
         return Err(Error::AlreadyExists {
             run: run.to_string(),

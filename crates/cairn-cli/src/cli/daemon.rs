@@ -33,7 +33,7 @@ pub struct DaemonArgs {
     /// Garbage-collection interval (0s: never).
     #[arg(long, value_parser = humantime::parse_duration)]
     gc_interval: Option<Duration>,
-    /// Grace period for remote garbage collection.
+    /// Grace period for remote garbage collection (at least 1m).
     #[arg(long, value_parser = humantime::parse_duration)]
     remote_gc_grace: Option<Duration>,
     /// Log format.

@@ -12,6 +12,11 @@ pub fn run(
     json: bool,
     raw_opts: &[String],
 ) -> cairn::Result<i32> {
+    // Local stores may use any grace (the collection lock protects saves);
+    // object stores need uploads to finish within a quarter of it.
+    if cairn::is_url(location) {
+        cairn::check_remote_gc_grace(grace)?;
+    }
     let tier = open(location, raw_opts)?;
     let report = match &tier {
         Tier::Local(s) => s.gc(grace, dry_run)?,

@@ -31,6 +31,22 @@ struct Entry {
     tiers: Vec<String>,
 }
 
+/// A checkpoint (or, without a step, a run) that could not be read.
+#[derive(Serialize)]
+struct Bad {
+    run: String,
+    step: Option<u64>,
+    error: String,
+}
+
+/// One element of the JSON listing, in run and step order.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Row<'a> {
+    Ok(&'a Entry),
+    Bad(&'a Bad),
+}
+
 pub fn run(
     location: &str,
     run_filter: Option<&str>,
@@ -40,6 +56,9 @@ pub fn run(
     let tier = open(location, raw_opts)?;
     let sizes = tier.chunk_sizes()?;
     let mut out = Vec::new();
+    let mut bad = Vec::new();
+    // (is_bad, index) in listing order, for the JSON output.
+    let mut order = Vec::new();
     let runs = match run_filter {
         Some(r) if tier.steps(r)?.is_empty() => {
             return Err(cairn::Error::NotFound {
@@ -51,8 +70,34 @@ pub fn run(
     };
     for run in runs {
         let mut prev: HashSet<cairn::ChunkId> = HashSet::new();
-        for step in tier.steps(&run)? {
-            let m = tier.manifest(&run, step)?;
+        let steps = match tier.steps(&run) {
+            Ok(s) => s,
+            // With --run, an invalid name is a bad argument, not bad data.
+            Err(e) if run_filter.is_some() => return Err(e),
+            Err(e) => {
+                order.push((true, bad.len()));
+                bad.push(Bad {
+                    run: run.clone(),
+                    step: None,
+                    error: e.to_string(),
+                });
+                continue;
+            }
+        };
+        for step in steps {
+            // One unreadable checkpoint does not hide the others.
+            let m = match tier.manifest(&run, step) {
+                Ok(m) => m,
+                Err(e) => {
+                    order.push((true, bad.len()));
+                    bad.push(Bad {
+                        run: run.clone(),
+                        step: Some(step),
+                        error: e.to_string(),
+                    });
+                    continue;
+                }
+            };
             let chunks = m.distinct_chunks();
             let unique: u64 = chunks.iter().map(|c| c.1).sum();
             let stored: u64 = chunks
@@ -76,6 +121,7 @@ pub fn run(
                 std::time::UNIX_EPOCH + std::time::Duration::from_millis(m.created_unix_ms),
             )
             .to_string();
+            order.push((false, out.len()));
             out.push(Entry {
                 run: run.clone(),
                 step,
@@ -103,10 +149,20 @@ pub fn run(
         }
     }
     if json {
-        print_json(&out)?;
-    } else if out.is_empty() {
+        let rows: Vec<Row> = order
+            .iter()
+            .map(|&(is_bad, i)| {
+                if is_bad {
+                    Row::Bad(&bad[i])
+                } else {
+                    Row::Ok(&out[i])
+                }
+            })
+            .collect();
+        print_json(&rows)?;
+    } else if out.is_empty() && bad.is_empty() {
         outln!("no checkpoints in {}", tier.location());
-    } else {
+    } else if !out.is_empty() {
         outln!(
             "{:<20} {:>10} {:<20} {:>8} {:>10} {:>10} {:>10} {:>6} {:>6}  TIERS",
             "RUN",
@@ -135,7 +191,15 @@ pub fn run(
             );
         }
     }
-    Ok(0)
+    if !json {
+        for b in &bad {
+            match b.step {
+                Some(step) => outln!("BAD  run {} step {}: {}", b.run, step, b.error),
+                None => outln!("BAD  run {}: {}", b.run, b.error),
+            }
+        }
+    }
+    Ok(if bad.is_empty() { 0 } else { 1 })
 }
 
 fn upload_url(store: &cairn::Store, run: &str, step: u64) -> Option<String> {
