@@ -1,14 +1,16 @@
-//! Copying a checkpoint between tiers (`cairn restore --to`): chunks the
-//! target lacks, in parallel, each verified; then the manifest, last and
-//! only if absent. A copy interrupted at any point leaves no checkpoint at
-//! the target, and running it again skips the chunks already there.
+//! Copying a checkpoint between tiers: chunks the target lacks, in
+//! parallel, each verified; then the manifest, last and only if absent.
+//! One algorithm serves `cairn restore --to`, [`crate::Store::upload`] and
+//! the flush daemon. A copy interrupted at any point leaves no checkpoint
+//! at the target, and running it again skips the chunks already there.
 
 use crate::chunk_id::ChunkId;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::format::manifest::encode_manifest;
-use crate::tier::Tier;
+use crate::parallel::try_for_each;
+use crate::tier::{ChunkTier, ReuseRule};
 use serde::Serialize;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -27,6 +29,12 @@ pub struct CopyReport {
     pub chunks_copied: u64,
     /// Chunks the target already held (e.g. from an interrupted copy).
     pub chunks_skipped: u64,
+    /// Chunks the target held but too old to rely on, written again.
+    pub chunks_renewed: u64,
+    /// Chunks the target held but corrupt or unreadable, written again.
+    pub chunks_repaired: u64,
+    /// Renewed chunks found deleted after the commit and put back.
+    pub chunks_restored_after_commit: u64,
     /// Bytes of chunk objects copied.
     pub bytes_copied: u64,
     /// Whether the target already had this exact manifest.
@@ -35,27 +43,68 @@ pub struct CopyReport {
     pub elapsed: Duration,
 }
 
-/// Copy checkpoint `(run, step)` from `src` to `dst`. With `select`, only
-/// the tensors it accepts are copied (blobs always) and the target gets a
-/// manifest listing just those. `progress` is called with bytes copied.
+/// How [`copy_checkpoint`] treats what it finds at the target.
+pub struct CopyOptions<'a> {
+    /// Copy only the tensors this accepts (blobs always); the target gets
+    /// a manifest listing just those.
+    pub select: Option<&'a (dyn Fn(&str) -> bool + Sync)>,
+    /// Read back and hash a chunk the target already holds before relying
+    /// on it (a corrupt one is written again). Costs a read of each present
+    /// chunk; `cairn restore --to` does it, the flush daemon does not.
+    pub verify_present: bool,
+    /// Chunks copied at once.
+    pub threads: usize,
+    /// Called with the uncompressed bytes of each chunk done.
+    pub progress: &'a (dyn Fn(u64) + Sync),
+}
+
+impl Default for CopyOptions<'_> {
+    fn default() -> Self {
+        CopyOptions {
+            select: None,
+            verify_present: false,
+            threads: 8,
+            progress: &|_| {},
+        }
+    }
+}
+
+/// What to do with one chunk after looking at the target.
+enum Found {
+    Reuse,
+    Renew,
+    Repair,
+    Missing,
+}
+
+/// Copy checkpoint `(run, step)` from `src` to `dst`: the chunks `dst`
+/// lacks, in parallel, each verified as it is read and published
+/// atomically; then the manifest, create-only. This is the one algorithm
+/// behind `cairn restore --to`, [`crate::Store::upload`] and the flush
+/// daemon, so every writer follows the target's [`ReuseRule`]:
+///
+/// - on the local tier, the copy holds the collection lock until it
+///   commits, so a present chunk is safe to rely on;
+/// - on the remote tier, a present chunk is relied on only if younger than
+///   `refresh_after` (an older one is written again, renewing it); the
+///   manifest is committed only within `commit_within` of the first look;
+///   and renewed chunks are checked once more after the commit, since a
+///   collector may have deleted one on its old age just before the renewal
+///   landed (the manifest now protects it, so it is put back).
 pub fn copy_checkpoint(
-    src: &Tier,
-    dst: &Tier,
+    src: &dyn ChunkTier,
+    dst: &dyn ChunkTier,
     run: &str,
     step: u64,
-    select: Option<&(dyn Fn(&str) -> bool + Sync)>,
-    threads: usize,
-    progress: &(dyn Fn(u64) + Sync),
+    opts: &CopyOptions<'_>,
 ) -> Result<CopyReport> {
     let t0 = Instant::now();
     // Copied chunks are unreferenced until the manifest commits: hold off
-    // local collection meanwhile, as a save does.
-    let _gc_lock = match dst {
-        Tier::Local(s) => Some(crate::local::GcLock::shared(s.root())?),
-        Tier::Remote(_) => None,
-    };
+    // collection meanwhile, as a save does.
+    let _guard = dst.write_guard()?;
+    let started_ms = dst.clock().now_ms();
     let mut manifest = src.manifest(run, step)?;
-    let bytes = match select {
+    let bytes = match opts.select {
         None => src.manifest_bytes(run, step)?,
         Some(f) => {
             manifest.tensors.retain(|t| f(&t.name));
@@ -68,56 +117,82 @@ pub fn copy_checkpoint(
         }
     };
     let chunks: Vec<(ChunkId, u64)> = manifest.distinct_chunks();
-    let next = AtomicUsize::new(0);
     let copied = AtomicU64::new(0);
     let skipped = AtomicU64::new(0);
+    let renewed_n = AtomicU64::new(0);
+    let repaired = AtomicU64::new(0);
     let bytes_copied = AtomicU64::new(0);
-    let first_err: Mutex<Option<Error>> = Mutex::new(None);
-    std::thread::scope(|s| {
-        for _ in 0..threads.clamp(1, chunks.len().max(1)) {
-            s.spawn(|| loop {
-                if first_err.lock().map(|g| g.is_some()).unwrap_or(true) {
-                    return;
-                }
-                let Some(&(id, len)) = chunks.get(next.fetch_add(1, Ordering::Relaxed)) else {
-                    return;
-                };
-                let r = (|| -> Result<()> {
-                    if dst.has_verified_chunk(&id, len)? {
-                        skipped.fetch_add(1, Ordering::Relaxed);
-                        progress(len);
-                        return Ok(());
+    let renewed: Mutex<Vec<(ChunkId, u64)>> = Mutex::new(Vec::new());
+    let put = |id: &ChunkId, len: u64| -> Result<()> {
+        let object = src.read_chunk_object(id, len)?;
+        let n = object.len() as u64;
+        dst.put_chunk_object(id, object)?;
+        copied.fetch_add(1, Ordering::Relaxed);
+        bytes_copied.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    };
+    try_for_each(
+        chunks.iter().copied(),
+        opts.threads,
+        || Ok(()),
+        |_, (id, len)| {
+            let found = match dst.chunk_info(&id)? {
+                None => Found::Missing,
+                Some(info) if !dst.is_fresh(&info) => Found::Renew,
+                Some(_) if opts.verify_present => match dst.read_chunk_object(&id, len) {
+                    Ok(_) => Found::Reuse,
+                    Err(e) if matches!(e.kind(), ErrorKind::Data | ErrorKind::NotFound) => {
+                        tracing::warn!(chunk = %id, error = %e, "chunk at the target is unusable; copying it again");
+                        Found::Repair
                     }
-                    let object = src.read_chunk_object(&id, len)?;
-                    let n = object.len() as u64;
-                    dst.put_chunk_object(&id, object)?;
-                    copied.fetch_add(1, Ordering::Relaxed);
-                    bytes_copied.fetch_add(n, Ordering::Relaxed);
-                    progress(len);
-                    Ok(())
-                })();
-                if let Err(e) = r {
-                    let mut g = first_err.lock().unwrap_or_else(|p| p.into_inner());
-                    g.get_or_insert(e);
-                    return;
+                    Err(e) => return Err(e),
+                },
+                Some(_) => Found::Reuse,
+            };
+            match found {
+                Found::Reuse => {
+                    skipped.fetch_add(1, Ordering::Relaxed);
                 }
+                Found::Missing => put(&id, len)?,
+                Found::Repair => {
+                    put(&id, len)?;
+                    repaired.fetch_add(1, Ordering::Relaxed);
+                }
+                Found::Renew => {
+                    renewed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((id, len));
+                    put(&id, len)?;
+                    renewed_n.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            (opts.progress)(len);
+            Ok(())
+        },
+    )?;
+    if let ReuseRule::Grace { commit_within, .. } = dst.reuse_rule() {
+        // A chunk found present was young enough to be safe from
+        // collection for commit_within after the first look; publish
+        // within that window or not at all (the next attempt starts over).
+        let took = dst.clock().since(started_ms);
+        if took > commit_within {
+            return Err(Error::DeadlineExceeded {
+                what: format!("copy of run {run} step {step} to {}", dst.location()),
+                took,
+                limit: commit_within,
             });
         }
-    });
-    if let Some(e) = first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(e);
     }
-    if let Tier::Remote(r) = dst {
-        // Same rule as uploads: chunks found present were young enough to
-        // be safe from remote collection for gc_grace / 4 (see crate::gc).
-        if t0.elapsed() > r.options().gc_grace / 4 {
-            return Err(Error::Internal(format!(
-                "copy of run {run} step {step} took {:?}, longer than a quarter of the gc grace period; not committing",
-                t0.elapsed()
-            )));
+    let created = dst.commit_manifest(run, step, &bytes)?;
+    let mut restored_after = 0;
+    for (id, len) in renewed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        if dst.chunk_info(&id)?.is_none() {
+            tracing::warn!(chunk = %id, "renewed chunk vanished under collection; copying it again");
+            put(&id, len)?;
+            restored_after += 1;
         }
     }
-    let created = dst.commit_manifest(run, step, bytes)?;
     Ok(CopyReport {
         run: run.to_string(),
         step,
@@ -125,6 +200,9 @@ pub fn copy_checkpoint(
         chunks: chunks.len() as u64,
         chunks_copied: copied.into_inner(),
         chunks_skipped: skipped.into_inner(),
+        chunks_renewed: renewed_n.into_inner(),
+        chunks_repaired: repaired.into_inner(),
+        chunks_restored_after_commit: restored_after,
         bytes_copied: bytes_copied.into_inner(),
         already_present: !created,
         elapsed: t0.elapsed(),

@@ -120,6 +120,17 @@ pub enum Error {
         #[source]
         source: object_store::Error,
     },
+    /// An operation ran past the time the protocol allows it; retrying
+    /// starts it over.
+    #[error("{what} took {took:?}, longer than the {limit:?} allowed; not committed")]
+    DeadlineExceeded {
+        /// What ran too long.
+        what: String,
+        /// How long it took.
+        took: std::time::Duration,
+        /// The limit.
+        limit: std::time::Duration,
+    },
     /// The store's background pipeline has shut down.
     #[error("the store pipeline is closed")]
     Closed,
@@ -155,6 +166,7 @@ impl Error {
             | Error::UnknownCodec { .. } => ErrorKind::Data,
             Error::NotFound { .. } => ErrorKind::NotFound,
             Error::AlreadyExists { .. } => ErrorKind::AlreadyExists,
+            Error::DeadlineExceeded { .. } => ErrorKind::Unavailable,
             Error::Closed => ErrorKind::Closed,
             Error::Internal(_) => ErrorKind::Internal,
         }

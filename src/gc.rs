@@ -25,15 +25,17 @@
 //! agree to within `grace / 8`; the default grace is 24 hours.
 
 use crate::chunk_id::ChunkId;
+use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::layout::{check_store_dir, parse_step_dir_name, validate_run_name};
 use crate::local::durable::fsync_dir;
 use crate::local::GcLock;
 use crate::remote::RemoteStore;
 use crate::store::Store;
+use crate::tier::ChunkTier;
 use serde::Serialize;
 use std::collections::HashSet;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 /// What a collection found and removed.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -55,11 +57,32 @@ pub struct GcReport {
     pub dry_run: bool,
 }
 
-fn age(meta: &std::fs::Metadata) -> Duration {
+/// How old a file is by `clock` (zero if its time is unknown or ahead).
+fn age(clock: &dyn Clock, meta: &std::fs::Metadata) -> Duration {
     meta.modified()
-        .ok()
-        .and_then(|m| SystemTime::now().duration_since(m).ok())
+        .map(|m| clock.age_of(m))
         .unwrap_or(Duration::ZERO)
+}
+
+/// The mark phase of a collection, the same on every tier: every chunk
+/// referenced by a committed checkpoint, and how many checkpoints were
+/// read. A checkpoint deleted since the listing is no longer a root; any
+/// other error reading a root aborts, so nothing is deleted on partial
+/// knowledge.
+pub(crate) fn mark(tier: &dyn ChunkTier) -> Result<(HashSet<ChunkId>, u64)> {
+    let mut referenced = HashSet::new();
+    let mut checkpoints = 0;
+    for run in tier.runs()? {
+        for step in tier.steps(&run)? {
+            let m = match tier.manifest(&run, step) {
+                Err(e) if e.kind() == crate::error::ErrorKind::NotFound => continue,
+                other => other?,
+            };
+            referenced.extend(m.distinct_chunks().into_iter().map(|(id, _)| id));
+            checkpoints += 1;
+        }
+    }
+    Ok((referenced, checkpoints))
 }
 
 impl Store {
@@ -72,23 +95,14 @@ impl Store {
     /// too; nothing is ever deleted through a link.
     pub fn gc(&self, grace: Duration, dry_run: bool) -> Result<GcReport> {
         let _lock = GcLock::exclusive(self.root())?;
+        let clock: &dyn Clock = &**self.clock();
         self.layout.check_dirs(None, None)?;
         let mut report = GcReport {
             dry_run,
             ..Default::default()
         };
-        let mut referenced: HashSet<ChunkId> = HashSet::new();
-        for run in self.runs()? {
-            for step in self.steps(&run)? {
-                // A checkpoint deleted since the listing is no longer a root.
-                let m = match self.manifest(&run, step) {
-                    Err(e) if e.kind() == crate::error::ErrorKind::NotFound => continue,
-                    other => other?,
-                };
-                referenced.extend(m.distinct_chunks().into_iter().map(|(id, _)| id));
-                report.checkpoints += 1;
-            }
-        }
+        let (referenced, checkpoints) = mark(self)?;
+        report.checkpoints = checkpoints;
         report.referenced_chunks = referenced.len() as u64;
         for prefix in 0..=255u8 {
             let dir = self.layout.chunk_dir_for_prefix(prefix);
@@ -110,7 +124,7 @@ impl Store {
                 if !meta.is_file() {
                     continue;
                 }
-                if age(&meta) < grace {
+                if age(clock, &meta) < grace {
                     report.chunks_in_grace += 1;
                     continue;
                 }
@@ -139,7 +153,7 @@ impl Store {
         if let Some(rd) = tmp_entries {
             for ent in rd.flatten() {
                 // Removing a link removes the link, never its target.
-                if ent.metadata().is_ok_and(|m| age(&m) >= tmp_grace) {
+                if ent.metadata().is_ok_and(|m| age(clock, &m) >= tmp_grace) {
                     report.leftovers_removed += 1;
                     if !dry_run {
                         let _ = std::fs::remove_file(ent.path());
@@ -195,7 +209,7 @@ impl Store {
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
                     Err(e) => return Err(Error::io("examine manifest", &manifest, e)),
                 };
-                if !committed && age(&meta) >= grace {
+                if !committed && age(clock, &meta) >= grace {
                     report.leftovers_removed += 1;
                     if !dry_run {
                         let _ = std::fs::remove_dir_all(&p);
@@ -264,7 +278,8 @@ impl RemoteStore {
     /// module documentation for why this is safe with concurrent uploads).
     /// A zero `grace` is refused (`InvalidInput`): it would let the
     /// collection delete chunks an upload is relying on right now.
-    pub async fn gc(&self, grace: Duration, dry_run: bool) -> Result<GcReport> {
+    /// Blocking; call it from a plain thread or `spawn_blocking`.
+    pub fn gc(&self, grace: Duration, dry_run: bool) -> Result<GcReport> {
         if grace.is_zero() {
             return Err(Error::invalid(
                 "remote gc grace",
@@ -275,50 +290,43 @@ impl RemoteStore {
             dry_run,
             ..Default::default()
         };
-        let chunks = self.list_chunks().await?;
-        let marked_at = Instant::now();
-        let mut referenced: HashSet<ChunkId> = HashSet::new();
-        for run in self.runs().await? {
-            for step in self.steps(&run).await? {
-                // A checkpoint deleted since the listing is no longer a root.
-                let m = match self.manifest(&run, step).await {
-                    Err(e) if e.kind() == crate::error::ErrorKind::NotFound => continue,
-                    other => other?,
-                };
-                referenced.extend(m.distinct_chunks().into_iter().map(|(id, _)| id));
-                report.checkpoints += 1;
-            }
-        }
+        let tier: &dyn ChunkTier = self;
+        let clock = tier.clock();
+        // Chunks are listed before the roots: a chunk uploaded after this
+        // listing is not a candidate at all.
+        let chunks = tier.list_chunks()?;
+        let marked_at = clock.now_ms();
+        let (referenced, checkpoints) = mark(tier)?;
+        report.checkpoints = checkpoints;
         report.referenced_chunks = referenced.len() as u64;
-        let grace_ms = grace.as_millis() as i64;
-        for (id, modified_ms, size) in chunks {
-            if referenced.contains(&id) {
+        for c in chunks {
+            if referenced.contains(&c.id) {
                 continue;
             }
-            if crate::remote::upload::now_ms() - modified_ms < grace_ms {
+            if clock.since(c.modified_ms) < grace {
                 report.chunks_in_grace += 1;
                 continue;
             }
             // Re-check right before deleting: an uploader may have renewed it.
-            match self.head_chunk(&id).await? {
-                Some(meta)
-                    if crate::remote::upload::now_ms() - meta.last_modified.timestamp_millis()
-                        >= grace_ms => {}
+            match tier.chunk_info(&c.id)? {
+                Some(now) if clock.since(now.modified_ms) >= grace => {}
                 _ => {
                     report.chunks_in_grace += 1;
                     continue;
                 }
             }
-            if marked_at.elapsed() > grace / 4 {
-                return Err(Error::Internal(
-                    "remote collection took longer than a quarter of the grace period; stopped"
-                        .into(),
-                ));
+            let took = clock.since(marked_at);
+            if took > grace / 4 {
+                return Err(Error::DeadlineExceeded {
+                    what: format!("remote collection of {}", tier.location()),
+                    took,
+                    limit: grace / 4,
+                });
             }
             report.chunks_deleted += 1;
-            report.bytes_reclaimed += size;
+            report.bytes_reclaimed += c.size;
             if !dry_run {
-                self.delete_chunk(&id).await?;
+                tier.delete_chunk(&c.id)?;
             }
         }
         Ok(report)

@@ -63,8 +63,8 @@ pub use object_store;
 
 pub use chunk_id::ChunkId;
 pub use clock::{system_clock, Clock, ManualClock, SharedClock, SystemClock};
-pub use codec::{CodecChoice, Encoder};
-pub use copy::{copy_checkpoint, glob_match, CopyReport};
+pub use codec::{CodecChoice, Decoder, Encoder};
+pub use copy::{copy_checkpoint, glob_match, CopyOptions, CopyReport};
 pub use daemon::{
     DaemonConfig, DaemonStatus, FlushDaemon, GcConfig, RetentionConfig, SharedStatus,
     MAX_CONFIG_LEN,
@@ -81,7 +81,7 @@ pub use remote::{
 pub use restore::{RestoreReport, Restored, RestoredTensor, TensorFilter};
 pub use save::{SaveHandle, SaveReport, SaveState, TensorView};
 pub use store::{StepSel, Store, StoreOptions, UploadMarker};
-pub use tier::{is_url, Tier};
+pub use tier::{is_url, ChunkInfo, ChunkTier, ReuseRule, Tier};
 pub use verify::{Problem, VerifyReport};
 
 /// Test support for code built on cairn: an object store wrapper that
@@ -89,5 +89,5 @@ pub use verify::{Problem, VerifyReport};
 /// `test-util` feature; never needed in production.
 #[cfg(feature = "test-util")]
 pub mod testing {
-    pub use crate::remote::fault::{FaultConfig, FaultyObjectStore};
+    pub use crate::remote::fault::{FaultConfig, FaultyObjectStore, OpHook};
 }

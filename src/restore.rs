@@ -12,9 +12,9 @@ use crate::codec::Decoder;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::format::manifest::{EntryRef, Manifest, ShardInfo};
-use crate::local::LocalChunkStore;
 use crate::remote::RemoteStore;
 use crate::store::{StepSel, Store};
+use crate::tier::ChunkTier;
 use serde::Serialize;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -186,7 +186,7 @@ impl Store {
     /// The tiers a restore reads from: local chunks, then the attached
     /// remote, repairing the local tier.
     pub(crate) fn chunk_source(&self) -> TieredSource<'_> {
-        TieredSource::new(self.chunk_store(), self.remote())
+        TieredSource::new(self, self.remote().map(|r| r as &dyn ChunkTier))
     }
 
     /// Restore a checkpoint into new buffers. `filter` selects tensors;
@@ -381,7 +381,8 @@ pub trait ChunkSource: Sync {
     }
 }
 
-impl ChunkSource for LocalChunkStore {
+/// Every tier reads its own chunks, verified.
+impl<T: ChunkTier + ?Sized> ChunkSource for T {
     fn read_chunk(
         &self,
         id: &ChunkId,
@@ -391,68 +392,24 @@ impl ChunkSource for LocalChunkStore {
         scratch: &mut Vec<u8>,
         decoder: &mut Decoder,
     ) -> Result<u64> {
-        let chunk = self.open_chunk(id, len)?;
-        match out {
-            Some(o) => chunk.read_verified(o, scratch, decoder),
-            None => {
-                buf.resize(len as usize, 0);
-                chunk.read_verified(buf, scratch, decoder)
-            }
-        }
+        ChunkTier::read_chunk(self, id, len, out, buf, scratch, decoder)
     }
 }
 
-impl ChunkSource for RemoteStore {
-    fn read_chunk(
-        &self,
-        id: &ChunkId,
-        len: u64,
-        out: Option<&mut [u8]>,
-        buf: &mut Vec<u8>,
-        _scratch: &mut Vec<u8>,
-        decoder: &mut Decoder,
-    ) -> Result<u64> {
-        fetch_into(self, id, len, out, buf, decoder).map(|o| o.len() as u64)
-    }
-}
-
-/// Fetch chunk `id` from `remote` and decode it, verified, into `out` (or
-/// `buf`, sized after the download is checked). Returns the object.
-fn fetch_into(
-    remote: &RemoteStore,
-    id: &ChunkId,
-    len: u64,
-    out: Option<&mut [u8]>,
-    buf: &mut Vec<u8>,
-    decoder: &mut Decoder,
-) -> Result<bytes::Bytes> {
-    let object = remote.block_on(remote.fetch_chunk_object(id, len))??;
-    let target = match out {
-        Some(o) => o,
-        None => {
-            buf.resize(len as usize, 0);
-            &mut buf[..]
-        }
-    };
-    let path = std::path::PathBuf::from(remote.chunk_path(id).to_string());
-    decode_chunk_object(&object, id, target, decoder, &path)?;
-    Ok(object)
-}
-
-/// The local tier backed by a remote one: a chunk missing or corrupt
-/// locally is fetched from the remote, verified, used, and written back.
+/// A near tier backed by a far one: a chunk missing or corrupt in the near
+/// tier is fetched from the far one, verified, used, and written back.
 pub struct TieredSource<'a> {
-    local: &'a LocalChunkStore,
-    remote: Option<&'a RemoteStore>,
+    near: &'a dyn ChunkTier,
+    far: Option<&'a dyn ChunkTier>,
     repaired: AtomicU64,
 }
 
 impl<'a> TieredSource<'a> {
-    /// Local first, then `remote` if given.
-    pub fn new(local: &'a LocalChunkStore, remote: Option<&'a RemoteStore>) -> Self {
+    /// `near` first, then `far` if given.
+    pub fn new(near: &'a dyn ChunkTier, far: Option<&'a dyn ChunkTier>) -> Self {
         TieredSource {
-            local,
-            remote,
+            near,
+            far,
             repaired: AtomicU64::new(0),
         }
     }
@@ -463,30 +420,40 @@ impl ChunkSource for TieredSource<'_> {
         &self,
         id: &ChunkId,
         len: u64,
-        mut out: Option<&mut [u8]>,
+        out: Option<&mut [u8]>,
         buf: &mut Vec<u8>,
         scratch: &mut Vec<u8>,
         decoder: &mut Decoder,
     ) -> Result<u64> {
-        let local_err =
+        let mut out = out;
+        let near_err =
             match self
-                .local
+                .near
                 .read_chunk(id, len, out.as_deref_mut(), buf, scratch, decoder)
             {
                 Ok(n) => return Ok(n),
                 Err(e) => e,
             };
-        let Some(remote) = self.remote else {
-            return Err(local_err);
+        let Some(far) = self.far else {
+            return Err(near_err);
         };
-        if local_err.kind() != crate::error::ErrorKind::Data {
-            return Err(local_err);
+        if near_err.kind() != crate::error::ErrorKind::Data {
+            return Err(near_err);
         }
-        tracing::warn!(chunk = %id, error = %local_err, "local chunk unusable; fetching from remote");
-        let object = fetch_into(remote, id, len, out, buf, decoder)?;
-        self.local.put_object(id, &object)?;
+        tracing::warn!(chunk = %id, error = %near_err, "chunk unusable in {}; fetching it from {}", self.near.location(), far.location());
+        let object = far.read_chunk_object(id, len)?;
+        let target = match out {
+            Some(o) => o,
+            None => {
+                buf.resize(len as usize, 0);
+                &mut buf[..]
+            }
+        };
+        decode_chunk_object(&object, id, target, decoder, &far.chunk_location(id))?;
+        let n = object.len() as u64;
+        self.near.put_chunk_object(id, object)?;
         self.repaired.fetch_add(1, Ordering::Relaxed);
-        Ok(object.len() as u64)
+        Ok(n)
     }
 
     fn repaired(&self) -> u64 {
@@ -496,20 +463,11 @@ impl ChunkSource for TieredSource<'_> {
 
 impl RemoteStore {
     /// Restore a checkpoint straight from the remote, with no local copy.
-    /// Blocking; not for use inside an async runtime.
+    /// Blocking; call it from a plain thread or `spawn_blocking`.
     pub fn restore(&self, run: &str, step: StepSel, filter: &TensorFilter) -> Result<Restored> {
         let t0 = Instant::now();
-        let step = match step {
-            StepSel::Step(s) => s,
-            StepSel::Latest => self
-                .block_on(self.steps(run))??
-                .last()
-                .copied()
-                .ok_or_else(|| Error::NotFound {
-                    what: format!("any committed checkpoint of run {run} in {}", self.url()),
-                })?,
-        };
-        let manifest = self.block_on(self.manifest(run, step))??;
+        let step = ChunkTier::resolve(self, run, step)?;
+        let manifest = ChunkTier::manifest(self, run, step)?;
         let mut r = restore_manifest(manifest, filter, self, self.options().concurrency)?;
         r.report.elapsed = t0.elapsed();
         Ok(r)

@@ -1,5 +1,6 @@
 //! [`Store`]: a checkpoint store on a local directory.
 
+use crate::clock::{system_clock, SharedClock};
 use crate::codec::CodecChoice;
 use crate::error::{Error, Result};
 use crate::format::manifest::{decode_manifest_file, Manifest};
@@ -120,6 +121,7 @@ pub struct Store {
     pub(crate) opts: StoreOptions,
     remote: Option<RemoteStore>,
     writer: Option<Writer>,
+    clock: SharedClock,
 }
 
 /// Where a checkpoint was uploaded, recorded next to its local manifest.
@@ -171,6 +173,7 @@ impl Store {
             opts,
             remote: None,
             writer: Some(Writer { pool, pipeline }),
+            clock: system_clock(),
         })
     }
 
@@ -190,6 +193,7 @@ impl Store {
             opts,
             remote: None,
             writer: None,
+            clock: system_clock(),
         })
     }
 
@@ -209,6 +213,18 @@ impl Store {
     pub fn attach_remote(&mut self, remote: RemoteStore) -> &mut Self {
         self.remote = Some(remote);
         self
+    }
+
+    /// Use `clock` for this store's time-based rules (collection grace,
+    /// leftover ages). Tests drive them with a [`crate::ManualClock`].
+    pub fn set_clock(&mut self, clock: SharedClock) -> &mut Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The clock this store's time-based rules read.
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
     }
 
     /// The attached remote tier.
@@ -232,23 +248,32 @@ impl Store {
 
     /// Upload committed checkpoint `(run, step)` to the attached remote and
     /// wait until it is durable there; then record it locally. Blocking:
-    /// call it from a plain thread, not inside an async runtime.
+    /// call it from a plain thread or `spawn_blocking`, not an async task.
     pub fn upload(&self, run: &str, step: u64) -> Result<crate::remote::UploadReport> {
         let remote = self
             .remote
             .as_ref()
             .ok_or_else(|| Error::invalid("store", "no remote attached"))?;
-        let bytes = bytes::Bytes::from(self.manifest_bytes(run, step)?);
-        let refresh = remote.options().gc_grace / 2;
-        let report = remote.block_on(remote.upload_checkpoint(
-            &self.chunks,
-            run,
-            step,
-            bytes,
-            refresh,
-        ))??;
+        self.upload_to(remote, run, step)
+    }
+
+    /// Upload committed checkpoint `(run, step)` to `remote` (see
+    /// [`Store::upload`]): [`crate::copy_checkpoint`] with the remote's
+    /// freshness and deadline rules, then the local upload marker.
+    pub fn upload_to(
+        &self,
+        remote: &RemoteStore,
+        run: &str,
+        step: u64,
+    ) -> Result<crate::remote::UploadReport> {
+        let opts = crate::copy::CopyOptions {
+            threads: remote.options().concurrency.max(1),
+            ..Default::default()
+        };
+        let report = crate::copy::copy_checkpoint(self, remote, run, step, &opts)?;
+        remote.metrics().add_skips(report.chunks_skipped);
         self.mark_uploaded(run, step, remote.url())?;
-        Ok(report)
+        Ok(report.into())
     }
 
     /// Commit a manifest copied from another tier: validated, then
@@ -297,7 +322,7 @@ impl Store {
     pub fn mark_uploaded(&self, run: &str, step: u64, url: &str) -> Result<()> {
         let marker = UploadMarker {
             url: url.to_string(),
-            uploaded_unix_ms: crate::remote::upload::now_ms(),
+            uploaded_unix_ms: self.clock.now_ms(),
         };
         let body = serde_json::to_vec(&marker).map_err(|e| Error::Internal(e.to_string()))?;
         self.layout.check_dirs(Some(run), Some(step))?;

@@ -1,16 +1,17 @@
 //! Verify: re-read and re-hash every chunk of the selected checkpoints and
 //! name each problem with the chunk and the tensors it hits. The same
-//! procedure runs on any tier through [`VerifySource`].
+//! procedure runs on any tier through [`ChunkTier`].
 
 use crate::chunk_id::ChunkId;
 use crate::codec::Decoder;
 use crate::error::{Error, Result};
-use crate::format::manifest::Manifest;
+use crate::parallel::try_for_each;
 use crate::store::{StepSel, Store};
+use crate::tier::ChunkTier;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// One thing wrong in a store.
@@ -50,44 +51,13 @@ impl VerifyReport {
     }
 }
 
-/// What verification needs from a tier.
-pub trait VerifySource: Sync {
-    /// Runs with committed checkpoints.
-    fn runs(&self) -> Result<Vec<String>>;
-    /// Committed steps of a run.
-    fn steps(&self, run: &str) -> Result<Vec<u64>>;
-    /// Resolve a step that must exist.
-    fn resolve(&self, run: &str, step: u64) -> Result<u64>;
-    /// Read a manifest.
-    fn manifest(&self, run: &str, step: u64) -> Result<Manifest>;
-    /// Where a manifest lives, for problem reports.
-    fn manifest_location(&self, run: &str, step: u64) -> PathBuf;
-    /// Where a chunk lives, for problem reports.
-    fn chunk_location(&self, id: &ChunkId) -> PathBuf;
-    /// Read and verify one chunk; returns the bytes read.
-    fn check_chunk(
-        &self,
-        id: &ChunkId,
-        len: u64,
-        buf: &mut Vec<u8>,
-        scratch: &mut Vec<u8>,
-        dec: &mut Decoder,
-    ) -> Result<u64>;
-    /// Chunks checked at once.
-    fn threads(&self) -> usize;
-}
-
 /// Where a chunk is used: run, step, entry name.
 type EntryAt = (String, u64, String);
 
 /// Verify checkpoints of `src`: all, one run's, or one step's. A named run
 /// with no committed checkpoint, or a step that is not committed, is
 /// [`Error::NotFound`] rather than an empty report.
-pub fn verify(
-    src: &dyn VerifySource,
-    run: Option<&str>,
-    step: Option<u64>,
-) -> Result<VerifyReport> {
+pub fn verify(src: &dyn ChunkTier, run: Option<&str>, step: Option<u64>) -> Result<VerifyReport> {
     let runs = match run {
         Some(r) => vec![r.to_string()],
         None => src.runs()?,
@@ -96,7 +66,7 @@ pub fn verify(
     let mut chunks: BTreeMap<ChunkId, (u64, Vec<EntryAt>)> = BTreeMap::new();
     for r in &runs {
         let steps = match step {
-            Some(s) => vec![src.resolve(r, s)?],
+            Some(s) => vec![src.resolve(r, StepSel::Step(s))?],
             None => {
                 let steps = src.steps(r)?;
                 if steps.is_empty() && run.is_some() {
@@ -134,28 +104,27 @@ pub fn verify(
         }
     }
     let list: Vec<_> = chunks.into_iter().collect();
-    let next = AtomicUsize::new(0);
     let bytes = AtomicU64::new(0);
+    let checked = AtomicU64::new(0);
     let bad: Mutex<HashMap<ChunkId, Error>> = Mutex::new(HashMap::new());
-    std::thread::scope(|sc| {
-        for _ in 0..src.threads().clamp(1, list.len().max(1)) {
-            sc.spawn(|| {
-                let (mut buf, mut scratch) = (Vec::new(), Vec::new());
-                let Ok(mut dec) = Decoder::new() else { return };
-                while let Some((id, (len, _))) = list.get(next.fetch_add(1, Ordering::Relaxed)) {
-                    match src.check_chunk(id, *len, &mut buf, &mut scratch, &mut dec) {
-                        Ok(n) => {
-                            bytes.fetch_add(n, Ordering::Relaxed);
-                        }
-                        Err(e) => {
-                            bad.lock().unwrap_or_else(|p| p.into_inner()).insert(*id, e);
-                        }
-                    }
+    try_for_each(
+        list.iter(),
+        src.threads(),
+        || Ok((Vec::new(), Vec::new(), Decoder::new()?)),
+        |(buf, scratch, dec), (id, (len, _))| {
+            match src.read_chunk(id, *len, None, buf, scratch, dec) {
+                Ok(n) => {
+                    bytes.fetch_add(n, Ordering::Relaxed);
                 }
-            });
-        }
-    });
-    report.chunks_checked = list.len() as u64;
+                Err(e) => {
+                    bad.lock().unwrap_or_else(|p| p.into_inner()).insert(*id, e);
+                }
+            }
+            checked.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        },
+    )?;
+    report.chunks_checked = checked.into_inner();
     report.bytes_read = bytes.into_inner();
     let bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
     for (id, (_, users)) in &list {
@@ -182,42 +151,6 @@ pub fn verify(
         }
     }
     Ok(report)
-}
-
-impl VerifySource for Store {
-    fn runs(&self) -> Result<Vec<String>> {
-        Store::runs(self)
-    }
-    fn steps(&self, run: &str) -> Result<Vec<u64>> {
-        Store::steps(self, run)
-    }
-    fn resolve(&self, run: &str, step: u64) -> Result<u64> {
-        Store::resolve(self, run, StepSel::Step(step))
-    }
-    fn manifest(&self, run: &str, step: u64) -> Result<Manifest> {
-        Store::manifest(self, run, step)
-    }
-    fn manifest_location(&self, run: &str, step: u64) -> PathBuf {
-        self.layout.manifest_path(run, step)
-    }
-    fn chunk_location(&self, id: &ChunkId) -> PathBuf {
-        self.layout.chunk_path(id)
-    }
-    fn check_chunk(
-        &self,
-        id: &ChunkId,
-        len: u64,
-        buf: &mut Vec<u8>,
-        scratch: &mut Vec<u8>,
-        dec: &mut Decoder,
-    ) -> Result<u64> {
-        let c = self.chunks.open_chunk(id, len)?;
-        buf.resize(len as usize, 0);
-        c.read_verified(buf, scratch, dec)
-    }
-    fn threads(&self) -> usize {
-        self.opts.read_threads
-    }
 }
 
 impl Store {

@@ -184,9 +184,8 @@ fn remote_retention_and_gc_with_concurrent_uploads() {
             }
             done.store(true, Ordering::Relaxed);
         });
-        let rt = tokio::runtime::Runtime::new().unwrap();
         while !done.load(Ordering::Relaxed) && !uploader.is_finished() {
-            rt.block_on(remote.gc(grace, false)).unwrap();
+            remote.gc(grace, false).unwrap();
             std::thread::sleep(Duration::from_millis(50));
         }
     });
@@ -200,7 +199,7 @@ fn remote_retention_and_gc_with_concurrent_uploads() {
     }
     // After the grace period, unreferenced chunks go and referenced stay.
     std::thread::sleep(grace + Duration::from_millis(200));
-    let r = remote.block_on(remote.gc(grace, false)).unwrap().unwrap();
+    let r = remote.gc(grace, false).unwrap();
     assert!(r.chunks_deleted > 0, "{r:?}");
     let left: HashSet<String> = remote
         .block_on(remote.list_chunks())

@@ -213,15 +213,37 @@ fn remote_manifests_are_create_only() {
     store.upload("c", 1).unwrap();
     let same = store.manifest_bytes("c", 1).unwrap();
     assert!(!remote
-        .block_on(remote.put_manifest("c", 1, same.into()))
+        .block_on(remote.put_manifest("c", 1, same.clone().into()))
         .unwrap()
         .unwrap());
-    let other = cairn::format::manifest::encode_envelope(b"{}");
+    // A valid manifest of the same step with other content.
+    let dir2 = tempfile::tempdir().unwrap();
+    let store2 = Store::open(dir2.path(), opts()).unwrap();
+    let s2 = state_for_step(2, 3, 1000);
+    store2.save("c", 1, &s2.view()).unwrap().wait().unwrap();
+    let other = store2.manifest_bytes("c", 1).unwrap();
+    assert_ne!(other, same);
     let e = remote
         .block_on(remote.put_manifest("c", 1, other.into()))
         .unwrap()
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+    // Junk, or a manifest naming another step, is refused before any put.
+    let junk = cairn::format::manifest::encode_envelope(b"{}");
+    let e = remote
+        .block_on(remote.put_manifest("c", 9, junk.into()))
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Data, "{e}");
+    let e = remote
+        .block_on(remote.put_manifest("c", 9, store2.manifest_bytes("c", 1).unwrap().into()))
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Data, "{e}");
+    assert_eq!(
+        remote.block_on(remote.steps("c")).unwrap().unwrap(),
+        vec![1]
+    );
     let got = remote
         .restore("c", StepSel::Step(1), &TensorFilter::All)
         .unwrap();

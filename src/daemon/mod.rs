@@ -17,6 +17,7 @@ pub mod status;
 pub use config::{DaemonConfig, GcConfig, RetentionConfig, MAX_CONFIG_LEN};
 pub use status::{DaemonStatus, SharedStatus};
 
+use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::remote::RemoteStore;
 use crate::store::{Store, StoreOptions};
@@ -47,7 +48,7 @@ impl FlushDaemon {
             DaemonStatus {
                 local: cfg.local.display().to_string(),
                 remote: cfg.remote.clone(),
-                started_unix_ms: crate::remote::upload::now_ms(),
+                started_unix_ms: crate::clock::SystemClock.now_ms(),
                 ..Default::default()
             },
             status::metrics_reader(remote.metrics_arc()),
@@ -168,20 +169,14 @@ impl FlushDaemon {
             s.queue_depth = pending.len() as u64;
             s.newest_local = newest_local;
         });
-        let refresh = self.remote.options().gc_grace / 2;
         for (i, (_, run, step)) in pending.iter().enumerate() {
-            let bytes = {
-                let local = self.local.clone();
+            let report = {
+                let (local, remote) = (self.local.clone(), self.remote.clone());
                 let (run, step) = (run.clone(), *step);
-                tokio::task::spawn_blocking(move || local.manifest_bytes(&run, step))
+                tokio::task::spawn_blocking(move || local.upload_to(&remote, &run, step))
                     .await
-                    .map_err(|e| Error::Internal(format!("read manifest: {e}")))??
+                    .map_err(|e| Error::Internal(format!("upload: {e}")))??
             };
-            let report = self
-                .remote
-                .upload_checkpoint(self.local.chunk_store(), run, *step, bytes.into(), refresh)
-                .await?;
-            self.local.mark_uploaded(run, *step, self.remote.url())?;
             tracing::info!(
                 run = %run,
                 step = *step,
@@ -255,10 +250,10 @@ impl FlushDaemon {
             bytes = lr.bytes_reclaimed,
             "local gc"
         );
-        let rr = self
-            .remote
-            .gc(self.remote.options().gc_grace, false)
-            .await?;
+        let remote = self.remote.clone();
+        let rr = tokio::task::spawn_blocking(move || remote.gc(remote.options().gc_grace, false))
+            .await
+            .map_err(|e| Error::Internal(format!("gc: {e}")))??;
         tracing::info!(
             chunks_deleted = rr.chunks_deleted,
             bytes = rr.bytes_reclaimed,

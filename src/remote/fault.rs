@@ -29,12 +29,19 @@ pub struct FaultConfig {
     pub seed: u64,
 }
 
+/// A function called before each operation reaches the inner store, with
+/// the operation (`"put"`, `"get"`, `"delete"`, ...) and the object's path:
+/// a test's way to act at an exact point of a protocol (move a manual
+/// clock, delete an object as a concurrent collector would).
+pub type OpHook = Arc<dyn Fn(&'static str, &Path) + Send + Sync>;
+
 /// The fault-injecting wrapper.
 pub struct FaultyObjectStore {
     inner: Arc<dyn ObjectStore>,
     cfg: FaultConfig,
     state: Arc<AtomicU64>,
     injected: Arc<AtomicU64>,
+    hook: Option<OpHook>,
 }
 
 impl FaultyObjectStore {
@@ -45,7 +52,14 @@ impl FaultyObjectStore {
             state: Arc::new(AtomicU64::new(cfg.seed)),
             cfg,
             injected: Arc::new(AtomicU64::new(0)),
+            hook: None,
         }
+    }
+
+    /// Call `hook` before every operation (see [`OpHook`]).
+    pub fn with_hook(mut self, hook: OpHook) -> Self {
+        self.hook = Some(hook);
+        self
     }
 
     /// Faults injected so far.
@@ -57,7 +71,10 @@ impl FaultyObjectStore {
         roll(&self.state)
     }
 
-    async fn before(&self, op: &'static str) -> Result<()> {
+    async fn before(&self, op: &'static str, location: &Path) -> Result<()> {
+        if let Some(h) = &self.hook {
+            h(op, location);
+        }
         if !self.cfg.max_delay.is_zero() {
             let d = self.cfg.max_delay.mul_f64(self.roll());
             tokio::time::sleep(d).await;
@@ -112,7 +129,7 @@ impl ObjectStore for FaultyObjectStore {
         payload: PutPayload,
         opts: PutOptions,
     ) -> Result<PutResult> {
-        self.before("put").await?;
+        self.before("put", location).await?;
         let r = self.inner.put_opts(location, payload, opts).await?;
         self.after("put")?;
         Ok(r)
@@ -123,7 +140,7 @@ impl ObjectStore for FaultyObjectStore {
         location: &Path,
         opts: PutMultipartOptions,
     ) -> Result<Box<dyn MultipartUpload>> {
-        self.before("put multipart").await?;
+        self.before("put multipart", location).await?;
         let inner = self.inner.put_multipart_opts(location, opts).await?;
         Ok(Box::new(FaultyUpload {
             inner,
@@ -134,12 +151,12 @@ impl ObjectStore for FaultyObjectStore {
     }
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
-        self.before("get").await?;
+        self.before("get", location).await?;
         self.inner.get_opts(location, options).await
     }
 
     async fn delete(&self, location: &Path) -> Result<()> {
-        self.before("delete").await?;
+        self.before("delete", location).await?;
         self.inner.delete(location).await?;
         self.after("delete")
     }
@@ -153,17 +170,18 @@ impl ObjectStore for FaultyObjectStore {
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
-        self.before("list").await?;
+        self.before("list", prefix.unwrap_or(&Path::default()))
+            .await?;
         self.inner.list_with_delimiter(prefix).await
     }
 
     async fn copy(&self, from: &Path, to: &Path) -> Result<()> {
-        self.before("copy").await?;
+        self.before("copy", to).await?;
         self.inner.copy(from, to).await
     }
 
     async fn copy_if_not_exists(&self, from: &Path, to: &Path) -> Result<()> {
-        self.before("copy").await?;
+        self.before("copy", to).await?;
         self.inner.copy_if_not_exists(from, to).await
     }
 }

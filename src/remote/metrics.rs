@@ -43,8 +43,8 @@ impl RemoteMetrics {
         self.bytes_uploaded.fetch_add(bytes, Ordering::Relaxed);
         self.chunks_uploaded.fetch_add(1, Ordering::Relaxed);
     }
-    pub(crate) fn add_skip(&self) {
-        self.chunks_skipped.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn add_skips(&self, n: u64) {
+        self.chunks_skipped.fetch_add(n, Ordering::Relaxed);
     }
     pub(crate) fn add_download(&self, bytes: u64) {
         self.bytes_downloaded.fetch_add(bytes, Ordering::Relaxed);

@@ -22,6 +22,7 @@ pub use retry::RetryPolicy;
 pub use upload::UploadReport;
 
 use crate::chunk_id::ChunkId;
+use crate::clock::{system_clock, SharedClock};
 use crate::error::{Error, Result};
 use crate::format::manifest::{decode_manifest_file, Manifest, ENVELOPE_LEN, MAX_MANIFEST_LEN};
 use crate::layout::{parse_step_dir_name, step_dir_name, validate_run_name, MANIFEST_FILE};
@@ -87,6 +88,19 @@ pub fn check_remote_gc_grace(grace: std::time::Duration) -> Result<()> {
     Ok(())
 }
 
+/// The runtime a store starts for calls from plain threads. Dropped with
+/// `shutdown_background`, so the last clone of a store may go away
+/// anywhere, an async task included.
+struct OwnRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for OwnRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// A checkpoint store in object storage.
 #[derive(Clone)]
 pub struct RemoteStore {
@@ -95,7 +109,8 @@ pub struct RemoteStore {
     url: String,
     opts: RemoteOptions,
     metrics: Arc<RemoteMetrics>,
-    rt: Arc<OnceLock<tokio::runtime::Runtime>>,
+    rt: Arc<OnceLock<OwnRuntime>>,
+    clock: SharedClock,
 }
 
 impl std::fmt::Debug for RemoteStore {
@@ -215,7 +230,21 @@ impl RemoteStore {
             opts,
             metrics: Arc::new(RemoteMetrics::default()),
             rt: Arc::new(OnceLock::new()),
+            clock: system_clock(),
         }
+    }
+
+    /// Use `clock` for the time-based rules of the collection protocol
+    /// (grace, upload freshness and deadline). Tests drive them with a
+    /// [`crate::ManualClock`].
+    pub fn with_clock(mut self, clock: SharedClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The clock the collection protocol's rules read.
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
     }
 
     /// The URL the store was opened with.
@@ -243,10 +272,17 @@ impl RemoteStore {
         self.metrics.clone()
     }
 
-    /// Run a future to completion from synchronous code, on a runtime
-    /// owned by this store (created on first use). Must not be called from
-    /// inside an async runtime.
+    /// Run a future to completion from synchronous code: on the current
+    /// tokio runtime when called from one of its blocking threads
+    /// (`spawn_blocking`), otherwise on a runtime owned by this store
+    /// (created on first use). Must not be called from an async task.
     pub fn block_on<F: std::future::Future>(&self, f: F) -> Result<F::Output> {
+        // On a blocking thread of a runtime (`spawn_blocking`), drive the
+        // future there: no second runtime is started inside, or dropped
+        // by, an async program such as the daemon.
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            return Ok(handle.block_on(f));
+        }
         let rt = match self.rt.get() {
             Some(rt) => rt,
             None => {
@@ -256,12 +292,15 @@ impl RemoteStore {
                     .enable_all()
                     .build()
                     .map_err(|e| Error::Internal(format!("start remote runtime: {e}")))?;
-                let _ = self.rt.set(rt);
+                let _ = self.rt.set(OwnRuntime(Some(rt)));
                 self.rt
                     .get()
                     .ok_or_else(|| Error::Internal("remote runtime".into()))?
             }
         };
+        let rt =
+            rt.0.as_ref()
+                .ok_or_else(|| Error::Internal("remote runtime".into()))?;
         Ok(rt.block_on(f))
     }
 
@@ -346,7 +385,18 @@ impl RemoteStore {
     /// call created it, `Ok(false)` if an identical manifest was already
     /// there; a different one is an `AlreadyExists` error.
     pub async fn put_manifest(&self, run: &str, step: u64, bytes: bytes::Bytes) -> Result<bool> {
+        validate_run_name(run)?;
         let path = self.manifest_path(run, step);
+        // Writers refuse what readers refuse: a valid manifest that names
+        // the run and step it is stored under.
+        let display = std::path::PathBuf::from(path.to_string());
+        let m = decode_manifest_file(&bytes, &display)?;
+        if m.run != run || m.step != step {
+            return Err(Error::manifest(
+                &display,
+                format!("names run {} step {}, not its location", m.run, m.step),
+            ));
+        }
         let r = retry::retry(&self.opts.retry, &self.metrics, || {
             let bytes = bytes.clone();
             let path = &path;

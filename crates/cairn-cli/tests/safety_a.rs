@@ -446,10 +446,7 @@ fn p17_tiny_remote_grace_is_rejected_up_front() {
 
     // The library refuses it too, as an invalid input.
     let remote = file_remote(&dir.path().join("remote"));
-    let e = remote
-        .block_on(remote.gc(Duration::ZERO, true))
-        .unwrap()
-        .unwrap_err();
+    let e = remote.gc(Duration::ZERO, true).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
 
     // The daemon's configuration, from a file and from the command line.

@@ -20,7 +20,7 @@ pub fn run(
     let tier = open(location, raw_opts)?;
     let report = match &tier {
         Tier::Local(s) => s.gc(grace, dry_run)?,
-        Tier::Remote(r) => r.block_on(r.gc(grace, dry_run))??,
+        Tier::Remote(r) => r.gc(grace, dry_run)?,
     };
     if json {
         print_json(&report)?;

@@ -3,7 +3,7 @@
 use super::open::{open, open_for_write, print_json, progress};
 use super::size::human;
 use cairn::StepSel;
-use cairn::{copy_checkpoint, glob_match};
+use cairn::{copy_checkpoint, glob_match, CopyOptions};
 
 pub fn run(
     location: &str,
@@ -29,7 +29,15 @@ pub fn run(
     let pb = progress(total, &format!("restore {run}/{step}"));
     let select = glob.map(|g| move |name: &str| glob_match(g, name));
     let sel: Option<&(dyn Fn(&str) -> bool + Sync)> = select.as_ref().map(|f| f as _);
-    let report = copy_checkpoint(&src, &dst, run, step, sel, 8, &|n| pb.inc(n))?;
+    let opts = CopyOptions {
+        select: sel,
+        // A chunk already at the target is read back and hashed before it
+        // is relied on; a corrupt one is copied again.
+        verify_present: true,
+        threads: 8,
+        progress: &|n| pb.inc(n),
+    };
+    let report = copy_checkpoint(src.as_tier(), dst.as_tier(), run, step, &opts)?;
     pb.finish_and_clear();
     if json {
         print_json(&report)?;
