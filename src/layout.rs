@@ -20,6 +20,28 @@ use std::path::{Path, PathBuf};
 pub const STORE_MARKER: &str = "cairn-store.json";
 /// File name of a committed manifest inside its step directory.
 pub const MANIFEST_FILE: &str = "manifest.cairn";
+/// Directory of the chunk fan-out directories.
+pub const CHUNKS_DIR: &str = "chunks";
+/// Directory of the runs.
+pub const RUNS_DIR: &str = "runs";
+
+/// The path of chunk `id` below a store's root, as components:
+/// `chunks/<2 hex>/<64 hex>`. Local directories and object-store prefixes
+/// both build their paths from these.
+pub fn chunk_components(id: &ChunkId) -> [String; 3] {
+    [CHUNKS_DIR.to_string(), id.prefix(), id.to_hex()]
+}
+
+/// The path of a checkpoint's manifest below a store's root, as
+/// components: `runs/<run>/<step:020>/manifest.cairn`.
+pub fn manifest_components(run: &str, step: u64) -> [String; 4] {
+    [
+        RUNS_DIR.to_string(),
+        run.to_string(),
+        step_dir_name(step),
+        MANIFEST_FILE.to_string(),
+    ]
+}
 /// Longest run name accepted.
 pub const MAX_RUN_NAME: usize = 128;
 /// Longest tensor or blob name accepted, in bytes.
@@ -49,7 +71,7 @@ impl Layout {
 
     /// Directory holding all chunk fan-out directories.
     pub fn chunks_dir(&self) -> PathBuf {
-        self.root.join("chunks")
+        self.root.join(CHUNKS_DIR)
     }
 
     /// Fan-out directory for chunks whose id starts with `prefix`.
@@ -59,12 +81,14 @@ impl Layout {
 
     /// The file holding chunk `id`.
     pub fn chunk_path(&self, id: &ChunkId) -> PathBuf {
-        self.chunk_dir_for_prefix(id.0[0]).join(id.to_hex())
+        chunk_components(id)
+            .iter()
+            .fold(self.root.clone(), |p, c| p.join(c))
     }
 
     /// Directory holding all runs.
     pub fn runs_dir(&self) -> PathBuf {
-        self.root.join("runs")
+        self.root.join(RUNS_DIR)
     }
 
     /// Directory of one run. The name must have passed [`validate_run_name`].
@@ -79,7 +103,9 @@ impl Layout {
 
     /// The committed manifest of a checkpoint.
     pub fn manifest_path(&self, run: &str, step: u64) -> PathBuf {
-        self.step_dir(run, step).join(MANIFEST_FILE)
+        manifest_components(run, step)
+            .iter()
+            .fold(self.root.clone(), |p, c| p.join(c))
     }
 
     /// Directory for files being written.

@@ -25,7 +25,10 @@ use crate::chunk_id::ChunkId;
 use crate::clock::{system_clock, SharedClock};
 use crate::error::{Error, Result};
 use crate::format::manifest::{decode_manifest_file, Manifest, ENVELOPE_LEN, MAX_MANIFEST_LEN};
-use crate::layout::{parse_step_dir_name, step_dir_name, validate_run_name, MANIFEST_FILE};
+use crate::layout::{
+    chunk_components, manifest_components, parse_step_dir_name, validate_run_name, CHUNKS_DIR,
+    MANIFEST_FILE, RUNS_DIR,
+};
 use futures::TryStreamExt;
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectMeta, ObjectStore, ObjectStoreScheme, PutMode, PutOptions, PutPayload};
@@ -306,21 +309,20 @@ impl RemoteStore {
 
     /// Path of chunk `id`.
     pub fn chunk_path(&self, id: &ChunkId) -> ObjPath {
-        self.prefix
-            .child("chunks")
-            .child(id.prefix())
-            .child(id.to_hex())
+        chunk_components(id)
+            .iter()
+            .fold(self.prefix.clone(), |p, c| p.child(c.as_str()))
     }
 
     fn run_path(&self, run: &str) -> ObjPath {
-        self.prefix.child("runs").child(run)
+        self.prefix.child(RUNS_DIR).child(run)
     }
 
     /// Path of the manifest of `(run, step)`.
     pub fn manifest_path(&self, run: &str, step: u64) -> ObjPath {
-        self.run_path(run)
-            .child(step_dir_name(step))
-            .child(MANIFEST_FILE)
+        manifest_components(run, step)
+            .iter()
+            .fold(self.prefix.clone(), |p, c| p.child(c.as_str()))
     }
 
     /// Metadata of chunk `id`, or `None` if the remote does not hold it.
@@ -547,7 +549,7 @@ impl RemoteStore {
     /// Runs with at least one committed remote checkpoint.
     pub async fn runs(&self) -> Result<Vec<String>> {
         let mut out = Vec::new();
-        for r in self.list_dirs(&self.prefix.child("runs")).await? {
+        for r in self.list_dirs(&self.prefix.child(RUNS_DIR)).await? {
             if validate_run_name(&r).is_ok() && !self.steps(&r).await?.is_empty() {
                 out.push(r);
             }
@@ -626,7 +628,7 @@ impl RemoteStore {
     /// Every chunk object: id, last-modified time (ms since the epoch) and
     /// size. Objects whose names are not chunk ids are skipped.
     pub async fn list_chunks(&self) -> Result<Vec<(ChunkId, i64, u64)>> {
-        let path = self.prefix.child("chunks");
+        let path = self.prefix.child(CHUNKS_DIR);
         let metas: Vec<ObjectMeta> = retry::retry(&self.opts.retry, &self.metrics, || async {
             self.inner
                 .list(Some(&path))
@@ -663,5 +665,5 @@ fn is_local_store_dir(root: &std::path::Path) -> bool {
     let Ok(mut entries) = std::fs::read_dir(root) else {
         return false;
     };
-    entries.next().is_none() || root.join("runs").is_dir() || root.join("chunks").is_dir()
+    entries.next().is_none() || root.join(RUNS_DIR).is_dir() || root.join(CHUNKS_DIR).is_dir()
 }
