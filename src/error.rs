@@ -134,11 +134,11 @@ pub enum Error {
     /// The object store refused a request for a reason that repeating it
     /// cannot change: access denied, missing or wrong credentials, a
     /// request it calls bad. Not retried.
-    #[error("object store refused {op} on {location} ({reason}); {hint}: {source}")]
+    #[error("object store refused {op} on {location}: {reason}; {hint}: {source}")]
     RemoteRefused {
         /// What cairn was doing (`"list"`, `"put object"`, ...).
         op: &'static str,
-        /// The store URL and object path.
+        /// The object path and the store URL.
         location: String,
         /// The answer, e.g. `"access denied (HTTP 403)"`.
         reason: String,

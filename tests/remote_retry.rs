@@ -182,3 +182,91 @@ fn an_operation_out_of_budget_fails_naming_it() {
     assert!(err.to_string().contains("list"), "{err}");
     assert!(faulty.injected() > 1);
 }
+
+/// A loopback HTTP server that answers every request with `status` and an
+/// S3 error body, counting the requests it receives.
+fn answering_server(status: &'static str, code: &'static str) -> (String, Arc<AtomicU64>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = Arc::new(AtomicU64::new(0));
+    let seen = count.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut s) = conn else { continue };
+            let mut req = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            seen.fetch_add(1, Ordering::SeqCst);
+            let body = format!("<Error><Code>{code}</Code><Message>{code}</Message></Error>");
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (format!("http://{addr}"), count)
+}
+
+fn options_for(endpoint: &str) -> Vec<(String, String)> {
+    let mut o = s3_options();
+    o.retain(|(k, _)| k != "endpoint");
+    o.push(("endpoint".into(), endpoint.to_string()));
+    o
+}
+
+#[test]
+fn access_denied_is_refused_after_one_request() {
+    let (ep, requests) = answering_server("403 Forbidden", "AccessDenied");
+    let remote = RemoteStore::open(
+        "s3://locked/ckpt",
+        &options_for(&ep),
+        RemoteOptions::default(),
+    )
+    .unwrap();
+    let err = remote.block_on(remote.runs()).unwrap().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
+    assert!(
+        matches!(err, cairn::Error::RemoteRefused { .. }),
+        "not RemoteRefused: {err}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("access denied") && msg.contains("in s3://locked/ckpt"),
+        "{msg}"
+    );
+    assert_eq!(requests.load(Ordering::SeqCst), 1, "{msg}");
+}
+
+#[test]
+fn a_server_error_is_retried_by_one_layer_only() {
+    let (ep, requests) = answering_server("503 Service Unavailable", "SlowDown");
+    let retry = RetryPolicy {
+        max_attempts: 3,
+        initial_backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(5),
+        ..RetryPolicy::default()
+    };
+    let remote = RemoteStore::open(
+        "s3://busy/ckpt",
+        &options_for(&ep),
+        RemoteOptions {
+            retry,
+            ..RemoteOptions::default()
+        },
+    )
+    .unwrap();
+    let err = remote.block_on(remote.runs()).unwrap().unwrap_err();
+    assert!(
+        matches!(err, cairn::Error::RetriesExhausted { attempts: 3, .. }),
+        "{err}"
+    );
+    // Three attempts are three requests: object_store does not retry
+    // each of them again.
+    assert_eq!(requests.load(Ordering::SeqCst), 3, "{err}");
+}

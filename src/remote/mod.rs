@@ -460,7 +460,7 @@ impl RemoteStore {
         match refused {
             Some((reason, hint)) => Error::RemoteRefused {
                 op,
-                location: format!("{} ({path})", self.url),
+                location: format!("{path} in {}", self.url),
                 reason,
                 hint,
                 source: Box::new(source),
