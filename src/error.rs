@@ -131,6 +131,41 @@ pub enum Error {
         /// The limit.
         limit: std::time::Duration,
     },
+    /// The object store refused a request for a reason that repeating it
+    /// cannot change: access denied, missing or wrong credentials, a
+    /// request it calls bad. Not retried.
+    #[error("object store refused {op} on {location}: {reason}; {hint}: {source}")]
+    RemoteRefused {
+        /// What cairn was doing (`"list"`, `"put object"`, ...).
+        op: &'static str,
+        /// The object path and the store URL.
+        location: String,
+        /// The answer, e.g. `"access denied (HTTP 403)"`.
+        reason: String,
+        /// What to do about it.
+        hint: &'static str,
+        /// The underlying error.
+        #[source]
+        source: Box<object_store::Error>,
+    },
+    /// A remote operation kept failing with transient errors until its
+    /// attempts or its time budget ran out (see `RetryPolicy`).
+    #[error(
+        "{op} gave up after {attempts} attempts in {elapsed:?} (retry budget {budget:?}): {source}"
+    )]
+    RetriesExhausted {
+        /// The operation and the object it addressed.
+        op: String,
+        /// Attempts made, the first included.
+        attempts: u32,
+        /// Time spent on the operation.
+        elapsed: std::time::Duration,
+        /// The operation's time budget.
+        budget: std::time::Duration,
+        /// The last error.
+        #[source]
+        source: Box<Error>,
+    },
     /// The store's background pipeline has shut down.
     #[error("the store pipeline is closed")]
     Closed,
@@ -156,7 +191,9 @@ impl Error {
                 object_store::Error::NotFound { .. } => ErrorKind::NotFound,
                 object_store::Error::AlreadyExists { .. } => ErrorKind::AlreadyExists,
                 object_store::Error::InvalidPath { .. }
-                | object_store::Error::UnknownConfigurationKey { .. } => ErrorKind::Invalid,
+                | object_store::Error::UnknownConfigurationKey { .. }
+                | object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. } => ErrorKind::Invalid,
                 _ => ErrorKind::Unavailable,
             },
             Error::InvalidInput { .. } => ErrorKind::Invalid,
@@ -167,6 +204,8 @@ impl Error {
             Error::NotFound { .. } => ErrorKind::NotFound,
             Error::AlreadyExists { .. } => ErrorKind::AlreadyExists,
             Error::DeadlineExceeded { .. } => ErrorKind::Unavailable,
+            Error::RemoteRefused { .. } => ErrorKind::Invalid,
+            Error::RetriesExhausted { .. } => ErrorKind::Unavailable,
             Error::Closed => ErrorKind::Closed,
             Error::Internal(_) => ErrorKind::Internal,
         }

@@ -33,26 +33,27 @@ impl RemoteStore {
         // concurrent ranged GETs. The size is checked before the body is
         // read either way.
         let whole_limit = 4 * self.opts.part_size.max(1) as u64;
-        let first = super::retry::retry(&self.opts.retry, &self.metrics, || async {
-            let r = self
-                .inner
-                .get(&path)
-                .await
-                .map_err(|e| Error::remote("get chunk", &path, e))?;
-            let size = r.meta.size;
-            if size > max {
-                return Err(too_big(size));
-            }
-            if size > whole_limit {
-                return Ok(Err(size));
-            }
-            let b = r
-                .bytes()
-                .await
-                .map_err(|e| Error::remote("get chunk", &path, e))?;
-            Ok(Ok(b))
-        })
-        .await;
+        let first = self
+            .retry(|| async {
+                let r = self
+                    .inner
+                    .get(&path)
+                    .await
+                    .map_err(|e| Error::remote("get chunk", &path, e))?;
+                let size = r.meta.size;
+                if size > max {
+                    return Err(too_big(size));
+                }
+                if size > whole_limit {
+                    return Ok(Err(size));
+                }
+                let b = r
+                    .bytes()
+                    .await
+                    .map_err(|e| Error::remote("get chunk", &path, e))?;
+                Ok(Ok(b))
+            })
+            .await;
         let size = match first {
             Ok(Ok(bytes)) => {
                 self.metrics.add_download(bytes.len() as u64);

@@ -124,11 +124,14 @@ impl std::fmt::Debug for RemoteStore {
 
 impl RemoteStore {
     /// Open a store from a URL: `s3://bucket/prefix`, `gs://bucket/prefix`,
-    /// `az://container/prefix`, or `file:///path`. Credentials, region and
-    /// endpoint come from the usual environment variables (`AWS_*`,
-    /// `GOOGLE_*`, `AZURE_*`) and from `options` (object_store's
+    /// `az://container/prefix`, or `file:///path`. The configuration is the
+    /// standard environment variables (`AWS_*`, `GOOGLE_*`, `AZURE_*`, read
+    /// by object_store's builders, client options such as
+    /// `AWS_ALLOW_HTTP` included) merged with `options` (object_store's
     /// configuration keys, e.g. `endpoint`, `region`, `access_key_id`,
-    /// `secret_access_key`, `allow_http`).
+    /// `secret_access_key`, `allow_http`), which win. An `http://` endpoint
+    /// without `allow_http`, an unknown key or a value that does not parse
+    /// is an [`Error::InvalidInput`] naming it.
     ///
     /// A `file://` directory is created if missing; see
     /// [`RemoteStore::open_existing`] to read a store without creating it.
@@ -165,33 +168,98 @@ impl RemoteStore {
             .map_err(|e| Error::invalid("remote URL", format!("{url:?}: {e}")))?;
         let (scheme, prefix) = ObjectStoreScheme::parse(&parsed)
             .map_err(|e| Error::invalid("remote URL", format!("{url:?}: {e}")))?;
-        let client = object_store::ClientOptions::new().with_timeout(opts.retry.request_timeout);
         let bad_key = |k: &str, e: object_store::Error| {
             Error::invalid("remote option", format!("{k:?}: {e}"))
         };
-        // The three HTTP backends are configured the same way.
+        let bad_config =
+            |e: object_store::Error| Error::invalid("remote configuration", format!("{url}: {e}"));
+        let timeout = humantime::format_duration(opts.retry.request_timeout).to_string();
+        // The three HTTP backends are configured the same way: the
+        // builder's own reading of the environment (`from_env`), then the
+        // explicit options on top (they win), then the request timeout of
+        // the retry policy unless either set one. Nothing the user set is
+        // replaced; object_store's own retry is off (see `retry`).
         macro_rules! http_backend {
-            ($builder:expr) => {{
-                let mut b = $builder
-                    .with_url(url)
-                    .with_retry(opts.retry.client_retry())
-                    .with_client_options(client);
+            ($builder:expr, $key:ident, $env:literal) => {{
+                use object_store::ClientConfigKey as C;
+                let mut b = $builder.with_url(url).with_retry(opts.retry.client_retry());
                 for (k, v) in options {
                     b = b.with_config(k.parse().map_err(|e| bad_key(k, e))?, v);
                 }
-                Arc::new(b.build().map_err(|e| Error::remote("open", url, e))?)
-                    as Arc<dyn ObjectStore>
+                if b.get_config_value(&$key::Client(C::Timeout)).is_none() {
+                    b = b.with_config($key::Client(C::Timeout), &timeout);
+                }
+                let allow_http = b.get_config_value(&$key::Client(C::AllowHttp));
+                (b, allow_http, $env)
             }};
         }
+        // Refuse a plain-HTTP endpoint that object_store would refuse on
+        // every request ("builder error"), naming the option to set.
+        let check_http = |endpoint: Option<String>, allow_http: Option<String>, env: &str| {
+            let allowed = match allow_http
+                .as_deref()
+                .map(str::to_ascii_lowercase)
+                .as_deref()
+            {
+                Some("1" | "true" | "on" | "yes" | "y") => true,
+                None | Some("0" | "false" | "off" | "no" | "n") => false,
+                Some(_) => {
+                    return Err(Error::invalid(
+                        "remote option allow_http",
+                        format!(
+                            "{:?} is not a boolean (true or false; from {env}_ALLOW_HTTP or \
+                             --remote-option allow_http)",
+                            allow_http.unwrap_or_default()
+                        ),
+                    ))
+                }
+            };
+            let Some(ep) = endpoint else { return Ok(()) };
+            if ep.to_ascii_lowercase().starts_with("http://") && !allowed {
+                return Err(Error::invalid(
+                    "remote option allow_http",
+                    format!(
+                        "endpoint {ep} is plain HTTP, which is refused unless allow_http is \
+                         true: set {env}_ALLOW_HTTP=true or pass --remote-option allow_http=true \
+                         (or use an https:// endpoint)"
+                    ),
+                ));
+            }
+            Ok(())
+        };
         let inner: Arc<dyn ObjectStore> = match scheme {
             ObjectStoreScheme::AmazonS3 => {
-                http_backend!(object_store::aws::AmazonS3Builder::from_env())
+                use object_store::aws::AmazonS3ConfigKey;
+                let (b, allow, env) = http_backend!(
+                    object_store::aws::AmazonS3Builder::from_env(),
+                    AmazonS3ConfigKey,
+                    "AWS"
+                );
+                check_http(b.get_config_value(&AmazonS3ConfigKey::Endpoint), allow, env)?;
+                Arc::new(b.build().map_err(bad_config)?)
             }
             ObjectStoreScheme::GoogleCloudStorage => {
-                http_backend!(object_store::gcp::GoogleCloudStorageBuilder::from_env())
+                use object_store::gcp::GoogleConfigKey;
+                let (b, _, _) = http_backend!(
+                    object_store::gcp::GoogleCloudStorageBuilder::from_env(),
+                    GoogleConfigKey,
+                    "GOOGLE"
+                );
+                Arc::new(b.build().map_err(bad_config)?)
             }
             ObjectStoreScheme::MicrosoftAzure => {
-                http_backend!(object_store::azure::MicrosoftAzureBuilder::from_env())
+                use object_store::azure::AzureConfigKey;
+                let (b, allow, env) = http_backend!(
+                    object_store::azure::MicrosoftAzureBuilder::from_env(),
+                    AzureConfigKey,
+                    "AZURE"
+                );
+                // The emulator is plain HTTP and allowed as such.
+                let emulator = b.get_config_value(&AzureConfigKey::UseEmulator);
+                if !matches!(emulator.as_deref(), Some("true" | "1" | "on" | "yes" | "y")) {
+                    check_http(b.get_config_value(&AzureConfigKey::Endpoint), allow, env)?;
+                }
+                Arc::new(b.build().map_err(bad_config)?)
             }
             ObjectStoreScheme::Local => {
                 let root = parsed.to_file_path().map_err(|_| {
@@ -325,16 +393,93 @@ impl RemoteStore {
             .fold(self.prefix.clone(), |p, c| p.child(c.as_str()))
     }
 
+    /// Run one remote operation under the retry policy (see [`retry`]),
+    /// turning definite refusals into errors that say what to do.
+    pub(crate) async fn retry<T, F, Fut>(&self, op: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        retry::retry(&self.opts.retry, &self.metrics, op)
+            .await
+            .map_err(|e| self.explain(e))
+    }
+
+    /// The bucket (or container) the store lives in, from its URL.
+    fn bucket(&self) -> String {
+        url::Url::parse(&self.url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_else(|| self.url.clone())
+    }
+
+    /// Turn a definite answer of the object store into an error naming the
+    /// bucket or object and what to do: a missing bucket is
+    /// [`Error::NotFound`] naming it; access denied, bad credentials and
+    /// other 4xx answers are [`Error::RemoteRefused`]. Anything else is
+    /// returned as it is.
+    fn explain(&self, e: Error) -> Error {
+        let Error::Remote { op, path, source } = e else {
+            return e;
+        };
+        let text = error_chain_text(&source);
+        if text.contains("NoSuchBucket")
+            || text.contains("ContainerNotFound")
+            || text.contains("The specified bucket does not exist")
+            || (op.starts_with("list") && retry::http_status(&source) == Some(404))
+        {
+            return Error::NotFound {
+                what: format!(
+                    "bucket {:?} of {}: create it, or correct the URL",
+                    self.bucket(),
+                    self.url
+                ),
+            };
+        }
+        let status = retry::http_status(&source);
+        let refused = match (&source, status) {
+            (object_store::Error::PermissionDenied { .. }, _) | (_, Some(403)) => Some((
+                "access denied (HTTP 403)".to_string(),
+                "check that the credentials in use may access this bucket and prefix",
+            )),
+            (object_store::Error::Unauthenticated { .. }, _) | (_, Some(401)) => Some((
+                "not authenticated (HTTP 401)".to_string(),
+                "check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, \
+                 GOOGLE_SERVICE_ACCOUNT, AZURE_STORAGE_ACCOUNT_KEY or --remote-option)",
+            )),
+            (object_store::Error::Generic { .. }, Some(s))
+                if (400..500).contains(&s) && s != 404 && s != 408 && s != 429 =>
+            {
+                Some((
+                    format!("HTTP {s}"),
+                    "check the endpoint, region and credentials of the remote",
+                ))
+            }
+            _ => None,
+        };
+        match refused {
+            Some((reason, hint)) => Error::RemoteRefused {
+                op,
+                location: format!("{path} in {}", self.url),
+                reason,
+                hint,
+                source: Box::new(source),
+            },
+            None => Error::Remote { op, path, source },
+        }
+    }
+
     /// Metadata of chunk `id`, or `None` if the remote does not hold it.
     pub async fn head_chunk(&self, id: &ChunkId) -> Result<Option<ObjectMeta>> {
         let path = self.chunk_path(id);
-        let r = retry::retry(&self.opts.retry, &self.metrics, || async {
-            self.inner
-                .head(&path)
-                .await
-                .map_err(|e| Error::remote("head chunk", &path, e))
-        })
-        .await;
+        let r = self
+            .retry(|| async {
+                self.inner
+                    .head(&path)
+                    .await
+                    .map_err(|e| Error::remote("head chunk", &path, e))
+            })
+            .await;
         match r {
             Ok(m) => Ok(Some(m)),
             Err(Error::Remote {
@@ -348,7 +493,7 @@ impl RemoteStore {
     /// Upload a whole object, in parts when it is large; retried whole.
     pub async fn put_object(&self, path: &ObjPath, bytes: bytes::Bytes) -> Result<()> {
         let len = bytes.len();
-        retry::retry(&self.opts.retry, &self.metrics, || {
+        self.retry(|| {
             let bytes = bytes.clone();
             async move {
                 if len <= self.opts.multipart_threshold {
@@ -399,24 +544,25 @@ impl RemoteStore {
                 format!("names run {} step {}, not its location", m.run, m.step),
             ));
         }
-        let r = retry::retry(&self.opts.retry, &self.metrics, || {
-            let bytes = bytes.clone();
-            let path = &path;
-            async move {
-                self.inner
-                    .put_opts(
-                        path,
-                        PutPayload::from(bytes),
-                        PutOptions {
-                            mode: PutMode::Create,
-                            ..Default::default()
-                        },
-                    )
-                    .await
-                    .map_err(|e| Error::remote("put manifest", path, e))
-            }
-        })
-        .await;
+        let r = self
+            .retry(|| {
+                let bytes = bytes.clone();
+                let path = &path;
+                async move {
+                    self.inner
+                        .put_opts(
+                            path,
+                            PutPayload::from(bytes),
+                            PutOptions {
+                                mode: PutMode::Create,
+                                ..Default::default()
+                            },
+                        )
+                        .await
+                        .map_err(|e| Error::remote("put manifest", path, e))
+                }
+            })
+            .await;
         match r {
             Ok(_) => {
                 self.metrics.add_manifest();
@@ -442,7 +588,7 @@ impl RemoteStore {
 
     /// Get a whole object (retried, body included).
     pub async fn get_object(&self, path: &ObjPath, op: &'static str) -> Result<bytes::Bytes> {
-        retry::retry(&self.opts.retry, &self.metrics, || async {
+        self.retry(|| async {
             let r = self
                 .inner
                 .get(path)
@@ -460,7 +606,7 @@ impl RemoteStore {
         let limit = MAX_MANIFEST_LEN + ENVELOPE_LEN as u64;
         let display = || std::path::PathBuf::from(path.to_string());
         let too_large = || Error::manifest(display(), format!("larger than {limit} bytes"));
-        retry::retry(&self.opts.retry, &self.metrics, || async {
+        self.retry(|| async {
             let op = "get manifest";
             let r = self
                 .inner
@@ -493,7 +639,7 @@ impl RemoteStore {
         path: &ObjPath,
         range: std::ops::Range<u64>,
     ) -> Result<bytes::Bytes> {
-        retry::retry(&self.opts.retry, &self.metrics, || {
+        self.retry(|| {
             let range = range.clone();
             async move {
                 self.inner
@@ -533,13 +679,14 @@ impl RemoteStore {
     }
 
     async fn list_dirs(&self, path: &ObjPath) -> Result<Vec<String>> {
-        let r = retry::retry(&self.opts.retry, &self.metrics, || async {
-            self.inner
-                .list_with_delimiter(Some(path))
-                .await
-                .map_err(|e| Error::remote("list", path, e))
-        })
-        .await?;
+        let r = self
+            .retry(|| async {
+                self.inner
+                    .list_with_delimiter(Some(path))
+                    .await
+                    .map_err(|e| Error::remote("list", path, e))
+            })
+            .await?;
         Ok(r.common_prefixes
             .iter()
             .filter_map(|p| p.filename().map(str::to_string))
@@ -565,14 +712,15 @@ impl RemoteStore {
     pub async fn steps(&self, run: &str) -> Result<Vec<u64>> {
         validate_run_name(run)?;
         let base = self.run_path(run);
-        let metas: Vec<ObjectMeta> = retry::retry(&self.opts.retry, &self.metrics, || async {
-            self.inner
-                .list(Some(&base))
-                .try_collect()
-                .await
-                .map_err(|e| Error::remote("list", &base, e))
-        })
-        .await?;
+        let metas: Vec<ObjectMeta> = self
+            .retry(|| async {
+                self.inner
+                    .list(Some(&base))
+                    .try_collect()
+                    .await
+                    .map_err(|e| Error::remote("list", &base, e))
+            })
+            .await?;
         let mut out: Vec<u64> = metas
             .iter()
             .filter_map(|m| {
@@ -594,13 +742,14 @@ impl RemoteStore {
     pub async fn has_manifest(&self, run: &str, step: u64) -> Result<bool> {
         validate_run_name(run)?;
         let path = self.manifest_path(run, step);
-        let r = retry::retry(&self.opts.retry, &self.metrics, || async {
-            self.inner
-                .head(&path)
-                .await
-                .map_err(|e| Error::remote("head manifest", &path, e))
-        })
-        .await;
+        let r = self
+            .retry(|| async {
+                self.inner
+                    .head(&path)
+                    .await
+                    .map_err(|e| Error::remote("head manifest", &path, e))
+            })
+            .await;
         match r {
             Ok(_) => Ok(true),
             Err(Error::Remote {
@@ -616,7 +765,7 @@ impl RemoteStore {
     pub async fn delete_checkpoint(&self, run: &str, step: u64) -> Result<()> {
         validate_run_name(run)?;
         let path = self.manifest_path(run, step);
-        retry::retry(&self.opts.retry, &self.metrics, || async {
+        self.retry(|| async {
             self.inner
                 .delete(&path)
                 .await
@@ -629,14 +778,15 @@ impl RemoteStore {
     /// size. Objects whose names are not chunk ids are skipped.
     pub async fn list_chunks(&self) -> Result<Vec<(ChunkId, i64, u64)>> {
         let path = self.prefix.child(CHUNKS_DIR);
-        let metas: Vec<ObjectMeta> = retry::retry(&self.opts.retry, &self.metrics, || async {
-            self.inner
-                .list(Some(&path))
-                .try_collect()
-                .await
-                .map_err(|e| Error::remote("list chunks", &path, e))
-        })
-        .await?;
+        let metas: Vec<ObjectMeta> = self
+            .retry(|| async {
+                self.inner
+                    .list(Some(&path))
+                    .try_collect()
+                    .await
+                    .map_err(|e| Error::remote("list chunks", &path, e))
+            })
+            .await?;
         Ok(metas
             .into_iter()
             .filter_map(|m| {
@@ -649,7 +799,7 @@ impl RemoteStore {
     /// Delete chunk `id`.
     pub async fn delete_chunk(&self, id: &ChunkId) -> Result<()> {
         let path = self.chunk_path(id);
-        retry::retry(&self.opts.retry, &self.metrics, || async {
+        self.retry(|| async {
             match self.inner.delete(&path).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
                 Err(e) => Err(Error::remote("delete chunk", &path, e)),
@@ -657,6 +807,19 @@ impl RemoteStore {
         })
         .await
     }
+}
+
+/// The text of an error and all its sources, for recognising a
+/// backend's error codes (`NoSuchBucket`, ...).
+fn error_chain_text(e: &object_store::Error) -> String {
+    let mut out = String::new();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        out.push_str(&err.to_string());
+        out.push('\n');
+        cur = err.source();
+    }
+    out
 }
 
 /// Whether `root` can be read as a `file://` store: a directory that is

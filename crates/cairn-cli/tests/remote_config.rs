@@ -1,0 +1,268 @@
+//! Remote configuration as the ecosystem does it: the standard `AWS_*`
+//! variables alone configure `cairn ls`, `cairn restore --to` and
+//! `cairn daemon`; `--remote-option` merges with them and wins; a plain
+//! HTTP endpoint without `allow_http` and a missing bucket are clear
+//! errors. Against the loopback S3-compatible server.
+
+use cairn::{DType, SaveState, StepSel, Store, StoreOptions, TensorFilter};
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+fn endpoint() -> String {
+    std::env::var("CAIRN_TEST_S3_ENDPOINT").expect("CAIRN_TEST_S3_ENDPOINT is not set")
+}
+
+fn bucket_name(tag: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "cairn-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn new_bucket(tag: &str) -> String {
+    let name = bucket_name(tag);
+    let ep = endpoint();
+    let hostport = ep.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(hostport).expect("connect to S3 server");
+    write!(
+        s,
+        "PUT /{name} HTTP/1.1\r\nHost: {hostport}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(
+        resp.starts_with("HTTP/1.1 200"),
+        "create bucket {name}: {resp}"
+    );
+    name
+}
+
+/// A `cairn` command whose environment holds no inherited `AWS_*`,
+/// `GOOGLE_*` or `AZURE_*` variable, and exactly the standard ones given.
+fn cairn(vars: &[(&str, String)]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cairn"));
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("AWS_") || k.starts_with("GOOGLE_") || k.starts_with("AZURE_") {
+            c.env_remove(&*k);
+        }
+    }
+    for (k, v) in vars {
+        c.env(k, v);
+    }
+    c
+}
+
+/// The standard variables for the loopback server, nothing else.
+fn aws_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_ENDPOINT", endpoint()),
+        ("AWS_ALLOW_HTTP", "true".into()),
+        ("AWS_ACCESS_KEY_ID", "cairn-test".into()),
+        ("AWS_SECRET_ACCESS_KEY", "cairn-test-secret".into()),
+        ("AWS_REGION", "us-east-1".into()),
+    ]
+}
+
+fn run(c: &mut Command, args: &[&str]) -> Output {
+    c.args(args).output().expect("run cairn")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn data(step: u64) -> Vec<u8> {
+    (0..200_000u32)
+        .map(|i| (i as u64).wrapping_mul(step * 31 + 5) as u8)
+        .collect()
+}
+
+fn save(store: &Store, step: u64) {
+    let d = data(step);
+    let st = SaveState::new().tensor("w", DType::U8, &[d.len() as u64], &d);
+    store.save("r", step, &st).unwrap().wait().unwrap();
+}
+
+fn opts() -> StoreOptions {
+    StoreOptions {
+        chunk_size: 64 << 10,
+        staging_bytes: 4 << 20,
+        ..StoreOptions::default()
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn remote_steps(url: &str) -> Option<Vec<u64>> {
+    let o = run(&mut cairn(&aws_env()), &["ls", url, "--json"]);
+    if !o.status.success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+    Some(
+        v.as_array()?
+            .iter()
+            .filter_map(|e| e["step"].as_u64())
+            .collect(),
+    )
+}
+
+fn restored_w(dir: &Path, step: u64) -> Vec<u8> {
+    let s = Store::open_read_only(dir, opts()).unwrap();
+    let got = s
+        .restore("r", StepSel::Step(step), &TensorFilter::All)
+        .unwrap();
+    got.tensor("w").unwrap().data.clone()
+}
+
+#[test]
+fn standard_aws_variables_alone_configure_ls_restore_and_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("local");
+    let store = Store::open(&local, opts()).unwrap();
+    save(&store, 1);
+    save(&store, 2);
+    drop(store);
+    let bucket = new_bucket("envcfg");
+    let url = format!("s3://{bucket}/ckpt");
+
+    // An empty prefix lists as an empty store.
+    let o = run(&mut cairn(&aws_env()), &["ls", &url, "--json"]);
+    assert!(o.status.success(), "ls: {}", stderr(&o));
+
+    // The daemon uploads both checkpoints, configured by the variables.
+    let port = free_port();
+    let log = dir.path().join("daemon.log");
+    let mut child = cairn(&aws_env())
+        .args([
+            "daemon",
+            local.to_str().unwrap(),
+            "--remote",
+            &url,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--poll-interval",
+            "50ms",
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    let mut steps = None;
+    while t.elapsed() < Duration::from_secs(60) {
+        if let Some(s) = remote_steps(&url).filter(|s| s == &[1, 2]) {
+            steps = Some(s);
+            break;
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    assert_eq!(
+        steps,
+        Some(vec![1, 2]),
+        "daemon log: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+
+    // restore --to a fresh directory, from the variables alone.
+    let target = dir.path().join("restored");
+    let o = run(
+        &mut cairn(&aws_env()),
+        &[
+            "restore",
+            &url,
+            "--run",
+            "r",
+            "--step",
+            "latest",
+            "--to",
+            target.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "restore --to: {}", stderr(&o));
+    assert_eq!(restored_w(&target, 2), data(2));
+}
+
+#[test]
+fn remote_options_merge_with_the_environment_and_win() {
+    let bucket = new_bucket("merge");
+    let url = format!("s3://{bucket}/ckpt");
+    let no_http: Vec<_> = aws_env()
+        .into_iter()
+        .filter(|(k, _)| *k != "AWS_ALLOW_HTTP")
+        .collect();
+
+    // The endpoint from the environment, allow_http from an option.
+    let o = run(
+        &mut cairn(&no_http),
+        &["ls", &url, "--remote-option", "allow_http=true"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // Without allow_http: a clear error naming the option and the variable.
+    let o = run(&mut cairn(&no_http), &["ls", &url]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.contains("allow_http"), "{e}");
+    assert!(e.contains("AWS_ALLOW_HTTP"), "{e}");
+    assert!(e.contains(&endpoint()), "{e}");
+
+    // An explicit option wins over the environment.
+    let o = run(
+        &mut cairn(&aws_env()),
+        &["ls", &url, "--remote-option", "allow_http=false"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("allow_http"), "{}", stderr(&o));
+    let o = run(
+        &mut cairn(&aws_env()),
+        &["ls", &url, "--remote-option", "endpoint=http://127.0.0.1:1"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("127.0.0.1:1"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_missing_bucket_or_a_bad_option_is_a_clear_error() {
+    let bucket = bucket_name("missing");
+    let url = format!("s3://{bucket}/x");
+    let o = run(&mut cairn(&aws_env()), &["ls", &url]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.contains(&format!("bucket \"{bucket}\"")), "{e}");
+    assert!(e.contains("create it"), "{e}");
+
+    let o = run(
+        &mut cairn(&aws_env()),
+        &["ls", &url, "--remote-option", "no_such_option=1"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("no_such_option"), "{}", stderr(&o));
+
+    let o = run(
+        &mut cairn(&aws_env()),
+        &["ls", &url, "--remote-option", "allow_http=maybe"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.contains("allow_http") && e.contains("maybe"), "{e}");
+}
