@@ -183,3 +183,21 @@ impl DaemonConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example config parses and checks, with the health settings.
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../../docs/cairn-daemon.toml");
+        let cfg = DaemonConfig::from_toml(text, std::path::Path::new("cairn-daemon.toml")).unwrap();
+        cfg.check().unwrap();
+        assert_eq!(cfg.unhealthy_after, Duration::from_secs(30 * 60));
+        assert_eq!(cfg.max_retry_backoff, Duration::from_secs(5 * 60));
+        let mut bad = cfg.clone();
+        bad.unhealthy_after = Duration::ZERO;
+        assert!(bad.check().is_err());
+    }
+}

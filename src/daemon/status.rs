@@ -289,3 +289,63 @@ pub fn metrics_reader(
 ) -> Arc<dyn Fn() -> RemoteMetricsSnapshot + Send + Sync> {
     Arc::new(move || m.snapshot())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    fn shared(clock: &ManualClock) -> SharedStatus {
+        SharedStatus::new(
+            DaemonStatus::default(),
+            metrics_reader(Arc::new(RemoteMetrics::default())),
+        )
+        .with_health(Arc::new(clock.clone()), Duration::from_secs(60))
+    }
+
+    /// Unhealthy only once work has been pending for the configured time
+    /// with no upload succeeding, read from the clock; healthy again when
+    /// the queue empties.
+    #[test]
+    fn health_follows_the_clock() {
+        let clock = ManualClock::at_ms(1_000_000);
+        let s = shared(&clock);
+        assert!(s.health().is_ok());
+        s.update(|d| {
+            d.queue_depth = 2;
+            d.stalled_since_unix_ms = Some(clock.now_ms());
+            d.failing.push(FailingCheckpoint {
+                run: "r".into(),
+                step: 7,
+                reason: "corrupt chunk ab".into(),
+                kind: "Data".into(),
+                attempts: 3,
+                first_failed_unix_ms: 0,
+                last_failed_unix_ms: 0,
+                next_attempt_unix_ms: 0,
+            });
+        });
+        clock.advance(Duration::from_secs(59));
+        assert!(s.health().is_ok());
+        assert!(s.snapshot().healthy);
+        clock.advance(Duration::from_secs(1));
+        let reason = s.health().unwrap_err();
+        assert!(reason.contains("2 are pending"), "{reason}");
+        assert!(
+            reason.contains("run r step 7 failed 3 times: corrupt chunk ab"),
+            "{reason}"
+        );
+        let snap = s.snapshot();
+        assert!(!snap.healthy);
+        assert_eq!(snap.unhealthy_reason.as_deref(), Some(reason.as_str()));
+        assert!(s.prometheus().contains("cairn_healthy 0"));
+        assert!(s.prometheus().contains("cairn_checkpoints_failing 1"));
+        s.update(|d| {
+            d.queue_depth = 0;
+            d.stalled_since_unix_ms = None;
+            d.failing.clear();
+        });
+        assert!(s.health().is_ok());
+        assert!(s.prometheus().contains("cairn_healthy 1"));
+    }
+}
