@@ -66,8 +66,8 @@ pub use clock::{system_clock, Clock, ManualClock, SharedClock, SystemClock};
 pub use codec::{CodecChoice, Decoder, Encoder};
 pub use copy::{copy_checkpoint, glob_match, CopyOptions, CopyReport};
 pub use daemon::{
-    DaemonConfig, DaemonStatus, FlushDaemon, GcConfig, RetentionConfig, SharedStatus,
-    MAX_CONFIG_LEN,
+    DaemonConfig, DaemonStatus, FailingCheckpoint, FlushDaemon, GcConfig, RetentionConfig,
+    SharedStatus, MAX_CONFIG_LEN,
 };
 pub use dtype::DType;
 pub use error::{Error, ErrorKind, Result};

@@ -237,12 +237,15 @@ impl Store {
         &self.chunks
     }
 
-    /// The manifest file of a committed checkpoint, validated, as stored.
+    /// The manifest file of a committed checkpoint, validated as
+    /// [`Store::manifest`] validates it (including that it names the run
+    /// and step it is stored under), as stored.
     pub fn manifest_bytes(&self, run: &str, step: u64) -> Result<Vec<u8>> {
         validate_run_name(run)?;
         let path = self.layout.manifest_path(run, step);
         let bytes = read_bounded(&path)?;
-        decode_manifest_file(&bytes, &path)?;
+        let m = decode_manifest_file(&bytes, &path)?;
+        check_location(&m, run, step, &path)?;
         Ok(bytes)
     }
 
@@ -480,12 +483,7 @@ impl Store {
         let path = self.layout.manifest_path(run, step);
         let bytes = read_bounded(&path)?;
         let m = decode_manifest_file(&bytes, &path)?;
-        if m.run != run || m.step != step {
-            return Err(Error::manifest(
-                &path,
-                format!("names run {} step {}, not its location", m.run, m.step),
-            ));
-        }
+        check_location(&m, run, step, &path)?;
         Ok(m)
     }
 
@@ -515,6 +513,18 @@ impl Store {
         let _ = std::fs::remove_dir_all(&step_dir);
         fsync_dir(&self.layout.run_dir(run))
     }
+}
+
+/// A manifest read from `path`, the location of `(run, step)`, must name
+/// that run and step.
+fn check_location(m: &Manifest, run: &str, step: u64, path: &Path) -> Result<()> {
+    if m.run != run || m.step != step {
+        return Err(Error::manifest(
+            path,
+            format!("names run {} step {}, not its location", m.run, m.step),
+        ));
+    }
+    Ok(())
 }
 
 fn check_or_write_marker(layout: &Layout) -> Result<()> {

@@ -76,6 +76,23 @@ pub struct DaemonConfig {
     /// Garbage collection.
     #[serde(default)]
     pub gc: GcConfig,
+    /// `/healthz` answers 503 once work has been pending this long without
+    /// a checkpoint becoming durable remotely. Set it above the longest
+    /// upload you expect.
+    #[serde(default = "default_unhealthy_after", with = "humantime_serde")]
+    pub unhealthy_after: Duration,
+    /// Longest wait before retrying a checkpoint whose upload failed; the
+    /// wait starts at `poll_interval` and doubles with each failure.
+    #[serde(default = "default_max_retry_backoff", with = "humantime_serde")]
+    pub max_retry_backoff: Duration,
+}
+
+fn default_unhealthy_after() -> Duration {
+    Duration::from_secs(30 * 60)
+}
+
+fn default_max_retry_backoff() -> Duration {
+    Duration::from_secs(5 * 60)
 }
 
 fn default_poll() -> Duration {
@@ -98,6 +115,8 @@ impl DaemonConfig {
             listen: default_listen(),
             retention: RetentionConfig::default(),
             gc: GcConfig::default(),
+            unhealthy_after: default_unhealthy_after(),
+            max_retry_backoff: default_max_retry_backoff(),
         }
     }
 
@@ -125,6 +144,7 @@ impl DaemonConfig {
     }
 
     /// Check the settings: a loopback listen address, positive intervals
+    /// (poll, unhealthy-after, retry backoff)
     /// and keep counts, `local_keep_last` at most `remote_keep_last`, and a
     /// remote gc grace of at least [`crate::remote::MIN_REMOTE_GC_GRACE`].
     pub fn check(&self) -> Result<()> {
@@ -153,7 +173,31 @@ impl DaemonConfig {
         if self.poll_interval.is_zero() {
             return Err(Error::invalid("poll_interval", "must be positive"));
         }
+        if self.unhealthy_after.is_zero() {
+            return Err(Error::invalid("unhealthy_after", "must be positive"));
+        }
+        if self.max_retry_backoff.is_zero() {
+            return Err(Error::invalid("max_retry_backoff", "must be positive"));
+        }
         crate::remote::check_remote_gc_grace(self.remote_tuning.gc_grace)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example config parses and checks, with the health settings.
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../../docs/cairn-daemon.toml");
+        let cfg = DaemonConfig::from_toml(text, std::path::Path::new("cairn-daemon.toml")).unwrap();
+        cfg.check().unwrap();
+        assert_eq!(cfg.unhealthy_after, Duration::from_secs(30 * 60));
+        assert_eq!(cfg.max_retry_backoff, Duration::from_secs(5 * 60));
+        let mut bad = cfg.clone();
+        bad.unhealthy_after = Duration::ZERO;
+        assert!(bad.check().is_err());
     }
 }

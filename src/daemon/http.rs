@@ -1,5 +1,6 @@
 //! A minimal HTTP/1.1 endpoint on loopback: `GET /status` (JSON),
-//! `GET /metrics` (Prometheus text format), `GET /healthz`.
+//! `GET /metrics` (Prometheus text format), `GET /healthz` (200 `ok`, or 503 with
+//! the reason once uploads have stalled; see [`SharedStatus::health`]).
 
 use super::status::SharedStatus;
 use std::net::SocketAddr;
@@ -58,7 +59,14 @@ pub async fn serve(
                     serde_json::to_string_pretty(&status.snapshot()).unwrap_or_default(),
                 ),
                 "/metrics" => ("200 OK", "text/plain; version=0.0.4", status.prometheus()),
-                "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
+                "/healthz" => match status.health() {
+                    Ok(()) => ("200 OK", "text/plain", "ok\n".to_string()),
+                    Err(reason) => (
+                        "503 Service Unavailable",
+                        "text/plain",
+                        format!("unhealthy: {reason}\n"),
+                    ),
+                },
                 _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
             };
             let head = format!(

@@ -9,6 +9,13 @@
 //! uploaded again: chunks the remote already holds are skipped, and a
 //! remote manifest that already exists (the daemon died between the commit
 //! and the marker) is recognised as identical.
+//!
+//! Failures are isolated per checkpoint: one that cannot be uploaded (a
+//! corrupt local chunk, a permission error) is retried on its own with a
+//! backoff, listed in `/status` with its reason and attempt count and
+//! counted in `/metrics`, while newer checkpoints upload and retention
+//! runs. `/healthz` turns 503, with the reason, once work has been pending
+//! for `unhealthy_after` with no checkpoint becoming durable remotely.
 
 pub mod config;
 pub mod http;
@@ -17,13 +24,16 @@ pub mod status;
 pub use config::{DaemonConfig, GcConfig, RetentionConfig, MAX_CONFIG_LEN};
 pub use status::{DaemonStatus, SharedStatus};
 
-use crate::clock::Clock;
+use crate::clock::SharedClock;
 use crate::error::{Error, Result};
 use crate::remote::RemoteStore;
 use crate::store::{Store, StoreOptions};
-use std::sync::Arc;
-use std::time::Instant;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::watch;
+
+pub use status::FailingCheckpoint;
 
 /// A running flush daemon.
 pub struct FlushDaemon {
@@ -31,33 +41,53 @@ pub struct FlushDaemon {
     local: Arc<Store>,
     remote: RemoteStore,
     status: SharedStatus,
+    clock: SharedClock,
+    /// Checkpoints whose last upload attempt failed, by (run, step).
+    failures: Mutex<BTreeMap<(String, u64), FailingCheckpoint>>,
 }
 
 impl FlushDaemon {
-    /// Open both stores and prepare the status.
+    /// Open both stores and prepare the status. A missing local store is
+    /// [`Error::NotFound`] naming the path: the daemon drains a store that
+    /// a trainer's saves created, and never creates one itself.
     pub fn new(cfg: DaemonConfig) -> Result<Self> {
         cfg.check()?;
-        let local = Store::open_read_only(&cfg.local, StoreOptions::default())?;
+        let local = match Store::open_read_only(&cfg.local, StoreOptions::default()) {
+            Err(Error::NotFound { .. }) => {
+                return Err(Error::NotFound {
+                    what: format!(
+                        "local store {}: no cairn store there (a trainer's first save creates it; check LOCAL or `local` in the config)",
+                        cfg.local.display()
+                    ),
+                })
+            }
+            r => r?,
+        };
         let options: Vec<(String, String)> = cfg
             .remote_options
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let remote = RemoteStore::open(&cfg.remote, &options, cfg.remote_tuning.clone())?;
+        let clock = crate::clock::system_clock();
         let status = SharedStatus::new(
             DaemonStatus {
                 local: cfg.local.display().to_string(),
                 remote: cfg.remote.clone(),
-                started_unix_ms: crate::clock::SystemClock.now_ms(),
+                started_unix_ms: clock.now_ms(),
+                healthy: true,
                 ..Default::default()
             },
             status::metrics_reader(remote.metrics_arc()),
-        );
+        )
+        .with_health(clock.clone(), cfg.unhealthy_after);
         Ok(FlushDaemon {
             cfg,
             local: Arc::new(local),
             remote,
             status,
+            clock,
+            failures: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -66,8 +96,21 @@ impl FlushDaemon {
         self.status = SharedStatus::new(
             self.status.snapshot(),
             status::metrics_reader(remote.metrics_arc()),
-        );
+        )
+        .with_health(self.clock.clone(), self.cfg.unhealthy_after);
         self.remote = remote;
+        self
+    }
+
+    /// Read time from `clock`: retry backoff, the unhealthy-after rule and
+    /// the collection interval (e.g. a [`crate::ManualClock`] in tests).
+    pub fn with_clock(mut self, clock: SharedClock) -> Self {
+        self.status = SharedStatus::new(
+            self.status.snapshot(),
+            status::metrics_reader(self.remote.metrics_arc()),
+        )
+        .with_health(clock.clone(), self.cfg.unhealthy_after);
+        self.clock = clock;
         self
     }
 
@@ -89,7 +132,7 @@ impl FlushDaemon {
             "cairn daemon started"
         );
         let server = tokio::spawn(http::serve(listener, self.status.clone(), shutdown.clone()));
-        let mut last_gc: Option<Instant> = None;
+        let mut last_gc: Option<i64> = None;
         loop {
             if *shutdown.borrow() {
                 break;
@@ -107,7 +150,7 @@ impl FlushDaemon {
                 .gc
                 .interval
                 .filter(|i| !i.is_zero())
-                .is_some_and(|i| last_gc.is_none_or(|t| t.elapsed() >= i));
+                .is_some_and(|i| last_gc.is_none_or(|t| self.clock.since(t) >= i));
             if gc_due {
                 tokio::select! {
                     r = self.collect() => {
@@ -117,7 +160,7 @@ impl FlushDaemon {
                     }
                     _ = shutdown.changed() => break,
                 }
-                last_gc = Some(Instant::now());
+                last_gc = Some(self.clock.now_ms());
             }
             tokio::select! {
                 _ = tokio::time::sleep(self.cfg.poll_interval) => {}
@@ -137,14 +180,69 @@ impl FlushDaemon {
         });
     }
 
-    /// One scan: upload what is pending, oldest first, then retention.
+    /// The wait before retrying a checkpoint that has failed `attempts`
+    /// times: `poll_interval`, doubling per failure, at most
+    /// `max_retry_backoff`.
+    fn backoff(&self, attempts: u64) -> Duration {
+        let doublings = attempts.saturating_sub(1).min(30) as u32;
+        self.cfg
+            .poll_interval
+            .saturating_mul(1u32 << doublings)
+            .min(self.cfg.max_retry_backoff)
+    }
+
+    /// Record a failed upload of `(run, step)`: its attempt count, reason
+    /// and next attempt.
+    fn record_failure(&self, run: &str, step: u64, e: &Error) {
+        let now = self.clock.now_ms();
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let f = failures
+            .entry((run.to_string(), step))
+            .or_insert_with(|| FailingCheckpoint {
+                run: run.to_string(),
+                step,
+                reason: String::new(),
+                kind: String::new(),
+                attempts: 0,
+                first_failed_unix_ms: now,
+                last_failed_unix_ms: now,
+                next_attempt_unix_ms: now,
+            });
+        f.attempts += 1;
+        f.reason = e.to_string();
+        f.kind = format!("{:?}", e.kind());
+        f.last_failed_unix_ms = now;
+        let wait = self.backoff(f.attempts);
+        f.next_attempt_unix_ms = now.saturating_add(wait.as_millis() as i64);
+        tracing::warn!(
+            run = %run,
+            step,
+            attempts = f.attempts,
+            retry_in_ms = wait.as_millis() as u64,
+            error = %e,
+            "checkpoint upload failed; newer checkpoints proceed"
+        );
+        let failing: Vec<FailingCheckpoint> = failures.values().cloned().collect();
+        drop(failures);
+        self.status.update(|s| {
+            s.errors += 1;
+            s.upload_failures += 1;
+            s.last_error = Some(format!("upload of run {run} step {step}: {e}"));
+            s.failing = failing;
+        });
+    }
+
+    /// One scan: upload what is pending, oldest first, then retention. A
+    /// checkpoint whose upload fails is retried later with backoff (see
+    /// [`FailingCheckpoint`]); the checkpoints after it and retention go
+    /// ahead.
     pub async fn cycle(&self) -> Result<()> {
         let local = self.local.clone();
         let url = self.remote.url().to_string();
         // (created_ms, run, step), not yet durable remotely.
         let (pending, newest_local) = tokio::task::spawn_blocking(move || -> Result<_> {
             let mut pending = Vec::new();
-            let mut newest = std::collections::BTreeMap::new();
+            let mut newest = BTreeMap::new();
             for run in local.runs()? {
                 let steps = local.steps(&run)?;
                 if let Some(&s) = steps.last() {
@@ -165,18 +263,55 @@ impl FlushDaemon {
         })
         .await
         .map_err(|e| Error::Internal(format!("scan: {e}")))??;
+        let now = self.clock.now_ms();
+        let failing: Vec<FailingCheckpoint> = {
+            // Forget failures of checkpoints no longer pending (deleted,
+            // or uploaded by someone else).
+            let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+            failures.retain(|(run, step), _| pending.iter().any(|(_, r, s)| r == run && s == step));
+            failures.values().cloned().collect()
+        };
         self.status.update(|s| {
             s.queue_depth = pending.len() as u64;
             s.newest_local = newest_local;
+            s.failing = failing;
+            if pending.is_empty() {
+                s.stalled_since_unix_ms = None;
+            } else if s.stalled_since_unix_ms.is_none() {
+                s.stalled_since_unix_ms = Some(now);
+            }
         });
-        for (i, (_, run, step)) in pending.iter().enumerate() {
-            let report = {
+        let mut remaining = pending.len();
+        for (_, run, step) in &pending {
+            let not_before = self
+                .failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&(run.clone(), *step))
+                .map(|f| f.next_attempt_unix_ms);
+            if not_before.is_some_and(|t| self.clock.now_ms() < t) {
+                continue;
+            }
+            let result = {
                 let (local, remote) = (self.local.clone(), self.remote.clone());
                 let (run, step) = (run.clone(), *step);
                 tokio::task::spawn_blocking(move || local.upload_to(&remote, &run, step))
                     .await
-                    .map_err(|e| Error::Internal(format!("upload: {e}")))??
+                    .unwrap_or_else(|e| Err(Error::Internal(format!("upload task: {e}"))))
             };
+            let report = match result {
+                Ok(r) => r,
+                Err(e) => {
+                    self.record_failure(run, *step, &e);
+                    continue;
+                }
+            };
+            let failed_before = self
+                .failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&(run.clone(), *step))
+                .map_or(0, |f| f.attempts);
             tracing::info!(
                 run = %run,
                 step = *step,
@@ -184,16 +319,31 @@ impl FlushDaemon {
                 chunks_skipped = report.chunks_skipped,
                 bytes_uploaded = report.bytes_uploaded,
                 already_committed = report.already_committed,
+                failed_attempts_before = failed_before,
                 elapsed_ms = report.elapsed.as_millis() as u64,
                 "checkpoint durable remotely"
             );
+            remaining -= 1;
+            let now = self.clock.now_ms();
+            let failing: Vec<FailingCheckpoint> = self
+                .failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .cloned()
+                .collect();
             self.status.update(|s| {
                 s.checkpoints_uploaded += 1;
-                s.queue_depth = (pending.len() - i - 1) as u64;
+                s.queue_depth = remaining as u64;
+                s.last_upload_unix_ms = Some(now);
+                s.stalled_since_unix_ms = (remaining > 0).then_some(now);
+                s.failing = failing;
             });
         }
-        self.retention().await?;
-        let mut newest_remote = std::collections::BTreeMap::new();
+        if let Err(e) = self.retention().await {
+            self.record_error("retention failed", &e);
+        }
+        let mut newest_remote = BTreeMap::new();
         for run in self.remote.runs().await? {
             if let Some(&s) = self.remote.steps(&run).await?.last() {
                 newest_remote.insert(run, s);
@@ -205,7 +355,6 @@ impl FlushDaemon {
         });
         Ok(())
     }
-
     /// Local retention first: it deletes a local checkpoint only while the
     /// remote still holds it, so it must look before remote retention
     /// thins the remote out.

@@ -13,9 +13,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// A chunk being written by some save; others that need the same chunk
-/// wait for it before they commit.
+/// wait for it before they commit. If the writer fails, each waiter fails
+/// with an equivalent of the writer's error, so its kind (an I/O failure,
+/// a closed pipeline) tells the waiter's caller what to do.
 pub(crate) struct Inflight {
-    state: Mutex<Option<bool>>,
+    state: Mutex<Option<std::result::Result<(), Error>>>,
     cv: Condvar,
 }
 
@@ -27,20 +29,60 @@ impl Inflight {
         })
     }
 
-    pub(crate) fn complete(&self, ok: bool) {
-        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = Some(ok);
+    /// The writer is done: `Ok` if the chunk is durable, else why not.
+    pub(crate) fn complete(&self, result: std::result::Result<(), &Error>) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = Some(result.map_err(peer_error));
         self.cv.notify_all();
     }
 
-    /// Wait for the writer; true if the chunk is durable.
-    pub(crate) fn wait(&self) -> bool {
+    /// Wait for the writer: `Ok` if the chunk is durable, else the
+    /// writer's error.
+    pub(crate) fn wait(&self) -> Result<()> {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            if let Some(ok) = *s {
-                return ok;
+            match &*s {
+                Some(Ok(())) => return Ok(()),
+                Some(Err(e)) => return Err(peer_error(e)),
+                None => {}
             }
             s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
         }
+    }
+}
+
+/// An equivalent of `e` for a save that waited on the chunk `e` kept from
+/// being written: the same variant and fields, so the same
+/// [`Error::kind`]. (An I/O error's source keeps its kind and message.)
+fn peer_error(e: &Error) -> Error {
+    match e {
+        Error::Io { op, path, source } => Error::Io {
+            op,
+            path: path.clone(),
+            source: std::io::Error::new(source.kind(), source.to_string()),
+        },
+        Error::Closed => Error::Closed,
+        Error::DeadlineExceeded { what, took, limit } => Error::DeadlineExceeded {
+            what: what.clone(),
+            took: *took,
+            limit: *limit,
+        },
+        Error::InvalidInput { what, reason } => Error::InvalidInput {
+            what: what.clone(),
+            reason: reason.clone(),
+        },
+        Error::CorruptChunk {
+            chunk,
+            path,
+            reason,
+            tensors,
+        } => Error::CorruptChunk {
+            chunk: chunk.clone(),
+            path: path.clone(),
+            reason: reason.clone(),
+            tensors: tensors.clone(),
+        },
+        Error::NotFound { what } => Error::NotFound { what: what.clone() },
+        e => Error::Internal(e.to_string()),
     }
 }
 
@@ -186,5 +228,47 @@ impl SaveCtx {
         if let Some(tx) = self.done.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = tx.send(r);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    /// A save waiting on a chunk that another save failed to write fails
+    /// with the writer's error, not an internal one.
+    #[test]
+    fn a_peer_failure_reaches_the_waiter_with_its_kind() {
+        let w = Inflight::new();
+        let waiter = {
+            let w = w.clone();
+            std::thread::spawn(move || w.wait())
+        };
+        let cause = Error::io(
+            "write chunk",
+            "/store/chunks/ab/abcd",
+            std::io::Error::from_raw_os_error(28), // ENOSPC
+        );
+        w.complete(Err(&cause));
+        let e = waiter.join().unwrap().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+        match &e {
+            Error::Io { op, path, source } => {
+                assert_eq!(*op, "write chunk");
+                assert_eq!(path, std::path::Path::new("/store/chunks/ab/abcd"));
+                assert_eq!(source.raw_os_error(), None);
+                assert_eq!(source.kind(), std::io::ErrorKind::StorageFull);
+            }
+            other => panic!("expected the writer's I/O error, got {other:?}"),
+        }
+        // A late waiter sees the same.
+        assert_eq!(w.wait().unwrap_err().kind(), ErrorKind::Unavailable);
+        let closed = Inflight::new();
+        closed.complete(Err(&Error::Closed));
+        assert_eq!(closed.wait().unwrap_err().kind(), ErrorKind::Closed);
+        let ok = Inflight::new();
+        ok.complete(Ok(()));
+        assert!(ok.wait().is_ok());
     }
 }

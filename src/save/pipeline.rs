@@ -98,8 +98,8 @@ impl Shared {
         Claim::Write(w)
     }
 
-    fn release(&self, id: &ChunkId, w: &Inflight, ok: bool) {
-        w.complete(ok);
+    fn release(&self, id: &ChunkId, w: &Inflight, result: std::result::Result<(), &Error>) {
+        w.complete(result);
         self.inflight
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -239,7 +239,8 @@ impl PanicGuard<'_> {
 impl Drop for PanicGuard<'_> {
     fn drop(&mut self) {
         if let Some((id, w)) = self.claimed.take() {
-            self.shared.release(&id, &w, false);
+            let e = Error::Internal("a pipeline thread panicked".into());
+            self.shared.release(&id, &w, Err(&e));
         }
         if let Some(ctx) = self.ctx.take() {
             ctx.fail(Error::Internal("a pipeline thread panicked".into()));
@@ -330,7 +331,7 @@ fn process_chunk(
                     Some(Err(e)) => {
                         drop(buf);
                         guard.disarm();
-                        shared.release(&id, &w, false);
+                        shared.release(&id, &w, Err(&e));
                         ctx.fail(e);
                         shared.finish_one(ctx);
                         return;
@@ -348,7 +349,7 @@ fn process_chunk(
                     if let WriteKind::Pending(p) = e.0.write {
                         p.abandon();
                     }
-                    shared.release(&id, &w, false);
+                    shared.release(&id, &w, Err(&Error::Closed));
                     ctx.fail(Error::Closed);
                 } else {
                     return;
@@ -404,10 +405,10 @@ fn process_sync(job: SyncJob, shared: &Shared, guard: &mut PanicGuard<'_>) {
                 Counters::add(&c.chunks_written, 1);
                 Counters::add(&c.bytes_written, stored);
                 Counters::add(&c.bytes_written_uncompressed, len);
-                shared.release(&id, &inflight, true);
+                shared.release(&id, &inflight, Ok(()));
             }
             Err(e) => {
-                shared.release(&id, &inflight, false);
+                shared.release(&id, &inflight, Err(&e));
                 ctx.fail(e);
             }
         }
@@ -429,12 +430,10 @@ fn commit(ctx: &SaveCtx) -> Result<SaveReport> {
     }
     let t = Instant::now();
     let deps = std::mem::take(&mut *ctx.deps.lock().unwrap_or_else(|p| p.into_inner()));
+    // A chunk shared with a concurrent save that failed to write it fails
+    // this save with that save's error.
     for d in deps {
-        if !d.wait() {
-            return Err(Error::Internal(
-                "a chunk shared with a concurrent save failed to write".into(),
-            ));
-        }
+        d.wait()?;
     }
     let layout_root = &ctx.layout;
     for p in ctx.touched_prefixes() {

@@ -4,7 +4,7 @@ use super::{ChunkInfo, ChunkTier, ReuseRule};
 use crate::chunk_id::ChunkId;
 use crate::clock::Clock;
 use crate::codec::{decode_chunk_object, Decoder};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::format::manifest::{decode_manifest_file, Manifest};
 use crate::local::GcLock;
 use crate::remote::RemoteStore;
@@ -38,7 +38,14 @@ impl ChunkTier for RemoteStore {
     fn manifest_bytes(&self, run: &str, step: u64) -> Result<Vec<u8>> {
         let path = self.manifest_path(run, step);
         let b = self.block_on(self.get_manifest_object(&path))??;
-        decode_manifest_file(&b, &PathBuf::from(path.to_string()))?;
+        let at = PathBuf::from(path.to_string());
+        let m = decode_manifest_file(&b, &at)?;
+        if m.run != run || m.step != step {
+            return Err(Error::manifest(
+                &at,
+                format!("names run {} step {}, not its location", m.run, m.step),
+            ));
+        }
         Ok(b.to_vec())
     }
 

@@ -36,6 +36,15 @@ pub struct DaemonArgs {
     /// Grace period for remote garbage collection (at least 1m).
     #[arg(long, value_parser = humantime::parse_duration)]
     remote_gc_grace: Option<Duration>,
+    /// Answer 503 on /healthz once work has been pending this long with no
+    /// checkpoint becoming durable remotely (e.g. 30m; more than zero).
+    #[arg(long, value_parser = parse_positive_duration)]
+    unhealthy_after: Option<Duration>,
+    /// Longest wait before retrying a checkpoint whose upload failed
+    /// (e.g. 5m; more than zero); the wait starts at the poll interval and
+    /// doubles per failure.
+    #[arg(long, value_parser = parse_positive_duration)]
+    max_retry_backoff: Option<Duration>,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -117,6 +126,12 @@ fn config(a: &DaemonArgs, remote_options: &[String]) -> cairn::Result<DaemonConf
     }
     if let Some(i) = a.gc_interval {
         cfg.gc.interval = Some(i);
+    }
+    if let Some(u) = a.unhealthy_after {
+        cfg.unhealthy_after = u;
+    }
+    if let Some(b) = a.max_retry_backoff {
+        cfg.max_retry_backoff = b;
     }
     if let Some(g) = a.remote_gc_grace {
         cfg.remote_tuning.gc_grace = g;

@@ -336,12 +336,14 @@ pub fn import(
     let mut maps = Vec::new();
     let mut meta = serde_json::Map::new();
     for (f, expected) in &files {
-        let file = open_regular(f, "safetensors file")?;
-        // SAFETY: read-only mapping of a file we only read; a concurrent
-        // writer could change bytes under us, which the hash of what we
-        // store would then reflect.
-        let map =
-            unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io("map safetensors", f, e))?;
+        let mut file = open_regular(f, "safetensors file")?;
+        // Read, not mapped: a mapping of a file that another process
+        // truncates meanwhile faults (SIGBUS) on the first access past the
+        // new end, while a read sees the shorter file, which the header
+        // check then rejects.
+        let mut map = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut map)
+            .map_err(|e| Error::io("read safetensors", f, e))?;
         let mut header = parse_header(&map, map.len() as u64, f)?;
         if let Some(expected) = expected {
             check_against_index(input, f, expected, &header)?;
@@ -359,7 +361,7 @@ pub fn import(
     }
     // Chunks already in the store are re-read and hashed before an import
     // reuses them (a bit-rotted chunk is written again instead). The input
-    // is mapped, not loaded, so a modest staging pool keeps memory bounded.
+    // is held in memory; the staging pool adds a modest, bounded amount.
     let store = Store::open(
         location,
         StoreOptions {

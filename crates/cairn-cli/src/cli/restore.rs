@@ -25,7 +25,7 @@ pub fn run(
         }
     }
     let dst = open_for_write(to, raw_opts)?;
-    let total: u64 = m.distinct_chunks().iter().map(|c| c.1).sum();
+    let total = progress_total(&m, glob);
     let pb = progress(total, &format!("restore {run}/{step}"));
     let select = glob.map(|g| move |name: &str| glob_match(g, name));
     let sel: Option<&(dyn Fn(&str) -> bool + Sync)> = select.as_ref().map(|f| f as _);
@@ -54,4 +54,52 @@ pub fn run(
         );
     }
     Ok(0)
+}
+
+/// Bytes the copy of the selected tensors (all with no glob) goes through:
+/// the distinct chunks of the manifest as copied, which keeps only the
+/// selected tensors (and every blob).
+fn progress_total(m: &cairn::Manifest, glob: Option<&str>) -> u64 {
+    let mut selected = m.clone();
+    if let Some(g) = glob {
+        selected.tensors.retain(|t| glob_match(g, &t.name));
+    }
+    selected.distinct_chunks().iter().map(|c| c.1).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn::{DType, SaveState, Store, StoreOptions};
+
+    /// `restore --tensor` progress totals the chunks of the selected
+    /// tensors, not every chunk of the checkpoint.
+    #[test]
+    fn progress_totals_only_the_selected_tensors() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(
+            dir.path(),
+            StoreOptions {
+                chunk_size: 64 << 10,
+                staging_bytes: 8 << 20,
+                ..StoreOptions::default()
+            },
+        )
+        .unwrap();
+        let big: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let small: Vec<u8> = (0..200_000u32).map(|i| (i * 13 % 241) as u8).collect();
+        let state = SaveState::new()
+            .tensor("big", DType::U8, &[big.len() as u64], &big)
+            .tensor("small", DType::U8, &[small.len() as u64], &small);
+        store.save("r", 1, &state).unwrap().wait().unwrap();
+        let m = store.manifest("r", 1).unwrap();
+        let all = progress_total(&m, None);
+        let only_small = progress_total(&m, Some("small"));
+        let mut expected = m.clone();
+        expected.tensors.retain(|t| t.name == "small");
+        let want: u64 = expected.distinct_chunks().iter().map(|c| c.1).sum();
+        assert_eq!(only_small, want);
+        assert!(only_small > 0 && only_small < all, "{only_small} of {all}");
+        assert_eq!(all, m.distinct_chunks().iter().map(|c| c.1).sum::<u64>());
+    }
 }
