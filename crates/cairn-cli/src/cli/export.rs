@@ -336,14 +336,7 @@ pub fn import(
     let mut maps = Vec::new();
     let mut meta = serde_json::Map::new();
     for (f, expected) in &files {
-        let mut file = open_regular(f, "safetensors file")?;
-        // Read, not mapped: a mapping of a file that another process
-        // truncates meanwhile faults (SIGBUS) on the first access past the
-        // new end, while a read sees the shorter file, which the header
-        // check then rejects.
-        let mut map = Vec::new();
-        std::io::Read::read_to_end(&mut file, &mut map)
-            .map_err(|e| Error::io("read safetensors", f, e))?;
+        let map = ImportInput::open(f)?;
         let mut header = parse_header(&map, map.len() as u64, f)?;
         if let Some(expected) = expected {
             check_against_index(input, f, expected, &header)?;
@@ -423,5 +416,55 @@ fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
+    }
+}
+
+/// Input files up to this size are read into memory; larger ones are
+/// mapped, so importing a large model needs no memory of its size.
+const READ_WHOLE_LIMIT: u64 = 256 << 20;
+
+/// The bytes of one import file: read, or mapped when large.
+enum ImportInput {
+    Read(Vec<u8>),
+    Mapped(memmap2::Mmap),
+}
+
+impl ImportInput {
+    /// Read a small file whole: another process truncating it meanwhile
+    /// gives a shorter read, which the header check rejects. Map a large
+    /// one. A mapping of a file truncated meanwhile faults (SIGBUS) on the
+    /// first access past the new end; the import then dies before its
+    /// manifest is written, so nothing is committed (documented in
+    /// docs/cli.md: don't modify input files during an import).
+    fn open(path: &Path) -> cairn::Result<Self> {
+        let mut file = open_regular(path, "safetensors file")?;
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io("stat safetensors", path, e))?
+            .len();
+        if len <= READ_WHOLE_LIMIT {
+            let mut v = Vec::new();
+            std::io::Read::read_to_end(&mut file, &mut v)
+                .map_err(|e| Error::io("read safetensors", path, e))?;
+            return Ok(ImportInput::Read(v));
+        }
+        // SAFETY: the mapping is read-only and private to this process; a
+        // concurrent truncation by another process is the documented
+        // hazard above and cannot corrupt the store (nothing commits
+        // before the whole input has been staged and hashed).
+        let m = unsafe { memmap2::Mmap::map(&file) }
+            .map_err(|e| Error::io("map safetensors", path, e))?;
+        Ok(ImportInput::Mapped(m))
+    }
+}
+
+impl std::ops::Deref for ImportInput {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            ImportInput::Read(v) => v,
+            ImportInput::Mapped(m) => m,
+        }
     }
 }
