@@ -78,6 +78,8 @@ pub use remote::{
     check_remote_gc_grace, RemoteMetrics, RemoteMetricsSnapshot, RemoteOptions, RemoteStore,
     RetryPolicy, UploadReport, MIN_REMOTE_GC_GRACE,
 };
+#[doc(hidden)]
+pub use remote::{listed_chunk_id, listed_manifest_step};
 pub use restore::{RestoreReport, Restored, RestoredTensor, TensorFilter};
 pub use save::{SaveHandle, SaveReport, SaveState, TensorView};
 pub use store::{StepSel, Store, StoreOptions, UploadMarker};

@@ -723,15 +723,7 @@ impl RemoteStore {
             .await?;
         let mut out: Vec<u64> = metas
             .iter()
-            .filter_map(|m| {
-                let parts: Vec<_> = m.location.prefix_match(&base)?.collect();
-                match parts.as_slice() {
-                    [step, file] if file.as_ref() == MANIFEST_FILE => {
-                        parse_step_dir_name(step.as_ref())
-                    }
-                    _ => None,
-                }
-            })
+            .filter_map(|m| listed_manifest_step(&base, &m.location))
             .collect();
         out.sort_unstable();
         out.dedup();
@@ -775,7 +767,8 @@ impl RemoteStore {
     }
 
     /// Every chunk object: id, last-modified time (ms since the epoch) and
-    /// size. Objects whose names are not chunk ids are skipped.
+    /// size. Objects that are not at the path of a chunk id
+    /// (`chunks/<2 hex>/<64 hex>`) are skipped.
     pub async fn list_chunks(&self) -> Result<Vec<(ChunkId, i64, u64)>> {
         let path = self.prefix.child(CHUNKS_DIR);
         let metas: Vec<ObjectMeta> = self
@@ -790,7 +783,7 @@ impl RemoteStore {
         Ok(metas
             .into_iter()
             .filter_map(|m| {
-                let id: ChunkId = m.location.filename()?.parse().ok()?;
+                let id = listed_chunk_id(&path, &m.location)?;
                 Some((id, m.last_modified.timestamp_millis(), m.size))
             })
             .collect())
@@ -820,6 +813,34 @@ fn error_chain_text(e: &object_store::Error) -> String {
         cur = err.source();
     }
     out
+}
+
+/// The step committed by a listed object: `Some(step)` when `location` is
+/// the manifest object `<run_prefix>/<step:020>/manifest.cairn` of the run
+/// whose prefix is `run_prefix`, `None` for anything else.
+#[doc(hidden)]
+pub fn listed_manifest_step(run_prefix: &ObjPath, location: &ObjPath) -> Option<u64> {
+    let parts: Vec<_> = location.prefix_match(run_prefix)?.collect();
+    match parts.as_slice() {
+        [step, file] if file.as_ref() == MANIFEST_FILE => parse_step_dir_name(step.as_ref()),
+        _ => None,
+    }
+}
+
+/// The chunk a listed object holds: `Some(id)` when `location` is the
+/// chunk object `<chunks_prefix>/<2 hex>/<64 hex>` of `id`, in its own
+/// fan-out directory; `None` for anything else, such as a stray copy of a
+/// chunk's name at another path, which is neither listed nor collected.
+#[doc(hidden)]
+pub fn listed_chunk_id(chunks_prefix: &ObjPath, location: &ObjPath) -> Option<ChunkId> {
+    let parts: Vec<_> = location.prefix_match(chunks_prefix)?.collect();
+    match parts.as_slice() {
+        [fan_out, name] => {
+            let id: ChunkId = name.as_ref().parse().ok()?;
+            (fan_out.as_ref() == id.prefix()).then_some(id)
+        }
+        _ => None,
+    }
 }
 
 /// Whether `root` can be read as a `file://` store: a directory that is
