@@ -6,7 +6,9 @@ use crate::error::{Error, Result};
 use crate::format::manifest::{decode_manifest_file, Manifest};
 use crate::format::FORMAT_VERSION;
 use crate::layout::{check_store_dir, parse_step_dir_name, validate_run_name, Layout};
-use crate::local::durable::{create_dir_all_durable_on, fsync_dir_on, publish_new_on};
+use crate::local::durable::{
+    create_dir_all_durable_on, create_dir_chain_durable_on, fsync_dir_on, publish_new_on,
+};
 use crate::local::LocalChunkStore;
 use crate::remote::RemoteStore;
 use crate::save::{stage_save, Pipeline, SaveHandle, SaveState};
@@ -323,7 +325,11 @@ impl Store {
         }
         self.layout.check_dirs(Some(run), Some(step))?;
         let fs = self.layout.fs();
-        create_dir_all_durable_on(fs, &self.layout.step_dir(run, step))?;
+        create_dir_chain_durable_on(
+            fs,
+            &self.layout.runs_dir(),
+            &self.layout.step_dir(run, step),
+        )?;
         if publish_new_on(fs, &self.layout.tmp_dir(), &path, bytes)? {
             return Ok(true);
         }

@@ -1,10 +1,10 @@
 //! I/O errors under a local store, injected through the simulated disk
 //! (`cairn::testing::SimDisk`):
-//! - disk full (`ENOSPC`) during a save, at every point of its writes: a
-//!   clear error naming the file, earlier checkpoints intact, no partial
-//!   step listed, the staging pool fully released, no temporary file left,
-//!   and the next save succeeds once space returns (and survives a power
-//!   loss);
+//! - disk full (`ENOSPC`) during a save, at every point of its writes, and
+//!   a failed fsync at every fsync of a save: a clear error naming the
+//!   file, earlier checkpoints intact, no partial step listed, the staging
+//!   pool fully released, no temporary file left, and the next save
+//!   succeeds once space returns (and survives a power loss);
 //! - `EIO` reading a local chunk: a restore repairs it from the attached
 //!   remote (a `file://` one, or the S3 server when `CAIRN_TEST_S3_ENDPOINT`
 //!   is set), and without a remote the error names the chunk.
@@ -165,6 +165,57 @@ fn disk_full_during_a_save_fails_cleanly_and_the_next_save_succeeds() {
     for step in 1..=3 {
         assert_restores(&store, "r", step);
     }
+}
+
+#[test]
+fn a_failed_fsync_during_a_save_fails_cleanly_at_every_point() {
+    let (_dir, root) = scratch();
+    let disk = SimDisk::new(&root).unwrap();
+    let store = Store::open_with_fs(&root, opts(), disk.clone()).unwrap();
+    store
+        .save("r", 1, &state(1).view())
+        .unwrap()
+        .wait()
+        .unwrap();
+    let pool = store.staging_pool().unwrap();
+
+    // Fail the first fsync of step 2's save, then the second, ...: chunk
+    // files, fan-out directories, the step directory's parent, the
+    // manifest's temporary file and its directory in turn.
+    let mut failures = 0u64;
+    loop {
+        disk.fail_sync_after(failures, libc::ENOSPC);
+        let res = store.save("r", 2, &state(2).view()).and_then(|h| h.wait());
+        let fired = disk.clear_sync_fault();
+        let Err(e) = res else {
+            assert!(!fired, "the save succeeded over a failed fsync");
+            break;
+        };
+        assert!(fired, "failed with no fault: {e}");
+        failures += 1;
+        match &e {
+            Error::Io { path, source, .. } => {
+                assert_eq!(source.raw_os_error(), Some(libc::ENOSPC), "{e}");
+                assert!(path.starts_with(&root), "{e} names {}", path.display());
+            }
+            other => panic!("failed fsync: expected an I/O error, got {other:?}"),
+        }
+        assert_eq!(store.steps("r").unwrap(), vec![1], "after: {e}");
+        assert_restores(&store, "r", 1);
+        assert_eq!(pool.in_use(), 0, "staging held after: {e}");
+        assert_eq!(tmp_files(&root), Vec::<PathBuf>::new(), "after: {e}");
+        assert!(failures < 1000, "the save never succeeded");
+    }
+    println!("failed fsync: {failures} failed attempts before the save went through");
+    assert!(failures >= 5, "only {failures} failed attempts");
+    assert_eq!(store.steps("r").unwrap(), vec![1, 2]);
+    assert_restores(&store, "r", 2);
+    drop(store);
+    disk.power_loss().unwrap();
+    let store = Store::open_with_fs(&root, opts(), disk.clone()).unwrap();
+    assert_eq!(store.steps("r").unwrap(), vec![1, 2]);
+    assert_restores(&store, "r", 1);
+    assert_restores(&store, "r", 2);
 }
 
 /// The first chunk of `(run, step)`'s first tensor.

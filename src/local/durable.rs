@@ -118,6 +118,31 @@ pub fn create_dir_all_durable_on(fs: &dyn Fs, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Create `dir`, a directory below `base`, and its missing parents, and
+/// make the entry of every directory between `base` and `dir` durable:
+/// each one's parent is fsynced whether this call created it or an
+/// earlier call did, which may have failed before its fsync (a new
+/// directory that a later call merely finds is not yet durable). `base`
+/// is created first if missing ([`create_dir_all_durable_on`]).
+pub fn create_dir_chain_durable_on(fs: &dyn Fs, base: &Path, dir: &Path) -> Result<()> {
+    let Ok(rel) = dir.strip_prefix(base) else {
+        return create_dir_all_durable_on(fs, dir);
+    };
+    create_dir_all_durable_on(fs, base)?;
+    let mut cur = base.to_path_buf();
+    for c in rel.components() {
+        let next = cur.join(c);
+        match fs.create_dir(&next) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::io("create directory", &next, e)),
+        }
+        fsync_dir_on(fs, &cur)?;
+        cur = next;
+    }
+    Ok(())
+}
+
 /// Create a new file for writing; fails if it exists.
 pub fn create_new(path: &Path) -> Result<File> {
     OpenOptions::new()
@@ -155,7 +180,8 @@ pub fn write_tmp_synced_on(
 /// Atomically publish `bytes` at `dest` through `fs`: temp file, fsync,
 /// then a hard link that fails if `dest` exists (`Ok(false)`), then an
 /// fsync of `dest`'s directory. A reader sees either no file or the whole
-/// file.
+/// file; if that last fsync fails, the link is removed again and the
+/// error returned.
 pub fn publish_new_on(fs: &dyn Fs, tmp_dir: &Path, dest: &Path, bytes: &[u8]) -> Result<bool> {
     let tmp = write_tmp_synced_on(fs, tmp_dir, "publish", bytes)?;
     let linked = fs.hard_link(&tmp, dest);
@@ -165,7 +191,12 @@ pub fn publish_new_on(fs: &dyn Fs, tmp_dir: &Path, dest: &Path, bytes: &[u8]) ->
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
         Err(e) => return Err(Error::io("link into place", dest, e)),
     }
-    fsync_dir_on(fs, parent_dir(dest))?;
+    if let Err(e) = fsync_dir_on(fs, parent_dir(dest)) {
+        // Not durable: take the file back, so that a failure leaves no
+        // file behind for a reader to take as published.
+        let _ = fs.remove_file(dest);
+        return Err(e);
+    }
     Ok(true)
 }
 

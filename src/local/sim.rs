@@ -15,8 +15,9 @@
 //! (counting creates, writes, fsyncs, renames, links, removals and
 //! directory creations): that operation and every later one fail, as on a
 //! machine that stopped. Faults without a crash: writes past
-//! [`SimDisk::set_space_left`] fail with `ENOSPC`, reads of a file given to
-//! [`SimDisk::fail_reads_of`] with `EIO`.
+//! [`SimDisk::set_space_left`] fail with `ENOSPC`, the fsync chosen by
+//! [`SimDisk::fail_sync_after`] with the errno given, and reads of a file
+//! given to [`SimDisk::fail_reads_of`] with `EIO`.
 
 use super::fs::{Fs, FsFile, FsReadFile};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -56,6 +57,9 @@ struct State {
     crash_at: Option<u64>,
     crashed: bool,
     space_left: Option<u64>,
+    /// Fail the fsync (of a file or a directory) after this many more
+    /// succeed, with this errno.
+    sync_fault: Option<(u64, i32)>,
     eio_reads: HashSet<PathBuf>,
 }
 
@@ -88,6 +92,7 @@ impl State {
             crash_at: None,
             crashed: false,
             space_left: None,
+            sync_fault: None,
             eio_reads: HashSet::new(),
         }
     }
@@ -100,6 +105,21 @@ impl State {
         }
         self.ops += 1;
         Ok(())
+    }
+
+    /// Apply an armed fsync fault: `Err` if this fsync is the one to fail.
+    fn sync_fault(&mut self) -> Result<()> {
+        match self.sync_fault {
+            Some((0, errno)) => {
+                self.sync_fault = None;
+                Err(Error::from_raw_os_error(errno))
+            }
+            Some((n, errno)) => {
+                self.sync_fault = Some((n - 1, errno));
+                Ok(())
+            }
+            None => Ok(()),
+        }
     }
 
     fn new_node(&mut self, node: Node) -> u64 {
@@ -175,6 +195,18 @@ impl SimDisk {
     /// (`None`: unlimited space).
     pub fn set_space_left(&self, bytes: Option<u64>) {
         self.lock().space_left = bytes;
+    }
+
+    /// Let `after` more fsyncs (of files or directories) succeed, then fail
+    /// the next one with `errno` (say `libc::ENOSPC` or `libc::EIO`); it
+    /// makes nothing durable.
+    pub fn fail_sync_after(&self, after: u64, errno: i32) {
+        self.lock().sync_fault = Some((after, errno));
+    }
+
+    /// Disarm [`SimDisk::fail_sync_after`]; whether it fired.
+    pub fn clear_sync_fault(&self) -> bool {
+        self.lock().sync_fault.take().is_none()
     }
 
     /// Fail every read of the file at `path` with `EIO` (until
@@ -315,6 +347,7 @@ impl FsFile for SimFile {
     fn sync_data(&mut self) -> Result<()> {
         let mut st = lock(&self.state);
         st.tick()?;
+        st.sync_fault()?;
         if let Some(Node::File { live, durable }) = st.nodes.get_mut(&self.node) {
             durable.clone_from(live);
         }
@@ -434,6 +467,7 @@ impl Fs for SimDisk {
     fn sync_dir(&self, dir: &Path) -> Result<()> {
         let mut st = self.lock();
         st.tick()?;
+        st.sync_fault()?;
         let rel = self.split(dir)?;
         let node = st.lookup(&rel).ok_or_else(|| {
             Error::new(ErrorKind::NotFound, format!("{} not found", dir.display()))

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::format::chunk::{ChunkHeader, Codec, HEADER_LEN};
 use crate::format::manifest::{encode_manifest, BlobEntry, ChunkRef, Manifest, TensorEntry};
 use crate::format::FORMAT_VERSION;
-use crate::local::durable::{create_dir_all_durable_on, fsync_dir_on, publish_new_on};
+use crate::local::durable::{create_dir_chain_durable_on, fsync_dir_on, publish_new_on};
 use crate::local::{LocalChunkStore, PendingChunk};
 use crate::staging::StagingBuf;
 use crossbeam_channel::{unbounded, Receiver, Sender};
@@ -445,7 +445,7 @@ fn commit(ctx: &SaveCtx) -> Result<SaveReport> {
     let bytes = encode_manifest(&manifest)?;
     let step_dir = layout_root.step_dir(&ctx.run, ctx.step);
     layout_root.check_dirs(Some(&ctx.run), Some(ctx.step))?;
-    create_dir_all_durable_on(fs, &step_dir)?;
+    create_dir_chain_durable_on(fs, &layout_root.runs_dir(), &step_dir)?;
     let dest = layout_root.manifest_path(&ctx.run, ctx.step);
     if !publish_new_on(fs, &layout_root.tmp_dir(), &dest, &bytes)? {
         return Err(Error::AlreadyExists {
