@@ -28,7 +28,7 @@ use crate::chunk_id::ChunkId;
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::layout::{check_store_dir, parse_step_dir_name, validate_run_name};
-use crate::local::durable::fsync_dir;
+use crate::local::durable::fsync_dir_on;
 use crate::local::GcLock;
 use crate::remote::RemoteStore;
 use crate::store::Store;
@@ -131,13 +131,15 @@ impl Store {
                 report.chunks_deleted += 1;
                 report.bytes_reclaimed += meta.len();
                 if !dry_run {
-                    std::fs::remove_file(ent.path())
+                    self.layout
+                        .fs()
+                        .remove_file(&ent.path())
                         .map_err(|e| Error::io("remove chunk", ent.path(), e))?;
                     removed = true;
                 }
             }
             if removed {
-                fsync_dir(&dir)?;
+                fsync_dir_on(self.layout.fs(), &dir)?;
             }
         }
         // Leftovers of interrupted saves.
@@ -156,7 +158,7 @@ impl Store {
                 if ent.metadata().is_ok_and(|m| age(clock, &m) >= tmp_grace) {
                     report.leftovers_removed += 1;
                     if !dry_run {
-                        let _ = std::fs::remove_file(ent.path());
+                        let _ = self.layout.fs().remove_file(&ent.path());
                     }
                 }
             }
@@ -212,7 +214,7 @@ impl Store {
                 if !committed && age(clock, &meta) >= grace {
                     report.leftovers_removed += 1;
                     if !dry_run {
-                        let _ = std::fs::remove_dir_all(&p);
+                        let _ = self.layout.fs().remove_dir_all(&p);
                     }
                 }
             }

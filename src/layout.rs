@@ -14,7 +14,9 @@
 
 use crate::chunk_id::ChunkId;
 use crate::error::{Error, Result};
+use crate::local::fs::{Fs, RealFs};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// File name of the store marker.
 pub const STORE_MARKER: &str = "cairn-store.json";
@@ -47,16 +49,31 @@ pub const MAX_RUN_NAME: usize = 128;
 /// Longest tensor or blob name accepted, in bytes.
 pub const MAX_ENTRY_NAME: usize = 1024;
 
-/// Paths of everything in a store rooted at one directory.
+/// Paths of everything in a store rooted at one directory, and the
+/// filesystem seam its files are written through.
 #[derive(Debug, Clone)]
 pub struct Layout {
     root: PathBuf,
+    fs: Arc<dyn Fs>,
 }
 
 impl Layout {
-    /// A layout rooted at `root`.
+    /// A layout rooted at `root`, on the real file system.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Layout { root: root.into() }
+        Self::with_fs(root, Arc::new(RealFs))
+    }
+
+    /// A layout rooted at `root` whose files are written through `fs`.
+    pub fn with_fs(root: impl Into<PathBuf>, fs: Arc<dyn Fs>) -> Self {
+        Layout {
+            root: root.into(),
+            fs,
+        }
+    }
+
+    /// The filesystem seam the store's files are written through.
+    pub fn fs(&self) -> &dyn Fs {
+        &*self.fs
     }
 
     /// The store's root directory.

@@ -87,9 +87,14 @@ pub use tier::{is_url, ChunkInfo, ChunkTier, ReuseRule, Tier};
 pub use verify::{Problem, VerifyReport};
 
 /// Test support for code built on cairn: an object store wrapper that
-/// injects failures, lost responses and delays. Enabled by the
-/// `test-util` feature; never needed in production.
+/// injects failures, lost responses and delays, and a simulated disk
+/// ([`testing::SimDisk`], through [`Store::open_with_fs`]) that loses
+/// what was not fsynced at a simulated power loss and injects `ENOSPC`
+/// and `EIO`. Enabled by the `test-util` feature; never needed in
+/// production.
 #[cfg(feature = "test-util")]
 pub mod testing {
+    pub use crate::local::fs::{Fs, FsFile, FsReadFile, RealFs};
+    pub use crate::local::sim::SimDisk;
     pub use crate::remote::fault::{FaultConfig, FaultyObjectStore, OpHook};
 }

@@ -437,7 +437,16 @@ impl ChunkSource for TieredSource<'_> {
         let Some(far) = self.far else {
             return Err(near_err);
         };
-        if near_err.kind() != crate::error::ErrorKind::Data {
+        // A corrupt chunk, or one the disk fails to read (EIO on a bad
+        // sector): the far tier has a good copy.
+        let unreadable = matches!(
+            &near_err,
+            Error::Io {
+                op: "read chunk",
+                ..
+            }
+        );
+        if near_err.kind() != crate::error::ErrorKind::Data && !unreadable {
             return Err(near_err);
         }
         tracing::warn!(chunk = %id, error = %near_err, "chunk unusable in {}; fetching it from {}", self.near.location(), far.location());

@@ -143,6 +143,13 @@ impl StagingPool {
         self.lock().high_water
     }
 
+    /// Bytes allocated now (rounded up to the page size): staged chunks
+    /// not yet written out. Zero once every save has finished, committed
+    /// or failed.
+    pub fn in_use(&self) -> usize {
+        self.lock().in_use
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Ring> {
         self.inner.ring.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -6,7 +6,9 @@ use crate::error::{Error, Result};
 use crate::format::manifest::{decode_manifest_file, Manifest};
 use crate::format::FORMAT_VERSION;
 use crate::layout::{check_store_dir, parse_step_dir_name, validate_run_name, Layout};
-use crate::local::durable::{create_dir_all_durable, fsync_dir, publish_new};
+use crate::local::durable::{
+    create_dir_all_durable_on, create_dir_chain_durable_on, fsync_dir_on, publish_new_on,
+};
 use crate::local::LocalChunkStore;
 use crate::remote::RemoteStore;
 use crate::save::{stage_save, Pipeline, SaveHandle, SaveState};
@@ -140,14 +142,32 @@ impl Store {
     /// Open (creating if needed) a store at `root`, and start its staging
     /// pool and pipeline threads.
     pub fn open(root: impl AsRef<Path>, opts: StoreOptions) -> Result<Store> {
+        Self::open_layout(Layout::new(root.as_ref()), opts)
+    }
+
+    /// [`Store::open`] with every file written through `fs` instead of
+    /// the operating system: a simulated disk ([`crate::testing::SimDisk`])
+    /// that loses what was not made durable at a simulated power loss, or
+    /// fails writes and reads. Direct I/O is off on such a store, whatever
+    /// `opts` says, unless `fs` allows it.
+    #[cfg(feature = "test-util")]
+    pub fn open_with_fs(
+        root: impl AsRef<Path>,
+        opts: StoreOptions,
+        fs: std::sync::Arc<dyn crate::local::fs::Fs>,
+    ) -> Result<Store> {
+        Self::open_layout(Layout::with_fs(root.as_ref(), fs), opts)
+    }
+
+    fn open_layout(layout: Layout, opts: StoreOptions) -> Result<Store> {
         opts.check()?;
-        let layout = Layout::new(root.as_ref());
-        create_dir_all_durable(layout.root())?;
+        let fs = layout.fs();
+        create_dir_all_durable_on(fs, layout.root())?;
         check_or_write_marker(&layout)?;
         // Nothing is created or written through a link inside the store.
         layout.check_dirs(None, None)?;
         for d in [layout.runs_dir(), layout.tmp_dir()] {
-            create_dir_all_durable(&d)?;
+            create_dir_all_durable_on(fs, &d)?;
         }
         let mut chunks = LocalChunkStore::new(layout.clone());
         chunks.init()?;
@@ -307,8 +327,13 @@ impl Store {
             self.chunks.sync_prefix_dir(p)?;
         }
         self.layout.check_dirs(Some(run), Some(step))?;
-        create_dir_all_durable(&self.layout.step_dir(run, step))?;
-        if publish_new(&self.layout.tmp_dir(), &path, bytes)? {
+        let fs = self.layout.fs();
+        create_dir_chain_durable_on(
+            fs,
+            &self.layout.runs_dir(),
+            &self.layout.step_dir(run, step),
+        )?;
+        if publish_new_on(fs, &self.layout.tmp_dir(), &path, bytes)? {
             return Ok(true);
         }
         if read_bounded(&path)? == bytes {
@@ -329,7 +354,8 @@ impl Store {
         };
         let body = serde_json::to_vec(&marker).map_err(|e| Error::Internal(e.to_string()))?;
         self.layout.check_dirs(Some(run), Some(step))?;
-        crate::local::durable::publish_replace(
+        crate::local::durable::publish_replace_on(
+            self.layout.fs(),
             &self.layout.tmp_dir(),
             &self.layout.step_dir(run, step).join(UPLOAD_MARKER),
             &body,
@@ -494,7 +520,8 @@ impl Store {
         validate_run_name(run)?;
         self.layout.check_dirs(Some(run), Some(step))?;
         let path = self.layout.manifest_path(run, step);
-        match std::fs::remove_file(&path) {
+        let fs = self.layout.fs();
+        match fs.remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::NotFound {
@@ -506,12 +533,12 @@ impl Store {
         // The manifest's removal is the deletion; make it durable. A
         // collection may remove the emptied step directory concurrently.
         let step_dir = self.layout.step_dir(run, step);
-        match fsync_dir(&step_dir) {
+        match fsync_dir_on(fs, &step_dir) {
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
             other => other?,
         }
-        let _ = std::fs::remove_dir_all(&step_dir);
-        fsync_dir(&self.layout.run_dir(run))
+        let _ = fs.remove_dir_all(&step_dir);
+        fsync_dir_on(fs, &self.layout.run_dir(run))
     }
 }
 
@@ -536,7 +563,7 @@ fn check_or_write_marker(layout: &Layout) -> Result<()> {
         })
         .map_err(|e| Error::Internal(e.to_string()))?;
         let tmp = layout.root().to_path_buf();
-        publish_new(&tmp, &path, &body)?;
+        publish_new_on(layout.fs(), &tmp, &path, &body)?;
     }
     let bytes = read_bounded(&path)?;
     let marker: StoreMarker =

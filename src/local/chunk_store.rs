@@ -4,9 +4,8 @@
 //! renamed to `chunks/<2 hex>/<64 hex>`: a file at its final name is always
 //! complete, so finding one is enough to skip writing it again (dedup).
 
-use super::durable::{
-    create_dir_all_durable, create_new, fsync_dir, start_writeback, unique_tmp_name,
-};
+use super::durable::{create_dir_all_durable_on, fsync_dir_on, unique_tmp_name};
+use super::fs::{FsFile, FsReadFile, RealFile};
 use crate::chunk_id::ChunkId;
 use crate::codec::Decoder;
 use crate::error::{Error, Result};
@@ -14,8 +13,6 @@ use crate::format::chunk::{ChunkHeader, Codec, ALIGNED_PAYLOAD_OFFSET, HEADER_LE
 use crate::layout::{check_store_dir, Layout};
 use crate::staging::StagingBuf;
 use crate::staging::ALIGN;
-use std::fs::File;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -29,7 +26,8 @@ pub struct LocalChunkStore {
 
 /// A chunk written to a temporary file, waiting for fsync and rename.
 pub struct PendingChunk {
-    file: File,
+    file: Box<dyn FsFile>,
+    layout: Layout,
     tmp: PathBuf,
     dest: PathBuf,
     /// Bytes written (header + payload).
@@ -38,25 +36,26 @@ pub struct PendingChunk {
 
 impl PendingChunk {
     /// fsync the data and rename it to its final name.
-    pub fn finish(self) -> Result<()> {
+    pub fn finish(mut self) -> Result<()> {
+        let fs = self.layout.fs();
         let res = self
             .file
             .sync_data()
             .map_err(|e| Error::io("fsync chunk", &self.tmp, e))
             .and_then(|()| check_fan_out_dir(&self.dest))
             .and_then(|()| {
-                std::fs::rename(&self.tmp, &self.dest)
+                fs.rename(&self.tmp, &self.dest)
                     .map_err(|e| Error::io("rename chunk into place", &self.dest, e))
             });
         if res.is_err() {
-            let _ = std::fs::remove_file(&self.tmp);
+            let _ = fs.remove_file(&self.tmp);
         }
         res
     }
 
     /// Remove the temporary file.
     pub fn abandon(self) {
-        let _ = std::fs::remove_file(&self.tmp);
+        let _ = self.layout.fs().remove_file(&self.tmp);
     }
 }
 
@@ -70,8 +69,13 @@ impl LocalChunkStore {
     }
 
     /// Use O_DIRECT for raw chunk payloads if the file system supports it
-    /// (probed with a real write in `tmp/`). Returns whether it is on.
+    /// (probed with a real write in `tmp/`) and the store's filesystem
+    /// seam allows it. Returns whether it is on.
     pub fn enable_direct_io(&mut self) -> bool {
+        if !self.layout.fs().allows_direct_io() {
+            self.direct = false;
+            return false;
+        }
         let probe = self.layout.tmp_dir().join(unique_tmp_name("direct-probe"));
         let ok = (|| -> std::io::Result<()> {
             let f = std::fs::OpenOptions::new()
@@ -97,21 +101,22 @@ impl LocalChunkStore {
     /// it, if `chunks/` or a fan-out directory is a symbolic link.
     pub fn init(&self) -> Result<()> {
         check_store_dir(&self.layout.chunks_dir())?;
-        create_dir_all_durable(&self.layout.chunks_dir())?;
+        let fs = self.layout.fs();
+        create_dir_all_durable_on(fs, &self.layout.chunks_dir())?;
         let mut created = false;
         for p in 0..=255u8 {
             let d = self.layout.chunk_dir_for_prefix(p);
             if check_store_dir(&d)? {
                 continue;
             }
-            match std::fs::create_dir(&d) {
+            match fs.create_dir(&d) {
                 Ok(()) => created = true,
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(Error::io("create directory", &d, e)),
             }
         }
         if created {
-            fsync_dir(&self.layout.chunks_dir())?;
+            fsync_dir_on(fs, &self.layout.chunks_dir())?;
         }
         Ok(())
     }
@@ -153,7 +158,10 @@ impl LocalChunkStore {
             .layout
             .tmp_dir()
             .join(unique_tmp_name(&header.id.to_hex()));
-        let mut file = create_new(&tmp)?;
+        let fs = self.layout.fs();
+        let mut file = fs
+            .create_new(&tmp)
+            .map_err(|e| Error::io("create file", &tmp, e))?;
         let header = ChunkHeader {
             payload_offset: HEADER_LEN as u32,
             ..*header
@@ -162,12 +170,14 @@ impl LocalChunkStore {
             .write_all(&header.encode())
             .and_then(|()| file.write_all(payload));
         if let Err(e) = res {
-            let _ = std::fs::remove_file(&tmp);
+            drop(file);
+            let _ = fs.remove_file(&tmp);
             return Err(Error::io("write chunk", &tmp, e));
         }
-        start_writeback(&file);
+        file.start_writeback();
         Ok(PendingChunk {
             file,
+            layout: self.layout.clone(),
             tmp,
             dest: self.layout.chunk_path(&header.id),
             stored_bytes: (HEADER_LEN + payload.len()) as u64,
@@ -208,7 +218,8 @@ impl LocalChunkStore {
             return Err(Error::io("write chunk (O_DIRECT)", &tmp, e));
         }
         Ok(PendingChunk {
-            file,
+            file: Box::new(RealFile(file)),
+            layout: self.layout.clone(),
             tmp,
             dest: self.layout.chunk_path(&header.id),
             stored_bytes: ALIGNED_PAYLOAD_OFFSET as u64 + len,
@@ -220,7 +231,10 @@ impl LocalChunkStore {
     /// has verified it.
     pub fn put_object(&self, id: &ChunkId, bytes: &[u8]) -> Result<()> {
         let tmp = self.layout.tmp_dir().join(unique_tmp_name(&id.to_hex()));
-        let mut f = create_new(&tmp)?;
+        let fs = self.layout.fs();
+        let mut f = fs
+            .create_new(&tmp)
+            .map_err(|e| Error::io("create file", &tmp, e))?;
         let dest = self.layout.chunk_path(id);
         let res = f
             .write_all(bytes)
@@ -228,11 +242,12 @@ impl LocalChunkStore {
             .map_err(|e| Error::io("write repaired chunk", &tmp, e))
             .and_then(|()| check_fan_out_dir(&dest))
             .and_then(|()| {
-                std::fs::rename(&tmp, &dest)
+                fs.rename(&tmp, &dest)
                     .map_err(|e| Error::io("rename chunk into place", &dest, e))
             });
+        drop(f);
         if let Err(e) = res {
-            let _ = std::fs::remove_file(&tmp);
+            let _ = fs.remove_file(&tmp);
             return Err(e);
         }
         self.sync_prefix_dir(id.0[0])
@@ -245,7 +260,7 @@ impl LocalChunkStore {
         let chunk = self.open_chunk(id, expected_len)?;
         let len = chunk.header.payload_offset as u64 + chunk.header.stored_len;
         let mut buf = vec![0u8; len as usize];
-        read_exact_at(&chunk.file, &mut buf, 0, &chunk.path, id)?;
+        read_exact_at(&*chunk.file, &mut buf, 0, &chunk.path, id)?;
         Ok(buf)
     }
 
@@ -272,7 +287,7 @@ impl LocalChunkStore {
 
     /// fsync the fan-out directory holding chunks with this first byte.
     pub fn sync_prefix_dir(&self, prefix: u8) -> Result<()> {
-        fsync_dir(&self.layout.chunk_dir_for_prefix(prefix))
+        fsync_dir_on(self.layout.fs(), &self.layout.chunk_dir_for_prefix(prefix))
     }
 
     /// Open chunk `id` and validate its header against the expected
@@ -282,11 +297,7 @@ impl LocalChunkStore {
         let path = self.layout.chunk_path(id);
         // O_NONBLOCK: opening a FIFO put in place of a chunk must not hang
         // (regular files ignore the flag). The type is checked on the fd.
-        let file = match std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&path)
-        {
+        let file = match self.layout.fs().open_read(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(corrupt(id, &path, "missing from the store".into()))
@@ -301,13 +312,13 @@ impl LocalChunkStore {
         }
         let file_len = meta.len();
         let mut hbuf = [0u8; HEADER_LEN];
-        read_exact_at(&file, &mut hbuf, 0, &path, id)?;
+        read_exact_at(&*file, &mut hbuf, 0, &path, id)?;
         let header = ChunkHeader::decode(&hbuf, &path)?;
         header.check(id, expected_len, file_len, &path)?;
         let gap = header.payload_offset as usize - HEADER_LEN;
         if gap > 0 {
             let mut pad = vec![0u8; gap];
-            read_exact_at(&file, &mut pad, HEADER_LEN as u64, &path, id)?;
+            read_exact_at(&*file, &mut pad, HEADER_LEN as u64, &path, id)?;
             if pad.iter().any(|&b| b != 0) {
                 return Err(corrupt(
                     id,
@@ -336,7 +347,7 @@ impl LocalChunkStore {
 
 /// A chunk file whose header has been validated.
 pub struct OpenChunk {
-    file: File,
+    file: Box<dyn FsReadFile>,
     header: ChunkHeader,
     path: PathBuf,
 }
@@ -364,10 +375,10 @@ impl OpenChunk {
             )));
         }
         match h.codec {
-            Codec::Raw => read_exact_at(&self.file, out, h.payload_offset as u64, path, id)?,
+            Codec::Raw => read_exact_at(&*self.file, out, h.payload_offset as u64, path, id)?,
             Codec::Zstd => {
                 scratch.resize(h.stored_len as usize, 0);
-                read_exact_at(&self.file, scratch, h.payload_offset as u64, path, id)?;
+                read_exact_at(&*self.file, scratch, h.payload_offset as u64, path, id)?;
                 decoder.decode(h.codec, h.filter, scratch, out, path)?;
             }
         }
@@ -443,7 +454,13 @@ fn corrupt(id: &ChunkId, path: &Path, reason: String) -> Error {
     }
 }
 
-fn read_exact_at(file: &File, buf: &mut [u8], off: u64, path: &Path, id: &ChunkId) -> Result<()> {
+fn read_exact_at(
+    file: &dyn FsReadFile,
+    buf: &mut [u8],
+    off: u64,
+    path: &Path,
+    id: &ChunkId,
+) -> Result<()> {
     match file.read_exact_at(buf, off) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {

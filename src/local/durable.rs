@@ -1,10 +1,11 @@
 //! Durable file primitives: fsync'd writes, atomic publication, directory
 //! fsyncs, and bounded reads of small files. Every file cairn commits goes
-//! through here.
+//! through here; the `_on` forms go through a filesystem seam
+//! ([`super::fs::Fs`]), which the local store uses.
 
+use super::fs::{Fs, RealFs};
 use crate::error::{Error, Result};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -76,14 +77,23 @@ pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {
 
 /// fsync a directory so the entries created or renamed in it are durable.
 pub fn fsync_dir(dir: &Path) -> Result<()> {
-    let f = File::open(dir).map_err(|e| Error::io("open directory", dir, e))?;
-    f.sync_all()
+    fsync_dir_on(&RealFs, dir)
+}
+
+/// [`fsync_dir`] through `fs`.
+pub fn fsync_dir_on(fs: &dyn Fs, dir: &Path) -> Result<()> {
+    fs.sync_dir(dir)
         .map_err(|e| Error::io("fsync directory", dir, e))
 }
 
 /// Create `dir` and any missing parents, fsyncing each parent that gained
 /// an entry so the new directories survive a crash.
 pub fn create_dir_all_durable(dir: &Path) -> Result<()> {
+    create_dir_all_durable_on(&RealFs, dir)
+}
+
+/// [`create_dir_all_durable`] through `fs`.
+pub fn create_dir_all_durable_on(fs: &dyn Fs, dir: &Path) -> Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
@@ -98,12 +108,37 @@ pub fn create_dir_all_durable(dir: &Path) -> Result<()> {
         cur = d.parent().filter(|p| !p.as_os_str().is_empty());
     }
     for d in missing.iter().rev() {
-        match std::fs::create_dir(d) {
+        match fs.create_dir(d) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(Error::io("create directory", d, e)),
         }
-        fsync_dir(parent_dir(d))?;
+        fsync_dir_on(fs, parent_dir(d))?;
+    }
+    Ok(())
+}
+
+/// Create `dir`, a directory below `base`, and its missing parents, and
+/// make the entry of every directory between `base` and `dir` durable:
+/// each one's parent is fsynced whether this call created it or an
+/// earlier call did, which may have failed before its fsync (a new
+/// directory that a later call merely finds is not yet durable). `base`
+/// is created first if missing ([`create_dir_all_durable_on`]).
+pub fn create_dir_chain_durable_on(fs: &dyn Fs, base: &Path, dir: &Path) -> Result<()> {
+    let Ok(rel) = dir.strip_prefix(base) else {
+        return create_dir_all_durable_on(fs, dir);
+    };
+    create_dir_all_durable_on(fs, base)?;
+    let mut cur = base.to_path_buf();
+    for c in rel.components() {
+        let next = cur.join(c);
+        match fs.create_dir(&next) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::io("create directory", &next, e)),
+        }
+        fsync_dir_on(fs, &cur)?;
+        cur = next;
     }
     Ok(())
 }
@@ -118,56 +153,66 @@ pub fn create_new(path: &Path) -> Result<File> {
         .map_err(|e| Error::io("create file", path, e))
 }
 
-/// Write `bytes` to a fresh temporary file in `tmp_dir` and fsync it.
-/// Returns the temporary path.
-pub fn write_tmp_synced(tmp_dir: &Path, stem: &str, bytes: &[u8]) -> Result<PathBuf> {
+/// Write `bytes` to a fresh temporary file in `tmp_dir` and fsync it, all
+/// through `fs`. Returns the temporary path.
+pub fn write_tmp_synced_on(
+    fs: &dyn Fs,
+    tmp_dir: &Path,
+    stem: &str,
+    bytes: &[u8],
+) -> Result<PathBuf> {
     let tmp = tmp_dir.join(unique_tmp_name(stem));
-    let mut f = create_new(&tmp)?;
+    let mut f = fs
+        .create_new(&tmp)
+        .map_err(|e| Error::io("create file", &tmp, e))?;
     let res = f
         .write_all(bytes)
         .map_err(|e| Error::io("write", &tmp, e))
-        .and_then(|()| f.sync_all().map_err(|e| Error::io("fsync", &tmp, e)));
+        .and_then(|()| f.sync_data().map_err(|e| Error::io("fsync", &tmp, e)));
     if let Err(e) = res {
-        let _ = std::fs::remove_file(&tmp);
+        drop(f);
+        let _ = fs.remove_file(&tmp);
         return Err(e);
     }
     Ok(tmp)
 }
 
-/// Atomically publish `bytes` at `dest`: temp file, fsync, then a hard link
-/// that fails if `dest` exists (`Ok(false)`), then an fsync of `dest`'s
-/// directory. A reader sees either no file or the whole file.
-pub fn publish_new(tmp_dir: &Path, dest: &Path, bytes: &[u8]) -> Result<bool> {
-    let tmp = write_tmp_synced(tmp_dir, "publish", bytes)?;
-    let linked = std::fs::hard_link(&tmp, dest);
-    let _ = std::fs::remove_file(&tmp);
+/// Atomically publish `bytes` at `dest` through `fs`: temp file, fsync,
+/// then a hard link that fails if `dest` exists (`Ok(false)`), then an
+/// fsync of `dest`'s directory. A reader sees either no file or the whole
+/// file; if that last fsync fails, the link is removed again and the
+/// error returned.
+pub fn publish_new_on(fs: &dyn Fs, tmp_dir: &Path, dest: &Path, bytes: &[u8]) -> Result<bool> {
+    let tmp = write_tmp_synced_on(fs, tmp_dir, "publish", bytes)?;
+    let linked = fs.hard_link(&tmp, dest);
+    let _ = fs.remove_file(&tmp);
     match linked {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
         Err(e) => return Err(Error::io("link into place", dest, e)),
     }
-    fsync_dir(parent_dir(dest))?;
+    if let Err(e) = fsync_dir_on(fs, parent_dir(dest)) {
+        // Not durable: take the file back, so that a failure leaves no
+        // file behind for a reader to take as published.
+        let _ = fs.remove_file(dest);
+        return Err(e);
+    }
     Ok(true)
 }
 
 /// Atomically replace `dest` with `bytes` (temp file, fsync, rename, fsync
 /// of the directory).
 pub fn publish_replace(tmp_dir: &Path, dest: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = write_tmp_synced(tmp_dir, "publish", bytes)?;
-    if let Err(e) = std::fs::rename(&tmp, dest) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io("rename into place", dest, e));
-    }
-    fsync_dir(parent_dir(dest))?;
-    Ok(())
+    publish_replace_on(&RealFs, tmp_dir, dest, bytes)
 }
 
-/// Ask the kernel to start writing back a file's dirty pages now, without
-/// waiting, so the later fsync finds less to do.
-pub fn start_writeback(f: &File) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: plain syscall on a valid fd; failure only loses the hint.
-    unsafe {
-        libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+/// [`publish_replace`] through `fs`.
+pub fn publish_replace_on(fs: &dyn Fs, tmp_dir: &Path, dest: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = write_tmp_synced_on(fs, tmp_dir, "publish", bytes)?;
+    if let Err(e) = fs.rename(&tmp, dest) {
+        let _ = fs.remove_file(&tmp);
+        return Err(Error::io("rename into place", dest, e));
     }
+    fsync_dir_on(fs, parent_dir(dest))?;
+    Ok(())
 }

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::format::chunk::{ChunkHeader, Codec, HEADER_LEN};
 use crate::format::manifest::{encode_manifest, BlobEntry, ChunkRef, Manifest, TensorEntry};
 use crate::format::FORMAT_VERSION;
-use crate::local::durable::{create_dir_all_durable, fsync_dir, publish_new};
+use crate::local::durable::{create_dir_chain_durable_on, fsync_dir_on, publish_new_on};
 use crate::local::{LocalChunkStore, PendingChunk};
 use crate::staging::StagingBuf;
 use crossbeam_channel::{unbounded, Receiver, Sender};
@@ -436,16 +436,17 @@ fn commit(ctx: &SaveCtx) -> Result<SaveReport> {
         d.wait()?;
     }
     let layout_root = &ctx.layout;
+    let fs = layout_root.fs();
     for p in ctx.touched_prefixes() {
-        fsync_dir(&layout_root.chunk_dir_for_prefix(p))?;
+        fsync_dir_on(fs, &layout_root.chunk_dir_for_prefix(p))?;
     }
     let manifest = build_manifest(ctx)?;
     let bytes = encode_manifest(&manifest)?;
     let step_dir = layout_root.step_dir(&ctx.run, ctx.step);
     layout_root.check_dirs(Some(&ctx.run), Some(ctx.step))?;
-    create_dir_all_durable(&step_dir)?;
+    create_dir_chain_durable_on(fs, &layout_root.runs_dir(), &step_dir)?;
     let dest = layout_root.manifest_path(&ctx.run, ctx.step);
-    if !publish_new(&layout_root.tmp_dir(), &dest, &bytes)? {
+    if !publish_new_on(fs, &layout_root.tmp_dir(), &dest, &bytes)? {
         return Err(Error::AlreadyExists {
             run: ctx.run.clone(),
             step: ctx.step,

@@ -7,7 +7,7 @@ use crate::codec::{decode_chunk_object, Decoder};
 use crate::error::{Error, Result};
 use crate::format::manifest::Manifest;
 use crate::layout::check_store_dir;
-use crate::local::durable::fsync_dir;
+use crate::local::durable::fsync_dir_on;
 use crate::local::GcLock;
 use crate::store::Store;
 use std::path::PathBuf;
@@ -162,8 +162,8 @@ impl ChunkTier for Store {
         if !check_store_dir(&dir)? {
             return Ok(());
         }
-        match std::fs::remove_file(&path) {
-            Ok(()) => fsync_dir(&dir),
+        match self.layout.fs().remove_file(&path) {
+            Ok(()) => fsync_dir_on(self.layout.fs(), &dir),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(Error::io("remove chunk", path, e)),
         }

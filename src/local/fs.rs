@@ -1,0 +1,129 @@
+//! The filesystem seam under the local tier: the few calls that change
+//! what is on disk or must reach it durably (create, write and fsync a
+//! file, rename, hard-link, remove, create and fsync a directory) and the
+//! read of chunk files. [`RealFs`] is the operating system and the
+//! default; tests swap in a simulated disk (`cairn::testing::SimDisk`)
+//! that drops everything not made durable at a simulated power loss, or
+//! that fails writes with `ENOSPC` and reads with `EIO`.
+//!
+//! Everything else a store does (listing directories, examining entries,
+//! reading manifests) reads the real directory directly.
+
+use std::fs::{File, Metadata, OpenOptions};
+use std::io::{Result, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+
+/// The durable operations of the local tier.
+pub trait Fs: Send + Sync + std::fmt::Debug {
+    /// Create a new file for writing (mode 0644); fails if it exists.
+    fn create_new(&self, path: &Path) -> Result<Box<dyn FsFile>>;
+    /// Rename `from` to `to`, replacing `to`.
+    fn rename(&self, from: &Path, to: &Path) -> Result<()>;
+    /// Hard-link `from` at `to`; fails with `AlreadyExists` if `to` exists.
+    fn hard_link(&self, from: &Path, to: &Path) -> Result<()>;
+    /// Remove a file.
+    fn remove_file(&self, path: &Path) -> Result<()>;
+    /// Remove a directory and everything below it.
+    fn remove_dir_all(&self, path: &Path) -> Result<()>;
+    /// Create one directory.
+    fn create_dir(&self, path: &Path) -> Result<()>;
+    /// fsync a directory: the entries created, renamed or removed in it
+    /// become durable.
+    fn sync_dir(&self, dir: &Path) -> Result<()>;
+    /// Open a file for positioned reads (`O_NONBLOCK`, so that a FIFO in
+    /// its place does not block).
+    fn open_read(&self, path: &Path) -> Result<Box<dyn FsReadFile>>;
+    /// Whether the save pipeline may write raw chunks with `O_DIRECT` on
+    /// its own file descriptors, past this seam.
+    fn allows_direct_io(&self) -> bool {
+        true
+    }
+}
+
+/// A file being written through an [`Fs`].
+pub trait FsFile: Send {
+    /// Append all of `buf`.
+    fn write_all(&mut self, buf: &[u8]) -> Result<()>;
+    /// fsync the file's data (and the metadata needed to read it back).
+    fn sync_data(&mut self) -> Result<()>;
+    /// Ask for writeback to start now, without waiting (a hint).
+    fn start_writeback(&self) {}
+}
+
+/// A file opened for reading through an [`Fs`].
+pub trait FsReadFile: Send + Sync {
+    /// Fill `buf` from offset `off`.
+    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> Result<()>;
+    /// The open file's metadata.
+    fn metadata(&self) -> Result<Metadata>;
+}
+
+/// The operating system's file system: every call is the plain syscall.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RealFs;
+
+/// A real open file, for writing or reading.
+#[derive(Debug)]
+pub struct RealFile(pub File);
+
+impl FsFile for RealFile {
+    fn write_all(&mut self, buf: &[u8]) -> Result<()> {
+        self.0.write_all(buf)
+    }
+    fn sync_data(&mut self) -> Result<()> {
+        self.0.sync_data()
+    }
+    fn start_writeback(&self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: plain syscall on a valid fd; failure only loses the hint.
+        unsafe {
+            libc::sync_file_range(self.0.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+}
+
+impl FsReadFile for RealFile {
+    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        FileExt::read_exact_at(&self.0, buf, off)
+    }
+    fn metadata(&self) -> Result<Metadata> {
+        self.0.metadata()
+    }
+}
+
+impl Fs for RealFs {
+    fn create_new(&self, path: &Path) -> Result<Box<dyn FsFile>> {
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(path)?;
+        Ok(Box::new(RealFile(f)))
+    }
+    fn rename(&self, from: &Path, to: &Path) -> Result<()> {
+        std::fs::rename(from, to)
+    }
+    fn hard_link(&self, from: &Path, to: &Path) -> Result<()> {
+        std::fs::hard_link(from, to)
+    }
+    fn remove_file(&self, path: &Path) -> Result<()> {
+        std::fs::remove_file(path)
+    }
+    fn remove_dir_all(&self, path: &Path) -> Result<()> {
+        std::fs::remove_dir_all(path)
+    }
+    fn create_dir(&self, path: &Path) -> Result<()> {
+        std::fs::create_dir(path)
+    }
+    fn sync_dir(&self, dir: &Path) -> Result<()> {
+        File::open(dir)?.sync_all()
+    }
+    fn open_read(&self, path: &Path) -> Result<Box<dyn FsReadFile>> {
+        let f = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)?;
+        Ok(Box::new(RealFile(f)))
+    }
+}
