@@ -161,3 +161,35 @@ fn stray_chunk_objects_are_not_listed_or_collected() {
         .unwrap()
         .is_none());
 }
+
+/// The local tier's listing follows the same rule as the remote one: a
+/// file named like a chunk counts only in its own fan-out directory, so a
+/// stray copy elsewhere is neither listed nor collected. (Without the
+/// fan-out check, the stray copy was listed as a second entry for the id.)
+#[test]
+fn stray_local_chunk_files_are_not_listed() {
+    use cairn::{ChunkTier, DType, SaveState, Store, StoreOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let data = vec![7u8; 4096];
+    store
+        .save(
+            "r",
+            1,
+            &SaveState::new().tensor("w", DType::U8, &[4096], &data),
+        )
+        .unwrap()
+        .wait()
+        .unwrap();
+    let listed = ChunkTier::list_chunks(&store).unwrap();
+    assert_eq!(listed.len(), 1);
+    let id = listed[0].id;
+    // A copy of the chunk file in another fan-out directory.
+    let wrong = format!("{:02x}", id.0[0].wrapping_add(1));
+    let stray_dir = dir.path().join("chunks").join(&wrong);
+    std::fs::create_dir_all(&stray_dir).unwrap();
+    std::fs::copy(store.chunk_path(&id), stray_dir.join(id.to_hex())).unwrap();
+    let listed = ChunkTier::list_chunks(&store).unwrap();
+    assert_eq!(listed.len(), 1, "the stray copy is not a chunk: {listed:?}");
+    assert_eq!(listed[0].id, id);
+}

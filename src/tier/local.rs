@@ -102,6 +102,10 @@ impl ChunkTier for Store {
                 else {
                     continue;
                 };
+                // A chunk counts only in its own fan-out directory.
+                if id.0[0] != prefix {
+                    continue;
+                }
                 // Not followed: a link is not a chunk file.
                 let meta = match ent.metadata() {
                     Ok(m) => m,
