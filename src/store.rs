@@ -367,7 +367,7 @@ impl Store {
     /// commit).
     pub fn uploaded_to(&self, run: &str, step: u64) -> Option<String> {
         let path = self.layout.step_dir(run, step).join(UPLOAD_MARKER);
-        crate::local::durable::read_limited(&path, 1 << 20)
+        read_bounded(&path)
             .ok()
             .and_then(|b| serde_json::from_slice::<UploadMarker>(&b).ok())
             .map(|m| m.url)
@@ -380,11 +380,7 @@ impl Store {
 
     /// Whether `(run, step)` is recorded as durable in the remote at `url`.
     pub fn is_uploaded(&self, run: &str, step: u64, url: &str) -> bool {
-        let path = self.layout.step_dir(run, step).join(UPLOAD_MARKER);
-        read_bounded(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<UploadMarker>(&b).ok())
-            .is_some_and(|m| m.url == url)
+        self.uploaded_to(run, step).is_some_and(|u| u == url)
     }
 
     /// The staging pool (absent on a read-only store).
