@@ -193,3 +193,48 @@ fn stray_local_chunk_files_are_not_listed() {
     assert_eq!(listed.len(), 1, "the stray copy is not a chunk: {listed:?}");
     assert_eq!(listed[0].id, id);
 }
+
+/// Found by the manifest fuzz target: a float in user metadata came back
+/// one unit in the last place off (a 40-digit number parsed, written as
+/// 6.888888888888891e+39, read back as 6.88888888888889e+39), because
+/// JSON floats were not parsed round-trip exact. Metadata (learning rates, losses) must restore bit for bit.
+#[test]
+fn metadata_floats_round_trip_exactly() {
+    use cairn::{DType, SaveState, Store, StoreOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    // Metadata as a trainer gets it: parsed from JSON text, here with more
+    // digits than an f64 holds (the fuzzer's input).
+    let meta: serde_json::Value = serde_json::from_str(
+        r#"{"values": [6888888888888888888888888888888888888884, 0.30000000000000004, 3e-4, 2.2250738585072014e-308, 0.3333333333333333]}"#,
+    )
+    .unwrap();
+    let floats: Vec<f64> = meta["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let data = [0u8; 4];
+    store
+        .save(
+            "r",
+            1,
+            &SaveState::new()
+                .tensor("w", DType::U8, &[4], &data)
+                .metadata(meta),
+        )
+        .unwrap()
+        .wait()
+        .unwrap();
+    let m = store.manifest("r", 1).unwrap();
+    let back: Vec<f64> = m.metadata["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    for (a, b) in floats.iter().zip(&back) {
+        assert_eq!(a.to_bits(), b.to_bits(), "{a:e} came back as {b:e}");
+    }
+}
