@@ -122,6 +122,8 @@ pub(crate) struct Pipeline {
     shared: Option<Arc<Shared>>,
     threads: Vec<JoinHandle<()>>,
     committer: Option<JoinHandle<()>>,
+    /// Threads that copy a state into staging, the caller's included.
+    copy_threads: usize,
 }
 
 impl Pipeline {
@@ -131,6 +133,7 @@ impl Pipeline {
         workers: usize,
         syncers: usize,
         verify_reused: bool,
+        copy_threads: usize,
     ) -> Result<Self> {
         let (tx, rx) = unbounded::<ChunkJob>();
         let (sync_tx, sync_rx) = unbounded::<SyncJob>();
@@ -173,7 +176,13 @@ impl Pipeline {
             shared: Some(shared),
             threads,
             committer: Some(committer),
+            copy_threads: copy_threads.max(1),
         })
+    }
+
+    /// Threads that copy a state into staging, the caller's included.
+    pub fn copy_threads(&self) -> usize {
+        self.copy_threads
     }
 
     pub fn submit(&self, job: ChunkJob) -> Result<()> {

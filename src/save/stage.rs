@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::layout::{validate_entry_name, validate_run_name, Layout};
 use crate::staging::{StagingBuf, StagingPool};
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::oneshot;
 
@@ -197,21 +198,21 @@ fn stage_entries(
         ));
     }
 
-    // Large entries: chunks of their own.
+    // Large entries: chunks of their own, numbered in order here and
+    // copied by several threads.
+    let mut pieces: Vec<Piece<'_>> = Vec::new();
     for (entry, data, width) in items.iter_mut().filter(|i| i.1.len() >= threshold) {
         for piece in data.chunks(chunk_size) {
-            let mut buf = pool.alloc(piece.len())?;
-            buf.copy_from_slice(piece);
             let seq = ctx.next_seq();
             entry.slices.push((seq, 0, piece.len() as u64));
-            pipeline.submit(ChunkJob {
-                ctx: ctx.clone(),
+            pieces.push(Piece {
+                data: piece,
                 seq,
-                buf,
                 width: *width,
-            })?;
+            });
         }
     }
+    copy_pieces(pool, pipeline, ctx, &pieces)?;
 
     // Small entries: packed.
     let mut small_left: usize = items
@@ -248,6 +249,79 @@ fn stage_entries(
     *ctx.plan.lock().unwrap_or_else(|p| p.into_inner()) =
         items.into_iter().map(|(e, _, _)| e).collect();
     Ok(())
+}
+
+/// One chunk of a large entry, to be copied into staging.
+struct Piece<'a> {
+    data: &'a [u8],
+    seq: usize,
+    width: u8,
+}
+
+/// Below this many bytes the copy runs on the caller's thread alone: a
+/// thread start costs more than it saves.
+const PARALLEL_COPY_MIN: usize = 32 << 20;
+
+/// Copy `pieces` into staging and queue each for the pipeline as soon as
+/// it is copied, on the caller's thread and up to
+/// `pipeline.copy_threads() - 1` more. Each thread holds at most one
+/// unqueued buffer while it waits for staging space, so back-pressure
+/// cannot deadlock; the first error stops the others.
+fn copy_pieces(
+    pool: &StagingPool,
+    pipeline: &Pipeline,
+    ctx: &Arc<SaveCtx>,
+    pieces: &[Piece<'_>],
+) -> Result<()> {
+    let copy_one = |p: &Piece<'_>| -> Result<()> {
+        let mut buf = pool.alloc(p.data.len())?;
+        buf.copy_from_slice(p.data);
+        pipeline.submit(ChunkJob {
+            ctx: ctx.clone(),
+            seq: p.seq,
+            buf,
+            width: p.width,
+        })
+    };
+    let total: usize = pieces.iter().map(|p| p.data.len()).sum();
+    let threads = pipeline.copy_threads().min(pieces.len());
+    if threads <= 1 || total < PARALLEL_COPY_MIN {
+        return pieces.iter().try_for_each(copy_one);
+    }
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let work = || -> Result<()> {
+        while !stop.load(Ordering::Relaxed) {
+            let Some(p) = pieces.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                break;
+            };
+            if let Err(e) = copy_one(p) {
+                stop.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+        }
+        Ok(())
+    };
+    std::thread::scope(|s| {
+        let helpers: Vec<_> = (1..threads)
+            .map(|i| {
+                std::thread::Builder::new()
+                    .name(format!("cairn-copy-{i}"))
+                    .spawn_scoped(s, work)
+            })
+            .collect();
+        // A helper that could not start leaves its share to the others.
+        let mut first = work().err();
+        for h in helpers.into_iter().flatten() {
+            let r = h
+                .join()
+                .unwrap_or_else(|_| Err(Error::Internal("a staging copy thread panicked".into())));
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    })
 }
 
 fn submit_pack(

@@ -1,6 +1,8 @@
 //! Raw baselines measured in the same run as cairn: memcpy into
 //! pre-faulted memory, a buffered write + fsync, an O_DIRECT write with
-//! several requests in flight, and a cold sequential read.
+//! several requests in flight, a cold sequential read, and the disk's
+//! limits: the best sequential O_DIRECT write and read found by a short
+//! sweep of block size and queue depth.
 
 use cairn::{Error, Result};
 use memmap2::{MmapMut, MmapOptions};
@@ -108,6 +110,170 @@ pub fn direct_write(path: &Path, srcs: &[&[u8]]) -> Result<Duration> {
         .map_err(|e| Error::io("truncate", path, e))?;
     f.sync_all().map_err(|e| Error::io("fsync", path, e))?;
     Ok(t.elapsed())
+}
+
+/// Block size and requests in flight of an O_DIRECT stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct IoShape {
+    /// Bytes per request (a multiple of 4 KiB).
+    pub block: usize,
+    /// Requests in flight (one thread each).
+    pub depth: usize,
+}
+
+/// The shapes a limit sweep tries: small and large blocks, shallow and
+/// deep queues.
+pub const SWEEP: [IoShape; 5] = [
+    IoShape {
+        block: 1 << 20,
+        depth: 32,
+    },
+    IoShape {
+        block: 4 << 20,
+        depth: 16,
+    },
+    IoShape {
+        block: 8 << 20,
+        depth: 8,
+    },
+    IoShape {
+        block: 16 << 20,
+        depth: 16,
+    },
+    IoShape {
+        block: 16 << 20,
+        depth: 4,
+    },
+];
+
+/// Write `len` bytes to a new file with aligned O_DIRECT writes of
+/// `shape.block` bytes, `shape.depth` in flight, then fsync: what the disk
+/// takes at its best, with no copy of the data on the way (each thread
+/// writes its own pre-filled buffer, as fio does).
+pub fn limit_write(path: &Path, len: usize, shape: IoShape) -> Result<Duration> {
+    let block = shape.block.div_ceil(4096) * 4096;
+    let blocks = len.div_ceil(block);
+    let depth = shape.depth.clamp(1, blocks.max(1));
+    let mut bufs: Vec<MmapMut> = (0..depth)
+        .map(|_| prefaulted(block))
+        .collect::<Result<_>>()?;
+    for (i, b) in bufs.iter_mut().enumerate() {
+        fill_pattern(b, i as u64);
+    }
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .map_err(|e| Error::io("create (O_DIRECT)", path, e))?;
+    let t = Instant::now();
+    let next = AtomicUsize::new(0);
+    run_threads(bufs.iter_mut(), |buf| loop {
+        let b = next.fetch_add(1, Ordering::Relaxed);
+        if b >= blocks {
+            return Ok(());
+        }
+        f.write_all_at(&buf[..], (b * block) as u64)
+            .map_err(|e| Error::io("write (O_DIRECT)", path, e))?;
+    })?;
+    f.sync_all().map_err(|e| Error::io("fsync", path, e))?;
+    let took = t.elapsed();
+    f.set_len(len as u64)
+        .map_err(|e| Error::io("truncate", path, e))?;
+    Ok(took)
+}
+
+/// Read a whole file with aligned O_DIRECT reads of `shape.block` bytes,
+/// `shape.depth` in flight: the disk's cold read at its best (O_DIRECT
+/// bypasses the page cache).
+pub fn limit_read(path: &Path, shape: IoShape) -> Result<(Duration, u64)> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .map_err(|e| Error::io("open (O_DIRECT)", path, e))?;
+    let len = f.metadata().map_err(|e| Error::io("stat", path, e))?.len() as usize;
+    let block = shape.block.div_ceil(4096) * 4096;
+    let blocks = len.div_ceil(block);
+    let depth = shape.depth.clamp(1, blocks.max(1));
+    let mut bufs: Vec<MmapMut> = (0..depth)
+        .map(|_| prefaulted(block))
+        .collect::<Result<_>>()?;
+    let t = Instant::now();
+    let next = AtomicUsize::new(0);
+    let read = AtomicUsize::new(0);
+    run_threads(bufs.iter_mut(), |buf| loop {
+        let b = next.fetch_add(1, Ordering::Relaxed);
+        if b >= blocks {
+            return Ok(());
+        }
+        let mut off = 0;
+        while off < block {
+            let n = f
+                .read_at(&mut buf[off..], (b * block + off) as u64)
+                .map_err(|e| Error::io("read (O_DIRECT)", path, e))?;
+            if n == 0 {
+                break;
+            }
+            off += n;
+        }
+        read.fetch_add(off, Ordering::Relaxed);
+    })?;
+    Ok((t.elapsed(), read.load(Ordering::Relaxed) as u64))
+}
+
+/// Try each shape of [`SWEEP`] on a `len`-byte file at `path` and return
+/// the fastest for writing and for reading, with their seconds.
+pub fn sweep(path: &Path, len: usize) -> Result<((IoShape, f64), (IoShape, f64))> {
+    let mut best_w: Option<(IoShape, f64)> = None;
+    let mut best_r: Option<(IoShape, f64)> = None;
+    for shape in SWEEP {
+        let w = limit_write(path, len, shape)?.as_secs_f64();
+        if best_w.is_none_or(|(_, b)| w < b) {
+            best_w = Some((shape, w));
+        }
+        drop_caches(&[path]);
+        let r = limit_read(path, shape)?.0.as_secs_f64();
+        if best_r.is_none_or(|(_, b)| r < b) {
+            best_r = Some((shape, r));
+        }
+    }
+    let _ = std::fs::remove_file(path);
+    match (best_w, best_r) {
+        (Some(w), Some(r)) => Ok((w, r)),
+        _ => Err(Error::Internal("empty sweep".into())),
+    }
+}
+
+/// Run `f` on one scoped thread per item; the first error wins.
+fn run_threads<T: Send>(
+    items: impl Iterator<Item = T>,
+    f: impl Fn(T) -> Result<()> + Sync,
+) -> Result<()> {
+    let res: Vec<Result<()>> = std::thread::scope(|s| {
+        let handles: Vec<_> = items.map(|it| s.spawn(|| f(it))).collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or(Err(Error::Internal("I/O thread panicked".into())))
+            })
+            .collect()
+    });
+    res.into_iter().collect()
+}
+
+/// Fill `buf` with bytes that neither compress nor repeat across buffers.
+fn fill_pattern(buf: &mut [u8], seed: u64) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for w in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        w.copy_from_slice(&b[..w.len()]);
+    }
 }
 
 /// Copy bytes `[start, start + out.len())` of the concatenation of `srcs`.

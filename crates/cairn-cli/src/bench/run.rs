@@ -12,6 +12,9 @@ use std::time::Instant;
 /// Seed of the synthetic state; each step mixes in its number.
 pub const BASE_SEED: u64 = 0x00C0_FFEE_CA1B_0001;
 
+/// Bytes each shape of the limit sweep writes and reads.
+const SWEEP_BYTES: usize = 512 << 20;
+
 /// Smallest state the bench accepts: below it the synthetic model cannot
 /// shrink further, so a smaller `size` would silently bench a larger state.
 pub const MIN_SIZE: u64 = 1 << 20;
@@ -94,6 +97,12 @@ pub struct BenchIteration {
     pub restore_s: f64,
     /// Cold sequential read of the same bytes.
     pub raw_cold_read_s: f64,
+    /// The disk's limit: O_DIRECT write of as many bytes in the sweep's
+    /// best shape, then fsync.
+    pub limit_write_s: f64,
+    /// The disk's limit: O_DIRECT read of those bytes in the sweep's best
+    /// shape.
+    pub limit_read_s: f64,
     /// Bytes cairn wrote for the full save (headers included).
     pub bytes_written: u64,
     /// Step saved after changing about 10% of the tensors.
@@ -163,6 +172,26 @@ pub struct BenchReport {
     pub raw_cold_read_s: f64,
     /// Median of cairn's restore throughput / the raw cold read's.
     pub restore_ratio: f64,
+    /// Fastest O_DIRECT write shape of the sweep (block, depth).
+    pub limit_write_shape: raw::IoShape,
+    /// Fastest O_DIRECT read shape of the sweep.
+    pub limit_read_shape: raw::IoShape,
+    /// Median seconds of the disk's best write of the state's bytes.
+    pub limit_write_s: f64,
+    /// Median seconds of the disk's best cold read of them.
+    pub limit_read_s: f64,
+    /// Median of cairn's durable throughput / the disk's best write's.
+    pub durable_vs_limit: f64,
+    /// Median of cairn's verified restore throughput / the disk's best
+    /// read's.
+    pub restore_vs_limit: f64,
+    /// With staging smaller than the state: the least the caller can be
+    /// blocked, (state - staging) at the disk's best write plus a memcpy
+    /// of the staged part; `None` when the state fits in staging.
+    pub overlap_bound_s: Option<f64>,
+    /// Median of stall / `overlap_bound_s` (1.0: the disk never idles
+    /// while the caller waits).
+    pub stall_vs_overlap_bound: Option<f64>,
     /// Logical / stored bytes of the full saves.
     pub compression_ratio: f64,
     /// Median fraction of bytes written by the ~10%-changed save.
@@ -242,6 +271,10 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
     let compression = probe_compression(&probe_state);
     drop(probe_state);
     let tmp = store.root().join("tmp");
+    progress("sweeping O_DIRECT block sizes and queue depths for the disk's limits");
+    let sweep_path = tmp.join(format!("bench-sweep.{}.tmp", std::process::id()));
+    let ((write_shape, _), (read_shape, _)) =
+        raw::sweep(&sweep_path, total.clamp(1 << 20, SWEEP_BYTES))?;
     let mut iters = Vec::new();
     let mut stored_total = 0u64;
     let mut logical_total = 0u64;
@@ -282,6 +315,17 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
         let _ = std::fs::remove_file(&raw_path);
         let direct_path = tmp.join(format!("bench-direct.{}.tmp", std::process::id()));
         let raw_direct_write_s = raw::direct_write(&direct_path, &srcs)?.as_secs_f64();
+        let limit_path = tmp.join(format!("bench-limit.{}.tmp", std::process::id()));
+        let limit_write_s = raw::limit_write(&limit_path, total, write_shape)?.as_secs_f64();
+        raw::drop_caches(&[&limit_path]);
+        let (limit_read, limit_n) = raw::limit_read(&limit_path, read_shape)?;
+        let limit_read_s = limit_read.as_secs_f64();
+        let _ = std::fs::remove_file(&limit_path);
+        if limit_n < total as u64 {
+            return Err(Error::Internal(format!(
+                "O_DIRECT read returned {limit_n} of {total} bytes"
+            )));
+        }
 
         // Cold restore into the pre-faulted buffers, then compare.
         let chunk_files = chunk_paths(&store, &cfg.run, step)?;
@@ -337,6 +381,8 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
             raw_direct_write_s,
             restore_s,
             raw_cold_read_s,
+            limit_write_s,
+            limit_read_s,
             bytes_written: rep.bytes_written,
             dedup_step: step + 1,
             dedup_changed_fraction: changed as f64 / total as f64,
@@ -345,6 +391,9 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
     }
     let m = |f: &dyn Fn(&BenchIteration) -> f64| median(iters.iter().map(f).collect());
     let gb = total as f64 / 1e9;
+    let staged = opts.staging_bytes.min(total) as f64 / total as f64;
+    let bound = |i: &BenchIteration| i.limit_write_s * (1.0 - staged) + i.memcpy_s * staged;
+    let small_staging = opts.staging_bytes < total;
     Ok(BenchReport {
         store: cfg.store.clone(),
         run: cfg.run.clone(),
@@ -365,6 +414,14 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
         restore_s: m(&|i| i.restore_s),
         raw_cold_read_s: m(&|i| i.raw_cold_read_s),
         restore_ratio: m(&|i| i.raw_cold_read_s / i.restore_s),
+        limit_write_shape: write_shape,
+        limit_read_shape: read_shape,
+        limit_write_s: m(&|i| i.limit_write_s),
+        limit_read_s: m(&|i| i.limit_read_s),
+        durable_vs_limit: m(&|i| i.limit_write_s / i.durable_s),
+        restore_vs_limit: m(&|i| i.limit_read_s / i.restore_s),
+        overlap_bound_s: small_staging.then(|| m(&bound)),
+        stall_vs_overlap_bound: small_staging.then(|| m(&|i| i.stall_s / bound(i))),
         compression_ratio: if stored_total > 0 {
             logical_total as f64 / stored_total as f64
         } else {

@@ -20,9 +20,14 @@ pub struct BenchArgs {
     /// Chunk size (4 KiB to 1 GiB).
     #[arg(long, default_value = "16MiB", value_parser = parse_chunk_size)]
     chunk_size: u64,
-    /// Staging budget, at least one chunk (default: enough for the whole state).
-    #[arg(long, value_parser = parse_size)]
-    staging: Option<u64>,
+    /// Staging budget, at least one chunk: a size, or a percentage of
+    /// `--size` such as `25%` (default: enough for the whole state).
+    #[arg(long, value_parser = parse_staging)]
+    staging: Option<Staging>,
+    /// Threads that copy the state into staging, the caller's included
+    /// (default: one per core, at most four).
+    #[arg(long, default_value_t = 0)]
+    copy_threads: usize,
     /// Local-tier codec: raw, zstd or zstd:LEVEL.
     #[arg(long, default_value = "raw")]
     codec: CodecChoice,
@@ -46,6 +51,34 @@ fn parse_bench_size(s: &str) -> Result<u64, String> {
     Ok(v)
 }
 
+/// `--staging`: bytes, or a share of the state.
+#[derive(Clone, Copy, Debug)]
+pub enum Staging {
+    /// A size in bytes.
+    Bytes(u64),
+    /// Percent of `--size` (1 to 100).
+    Percent(u64),
+}
+
+impl Staging {
+    fn bytes(self, size: u64) -> u64 {
+        match self {
+            Staging::Bytes(b) => b,
+            Staging::Percent(p) => size / 100 * p,
+        }
+    }
+}
+
+fn parse_staging(s: &str) -> Result<Staging, String> {
+    match s.strip_suffix('%') {
+        Some(p) => match p.trim().parse::<u64>() {
+            Ok(p) if (1..=100).contains(&p) => Ok(Staging::Percent(p)),
+            _ => Err(format!("{s:?} must be a percentage from 1% to 100%")),
+        },
+        None => parse_size(s).map(Staging::Bytes),
+    }
+}
+
 /// `--chunk-size`: 4 KiB to 1 GiB.
 fn parse_chunk_size(s: &str) -> Result<u64, String> {
     let v = parse_size(s)?;
@@ -59,7 +92,7 @@ fn parse_chunk_size(s: &str) -> Result<u64, String> {
 impl BenchArgs {
     /// Checks across arguments: the staging budget holds at least a chunk.
     pub fn check(&self) -> Result<(), String> {
-        match self.staging {
+        match self.staging.map(|st| st.bytes(self.size)) {
             Some(st) if st < self.chunk_size => Err(format!(
                 "--staging {} is smaller than one chunk (--chunk-size {})",
                 human(st),
@@ -78,7 +111,8 @@ pub fn run(a: BenchArgs) -> cairn::Result<i32> {
         iterations: a.iterations,
         options: StoreOptions {
             chunk_size: a.chunk_size as usize,
-            staging_bytes: a.staging.unwrap_or(0) as usize,
+            staging_bytes: a.staging.map_or(0, |st| st.bytes(a.size)) as usize,
+            copy_threads: a.copy_threads,
             codec: a.codec,
             ..StoreOptions::default()
         },
@@ -133,6 +167,30 @@ fn print_human(r: &BenchReport) -> cairn::Result<()> {
         r.restore_ratio,
         r.cold_method
     );
+    outln!(
+        "disk limit        write {:.3} s ({:.2} GB/s, {} x {} in flight)   read {:.3} s ({:.2} GB/s, {} x {})",
+        r.limit_write_s,
+        gb / r.limit_write_s,
+        human(r.limit_write_shape.block as u64),
+        r.limit_write_shape.depth,
+        r.limit_read_s,
+        gb / r.limit_read_s,
+        human(r.limit_read_shape.block as u64),
+        r.limit_read_shape.depth
+    );
+    outln!(
+        "vs the limit      durable {:.2}   restore {:.2}",
+        r.durable_vs_limit,
+        r.restore_vs_limit
+    );
+    if let (Some(b), Some(x)) = (r.overlap_bound_s, r.stall_vs_overlap_bound) {
+        outln!(
+            "small staging     stall {:.3} s vs bound {:.3} s (unstaged part at the disk limit + memcpy of the staged part): {:.2}x",
+            r.stall_s,
+            b,
+            x
+        );
+    }
     outln!(
         "dedup: {:.1}% of bytes changed -> {:.1}% written",
         100.0 * r.dedup_changed_fraction,
