@@ -375,7 +375,7 @@ impl OpenChunk {
             )));
         }
         match h.codec {
-            Codec::Raw => read_exact_at(&*self.file, out, h.payload_offset as u64, path, id)?,
+            Codec::Raw => self.read_raw(out)?,
             Codec::Zstd => {
                 scratch.resize(h.stored_len as usize, 0);
                 read_exact_at(&*self.file, scratch, h.payload_offset as u64, path, id)?;
@@ -393,6 +393,43 @@ impl OpenChunk {
         Ok(h.payload_offset as u64 + h.stored_len)
     }
 }
+
+impl OpenChunk {
+    /// Read a raw payload into `out`. Where `out` starts on a page and
+    /// the payload on a block (chunks written with O_DIRECT), the whole
+    /// blocks are read with O_DIRECT straight into `out`, with no copy
+    /// through the page cache; the tail, and everything elsewhere, is
+    /// read normally.
+    fn read_raw(&self, out: &mut [u8]) -> Result<()> {
+        let (off, path, id) = (
+            self.header.payload_offset as u64,
+            &self.path,
+            &self.header.id,
+        );
+        let bulk = out.len() / ALIGN * ALIGN;
+        let direct = bulk >= DIRECT_READ_MIN
+            && (out.as_ptr() as usize).is_multiple_of(ALIGN)
+            && off.is_multiple_of(ALIGN as u64);
+        if direct {
+            let (head, tail) = out.split_at_mut(bulk);
+            match self.file.read_direct_at(head, off) {
+                Some(Ok(())) => {
+                    return read_exact_at(&*self.file, tail, off + bulk as u64, path, id);
+                }
+                Some(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Err(corrupt(id, path, "truncated".into()));
+                }
+                Some(Err(e)) => return Err(Error::io("read chunk (O_DIRECT)", path, e)),
+                None => {}
+            }
+        }
+        read_exact_at(&*self.file, out, off, path, id)
+    }
+}
+
+/// Payloads under this many bytes are read through the page cache: a
+/// direct read saves nothing worth a second syscall there.
+const DIRECT_READ_MIN: usize = 1 << 20;
 
 /// One zeroed, page-aligned block for direct I/O.
 struct AlignedBlock {

@@ -57,6 +57,13 @@ pub trait FsReadFile: Send + Sync {
     fn read_exact_at(&self, buf: &mut [u8], off: u64) -> Result<()>;
     /// The open file's metadata.
     fn metadata(&self) -> Result<Metadata>;
+    /// Fill `buf` from offset `off` bypassing the page cache (`O_DIRECT`),
+    /// straight into `buf`: the caller guarantees that `buf`'s address,
+    /// its length and `off` are multiples of 4096. `None` where the file
+    /// or its file system cannot (the caller then reads normally).
+    fn read_direct_at(&self, _buf: &mut [u8], _off: u64) -> Option<Result<()>> {
+        None
+    }
 }
 
 /// The operating system's file system: every call is the plain syscall.
@@ -89,6 +96,26 @@ impl FsReadFile for RealFile {
     }
     fn metadata(&self) -> Result<Metadata> {
         self.0.metadata()
+    }
+    fn read_direct_at(&self, buf: &mut [u8], off: u64) -> Option<Result<()>> {
+        use std::os::fd::AsRawFd;
+        let fd = self.0.as_raw_fd();
+        // SAFETY: fcntl on a valid fd owned by self; no memory is passed.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        // The flag is set on this open file description only, and cleared
+        // again below; a file system without O_DIRECT refuses it here.
+        // SAFETY: as above.
+        if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_DIRECT) } < 0 {
+            return None;
+        }
+        let res = FileExt::read_exact_at(&self.0, buf, off);
+        // SAFETY: as above.
+        unsafe { libc::fcntl(fd, libc::F_SETFL, flags) };
+        match res {
+            // Refused only at the first read on some file systems.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => None,
+            r => Some(r),
+        }
     }
 }
 
