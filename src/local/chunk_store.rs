@@ -408,8 +408,8 @@ impl OpenChunk {
         );
         let bulk = out.len() / ALIGN * ALIGN;
         let direct = bulk >= DIRECT_READ_MIN
-            && (out.as_ptr() as usize).is_multiple_of(ALIGN)
-            && off.is_multiple_of(ALIGN as u64);
+            && (out.as_ptr() as usize) % ALIGN == 0
+            && off % ALIGN as u64 == 0;
         if direct {
             let (head, tail) = out.split_at_mut(bulk);
             match self.file.read_direct_at(head, off) {
