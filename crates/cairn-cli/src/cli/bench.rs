@@ -28,6 +28,14 @@ pub struct BenchArgs {
     /// (default: one per core, at most four).
     #[arg(long, default_value_t = 0)]
     copy_threads: usize,
+    /// Threads that write, fsync and publish chunk files: the write queue
+    /// depth (default: the store's default).
+    #[arg(long)]
+    sync_threads: Option<usize>,
+    /// Threads that read chunks during the restore (default: the store's
+    /// default).
+    #[arg(long)]
+    read_threads: Option<usize>,
     /// Local-tier codec: raw, zstd or zstd:LEVEL.
     #[arg(long, default_value = "raw")]
     codec: CodecChoice,
@@ -104,6 +112,7 @@ impl BenchArgs {
 }
 
 pub fn run(a: BenchArgs) -> cairn::Result<i32> {
+    let defaults = StoreOptions::default();
     let cfg = BenchConfig {
         store: a.store,
         run: a.run,
@@ -113,8 +122,10 @@ pub fn run(a: BenchArgs) -> cairn::Result<i32> {
             chunk_size: a.chunk_size as usize,
             staging_bytes: a.staging.map_or(0, |st| st.bytes(a.size)) as usize,
             copy_threads: a.copy_threads,
+            sync_threads: a.sync_threads.unwrap_or(defaults.sync_threads),
+            read_threads: a.read_threads.unwrap_or(defaults.read_threads),
             codec: a.codec,
-            ..StoreOptions::default()
+            ..defaults
         },
     };
     let json = a.json;
