@@ -1,6 +1,7 @@
 //! The GCS and Azure tiers against their emulators (`scripts/test` starts
 //! them next to the S3 server): create-only manifest commits have exactly
-//! one winner among racing committers on every service, ranged reads and
+//! one winner among racing committers on every service (and a refused
+//! create with no manifest there yet is tried again), ranged reads and
 //! listings agree, and a missing bucket or container and a wrong
 //! credential fail at once with errors that name them.
 
@@ -11,8 +12,14 @@ mod azure;
 #[path = "common/gcs.rs"]
 mod gcs;
 
+use cairn::object_store::path::Path as ObjPath;
+use cairn::object_store::{
+    GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMode,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult,
+};
 use cairn::{ChunkTier, Error, ErrorKind, RemoteOptions, RemoteStore};
 use common::{open, state_for_step};
+use futures::stream::BoxStream;
 use std::sync::{Arc, Barrier};
 
 const COMMITTERS: usize = 6;
@@ -275,4 +282,154 @@ fn a_bad_gcs_service_account_fails_at_open_naming_it() {
     let msg = e.to_string();
     assert!(msg.contains(&missing.display().to_string()), "{msg}");
     assert!(msg.contains("GOOGLE_SERVICE_ACCOUNT"), "{msg}");
+}
+
+/// Answers the first create-only manifest puts the way services may while
+/// another writer's put of the same manifest is in flight, without storing
+/// anything: Azure's 412 (object_store's `Precondition`), then S3's 409
+/// `ConditionalRequestConflict` (object_store's `AlreadyExists`).
+#[derive(Debug)]
+struct Contended {
+    inner: Arc<dyn ObjectStore>,
+    refusals: std::sync::Mutex<Vec<&'static str>>,
+}
+
+impl std::fmt::Display for Contended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Contended({})", self.inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for Contended {
+    async fn put_opts(
+        &self,
+        location: &ObjPath,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        if matches!(opts.mode, PutMode::Create) {
+            if let Some(code) = self.refusals.lock().unwrap().pop() {
+                let source = format!("injected {code}").into();
+                let path = location.to_string();
+                return Err(match code {
+                    "412" => object_store::Error::Precondition { path, source },
+                    _ => object_store::Error::AlreadyExists { path, source },
+                });
+            }
+        }
+        self.inner.put_opts(location, payload, opts).await
+    }
+    async fn put_multipart_opts(
+        &self,
+        location: &ObjPath,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+    async fn get_opts(
+        &self,
+        location: &ObjPath,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+    async fn delete(&self, location: &ObjPath) -> object_store::Result<()> {
+        self.inner.delete(location).await
+    }
+    fn list(
+        &self,
+        prefix: Option<&ObjPath>,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&ObjPath>,
+    ) -> object_store::Result<ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+    async fn copy(&self, from: &ObjPath, to: &ObjPath) -> object_store::Result<()> {
+        self.inner.copy(from, to).await
+    }
+    async fn copy_if_not_exists(&self, from: &ObjPath, to: &ObjPath) -> object_store::Result<()> {
+        self.inner.copy_if_not_exists(from, to).await
+    }
+}
+
+/// A create-only commit refused while no manifest is there yet (a racing
+/// writer's put still in flight, or failed) is tried again and creates the
+/// manifest, on each service: it neither fails nor reports someone else's
+/// commit.
+#[test]
+fn a_refused_create_with_no_manifest_there_is_tried_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = &contenders(dir.path())[0][0];
+    for remote in [
+        common::s3::remote("contended", RemoteOptions::default()),
+        gcs::remote("contended", RemoteOptions::default()),
+        azure::remote("contended", RemoteOptions::default()),
+    ] {
+        let url = remote.url().to_string();
+        let wrapped = RemoteStore::new(
+            Arc::new(Contended {
+                inner: remote.object_store().clone(),
+                refusals: std::sync::Mutex::new(vec!["409", "412"]),
+            }),
+            ObjPath::from("ckpt"),
+            &url,
+            RemoteOptions::default(),
+        );
+        let r = ChunkTier::commit_manifest(&wrapped, "race", 0, bytes);
+        assert!(matches!(r, Ok(true)), "{url}: {r:?}");
+        assert_eq!(
+            &ChunkTier::manifest_bytes(&remote, "race", 0).unwrap(),
+            bytes,
+            "{url}"
+        );
+    }
+}
+
+/// Two stores under different prefixes of one Azure container are
+/// disjoint, and each keeps its objects under its own prefix: `az://c/a/b`
+/// is container `c`, prefix `a/b`.
+#[test]
+fn azure_prefixes_keep_stores_apart() {
+    let container = azure::new_container("prefix");
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let st = state_for_step(1, 1, 1 << 10);
+    store.save("r", 1, &st.view()).unwrap().wait().unwrap();
+    let bytes = ChunkTier::manifest_bytes(&store, "r", 1).unwrap();
+    let open_az = |prefix: &str| {
+        RemoteStore::open(
+            &format!("az://{container}/{prefix}"),
+            &azure::options(),
+            RemoteOptions::default(),
+        )
+        .unwrap()
+    };
+    let a = open_az("team-a/llama");
+    let b = open_az("team-b/llama");
+    assert!(ChunkTier::commit_manifest(&a, "r", 1, &bytes).unwrap());
+    assert_eq!(ChunkTier::runs(&a).unwrap(), vec!["r"]);
+    assert!(
+        ChunkTier::runs(&b).unwrap().is_empty(),
+        "a store under another prefix sees nothing of it"
+    );
+    let listed: Vec<String> = a
+        .block_on(async {
+            use futures::TryStreamExt;
+            a.object_store()
+                .list(None)
+                .map_ok(|m| m.location.to_string())
+                .try_collect::<Vec<_>>()
+                .await
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        listed,
+        vec!["team-a/llama/runs/r/00000000000000000001/manifest.cairn".to_string()]
+    );
 }

@@ -69,6 +69,10 @@ impl Default for RemoteOptions {
     }
 }
 
+/// How many times a create-only manifest put refused while no manifest is
+/// found is tried again (see [`RemoteStore::put_manifest`]).
+const MANIFEST_CONTENTION_RETRIES: u32 = 4;
+
 /// The shortest remote collection grace period the daemon and `cairn gc`
 /// accept: an upload must finish within a quarter of it (15 seconds), and
 /// node clocks must agree to within an eighth of it.
@@ -166,8 +170,16 @@ impl RemoteStore {
         }
         let parsed = url::Url::parse(url)
             .map_err(|e| Error::invalid("remote URL", format!("{url:?}: {e}")))?;
-        let (scheme, prefix) = ObjectStoreScheme::parse(&parsed)
+        let (scheme, mut prefix) = ObjectStoreScheme::parse(&parsed)
             .map_err(|e| Error::invalid("remote URL", format!("{url:?}: {e}")))?;
+        // object_store's URL parsing drops the first path segment of an
+        // `az://` URL (as if it named the container), while its Azure
+        // builder takes the container from the host: `az://c/a/b` is
+        // container `c`, prefix `a/b`, not `b`.
+        if parsed.scheme() == "az" {
+            prefix = ObjPath::from_url_path(parsed.path())
+                .map_err(|e| Error::invalid("remote URL", format!("{url:?}: {e}")))?;
+        }
         let bad_key = |k: &str, e: object_store::Error| {
             Error::invalid("remote option", format!("{k:?}: {e}"))
         };
@@ -579,7 +591,10 @@ impl RemoteStore {
 
     /// Commit a manifest: put it only if absent. Returns `Ok(true)` if this
     /// call created it, `Ok(false)` if an identical manifest was already
-    /// there; a different one is an `AlreadyExists` error.
+    /// there; a different one is an `AlreadyExists` error. The services
+    /// refuse a create-only put differently (S3 412 or 409, GCS 412, Azure
+    /// 409 or 412); every refusal is resolved by reading the manifest that
+    /// is there, and a refusal while none is found yet is tried again.
     pub async fn put_manifest(&self, run: &str, step: u64, bytes: bytes::Bytes) -> Result<bool> {
         validate_run_name(run)?;
         let path = self.manifest_path(run, step);
@@ -593,45 +608,61 @@ impl RemoteStore {
                 format!("names run {} step {}, not its location", m.run, m.step),
             ));
         }
-        let r = self
-            .retry(|| {
-                let bytes = bytes.clone();
-                let path = &path;
-                async move {
-                    self.inner
-                        .put_opts(
-                            path,
-                            PutPayload::from(bytes),
-                            PutOptions {
-                                mode: PutMode::Create,
-                                ..Default::default()
-                            },
-                        )
-                        .await
-                        .map_err(|e| Error::remote("put manifest", path, e))
+        // A refused create-only put means another writer's manifest is
+        // there, or was being written: S3 and Azure can answer a put that
+        // races another one with 409 (`ConditionalRequestConflict`) or 412
+        // while no object is visible yet, and that writer may still fail.
+        // So the put is tried again, a few times, while none is found.
+        let mut contended = 0u32;
+        loop {
+            let r = self
+                .retry(|| {
+                    let bytes = bytes.clone();
+                    let path = &path;
+                    async move {
+                        self.inner
+                            .put_opts(
+                                path,
+                                PutPayload::from(bytes),
+                                PutOptions {
+                                    mode: PutMode::Create,
+                                    ..Default::default()
+                                },
+                            )
+                            .await
+                            .map_err(|e| Error::remote("put manifest", path, e))
+                    }
+                })
+                .await;
+            match r {
+                Ok(_) => {
+                    self.metrics.add_manifest();
+                    return Ok(true);
                 }
-            })
-            .await;
-        match r {
-            Ok(_) => {
-                self.metrics.add_manifest();
-                Ok(true)
+                Err(Error::Remote {
+                    source:
+                        object_store::Error::AlreadyExists { .. }
+                        | object_store::Error::Precondition { .. },
+                    ..
+                }) => match self.get_manifest_object(&path).await {
+                    Ok(existing) if existing == bytes => return Ok(false),
+                    Ok(_) => {
+                        return Err(Error::AlreadyExists {
+                            run: run.to_string(),
+                            step,
+                        })
+                    }
+                    Err(Error::Remote {
+                        source: object_store::Error::NotFound { .. },
+                        ..
+                    }) if contended < MANIFEST_CONTENTION_RETRIES => {
+                        contended += 1;
+                        tokio::time::sleep(std::time::Duration::from_millis(50 << contended)).await;
+                    }
+                    Err(e) => return Err(e),
+                },
+                Err(e) => return Err(e),
             }
-            Err(Error::Remote {
-                source: object_store::Error::AlreadyExists { .. },
-                ..
-            }) => {
-                let existing = self.get_manifest_object(&path).await?;
-                if existing == bytes {
-                    Ok(false)
-                } else {
-                    Err(Error::AlreadyExists {
-                        run: run.to_string(),
-                        step,
-                    })
-                }
-            }
-            Err(e) => Err(e),
         }
     }
 
