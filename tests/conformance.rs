@@ -1,8 +1,8 @@
 //! One conformance suite for every tier. The same checks run unchanged
 //! against a local directory (`Store`), a `file://` remote, object_store's
-//! `InMemory`, and the loopback S3 server `scripts/test` starts: whatever a
-//! copy, an upload, a restore, a verification or a collection relies on
-//! from [`ChunkTier`] must hold on each of them.
+//! `InMemory`, and the loopback S3, GCS and Azure emulators `scripts/test`
+//! starts: whatever a copy, an upload, a restore, a verification or a
+//! collection relies on from [`ChunkTier`] must hold on each of them.
 
 mod common;
 
@@ -271,5 +271,23 @@ fn in_memory() {
 #[test]
 fn s3_server() {
     let t = common::s3::remote("conformance", RemoteOptions::default());
+    conformance(&t, "grace");
+}
+
+#[path = "common/gcs.rs"]
+mod gcs;
+
+#[path = "common/azure.rs"]
+mod azure;
+
+#[test]
+fn gcs_emulator() {
+    let t = gcs::remote("conformance", RemoteOptions::default());
+    conformance(&t, "grace");
+}
+
+#[test]
+fn azure_emulator() {
+    let t = azure::remote("conformance", RemoteOptions::default());
     conformance(&t, "grace");
 }

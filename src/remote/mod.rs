@@ -69,6 +69,10 @@ impl Default for RemoteOptions {
     }
 }
 
+/// How many times a create-only manifest put refused while no manifest is
+/// found is tried again (see [`RemoteStore::put_manifest`]).
+const MANIFEST_CONTENTION_RETRIES: u32 = 4;
+
 /// The shortest remote collection grace period the daemon and `cairn gc`
 /// accept: an upload must finish within a quarter of it (15 seconds), and
 /// node clocks must agree to within an eighth of it.
@@ -166,8 +170,16 @@ impl RemoteStore {
         }
         let parsed = url::Url::parse(url)
             .map_err(|e| Error::invalid("remote URL", format!("{url:?}: {e}")))?;
-        let (scheme, prefix) = ObjectStoreScheme::parse(&parsed)
+        let (scheme, mut prefix) = ObjectStoreScheme::parse(&parsed)
             .map_err(|e| Error::invalid("remote URL", format!("{url:?}: {e}")))?;
+        // object_store's URL parsing drops the first path segment of an
+        // `az://` URL (as if it named the container), while its Azure
+        // builder takes the container from the host: `az://c/a/b` is
+        // container `c`, prefix `a/b`, not `b`.
+        if parsed.scheme() == "az" {
+            prefix = ObjPath::from_url_path(parsed.path())
+                .map_err(|e| Error::invalid("remote URL", format!("{url:?}: {e}")))?;
+        }
         let bad_key = |k: &str, e: object_store::Error| {
             Error::invalid("remote option", format!("{k:?}: {e}"))
         };
@@ -240,12 +252,25 @@ impl RemoteStore {
             }
             ObjectStoreScheme::GoogleCloudStorage => {
                 use object_store::gcp::GoogleConfigKey;
-                let (b, _, _) = http_backend!(
-                    object_store::gcp::GoogleCloudStorageBuilder::from_env(),
-                    GoogleConfigKey,
-                    "GOOGLE"
-                );
-                Arc::new(b.build().map_err(bad_config)?)
+                let (mut b, _, _) =
+                    http_backend!(gcs_builder_from_env(options), GoogleConfigKey, "GOOGLE");
+                let source = gcs_credential_source(&b);
+                if source.is_none() {
+                    if let Some(key) = gcs_emulator_key()? {
+                        b = b.with_config(GoogleConfigKey::ServiceAccountKey, key);
+                    }
+                }
+                Arc::new(b.build().map_err(|e| {
+                    let what = source.unwrap_or_else(|| {
+                        "application default credentials (GOOGLE_APPLICATION_CREDENTIALS \
+                         or the metadata server)"
+                            .to_string()
+                    });
+                    Error::invalid(
+                        "remote configuration",
+                        format!("{url}: {e} (credentials from the {what})"),
+                    )
+                })?)
             }
             ObjectStoreScheme::MicrosoftAzure => {
                 use object_store::azure::AzureConfigKey;
@@ -254,10 +279,23 @@ impl RemoteStore {
                     AzureConfigKey,
                     "AZURE"
                 );
-                // The emulator is plain HTTP and allowed as such.
+                // The emulator is plain HTTP and allowed as such. Its
+                // address comes from AZURITE_BLOB_STORAGE_URL only: object_store
+                // ignores `endpoint` then, so one given is refused rather
+                // than silently unused.
                 let emulator = b.get_config_value(&AzureConfigKey::UseEmulator);
                 if !matches!(emulator.as_deref(), Some("true" | "1" | "on" | "yes" | "y")) {
                     check_http(b.get_config_value(&AzureConfigKey::Endpoint), allow, env)?;
+                } else if let Some(ep) = b.get_config_value(&AzureConfigKey::Endpoint) {
+                    return Err(Error::invalid(
+                        "remote option endpoint",
+                        format!(
+                            "{ep} is ignored with use_emulator (AZURE_STORAGE_USE_EMULATOR): \
+                             set AZURITE_BLOB_STORAGE_URL={ep} for the emulator's address, or \
+                             drop use_emulator and give account_name and access_key with the \
+                             endpoint (http://HOST:PORT/ACCOUNT for Azurite)"
+                        ),
+                    ));
                 }
                 Arc::new(b.build().map_err(bad_config)?)
             }
@@ -423,29 +461,52 @@ impl RemoteStore {
             return e;
         };
         let text = error_chain_text(&source);
+        let status = retry::http_status(&source);
+        let azure = self.url.starts_with("az://")
+            || self.url.starts_with("azure://")
+            || self.url.starts_with("abfs");
         if text.contains("NoSuchBucket")
             || text.contains("ContainerNotFound")
             || text.contains("The specified bucket does not exist")
-            || (op.starts_with("list") && retry::http_status(&source) == Some(404))
+            || (op.starts_with("list") && status == Some(404))
         {
             return Error::NotFound {
                 what: format!(
-                    "bucket {:?} of {}: create it, or correct the URL",
+                    "{} {:?} of {}: create it, or correct the URL",
+                    if azure { "container" } else { "bucket" },
                     self.bucket(),
                     self.url
                 ),
             };
         }
-        let status = retry::http_status(&source);
+        // A credential the service rejects: Azure answers 403
+        // AuthenticationFailed (Azurite: AuthorizationFailure), S3 403
+        // SignatureDoesNotMatch or InvalidAccessKeyId, GCS 401. Named with
+        // the variables that set it.
+        let credential_code = [
+            "AuthenticationFailed",
+            "AuthorizationFailure",
+            "SignatureDoesNotMatch",
+            "InvalidAccessKeyId",
+            "InvalidAuthenticationInfo",
+        ]
+        .into_iter()
+        .find(|c| text.contains(c));
         let refused = match (&source, status) {
+            (_, Some(s @ (401 | 403))) if credential_code.is_some() => Some((
+                format!(
+                    "the credentials were rejected (HTTP {s} {})",
+                    credential_code.unwrap_or_default()
+                ),
+                credential_hint(&self.url),
+            )),
             (object_store::Error::PermissionDenied { .. }, _) | (_, Some(403)) => Some((
                 "access denied (HTTP 403)".to_string(),
                 "check that the credentials in use may access this bucket and prefix",
             )),
             (object_store::Error::Unauthenticated { .. }, _) | (_, Some(401)) => Some((
                 "not authenticated (HTTP 401)".to_string(),
-                "check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, \
-                 GOOGLE_SERVICE_ACCOUNT, AZURE_STORAGE_ACCOUNT_KEY or --remote-option)",
+                credential_hint(&self.url),
             )),
             (object_store::Error::Generic { .. }, Some(s))
                 if (400..500).contains(&s) && s != 404 && s != 408 && s != 429 =>
@@ -530,7 +591,10 @@ impl RemoteStore {
 
     /// Commit a manifest: put it only if absent. Returns `Ok(true)` if this
     /// call created it, `Ok(false)` if an identical manifest was already
-    /// there; a different one is an `AlreadyExists` error.
+    /// there; a different one is an `AlreadyExists` error. The services
+    /// refuse a create-only put differently (S3 412 or 409, GCS 412, Azure
+    /// 409 or 412); every refusal is resolved by reading the manifest that
+    /// is there, and a refusal while none is found yet is tried again.
     pub async fn put_manifest(&self, run: &str, step: u64, bytes: bytes::Bytes) -> Result<bool> {
         validate_run_name(run)?;
         let path = self.manifest_path(run, step);
@@ -544,45 +608,61 @@ impl RemoteStore {
                 format!("names run {} step {}, not its location", m.run, m.step),
             ));
         }
-        let r = self
-            .retry(|| {
-                let bytes = bytes.clone();
-                let path = &path;
-                async move {
-                    self.inner
-                        .put_opts(
-                            path,
-                            PutPayload::from(bytes),
-                            PutOptions {
-                                mode: PutMode::Create,
-                                ..Default::default()
-                            },
-                        )
-                        .await
-                        .map_err(|e| Error::remote("put manifest", path, e))
+        // A refused create-only put means another writer's manifest is
+        // there, or was being written: S3 and Azure can answer a put that
+        // races another one with 409 (`ConditionalRequestConflict`) or 412
+        // while no object is visible yet, and that writer may still fail.
+        // So the put is tried again, a few times, while none is found.
+        let mut contended = 0u32;
+        loop {
+            let r = self
+                .retry(|| {
+                    let bytes = bytes.clone();
+                    let path = &path;
+                    async move {
+                        self.inner
+                            .put_opts(
+                                path,
+                                PutPayload::from(bytes),
+                                PutOptions {
+                                    mode: PutMode::Create,
+                                    ..Default::default()
+                                },
+                            )
+                            .await
+                            .map_err(|e| Error::remote("put manifest", path, e))
+                    }
+                })
+                .await;
+            match r {
+                Ok(_) => {
+                    self.metrics.add_manifest();
+                    return Ok(true);
                 }
-            })
-            .await;
-        match r {
-            Ok(_) => {
-                self.metrics.add_manifest();
-                Ok(true)
+                Err(Error::Remote {
+                    source:
+                        object_store::Error::AlreadyExists { .. }
+                        | object_store::Error::Precondition { .. },
+                    ..
+                }) => match self.get_manifest_object(&path).await {
+                    Ok(existing) if existing == bytes => return Ok(false),
+                    Ok(_) => {
+                        return Err(Error::AlreadyExists {
+                            run: run.to_string(),
+                            step,
+                        })
+                    }
+                    Err(Error::Remote {
+                        source: object_store::Error::NotFound { .. },
+                        ..
+                    }) if contended < MANIFEST_CONTENTION_RETRIES => {
+                        contended += 1;
+                        tokio::time::sleep(std::time::Duration::from_millis(50 << contended)).await;
+                    }
+                    Err(e) => return Err(e),
+                },
+                Err(e) => return Err(e),
             }
-            Err(Error::Remote {
-                source: object_store::Error::AlreadyExists { .. },
-                ..
-            }) => {
-                let existing = self.get_manifest_object(&path).await?;
-                if existing == bytes {
-                    Ok(false)
-                } else {
-                    Err(Error::AlreadyExists {
-                        run: run.to_string(),
-                        step,
-                    })
-                }
-            }
-            Err(e) => Err(e),
         }
     }
 
@@ -799,6 +879,117 @@ impl RemoteStore {
             }
         })
         .await
+    }
+}
+
+/// object_store's `GoogleCloudStorageBuilder::from_env`, except that a
+/// service-account file, key or application-credentials file given in
+/// `options` replaces every one of those the environment names (object_store
+/// refuses a file and a key together, so the option could not win
+/// otherwise).
+fn gcs_builder_from_env(
+    options: &[(String, String)],
+) -> object_store::gcp::GoogleCloudStorageBuilder {
+    use object_store::gcp::GoogleConfigKey as K;
+    let is_credential = |k: &K| {
+        matches!(
+            k,
+            K::ServiceAccount | K::ServiceAccountKey | K::ApplicationCredentials
+        )
+    };
+    let option_credentials = options
+        .iter()
+        .any(|(k, _)| k.parse::<K>().is_ok_and(|k| is_credential(&k)));
+    if !option_credentials {
+        return object_store::gcp::GoogleCloudStorageBuilder::from_env();
+    }
+    let mut b = object_store::gcp::GoogleCloudStorageBuilder::new();
+    for (key, value) in std::env::vars() {
+        if key.starts_with("GOOGLE_") {
+            if let Ok(k) = key.to_ascii_lowercase().parse::<K>() {
+                if !is_credential(&k) {
+                    b = b.with_config(k, value);
+                }
+            }
+        }
+    }
+    b
+}
+
+/// Where the credentials of a `gs://` store come from, when the user set
+/// them: a service-account file or key (variable or option).
+fn gcs_credential_source(b: &object_store::gcp::GoogleCloudStorageBuilder) -> Option<String> {
+    use object_store::gcp::GoogleConfigKey as K;
+    if let Some(path) = b.get_config_value(&K::ServiceAccount) {
+        return Some(format!(
+            "service account file {path} (GOOGLE_SERVICE_ACCOUNT or --remote-option \
+             service_account)"
+        ));
+    }
+    if b.get_config_value(&K::ServiceAccountKey).is_some() {
+        return Some(
+            "service account key (GOOGLE_SERVICE_ACCOUNT_KEY or --remote-option \
+             service_account_key)"
+                .to_string(),
+        );
+    }
+    b.get_config_value(&K::ApplicationCredentials).map(|path| {
+        format!(
+            "application credentials file {path} (GOOGLE_APPLICATION_CREDENTIALS or \
+             --remote-option application_credentials)"
+        )
+    })
+}
+
+/// The service-account key that points object_store's GCS client at the
+/// emulator named by `STORAGE_EMULATOR_HOST` (the variable Google's own
+/// client libraries read; `host:port` or a URL), with OAuth off. `None`
+/// when the variable is unset or empty.
+fn gcs_emulator_key() -> Result<Option<String>> {
+    let host = match std::env::var("STORAGE_EMULATOR_HOST") {
+        Ok(h) if !h.trim().is_empty() => h.trim().trim_end_matches('/').to_string(),
+        _ => return Ok(None),
+    };
+    let base = if host.contains("://") {
+        host
+    } else {
+        format!("http://{host}")
+    };
+    if url::Url::parse(&base).is_err() {
+        return Err(Error::invalid(
+            "STORAGE_EMULATOR_HOST",
+            format!("{base:?} is not a URL or host:port"),
+        ));
+    }
+    let key = serde_json::json!({
+        "gcs_base_url": base,
+        "disable_oauth": true,
+        "client_email": "",
+        "private_key": "",
+        "private_key_id": "",
+    });
+    Ok(Some(key.to_string()))
+}
+
+/// What to check when a store rejects the credentials, by URL scheme.
+fn credential_hint(url: &str) -> &'static str {
+    match url.split_once("://").map(|(s, _)| s) {
+        Some("s3" | "s3a") => {
+            "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or --remote-option \
+             access_key_id/secret_access_key)"
+        }
+        Some("gs") => {
+            "check the service account: GOOGLE_SERVICE_ACCOUNT, GOOGLE_SERVICE_ACCOUNT_KEY or \
+             GOOGLE_APPLICATION_CREDENTIALS (or --remote-option service_account/service_account_key)"
+        }
+        Some("az" | "azure" | "abfs" | "abfss") => {
+            "check AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY or \
+             AZURE_STORAGE_SAS_KEY (or --remote-option account_name/access_key/sas_key)"
+        }
+        _ => {
+            "check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, \
+             GOOGLE_SERVICE_ACCOUNT, AZURE_STORAGE_ACCOUNT_KEY or --remote-option)"
+        }
     }
 }
 

@@ -1,0 +1,328 @@
+//! GCS and Azure configuration as each ecosystem does it, against the
+//! emulators `scripts/test` starts: the standard variables alone
+//! (`GOOGLE_SERVICE_ACCOUNT`, `STORAGE_EMULATOR_HOST`; `AZURE_STORAGE_*`,
+//! `AZURE_STORAGE_USE_EMULATOR` with `AZURITE_BLOB_STORAGE_URL`) configure
+//! `cairn ls`, `cairn restore --to` and `cairn daemon`; `--remote-option`
+//! merges with them and wins; a wrong credential and a missing bucket or
+//! container fail at once with a message naming them.
+
+#[path = "../../../tests/common/azure.rs"]
+mod azure;
+#[path = "../../../tests/common/gcs.rs"]
+mod gcs;
+
+use cairn::{DType, SaveState, StepSel, Store, StoreOptions, TensorFilter};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `cairn` command whose environment holds no inherited cloud variable,
+/// and exactly the ones given.
+fn cairn(vars: &[(&str, String)]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cairn"));
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("AWS_")
+            || k.starts_with("GOOGLE_")
+            || k.starts_with("AZURE_")
+            || k == "AZURITE_BLOB_STORAGE_URL"
+            || k == "STORAGE_EMULATOR_HOST"
+            || k == "SERVICE_ACCOUNT"
+        {
+            c.env_remove(&*k);
+        }
+    }
+    for (k, v) in vars {
+        c.env(k, v);
+    }
+    c
+}
+
+fn run(c: &mut Command, args: &[&str]) -> Output {
+    c.args(args).output().expect("run cairn")
+}
+
+/// Run, expecting exit status 1; returns stderr and prints the time taken.
+fn fails(c: &mut Command, args: &[&str], what: &str) -> String {
+    let t = Instant::now();
+    let o = run(c, args);
+    eprintln!("{what}: failed in {:?}", t.elapsed());
+    assert_eq!(o.status.code(), Some(1), "{what}: {}", stderr(&o));
+    stderr(&o)
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn data(step: u64) -> Vec<u8> {
+    (0..200_000u32)
+        .map(|i| (i as u64).wrapping_mul(step * 31 + 5) as u8)
+        .collect()
+}
+
+fn opts() -> StoreOptions {
+    StoreOptions {
+        chunk_size: 64 << 10,
+        staging_bytes: 4 << 20,
+        ..StoreOptions::default()
+    }
+}
+
+fn local_store(dir: &Path) -> std::path::PathBuf {
+    let local = dir.join("local");
+    let store = Store::open(&local, opts()).unwrap();
+    for step in [1, 2] {
+        let d = data(step);
+        let st = SaveState::new().tensor("w", DType::U8, &[d.len() as u64], &d);
+        store.save("r", step, &st).unwrap().wait().unwrap();
+    }
+    local
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn remote_steps(env: &[(&str, String)], url: &str) -> Option<Vec<u64>> {
+    let o = run(&mut cairn(env), &["ls", url, "--json"]);
+    if !o.status.success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+    Some(
+        v.as_array()?
+            .iter()
+            .filter_map(|e| e["step"].as_u64())
+            .collect(),
+    )
+}
+
+/// The daemon, configured by `daemon_env` alone, uploads steps 1 and 2;
+/// then `ls` and `restore --to` configured by `read_env` alone see them.
+fn daemon_ls_restore(url: &str, daemon_env: &[(&str, String)], read_env: &[(&str, String)]) {
+    let dir = tempfile::tempdir().unwrap();
+    let local = local_store(dir.path());
+    let o = run(&mut cairn(read_env), &["ls", url, "--json"]);
+    assert!(o.status.success(), "{url}: ls: {}", stderr(&o));
+
+    let port = free_port();
+    let log = dir.path().join("daemon.log");
+    let mut child = cairn(daemon_env)
+        .args([
+            "daemon",
+            local.to_str().unwrap(),
+            "--remote",
+            url,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--poll-interval",
+            "50ms",
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    let mut steps = None;
+    while t.elapsed() < Duration::from_secs(60) {
+        if let Some(s) = remote_steps(read_env, url).filter(|s| s == &[1, 2]) {
+            steps = Some(s);
+            break;
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    assert_eq!(
+        steps,
+        Some(vec![1, 2]),
+        "{url}: daemon log: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+
+    let target = dir.path().join("restored");
+    let o = run(
+        &mut cairn(read_env),
+        &[
+            "restore",
+            url,
+            "--run",
+            "r",
+            "--step",
+            "latest",
+            "--to",
+            target.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{url}: restore --to: {}", stderr(&o));
+    let s = Store::open_read_only(&target, opts()).unwrap();
+    let got = s
+        .restore("r", StepSel::Step(2), &TensorFilter::All)
+        .unwrap();
+    assert_eq!(got.tensor("w").unwrap().data, data(2), "{url}");
+}
+
+/// A service-account file naming the emulator, in `dir`.
+fn gcs_service_account_file(dir: &Path) -> String {
+    let path = dir.join("service-account.json");
+    std::fs::write(&path, gcs::service_account_key()).unwrap();
+    path.display().to_string()
+}
+
+/// Azurite's account through the standard account variables.
+fn azure_account_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("AZURE_STORAGE_ACCOUNT_NAME", azure::ACCOUNT.into()),
+        ("AZURE_STORAGE_ACCOUNT_KEY", azure::KEY.into()),
+        (
+            "AZURE_STORAGE_ENDPOINT",
+            format!("{}/{}", azure::endpoint(), azure::ACCOUNT),
+        ),
+        ("AZURE_ALLOW_HTTP", "true".into()),
+    ]
+}
+
+/// The emulator switch and Azurite's address, nothing else.
+fn azure_emulator_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("AZURE_STORAGE_USE_EMULATOR", "true".into()),
+        ("AZURITE_BLOB_STORAGE_URL", azure::endpoint()),
+    ]
+}
+
+#[test]
+fn standard_google_variables_alone_configure_ls_restore_and_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let sa = gcs_service_account_file(dir.path());
+    let bucket = gcs::new_bucket("envcfg");
+    let url = format!("gs://{bucket}/ckpt");
+    let emulator_host = gcs::endpoint().trim_start_matches("http://").to_string();
+    daemon_ls_restore(
+        &url,
+        &[("GOOGLE_SERVICE_ACCOUNT", sa)],
+        &[("STORAGE_EMULATOR_HOST", emulator_host)],
+    );
+}
+
+#[test]
+fn standard_azure_variables_alone_configure_ls_restore_and_the_daemon() {
+    let container = azure::new_container("envcfg");
+    let url = format!("az://{container}/ckpt");
+    daemon_ls_restore(&url, &azure_emulator_env(), &azure_account_env());
+}
+
+#[test]
+fn remote_options_merge_with_the_google_and_azure_variables_and_win() {
+    let dir = tempfile::tempdir().unwrap();
+    // GCS: a key given as an option replaces a file named by the
+    // environment (object_store alone refuses the two together).
+    let bucket = gcs::new_bucket("merge");
+    let url = format!("gs://{bucket}/ckpt");
+    let missing = dir.path().join("no-such-file.json").display().to_string();
+    let env = [("GOOGLE_SERVICE_ACCOUNT", missing.clone())];
+    let e = fails(
+        &mut cairn(&env),
+        &["ls", &url],
+        "gcs: missing service-account file",
+    );
+    assert!(
+        e.contains(&missing) && e.contains("GOOGLE_SERVICE_ACCOUNT"),
+        "{e}"
+    );
+    let key = format!("service_account_key={}", gcs::service_account_key());
+    let o = run(&mut cairn(&env), &["ls", &url, "--remote-option", &key]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // Azure: a wrong key in an option wins over the right one in the
+    // environment, and the other way round.
+    let container = azure::new_container("merge");
+    let url = format!("az://{container}/ckpt");
+    let wrong = "access_key=d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXk=";
+    let e = fails(
+        &mut cairn(&azure_account_env()),
+        &["ls", &url, "--remote-option", wrong],
+        "azure: wrong key in an option",
+    );
+    assert!(e.contains("AZURE_STORAGE_ACCOUNT_KEY"), "{e}");
+    let mut wrong_env = azure_account_env();
+    wrong_env[1].1 = "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXk=".into();
+    let right = format!("access_key={}", azure::KEY);
+    let o = run(
+        &mut cairn(&wrong_env),
+        &["ls", &url, "--remote-option", &right],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The emulator switch with an endpoint option: the endpoint would be
+    // ignored, so it is refused, naming the variable to set instead.
+    let e = fails(
+        &mut cairn(&azure_emulator_env()),
+        &[
+            "ls",
+            &url,
+            "--remote-option",
+            "endpoint=http://127.0.0.1:1/devstoreaccount1",
+        ],
+        "azure: endpoint with use_emulator",
+    );
+    assert!(e.contains("AZURITE_BLOB_STORAGE_URL"), "{e}");
+}
+
+#[test]
+fn a_wrong_credential_or_a_missing_bucket_fails_at_once_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // GCS: a service-account file whose key is not a key.
+    let bad = dir.path().join("bad-service-account.json");
+    std::fs::write(
+        &bad,
+        r#"{"client_email":"x@y","private_key":"not a key","private_key_id":"k"}"#,
+    )
+    .unwrap();
+    let bucket = gcs::new_bucket("cred");
+    let url = format!("gs://{bucket}/ckpt");
+    let e = fails(
+        &mut cairn(&[("GOOGLE_SERVICE_ACCOUNT", bad.display().to_string())]),
+        &["ls", &url],
+        "gcs: broken service-account key",
+    );
+    assert!(e.contains(&bad.display().to_string()), "{e}");
+    // GCS: a bucket that does not exist.
+    let missing = gcs::bucket_name("missing");
+    let sa = gcs_service_account_file(dir.path());
+    let e = fails(
+        &mut cairn(&[("GOOGLE_SERVICE_ACCOUNT", sa)]),
+        &["ls", &format!("gs://{missing}/ckpt")],
+        "gcs: missing bucket",
+    );
+    assert!(e.contains(&format!("bucket \"{missing}\"")), "{e}");
+    assert!(e.contains("create it"), "{e}");
+
+    // Azure: a wrong account key.
+    let container = azure::new_container("cred");
+    let mut env = azure_account_env();
+    env[1].1 = "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXk=".into();
+    let e = fails(
+        &mut cairn(&env),
+        &["ls", &format!("az://{container}/ckpt")],
+        "azure: wrong key",
+    );
+    assert!(e.contains("credentials were rejected"), "{e}");
+    assert!(e.contains("AZURE_STORAGE_ACCOUNT_KEY"), "{e}");
+    // Azure: a container that does not exist.
+    let missing = azure::container_name("missing");
+    let e = fails(
+        &mut cairn(&azure_account_env()),
+        &["ls", &format!("az://{missing}/ckpt")],
+        "azure: missing container",
+    );
+    assert!(e.contains(&format!("container \"{missing}\"")), "{e}");
+    assert!(e.contains("create it"), "{e}");
+}
