@@ -29,6 +29,25 @@ struct Entry {
     chunks: usize,
     /// Tiers known to hold it.
     tiers: Vec<String>,
+    /// Training metrics stored with it (non-finite ones as null).
+    #[serde(with = "metrics_json")]
+    metrics: std::collections::BTreeMap<String, f64>,
+}
+
+/// Metrics in the JSON listing: non-finite values as null.
+mod metrics_json {
+    use serde::Serialize;
+    use std::collections::BTreeMap;
+
+    pub fn serialize<S: serde::Serializer>(
+        m: &BTreeMap<String, f64>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        m.iter()
+            .map(|(k, v)| (k, v.is_finite().then_some(*v)))
+            .collect::<BTreeMap<_, _>>()
+            .serialize(s)
+    }
 }
 
 /// A checkpoint (or, without a step, a run) that could not be read.
@@ -50,6 +69,7 @@ enum Row<'a> {
 pub fn run(
     location: &str,
     run_filter: Option<&str>,
+    metric_filter: Option<&cairn::MetricFilter>,
     json: bool,
     raw_opts: &[String],
 ) -> cairn::Result<i32> {
@@ -98,6 +118,9 @@ pub fn run(
                     continue;
                 }
             };
+            if metric_filter.is_some_and(|f| !f.matches(&m.metrics)) {
+                continue;
+            }
             let chunks = m.distinct_chunks();
             let unique: u64 = chunks.iter().map(|c| c.1).sum();
             let stored: u64 = chunks
@@ -145,6 +168,7 @@ pub fn run(
                 },
                 chunks: chunks.len(),
                 tiers,
+                metrics: m.metrics,
             });
         }
     }
@@ -161,10 +185,14 @@ pub fn run(
             .collect();
         print_json(&rows)?;
     } else if out.is_empty() && bad.is_empty() {
-        outln!("no checkpoints in {}", tier.location());
+        match metric_filter {
+            Some(f) => outln!("no checkpoints matching {f} in {}", tier.location()),
+            None => outln!("no checkpoints in {}", tier.location()),
+        }
     } else if !out.is_empty() {
+        let with_metrics = out.iter().any(|e| !e.metrics.is_empty());
         outln!(
-            "{:<20} {:>10} {:<20} {:>8} {:>10} {:>10} {:>10} {:>6} {:>6}  TIERS",
+            "{:<20} {:>10} {:<20} {:>8} {:>10} {:>10} {:>10} {:>6} {:>6}  TIERS{}",
             "RUN",
             "STEP",
             "CREATED",
@@ -173,11 +201,12 @@ pub fn run(
             "STORED",
             "NEW",
             "DEDUP",
-            "COMPR"
+            "COMPR",
+            if with_metrics { "  METRICS" } else { "" }
         );
         for e in &out {
             outln!(
-                "{:<20} {:>10} {:<20} {:>8} {:>10} {:>10} {:>10} {:>5.2}x {:>5.2}x  {}",
+                "{:<20} {:>10} {:<20} {:>8} {:>10} {:>10} {:>10} {:>5.2}x {:>5.2}x  {}{}",
                 e.run,
                 e.step,
                 e.created,
@@ -187,7 +216,8 @@ pub fn run(
                 human(e.new_stored_bytes),
                 e.dedup_ratio,
                 e.compression_ratio,
-                e.tiers.join(", ")
+                e.tiers.join(", "),
+                metrics_text(&e.metrics)
             );
         }
     }
@@ -200,6 +230,15 @@ pub fn run(
         }
     }
     Ok(if bad.is_empty() { 0 } else { 1 })
+}
+
+/// `  loss=2.31 grad_norm=0.9`, or nothing without metrics.
+fn metrics_text(m: &std::collections::BTreeMap<String, f64>) -> String {
+    if m.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("  {}", parts.join(" "))
 }
 
 fn upload_url(store: &cairn::Store, run: &str, step: u64) -> Option<String> {
