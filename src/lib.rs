@@ -76,8 +76,8 @@ pub use format::manifest::{BlobEntry, ChunkRef, EntryRef, Manifest, ShardInfo, T
 pub use gc::GcReport;
 pub use layout::validate_run_name;
 pub use metrics::{
-    latest_matching, validate_metric_name, MetricCondition, MetricFilter, MetricOp, MAX_METRICS,
-    MAX_METRIC_NAME,
+    latest_matching, validate_metric_name, MetricCondition, MetricFilter, MetricOp, Metrics,
+    MAX_METRICS, MAX_METRIC_NAME,
 };
 pub use remote::{
     check_remote_gc_grace, RemoteMetrics, RemoteMetricsSnapshot, RemoteOptions, RemoteStore,

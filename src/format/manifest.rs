@@ -60,12 +60,8 @@ pub struct Manifest {
     /// Training metrics (loss, grad norm, ...) by name; optional, absent
     /// from the JSON when empty. Non-finite values are stored as `null` and
     /// read back as NaN.
-    #[serde(
-        default,
-        skip_serializing_if = "std::collections::BTreeMap::is_empty",
-        with = "crate::metrics::finite_or_null"
-    )]
-    pub metrics: std::collections::BTreeMap<String, f64>,
+    #[serde(default, skip_serializing_if = "crate::metrics::Metrics::is_empty")]
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Where a tensor shard sits in its global tensor.

@@ -168,7 +168,7 @@ pub fn run(
                 },
                 chunks: chunks.len(),
                 tiers,
-                metrics: m.metrics,
+                metrics: m.metrics.0,
             });
         }
     }
