@@ -136,6 +136,7 @@ def test_steps_latest_load_names_blobs_metadata(store):
     assert store.latest("r") == 10
     assert store.latest("nobody") is None
     assert store.runs() == ["r"]
+    assert cairn.__version__ == "0.1.0"
     out = store.load("r")
     assert out["w"].tolist() == [10] * 4
     assert store.load("r", 7, names=["w"])["w"].tolist() == [7] * 4

@@ -30,24 +30,7 @@ struct Entry {
     /// Tiers known to hold it.
     tiers: Vec<String>,
     /// Training metrics stored with it (non-finite ones as null).
-    #[serde(with = "metrics_json")]
-    metrics: std::collections::BTreeMap<String, f64>,
-}
-
-/// Metrics in the JSON listing: non-finite values as null.
-mod metrics_json {
-    use serde::Serialize;
-    use std::collections::BTreeMap;
-
-    pub fn serialize<S: serde::Serializer>(
-        m: &BTreeMap<String, f64>,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        m.iter()
-            .map(|(k, v)| (k, v.is_finite().then_some(*v)))
-            .collect::<BTreeMap<_, _>>()
-            .serialize(s)
-    }
+    metrics: cairn::Metrics,
 }
 
 /// A checkpoint (or, without a step, a run) that could not be read.
@@ -118,9 +101,6 @@ pub fn run(
                     continue;
                 }
             };
-            if metric_filter.is_some_and(|f| !f.matches(&m.metrics)) {
-                continue;
-            }
             let chunks = m.distinct_chunks();
             let unique: u64 = chunks.iter().map(|c| c.1).sum();
             let stored: u64 = chunks
@@ -133,6 +113,11 @@ pub fn run(
                 .map(|c| sizes.get(&c.0).copied().unwrap_or(0))
                 .sum();
             prev = chunks.iter().map(|c| c.0).collect();
+            // Filtered out after `prev` is set: NEW stays relative to the
+            // run's previous step, listed or not.
+            if metric_filter.is_some_and(|f| !f.matches(&m.metrics)) {
+                continue;
+            }
             let logical = m.logical_bytes();
             let mut tiers = vec![tier.kind().to_string()];
             if let Tier::Local(s) = &tier {
@@ -168,7 +153,7 @@ pub fn run(
                 },
                 chunks: chunks.len(),
                 tiers,
-                metrics: m.metrics.0,
+                metrics: m.metrics,
             });
         }
     }

@@ -54,6 +54,13 @@ __all__ = [
     "DTYPES",
 ]
 
+try:
+    from importlib.metadata import version as _version
+
+    __version__ = _version("cairn")
+except Exception:  # noqa: BLE001 - not installed as a distribution
+    __version__ = "unknown"
+
 #: Every dtype name cairn stores ("F32", "BF16", "F8E4M3", ...).
 DTYPES = tuple(_dtype_names())
 
