@@ -48,6 +48,7 @@ pub mod format;
 mod gc;
 mod layout;
 mod local;
+mod metrics;
 mod parallel;
 mod remote;
 mod restore;
@@ -74,6 +75,10 @@ pub use error::{Error, ErrorKind, Result};
 pub use format::manifest::{BlobEntry, ChunkRef, EntryRef, Manifest, ShardInfo, TensorEntry};
 pub use gc::GcReport;
 pub use layout::validate_run_name;
+pub use metrics::{
+    latest_matching, validate_metric_name, MetricCondition, MetricFilter, MetricOp, Metrics,
+    MAX_METRICS, MAX_METRIC_NAME,
+};
 pub use remote::{
     check_remote_gc_grace, RemoteMetrics, RemoteMetricsSnapshot, RemoteOptions, RemoteStore,
     RetryPolicy, UploadReport, MIN_REMOTE_GC_GRACE,

@@ -496,6 +496,16 @@ impl Store {
         Ok(self.steps(run)?.last().copied())
     }
 
+    /// The highest committed step of `run` whose metrics match `filter`
+    /// (e.g. `"loss<2.5".parse()?`), if any; see [`crate::latest_matching`].
+    pub fn latest_where(
+        &self,
+        run: &str,
+        filter: &crate::metrics::MetricFilter,
+    ) -> Result<Option<u64>> {
+        crate::metrics::latest_matching(self, run, filter)
+    }
+
     /// Resolve a [`StepSel`] to a committed step.
     pub fn resolve(&self, run: &str, sel: StepSel) -> Result<u64> {
         match sel {

@@ -57,6 +57,11 @@ pub struct Manifest {
     pub blobs: Vec<BlobEntry>,
     /// Caller-supplied JSON metadata.
     pub metadata: serde_json::Value,
+    /// Training metrics (loss, grad norm, ...) by name; optional, absent
+    /// from the JSON when empty. Non-finite values are stored as `null` and
+    /// read back as NaN.
+    #[serde(default, skip_serializing_if = "crate::metrics::Metrics::is_empty")]
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Where a tensor shard sits in its global tensor.
@@ -215,6 +220,9 @@ impl Manifest {
                     }
                 }
             }
+        }
+        if let Err(e) = crate::metrics::validate_metrics(&self.metrics) {
+            return bad(e.to_string());
         }
         for b in &self.blobs {
             if let Err(e) = validate_entry_name("blob", &b.name) {
@@ -390,6 +398,7 @@ mod tests {
             }],
             blobs: vec![],
             metadata: serde_json::json!({"lr": 0.1}),
+            metrics: Default::default(),
         }
     }
 

@@ -126,6 +126,8 @@ pub(crate) struct SaveCtx {
     pub step: u64,
     pub chunk_size: u64,
     pub metadata: serde_json::Value,
+    /// Training metrics for the manifest.
+    pub metrics: std::collections::BTreeMap<String, f64>,
     pub started: Instant,
     pub logical_bytes: u64,
     /// seq -> (id, uncompressed length).
@@ -159,6 +161,7 @@ impl SaveCtx {
             step,
             chunk_size,
             metadata,
+            metrics: Default::default(),
             started: Instant::now(),
             logical_bytes,
             ids: Mutex::new(Vec::new()),

@@ -530,5 +530,6 @@ fn build_manifest(ctx: &SaveCtx) -> Result<Manifest> {
         tensors,
         blobs,
         metadata: ctx.metadata.clone(),
+        metrics: ctx.metrics.clone().into(),
     })
 }

@@ -96,6 +96,7 @@ fn validate(state: &SaveState<'_>) -> Result<()> {
         }
     }
     check_metadata_size(&state.metadata)?;
+    crate::metrics::validate_metrics(&state.metrics)?;
     for (name, _) in &state.blobs {
         validate_entry_name("blob", name)?;
         if !names.insert(("b", name.as_str())) {
@@ -132,7 +133,7 @@ pub(crate) fn stage_save(
     // Held until commit: no collection runs while this save is in flight.
     let gc_lock = crate::local::GcLock::shared(layout.root())?;
     let (tx, rx) = oneshot::channel();
-    let ctx = Arc::new(SaveCtx::new(
+    let mut ctx = SaveCtx::new(
         layout.clone(),
         run.to_string(),
         step,
@@ -140,7 +141,9 @@ pub(crate) fn stage_save(
         state.metadata.clone(),
         state.logical_bytes(),
         tx,
-    ));
+    );
+    ctx.metrics = state.metrics.clone();
+    let ctx = Arc::new(ctx);
     *ctx.gc_lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(gc_lock);
     let res = stage_entries(pool, pipeline, chunk_size, &ctx, state);
     let stall = ctx.started.elapsed();

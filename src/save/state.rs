@@ -29,6 +29,9 @@ pub struct SaveState<'a> {
     pub blobs: Vec<(String, &'a [u8])>,
     /// JSON metadata stored in the manifest.
     pub metadata: serde_json::Value,
+    /// Training metrics stored in the manifest (loss, grad norm, ...), by
+    /// which [`crate::MetricFilter`] selects steps.
+    pub metrics: std::collections::BTreeMap<String, f64>,
 }
 
 impl<'a> SaveState<'a> {
@@ -83,6 +86,12 @@ impl<'a> SaveState<'a> {
     /// Set the JSON metadata.
     pub fn metadata(mut self, metadata: serde_json::Value) -> Self {
         self.metadata = metadata;
+        self
+    }
+
+    /// Record a training metric (`"loss"`, `"grad_norm"`, ...).
+    pub fn metric(mut self, name: impl Into<String>, value: f64) -> Self {
+        self.metrics.insert(name.into(), value);
         self
     }
 

@@ -29,6 +29,8 @@ struct Entry {
     chunks: usize,
     /// Tiers known to hold it.
     tiers: Vec<String>,
+    /// Training metrics stored with it (non-finite ones as null).
+    metrics: cairn::Metrics,
 }
 
 /// A checkpoint (or, without a step, a run) that could not be read.
@@ -50,6 +52,7 @@ enum Row<'a> {
 pub fn run(
     location: &str,
     run_filter: Option<&str>,
+    metric_filter: Option<&cairn::MetricFilter>,
     json: bool,
     raw_opts: &[String],
 ) -> cairn::Result<i32> {
@@ -110,6 +113,11 @@ pub fn run(
                 .map(|c| sizes.get(&c.0).copied().unwrap_or(0))
                 .sum();
             prev = chunks.iter().map(|c| c.0).collect();
+            // Filtered out after `prev` is set: NEW stays relative to the
+            // run's previous step, listed or not.
+            if metric_filter.is_some_and(|f| !f.matches(&m.metrics)) {
+                continue;
+            }
             let logical = m.logical_bytes();
             let mut tiers = vec![tier.kind().to_string()];
             if let Tier::Local(s) = &tier {
@@ -145,6 +153,7 @@ pub fn run(
                 },
                 chunks: chunks.len(),
                 tiers,
+                metrics: m.metrics,
             });
         }
     }
@@ -161,10 +170,14 @@ pub fn run(
             .collect();
         print_json(&rows)?;
     } else if out.is_empty() && bad.is_empty() {
-        outln!("no checkpoints in {}", tier.location());
+        match metric_filter {
+            Some(f) => outln!("no checkpoints matching {f} in {}", tier.location()),
+            None => outln!("no checkpoints in {}", tier.location()),
+        }
     } else if !out.is_empty() {
+        let with_metrics = out.iter().any(|e| !e.metrics.is_empty());
         outln!(
-            "{:<20} {:>10} {:<20} {:>8} {:>10} {:>10} {:>10} {:>6} {:>6}  TIERS",
+            "{:<20} {:>10} {:<20} {:>8} {:>10} {:>10} {:>10} {:>6} {:>6}  TIERS{}",
             "RUN",
             "STEP",
             "CREATED",
@@ -173,11 +186,12 @@ pub fn run(
             "STORED",
             "NEW",
             "DEDUP",
-            "COMPR"
+            "COMPR",
+            if with_metrics { "  METRICS" } else { "" }
         );
         for e in &out {
             outln!(
-                "{:<20} {:>10} {:<20} {:>8} {:>10} {:>10} {:>10} {:>5.2}x {:>5.2}x  {}",
+                "{:<20} {:>10} {:<20} {:>8} {:>10} {:>10} {:>10} {:>5.2}x {:>5.2}x  {}{}",
                 e.run,
                 e.step,
                 e.created,
@@ -187,7 +201,8 @@ pub fn run(
                 human(e.new_stored_bytes),
                 e.dedup_ratio,
                 e.compression_ratio,
-                e.tiers.join(", ")
+                e.tiers.join(", "),
+                metrics_text(&e.metrics)
             );
         }
     }
@@ -200,6 +215,15 @@ pub fn run(
         }
     }
     Ok(if bad.is_empty() { 0 } else { 1 })
+}
+
+/// `  loss=2.31 grad_norm=0.9`, or nothing without metrics.
+fn metrics_text(m: &std::collections::BTreeMap<String, f64>) -> String {
+    if m.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("  {}", parts.join(" "))
 }
 
 fn upload_url(store: &cairn::Store, run: &str, step: u64) -> Option<String> {

@@ -17,6 +17,7 @@ mod diff;
 mod export;
 mod gc;
 mod inspect;
+mod latest;
 mod list;
 mod open;
 mod restore;
@@ -35,6 +36,7 @@ Exit codes: 0 success; 1 failure (an error, or verify found a bad byte); 2 bad a
 Examples:
   cairn bench /tmp/ckpt --size 1GiB
   cairn ls s3://ckpt-bucket/llama --remote-option region=us-east-1
+  cairn latest /nvme/ckpt --run llama --where 'loss<2.5'
   cairn inspect /nvme/ckpt --run llama --step latest --tensor 'model.layers.0.*'
   cairn restore s3://ckpt-bucket/llama --run llama --step latest --to /nvme/ckpt
   cairn verify /nvme/ckpt --run llama
@@ -52,6 +54,11 @@ struct Cli {
     remote_options: Vec<String>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Conditions on a checkpoint's metrics, e.g. `loss<2.5,grad_norm<=10`.
+fn parse_where(s: &str) -> Result<cairn::MetricFilter, String> {
+    s.parse().map_err(|e: cairn::Error| e.to_string())
 }
 
 fn parse_step(s: &str) -> Result<cairn::StepSel, String> {
@@ -89,6 +96,26 @@ enum Command {
         /// Only this run.
         #[arg(long, value_parser = parse_run)]
         run: Option<String>,
+        /// Only checkpoints whose metrics match, e.g. 'loss<2.5,grad_norm<=10'.
+        #[arg(long = "where", value_name = "CONDITIONS", value_parser = parse_where)]
+        filter: Option<cairn::MetricFilter>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the newest committed step of a run, optionally the newest
+    /// whose metrics match (roll back past a loss spike); exit 1 if none.
+    ///
+    /// Example: cairn latest /nvme/ckpt --run llama --where 'loss<2.5'
+    Latest {
+        /// Store (directory or URL).
+        store: String,
+        /// The run.
+        #[arg(long, value_parser = parse_run)]
+        run: String,
+        /// Only steps whose metrics match, e.g. 'loss<2.5,grad_norm<=10'.
+        #[arg(long = "where", value_name = "CONDITIONS", value_parser = parse_where)]
+        filter: Option<cairn::MetricFilter>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -267,7 +294,18 @@ pub fn main() -> i32 {
     let res = match cli.command {
         Command::Bench(args) => bench::run(args),
         Command::Daemon(args) => daemon::run(args, o),
-        Command::Ls { store, run, json } => list::run(&store, run.as_deref(), json, o),
+        Command::Ls {
+            store,
+            run,
+            filter,
+            json,
+        } => list::run(&store, run.as_deref(), filter.as_ref(), json, o),
+        Command::Latest {
+            store,
+            run,
+            filter,
+            json,
+        } => latest::run(&store, &run, filter.as_ref(), json, o),
         Command::Inspect {
             store,
             run,

@@ -1,0 +1,454 @@
+"""cairn: a tiered checkpoint store for large-model training.
+
+    import cairn
+    store = cairn.Store("/nvme/ckpt")
+    h = store.save("run1", 100, {"w": weights}, metrics={"loss": 2.31})
+    # returns once staged: `weights` may be overwritten now
+    report = h.wait()                 # durable on local disk
+    arrays = store.load("run1")       # dict name -> numpy array
+
+`save` copies each tensor once, straight from the numpy array's or CPU
+torch tensor's memory into cairn's staging pool (CUDA tensors go through
+pinned host memory first, see `cairn.torch`); hashing, writing and fsync
+run in the background. Every blocking call releases the GIL.
+
+Errors are `cairn.Error` subclasses, one per kind: `UnavailableError`
+(retrying may succeed), `InvalidError` (fix the input), `DataError`
+(stored data is corrupt), `NotFoundError`, `AlreadyExistsError`,
+`ClosedError`, `InternalError`.
+"""
+
+import json
+import math
+
+import numpy as np
+
+from . import _dtypes
+from ._cairn import (
+    AlreadyExistsError,
+    ClosedError,
+    DataError,
+    Error,
+    InternalError,
+    InvalidError,
+    NotFoundError,
+    UnavailableError,
+)
+from ._cairn import SaveHandle as _RawHandle
+from ._cairn import Store as _RawStore
+from ._cairn import dtype_names as _dtype_names
+
+__all__ = [
+    "Store",
+    "SaveHandle",
+    "SaveReport",
+    "Shard",
+    "Error",
+    "UnavailableError",
+    "InvalidError",
+    "DataError",
+    "NotFoundError",
+    "AlreadyExistsError",
+    "ClosedError",
+    "InternalError",
+    "DTYPES",
+]
+
+try:
+    from importlib.metadata import version as _version
+
+    __version__ = _version("cairn")
+except Exception:  # noqa: BLE001 - not installed as a distribution
+    __version__ = "unknown"
+
+#: Every dtype name cairn stores ("F32", "BF16", "F8E4M3", ...).
+DTYPES = tuple(_dtype_names())
+
+_SHARDED_NOT_YET = (
+    "sharded saves across ranks (rank/world_size, Store.commit, Store.load_region) "
+    "need the sharded-checkpoint core, which this build of cairn does not have yet"
+)
+
+
+class Shard:
+    """A shard of a global tensor: `data` (numpy array or torch tensor)
+    holds the elements at `offsets` of a tensor of `global_shape`."""
+
+    __slots__ = ("data", "global_shape", "offsets")
+
+    def __init__(self, data, global_shape, offsets):
+        shape = tuple(data.shape)
+        global_shape = tuple(int(d) for d in global_shape)
+        offsets = tuple(int(o) for o in offsets)
+        if len(global_shape) != len(shape) or len(offsets) != len(shape):
+            raise InvalidError(
+                f"invalid shard: data has {len(shape)} dimensions, global_shape "
+                f"{len(global_shape)} and offsets {len(offsets)}; they must be equal"
+            )
+        for i, (n, g, o) in enumerate(zip(shape, global_shape, offsets)):
+            if g < 0 or o < 0 or o + n > g:
+                raise InvalidError(
+                    f"invalid shard: in dimension {i}, offset {o} + size {n} "
+                    f"does not fit in the global size {g}"
+                )
+        self.data = data
+        self.global_shape = global_shape
+        self.offsets = offsets
+
+    def __repr__(self):
+        return (
+            f"cairn.Shard(shape={tuple(self.data.shape)}, "
+            f"global_shape={self.global_shape}, offsets={self.offsets})"
+        )
+
+
+def _seconds(v):
+    if isinstance(v, dict) and set(v) == {"secs", "nanos"}:
+        return v["secs"] + v["nanos"] / 1e9
+    return v
+
+
+class SaveReport:
+    """What one save did: `bytes_written`, `chunks_written`,
+    `bytes_deduped`, `logical_bytes`, ...; durations (`stall`, `durable`,
+    `hash_busy`, ...) in seconds."""
+
+    def __init__(self, fields):
+        self._fields = {k: _seconds(v) for k, v in fields.items()}
+        self.__dict__.update(self._fields)
+
+    def as_dict(self):
+        """The report as a plain dict."""
+        return dict(self._fields)
+
+    def __repr__(self):
+        return f"cairn.SaveReport({self._fields!r})"
+
+
+class SaveHandle:
+    """Returned by `Store.save` once every byte is staged (the caller's
+    buffers are reusable). `wait()` blocks, without the GIL, until the
+    checkpoint is durable on local disk. Dropping the handle without waiting
+    does not cancel the save: it still commits (or fails) on its own."""
+
+    __slots__ = ("_raw", "_keep")
+
+    def __init__(self, raw, keep=()):
+        self._raw = raw
+        self._keep = keep
+
+    @property
+    def run(self):
+        """The run being saved."""
+        return self._raw.run
+
+    @property
+    def step(self):
+        """The step being saved."""
+        return self._raw.step
+
+    @property
+    def stall_s(self):
+        """Seconds `save` blocked the caller."""
+        return self._raw.stall_s
+
+    def wait(self):
+        """Block until the checkpoint is committed on local disk; its
+        `SaveReport`. Raises the save's error if it failed."""
+        report = SaveReport(json.loads(self._raw.wait()))
+        self._keep = ()
+        return report
+
+
+def _is_torch_tensor(v):
+    t = type(v)
+    return t.__module__.startswith("torch") and hasattr(v, "data_ptr") and hasattr(v, "dtype")
+
+
+def _raw_tensor(name, value, keep):
+    """(name, dtype, shape, address, nbytes, shard) of one tensor, keeping
+    whatever owns the memory alive in `keep`. No copy for C-contiguous
+    host memory."""
+    shard = None
+    if isinstance(value, Shard):
+        shard = (list(value.global_shape), list(value.offsets))
+        value = value.data
+    if isinstance(value, np.generic):
+        value = np.asarray(value)
+    if isinstance(value, np.ndarray):
+        dt = _dtypes.from_numpy(value.dtype)
+        if dt is None:
+            raise InvalidError(f"invalid tensor {name!r}: numpy dtype {value.dtype} is not supported")
+        if not value.flags.c_contiguous:
+            value = np.ascontiguousarray(value)
+        keep.append(value)
+        addr = value.__array_interface__["data"][0]
+        return (name, dt, [int(d) for d in value.shape], addr, int(value.nbytes), shard)
+    if _is_torch_tensor(value):
+        dt = _dtypes.from_torch(value.dtype)
+        if dt is None:
+            raise InvalidError(f"invalid tensor {name!r}: torch dtype {value.dtype} is not supported")
+        if value.device.type != "cpu":
+            raise InvalidError(
+                f"invalid tensor {name!r}: on {value.device}; CUDA tensors are staged by Store.save"
+            )
+        t = value.detach()
+        if t.layout != _torch().strided:
+            raise InvalidError(f"invalid tensor {name!r}: {t.layout} tensors are not supported")
+        if t.is_conj() or t.is_neg():
+            t = t.resolve_conj().resolve_neg()
+        if not t.is_contiguous():
+            t = t.contiguous()
+        keep.append(t)
+        nbytes = t.numel() * t.element_size()
+        return (name, dt, [int(d) for d in t.shape], t.data_ptr(), nbytes, shard)
+    raise InvalidError(
+        f"invalid tensor {name!r}: expected a numpy array, a torch tensor or a cairn.Shard, "
+        f"got {type(value).__name__}"
+    )
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _items(mapping, what):
+    if mapping is None:
+        return []
+    if hasattr(mapping, "items"):
+        return list(mapping.items())
+    try:
+        return [(k, v) for k, v in mapping]
+    except (TypeError, ValueError):
+        raise InvalidError(f"invalid {what}: expected a dict or (name, value) pairs") from None
+
+
+def _step_arg(step):
+    if step is None or step == "latest":
+        return None
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise InvalidError(f"invalid step: {step!r}: expected a non-negative int or 'latest'")
+    return int(step)
+
+
+class Store:
+    """A checkpoint store on a local directory (created if missing), with
+    an optional remote tier (`remote="s3://bucket/prefix"`, credentials from
+    the environment, `remote_options` as a dict of object_store options).
+    Keyword `options` set `StoreOptions` fields (`staging_bytes`,
+    `chunk_size`, `codec`, `workers`, ...)."""
+
+    def __init__(self, path, remote=None, *, remote_options=None, **options):
+        opts = [(str(k), str(v)) for k, v in (remote_options or {}).items()]
+        self._raw = _RawStore(
+            str(path),
+            remote,
+            opts,
+            json.dumps(options) if options else None,
+        )
+
+    @property
+    def path(self):
+        """The store's directory."""
+        return str(self._raw.path)
+
+    def __repr__(self):
+        return f"cairn.Store({self.path!r})"
+
+    def save(
+        self,
+        run,
+        step,
+        tensors,
+        blobs=None,
+        metadata=None,
+        metrics=None,
+        rank=None,
+        world_size=None,
+    ):
+        """Save checkpoint `(run, step)`. `tensors` maps names to numpy
+        arrays, torch tensors (CPU or CUDA) or `cairn.Shard`s; `blobs` maps
+        names to bytes; `metadata` is JSON-serializable; `metrics` maps
+        names to numbers (loss, grad norm, ...) that `latest(where=...)`
+        selects by. Returns a `SaveHandle` once every byte is staged: the
+        caller may overwrite its tensors right away."""
+        if (rank not in (None, 0)) or (world_size not in (None, 1)):
+            raise NotImplementedError(_SHARDED_NOT_YET)
+        items = _items(tensors, "tensors")
+        cuda = [i for i, (_, v) in enumerate(items) if _is_torch_tensor(v) and v.device.type != "cpu"]
+        cuda += [
+            i
+            for i, (_, v) in enumerate(items)
+            if isinstance(v, Shard) and _is_torch_tensor(v.data) and v.data.device.type != "cpu"
+        ]
+        pending = None
+        if cuda:
+            from .torch import _cuda
+
+            pending = _cuda.start_copies(items, sorted(cuda))
+        try:
+            if pending is not None:
+                items = pending.finish()
+            return self._save_host(run, step, items, blobs, metadata, metrics)
+        finally:
+            if pending is not None:
+                pending.release()
+
+    def _save_host(self, run, step, items, blobs, metadata, metrics):
+        keep = []
+        raw = [_raw_tensor(str(n), v, keep) for n, v in items]
+        raw_blobs = []
+        for n, b in _items(blobs, "blobs"):
+            if not isinstance(b, (bytes, bytearray, memoryview)):
+                raise InvalidError(f"invalid blob {n!r}: expected bytes, got {type(b).__name__}")
+            raw_blobs.append((str(n), bytes(b)))
+        meta = None if metadata is None else json.dumps(metadata)
+        mets = None
+        if metrics is not None:
+            mets = {}
+            for n, v in _items(metrics, "metrics"):
+                try:
+                    mets[str(n)] = float(v)
+                except (TypeError, ValueError):
+                    raise InvalidError(f"invalid metric {n!r}: {v!r} is not a number") from None
+        h = self._raw.save(str(run), int(step), raw, raw_blobs, meta, mets)
+        return SaveHandle(h)
+
+    def commit(self, run, step, world_size):
+        """Make a sharded step visible once every rank saved its part."""
+        raise NotImplementedError(_SHARDED_NOT_YET)
+
+    def load_region(self, run, step, name, offsets, shape):
+        """A region of a (sharded) tensor as a numpy array."""
+        raise NotImplementedError(_SHARDED_NOT_YET)
+
+    def runs(self):
+        """Runs with at least one committed checkpoint."""
+        return list(self._raw.runs())
+
+    def steps(self, run):
+        """Committed steps of `run`, ascending."""
+        return list(self._raw.steps(str(run)))
+
+    def latest(self, run, where=None):
+        """The newest committed step of `run`, or None. With `where`, the
+        newest whose metrics match: conditions as text (`"loss<2.5"`,
+        `"loss<2.5,grad_norm<=10"`), or a function of the metrics dict. A
+        step without the named metric, or with a NaN, does not match."""
+        if where is None or isinstance(where, str):
+            return self._raw.latest(str(run), where)
+        if not callable(where):
+            raise InvalidError("invalid where: expected conditions as text or a function of the metrics")
+        for step in reversed(self.steps(run)):
+            if where(self.metrics(run, step)):
+                return step
+        return None
+
+    def resolve(self, run, step="latest"):
+        """The committed step `step` names ("latest" or a number)."""
+        return self._raw.resolve(str(run), _step_arg(step))
+
+    def manifest(self, run, step="latest"):
+        """The manifest of a committed checkpoint, as a dict."""
+        step = self.resolve(run, step)
+        return json.loads(self._raw.manifest_json(str(run), step))
+
+    def metrics(self, run, step="latest"):
+        """The metrics saved with a checkpoint (NaN for non-finite ones)."""
+        m = self.manifest(run, step).get("metrics") or {}
+        return {k: (math.nan if v is None else float(v)) for k, v in m.items()}
+
+    def metadata(self, run, step="latest"):
+        """The JSON metadata saved with a checkpoint."""
+        return self.manifest(run, step).get("metadata")
+
+    def blobs(self, run, step="latest", names=None):
+        """The blobs of a checkpoint: dict name -> bytes."""
+        step = self.resolve(run, step)
+        return dict(self._raw.blobs(str(run), step, None if names is None else list(names)))
+
+    def load(self, run, step="latest", names=None):
+        """Read a checkpoint's tensors: dict name -> numpy array (bf16 and
+        fp8 as ml_dtypes arrays), in saved order. `names` selects tensors;
+        every chunk read is verified."""
+        run = str(run)
+        step = self.resolve(run, step)
+        entries = json.loads(self._raw.manifest_json(run, step))["tensors"]
+        by_name = {e["name"]: e for e in entries}
+        if names is None:
+            wanted = [e["name"] for e in entries]
+        else:
+            wanted = list(dict.fromkeys(str(n) for n in names))
+            for n in wanted:
+                if n not in by_name:
+                    raise NotFoundError(f"not found: tensor {n!r} in run {run} step {step}")
+        out = {}
+        for n in wanted:
+            e = by_name[n]
+            out[n] = np.empty(tuple(e["shape"]), dtype=_dtypes.to_numpy(e["dtype"]))
+        targets = [(n, a.__array_interface__["data"][0], int(a.nbytes)) for n, a in out.items()]
+        self._raw.restore_into(run, step, targets)
+        return out
+
+    def load_into(self, run, targets, step="latest"):
+        """Restore tensors in place: `targets` maps names to numpy arrays or
+        torch tensors of the saved dtype and shape (CPU or CUDA). C-contiguous
+        host buffers are filled directly; others through a temporary copy.
+        Returns the step read."""
+        run = str(run)
+        step = self.resolve(run, step)
+        entries = {e["name"]: e for e in json.loads(self._raw.manifest_json(run, step))["tensors"]}
+        direct, staged, spans = [], [], []
+        keep = []
+        for name, t in _items(targets, "targets"):
+            name = str(name)
+            e = entries.get(name)
+            if e is None:
+                raise NotFoundError(f"not found: tensor {name!r} in run {run} step {step}")
+            if _is_torch_tensor(t):
+                dt, cpu = _dtypes.from_torch(t.dtype), t.device.type == "cpu"
+                contiguous = cpu and t.is_contiguous() and not t.is_conj() and not t.is_neg()
+                addr, nbytes = t.data_ptr(), t.numel() * t.element_size()
+            elif isinstance(t, np.ndarray):
+                dt = _dtypes.from_numpy(t.dtype)
+                contiguous = t.flags.c_contiguous and t.flags.writeable
+                addr, nbytes = t.__array_interface__["data"][0], int(t.nbytes)
+            else:
+                raise InvalidError(f"invalid target {name!r}: expected a numpy array or a torch tensor")
+            if dt != e["dtype"] or list(t.shape) != list(e["shape"]):
+                raise InvalidError(
+                    f"invalid target {name!r}: {dt} {list(t.shape)}, "
+                    f"but the checkpoint holds {e['dtype']} {e['shape']}"
+                )
+            overlaps = nbytes > 0 and any(a < addr + nbytes and addr < b for a, b in spans)
+            if contiguous and not overlaps:
+                if nbytes > 0:
+                    spans.append((addr, addr + nbytes))
+                direct.append((name, addr, nbytes))
+                keep.append(t)
+            else:
+                staged.append((name, t, e))
+        tmp = {}
+        for name, t, e in staged:
+            a = np.empty(tuple(e["shape"]), dtype=_dtypes.to_numpy(e["dtype"]))
+            tmp[name] = a
+            direct.append((name, a.__array_interface__["data"][0], int(a.nbytes)))
+        self._raw.restore_into(run, step, direct)
+        for name, t, _ in staged:
+            if _is_torch_tensor(t):
+                from .torch import _from_numpy
+
+                t.copy_(_from_numpy(tmp[name]))
+            else:
+                np.copyto(t, tmp[name])
+        return step
+
+    def delete(self, run, step):
+        """Delete a checkpoint (its chunks go at the next garbage collection)."""
+        self._raw.delete(str(run), int(step))
+
+    def upload(self, run, step):
+        """Upload a checkpoint to the remote tier; the report as a dict."""
+        return json.loads(self._raw.upload(str(run), int(step)))

@@ -1,0 +1,273 @@
+"""cairn for PyTorch: save and load nested state dicts (model + optimizer).
+
+    import cairn, cairn.torch
+    store = cairn.Store("/nvme/ckpt")
+    state = {"model": model.state_dict(), "optim": optimizer.state_dict(), "epoch": 3}
+    cairn.torch.save(state, store, "run1", step, metrics={"loss": loss})
+    ...
+    cairn.torch.load(state, store, "run1")          # in place, newest step
+    model.load_state_dict(state["model"]); optimizer.load_state_dict(state["optim"])
+
+Every tensor of the state becomes a cairn tensor named by its path
+(`model/layer.weight`, `optim/state/0/exp_avg`); the structure and every
+non-tensor value (step counters, hyper-parameters, ...) are stored as blobs:
+the structure as JSON, values JSON cannot hold pickled. CUDA tensors are
+copied device-to-host on a side stream into pinned memory (see `_cuda`).
+"""
+
+import json
+import pickle
+import threading
+from concurrent.futures import Future
+
+import numpy as np
+
+import cairn
+
+from .. import _dtypes
+
+__all__ = ["save", "async_save", "load", "AsyncSaveHandle", "STATE_BLOB"]
+
+#: The blob holding the structure of a saved state (JSON).
+STATE_BLOB = "cairn.torch/state"
+_PICKLE_BLOB = "cairn.torch/pickle/{}"
+
+_T, _TUPLE, _DICT, _PICKLE = "__cairn_tensor__", "__cairn_tuple__", "__cairn_dict__", "__cairn_pickle__"
+_MARKERS = (_T, _TUPLE, _DICT, _PICKLE)
+
+_stores = {}
+_stores_lock = threading.Lock()
+
+
+def _store(store):
+    """A `cairn.Store`, or the one opened (once per process) at a path."""
+    if isinstance(store, cairn.Store):
+        return store
+    key = str(store)
+    with _stores_lock:
+        if key not in _stores:
+            _stores[key] = cairn.Store(key)
+        return _stores[key]
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _escape(part):
+    part = str(part).replace("%", "%25").replace("/", "%2F")
+    if part in ("", ".", ".."):
+        part = "%00" + part.replace(".", "%2E")
+    return part
+
+
+def _encode(obj, path, tensors, pickles):
+    """The JSON structure of `obj`, collecting its tensors and pickled
+    values on the way."""
+    torch = _torch()
+    if isinstance(obj, torch.Tensor):
+        name = "/".join(path) if path else "%00"
+        tensors[name] = obj
+        return {_T: name, "device": str(obj.device), "requires_grad": bool(obj.requires_grad)}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and k not in _MARKERS for k in obj):
+            return {k: _encode(v, path + [_escape(k)], tensors, pickles) for k, v in obj.items()}
+        return {
+            _DICT: [
+                [_encode(k, path + ["%key"], {}, pickles), _encode(v, path + [_escape(k)], tensors, pickles)]
+                for k, v in obj.items()
+            ]
+        }
+    if type(obj) is list:
+        return [_encode(v, path + [str(i)], tensors, pickles) for i, v in enumerate(obj)]
+    if type(obj) is tuple:
+        return {_TUPLE: [_encode(v, path + [str(i)], tensors, pickles) for i, v in enumerate(obj)]}
+    pickles.append(pickle.dumps(obj, protocol=4))
+    return {_PICKLE: len(pickles) - 1}
+
+
+def _flatten(state_dict):
+    tensors, pickles = {}, []
+    skeleton = _encode(state_dict, [], tensors, pickles)
+    blobs = {STATE_BLOB: json.dumps(skeleton).encode()}
+    for i, p in enumerate(pickles):
+        blobs[_PICKLE_BLOB.format(i)] = p
+    return tensors, blobs
+
+
+def save(state_dict, store, run, step, *, metadata=None, metrics=None):
+    """Save a (nested) state dict as checkpoint `(run, step)` and wait until
+    it is durable on local disk; the `cairn.SaveReport`. `store` is a
+    `cairn.Store` or a path."""
+    tensors, blobs = _flatten(state_dict)
+    h = _store(store).save(run, step, tensors, blobs=blobs, metadata=metadata, metrics=metrics)
+    return h.wait()
+
+
+class AsyncSaveHandle:
+    """An `async_save` in flight. `staged` resolves once every tensor is
+    copied out (the state may change from then on); `durable` resolves to
+    the `cairn.SaveReport` once the checkpoint is committed on local disk.
+    Either carries the save's exception if it fails."""
+
+    def __init__(self):
+        self.staged = Future()
+        self.durable = Future()
+
+    def wait(self, timeout=None):
+        """The `SaveReport`, once durable."""
+        return self.durable.result(timeout)
+
+
+_async_lock = threading.Lock()
+
+
+def async_save(state_dict, store, run, step, *, metadata=None, metrics=None):
+    """Start saving a (nested) state dict; returns an `AsyncSaveHandle` at
+    once. CPU tensors must not change before `handle.staged` resolves (the
+    copy into the staging pool runs in the background); CUDA tensors are
+    copied on a side stream that the current stream waits for, so training
+    kernels queued after this call never race the copy. Saves run in call
+    order."""
+    handle = AsyncSaveHandle()
+    try:
+        tensors, blobs = _flatten(state_dict)
+        st = _store(store)
+        items = list(tensors.items())
+        cuda = [i for i, (_, t) in enumerate(items) if t.device.type != "cpu"]
+        staged_cuda = None
+        if cuda:
+            from . import _cuda
+
+            staged_cuda = _cuda.start_copies(items, cuda)
+    except BaseException as e:  # noqa: BLE001 - reported through the futures
+        handle.staged.set_exception(e)
+        handle.durable.set_exception(e)
+        return handle
+
+    def work():
+        try:
+            with _async_lock:
+                host = staged_cuda.finish() if staged_cuda is not None else items
+                try:
+                    h = st.save(run, step, host, blobs=blobs, metadata=metadata, metrics=metrics)
+                finally:
+                    if staged_cuda is not None:
+                        staged_cuda.release()
+            handle.staged.set_result(None)
+        except BaseException as e:  # noqa: BLE001
+            handle.staged.set_exception(e)
+            handle.durable.set_exception(e)
+            return
+        try:
+            handle.durable.set_result(h.wait())
+        except BaseException as e:  # noqa: BLE001
+            handle.durable.set_exception(e)
+
+    threading.Thread(target=work, name=f"cairn-async-save-{run}-{step}", daemon=False).start()
+    return handle
+
+
+def _from_numpy(a):
+    """A torch tensor sharing the memory of numpy array `a` (bf16, fp8 and
+    unsigned types included)."""
+    torch = _torch()
+    name = _dtypes.from_numpy(a.dtype)
+    same_size = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}[a.dtype.itemsize]
+    if name == "BOOL":
+        return torch.from_numpy(a)
+    return torch.from_numpy(a.view(same_size)).view(_dtypes.to_torch(name))
+
+
+def _decode(skel, target, plan, pickles, entries):
+    """Rebuild the value at one position of the state from its structure,
+    reusing `target` (the caller's value there) where it fits."""
+    torch = _torch()
+    if isinstance(skel, list):
+        if type(target) is list and len(target) == len(skel):
+            for i, s in enumerate(skel):
+                target[i] = _decode(s, target[i], plan, pickles, entries)
+            return target
+        return [_decode(s, None, plan, pickles, entries) for s in skel]
+    if not isinstance(skel, dict):
+        return skel
+    if _T in skel:
+        name = skel[_T]
+        e = entries[name]
+        dtype, shape = _dtypes.to_torch(e["dtype"]), tuple(e["shape"])
+        if isinstance(target, torch.Tensor) and target.dtype == dtype and tuple(target.shape) == shape:
+            plan.append((name, target, None))
+            return target
+        t = torch.empty(shape, dtype=dtype)
+        device = skel.get("device", "cpu")
+        if device != "cpu" and not torch.cuda.is_available():
+            device = "cpu"
+        plan.append((name, t, device))
+        return t
+    if _TUPLE in skel:
+        tgt = target if type(target) is tuple and len(target) == len(skel[_TUPLE]) else (None,) * len(skel[_TUPLE])
+        return tuple(_decode(s, t, plan, pickles, entries) for s, t in zip(skel[_TUPLE], tgt))
+    if _PICKLE in skel:
+        return pickle.loads(pickles[skel[_PICKLE]])
+    if _DICT in skel:
+        pairs = [(_decode(k, None, plan, pickles, entries), v) for k, v in skel[_DICT]]
+    else:
+        pairs = list(skel.items())
+    out = target if isinstance(target, dict) else {}
+    for k, v in pairs:
+        out[k] = _decode(v, out.get(k), plan, pickles, entries)
+    return out
+
+
+def load(state_dict, store, run, step="latest"):
+    """Load checkpoint `(run, step)` into `state_dict` in place: tensors of
+    matching dtype and shape are overwritten where they are (a model's
+    `state_dict()` shares its parameters, so the model is restored too);
+    entries missing (an optimizer state before its first step) are created;
+    non-tensor values are replaced. Returns `state_dict`."""
+    st = _store(store)
+    step = st.resolve(run, step)
+    manifest = st.manifest(run, step)
+    entries = {e["name"]: e for e in manifest["tensors"]}
+    names = [b["name"] for b in manifest["blobs"]]
+    if STATE_BLOB not in names:
+        raise cairn.NotFoundError(
+            f"not found: blob {STATE_BLOB!r} in run {run} step {step} (not saved by cairn.torch)"
+        )
+    blobs = st.blobs(run, step)
+    skeleton = json.loads(blobs[STATE_BLOB])
+    pickles = {}
+    for n, b in blobs.items():
+        if n.startswith("cairn.torch/pickle/"):
+            pickles[int(n.rsplit("/", 1)[1])] = b
+    plan = []
+    result = _decode(skeleton, state_dict, plan, pickles, entries)
+    st.load_into(run, {name: t for name, t, _ in plan}, step=step)
+    if any(dev not in (None, "cpu") for _, _, dev in plan):
+        moved = {id(t): t.to(dev) for _, t, dev in plan if dev not in (None, "cpu")}
+        result = _replace(result, moved)
+    if result is not state_dict and isinstance(state_dict, dict) and isinstance(result, dict):
+        state_dict.update(result)
+        return state_dict
+    return result
+
+
+def _replace(obj, moved):
+    torch = _torch()
+    if isinstance(obj, torch.Tensor):
+        return moved.get(id(obj), obj)
+    if isinstance(obj, dict):
+        for k in list(obj):
+            obj[k] = _replace(obj[k], moved)
+        return obj
+    if type(obj) is list:
+        for i, v in enumerate(obj):
+            obj[i] = _replace(v, moved)
+        return obj
+    if type(obj) is tuple:
+        return tuple(_replace(v, moved) for v in obj)
+    return obj
