@@ -93,7 +93,7 @@ pub fn verify(src: &dyn ChunkTier, run: Option<&str>, step: Option<u64>) -> Resu
                     continue;
                 }
             };
-            for e in m.entries() {
+            for e in m.all_entries() {
                 for c in e.chunks {
                     let slot = chunks.entry(c.id).or_insert((c.chunk_len, Vec::new()));
                     if slot.1.last().is_none_or(|l| l.2 != e.name || l.1 != s) {

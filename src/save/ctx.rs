@@ -5,7 +5,7 @@ use super::handle::SaveReport;
 use crate::chunk_id::ChunkId;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::format::manifest::ShardInfo;
+use crate::format::manifest::{PartInfo, ShardInfo};
 use crate::layout::Layout;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -126,6 +126,9 @@ pub(crate) struct SaveCtx {
     pub step: u64,
     pub chunk_size: u64,
     pub metadata: serde_json::Value,
+    /// Set for a part of a sharded step: the save publishes a part
+    /// manifest instead of the step's record.
+    pub part: Option<PartInfo>,
     pub started: Instant,
     pub logical_bytes: u64,
     /// seq -> (id, uncompressed length).
@@ -159,6 +162,7 @@ impl SaveCtx {
             step,
             chunk_size,
             metadata,
+            part: None,
             started: Instant::now(),
             logical_bytes,
             ids: Mutex::new(Vec::new()),

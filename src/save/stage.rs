@@ -118,8 +118,17 @@ pub(crate) fn stage_save(
     run: &str,
     step: u64,
     state: &SaveState<'_>,
+    part: Option<crate::format::manifest::PartInfo>,
 ) -> Result<SaveHandle> {
     validate_run_name(run)?;
+    if let Some(p) = part {
+        if p.world_size == 0 || p.rank >= p.world_size {
+            return Err(Error::invalid(
+                "part",
+                format!("rank {} of world size {}", p.rank, p.world_size),
+            ));
+        }
+    }
     validate(state)?;
     layout.check_dirs(Some(run), Some(step))?;
     if layout.manifest_path(run, step).exists() {
@@ -131,7 +140,7 @@ pub(crate) fn stage_save(
     // Held until commit: no collection runs while this save is in flight.
     let gc_lock = crate::local::GcLock::shared(layout.root())?;
     let (tx, rx) = oneshot::channel();
-    let ctx = Arc::new(SaveCtx::new(
+    let mut ctx = SaveCtx::new(
         layout.clone(),
         run.to_string(),
         step,
@@ -139,7 +148,9 @@ pub(crate) fn stage_save(
         state.metadata.clone(),
         state.logical_bytes(),
         tx,
-    ));
+    );
+    ctx.part = part;
+    let ctx = Arc::new(ctx);
     *ctx.gc_lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(gc_lock);
     let res = stage_entries(pool, pipeline, chunk_size, &ctx, state);
     let stall = ctx.started.elapsed();
