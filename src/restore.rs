@@ -79,6 +79,9 @@ pub struct RestoreReport {
     pub repaired: u64,
     /// Wall time.
     pub elapsed: Duration,
+    /// Of which planning which chunk slices fill which bytes (region
+    /// restores: index and intersect the shards).
+    pub planned: Duration,
 }
 
 /// A restored checkpoint.

@@ -271,21 +271,47 @@ impl Store {
         shape: &[u64],
         out: &mut [u8],
     ) -> Result<RestoreReport> {
+        self.restore_regions(
+            run,
+            step,
+            &mut [RegionTarget {
+                name,
+                offsets,
+                shape,
+                out,
+            }],
+        )
+    }
+
+    /// Read several regions at once ([`Store::restore_region`] for each):
+    /// the manifest is read and each tensor indexed once, and a chunk
+    /// several regions need is read once.
+    pub fn restore_regions(
+        &self,
+        run: &str,
+        step: StepSel,
+        targets: &mut [RegionTarget<'_>],
+    ) -> Result<RestoreReport> {
         let step = self.resolve(run, step)?;
         let manifest = self.manifest(run, step)?;
         let source = self.chunk_source();
-        let mut r = restore_region_from(
-            &manifest,
-            name,
-            offsets,
-            shape,
-            out,
-            &source,
-            self.options().read_threads,
-        )?;
+        let mut r = restore_regions_from(&manifest, targets, &source, self.options().read_threads)?;
         r.repaired = source.repaired();
         Ok(r)
     }
+}
+
+/// One region of a tensor to read, and where to put it.
+#[derive(Debug)]
+pub struct RegionTarget<'a> {
+    /// The tensor.
+    pub name: &'a str,
+    /// Offset of the region in each dimension of the global tensor.
+    pub offsets: &'a [u64],
+    /// Shape of the region.
+    pub shape: &'a [u64],
+    /// Receives the region's bytes, row-major; exactly its length.
+    pub out: &'a mut [u8],
 }
 
 impl RemoteStore {
@@ -303,36 +329,45 @@ impl RemoteStore {
     ) -> Result<RestoreReport> {
         let step = ChunkTier::resolve(self, run, step)?;
         let manifest = ChunkTier::manifest(self, run, step)?;
-        restore_region_from(
+        restore_regions_from(
             &manifest,
-            name,
-            offsets,
-            shape,
-            out,
+            &mut [RegionTarget {
+                name,
+                offsets,
+                shape,
+                out,
+            }],
             self,
             self.options().concurrency,
         )
     }
 }
 
-/// Read a region of tensor `name` of `manifest` from `source`.
-pub(crate) fn restore_region_from(
+/// Read regions of tensors of `manifest` from `source`.
+pub(crate) fn restore_regions_from(
     manifest: &Manifest,
-    name: &str,
-    offsets: &[u64],
-    shape: &[u64],
-    out: &mut [u8],
+    targets: &mut [RegionTarget<'_>],
     source: &dyn ChunkSource,
     threads: usize,
 ) -> Result<RestoreReport> {
     let t0 = Instant::now();
-    let index = TensorIndex::of(manifest, name)?;
+    let mut indexes: HashMap<&str, TensorIndex<'_>> = HashMap::new();
     let mut plan = RestorePlan::new(&[], Vec::new())?;
-    let logical = out.len() as u64;
-    index.plan_region(offsets, shape, out, &mut plan)?;
+    let mut logical = 0;
+    for t in targets.iter_mut() {
+        if !indexes.contains_key(t.name) {
+            let index = TensorIndex::of(manifest, t.name)?;
+            indexes.insert(index.name, index);
+        }
+        let index = &indexes[t.name];
+        logical += t.out.len() as u64;
+        index.plan_region(t.offsets, t.shape, &mut *t.out, &mut plan)?;
+    }
+    let planned = t0.elapsed();
     let mut report = execute(plan, source, threads.max(1))?;
     report.step = manifest.step;
     report.logical_bytes = logical;
+    report.planned = planned;
     report.elapsed = t0.elapsed();
     Ok(report)
 }

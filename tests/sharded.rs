@@ -785,6 +785,7 @@ fn ten_thousand_shards_commit_and_plan() {
     // the shards it touches.
     let t = Instant::now();
     let mut reads = 0;
+    let mut planned = Duration::ZERO;
     for (off, shape) in regions(&[N, COLS], 16) {
         let want = slice(&data, &[N, COLS], 1, &off, &shape);
         let mut out = vec![0u8; want.len()];
@@ -793,9 +794,35 @@ fn ten_thousand_shards_commit_and_plan() {
             .unwrap();
         assert_eq!(r.chunks_read, 1);
         assert!(out == want, "{off:?}+{shape:?}");
+        planned += r.planned;
         reads += 1;
     }
     let region_time = t.elapsed();
+    // All 16 ranks' row regions in one call: one manifest read, one index,
+    // the shared chunk read once.
+    let reqs = regions(&[N, COLS], 16);
+    let mut bufs: Vec<Vec<u8>> = reqs
+        .iter()
+        .map(|(_, s)| vec![0u8; (s[0] * s[1]) as usize])
+        .collect();
+    let mut targets: Vec<cairn::RegionTarget<'_>> = reqs
+        .iter()
+        .zip(bufs.iter_mut())
+        .map(|((o, s), b)| cairn::RegionTarget {
+            name: "w",
+            offsets: o,
+            shape: s,
+            out: b,
+        })
+        .collect();
+    let all = store
+        .restore_regions("big", StepSel::Step(1), &mut targets)
+        .unwrap();
+    drop(targets);
+    assert_eq!(all.chunks_read, 1);
+    for ((o, s), b) in reqs.iter().zip(&bufs) {
+        assert!(*b == slice(&data, &[N, COLS], 1, o, s));
+    }
     // Small regions anywhere.
     let t = Instant::now();
     for i in 0..200u64 {
@@ -807,12 +834,20 @@ fn ten_thousand_shards_commit_and_plan() {
         assert!(out == slice(&data, &[N, COLS], 1, &off, &shape));
     }
     let small_time = t.elapsed();
+    let mut one = vec![0u8; 20];
+    let r = store
+        .restore_region("big", StepSel::Step(1), "w", &[5000, 8], &[5, 4], &mut one)
+        .unwrap();
     let whole = store
         .restore("big", StepSel::Step(1), &TensorFilter::All)
         .unwrap();
     assert!(whole.tensor("w").unwrap().data == data);
     eprintln!(
-        "10,000 shards: commit {commit_time:?}; {reads} regions of 1/16 (rows and columns) {region_time:?}; 200 small regions {small_time:?} (each includes reading the manifest and one chunk)"
+        "10,000 shards: commit {commit_time:?}; {reads} regions of 1/16 (rows and columns) {region_time:?}, of which planning {planned:?}; all {} in one call {:?}, planning {:?}; 200 small regions {small_time:?}; one small region planned in {:?} (each call includes reading the manifest and one chunk)",
+        reqs.len(),
+        all.elapsed,
+        all.planned,
+        r.planned
     );
 }
 
