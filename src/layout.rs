@@ -208,6 +208,23 @@ pub fn check_store_dir(path: &Path) -> Result<bool> {
     }
 }
 
+/// Names of the run directories under a store's `runs/` (valid names
+/// only; none if absent).
+pub fn list_run_dirs(root: &Path) -> Result<Vec<String>> {
+    let dir = root.join(RUNS_DIR);
+    if !check_store_dir(&dir)? {
+        return Ok(Vec::new());
+    }
+    let rd = std::fs::read_dir(&dir).map_err(|e| Error::io("list directory", &dir, e))?;
+    let mut out: Vec<String> = rd
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| validate_run_name(n).is_ok())
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
 /// Directory name of a step: zero-padded to 20 digits so listings sort.
 pub fn step_dir_name(step: u64) -> String {
     format!("{step:020}")

@@ -144,6 +144,12 @@ impl Store {
         Ok(m)
     }
 
+    /// Names of every run directory of the store, whether or not it has a
+    /// committed checkpoint (a run may have pending sharded steps only).
+    pub fn run_dirs(&self) -> Result<Vec<String>> {
+        crate::layout::list_run_dirs(self.root())
+    }
+
     /// Steps of `run` that have parts but no record: saved by some ranks,
     /// not committed (yet). Ascending.
     pub fn pending_steps(&self, run: &str) -> Result<Vec<u64>> {

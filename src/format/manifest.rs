@@ -181,9 +181,15 @@ pub struct EntryRef<'a> {
 }
 
 impl Manifest {
-    /// Total bytes of all tensors and blobs.
+    /// Total bytes of all tensors (sharded ones at their global size) and
+    /// blobs.
     pub fn logical_bytes(&self) -> u64 {
-        self.entries().map(|e| e.len).sum()
+        let sharded: u64 = self
+            .sharded
+            .iter()
+            .map(|t| byte_len(t.dtype, &t.shape).unwrap_or(0))
+            .sum();
+        self.entries().map(|e| e.len).sum::<u64>() + sharded
     }
 
     /// Tensors then blobs, uniformly.
