@@ -186,9 +186,9 @@ pub enum Error {
         /// The tensor.
         tensor: String,
         /// One of the shards.
-        first: Region,
+        first: Box<Region>,
         /// The other.
-        second: Region,
+        second: Box<Region>,
     },
     /// A sharded step cannot be committed: no shard of a tensor covers
     /// `point` (an element index of the global tensor).

@@ -604,8 +604,8 @@ pub(crate) fn check_cover(name: &str, global: &[u64], regions: &[&Region]) -> Re
             [_] => Ok(()),
             [a, b, ..] => Err(Error::ShardOverlap {
                 tensor: name.to_string(),
-                first: (*a).clone(),
-                second: (*b).clone(),
+                first: Box::new((*a).clone()),
+                second: Box::new((*b).clone()),
             }),
         };
     }
@@ -645,8 +645,8 @@ fn cover(
             if let (true, Some(p)) = (off(i) < cursor, prev) {
                 return Err(Error::ShardOverlap {
                     tensor: name.to_string(),
-                    first: regions[p].clone(),
-                    second: regions[i].clone(),
+                    first: Box::new(regions[p].clone()),
+                    second: Box::new(regions[i].clone()),
                 });
             }
             cursor = end(i);

@@ -64,6 +64,13 @@ fn slice(global: &[u8], gshape: &[u64], esize: usize, offsets: &[u64], shape: &[
     out
 }
 
+/// How a rank saves a tensor: `None` (not at all), `Some(None)` (whole,
+/// without shard info), `Some(Some((offsets, shape)))`.
+type RankLayout = fn(u32, &[u64]) -> Option<Option<(Vec<u64>, Vec<u64>)>>;
+
+/// A tensor as a rank saves it: name, dtype, shape, bytes, shard info.
+type SavedTensor = (String, DType, Vec<u64>, Vec<u8>, Option<ShardInfo>);
+
 /// One global tensor of the synthetic model and how 8 ranks shard it.
 struct Global {
     name: &'static str,
@@ -72,7 +79,7 @@ struct Global {
     data: Vec<u8>,
     /// Per rank: `None` (not saved), `Some(None)` (whole, no shard info),
     /// `Some(Some(offsets, shape))`.
-    layout: fn(u32, &[u64]) -> Option<Option<(Vec<u64>, Vec<u64>)>>,
+    layout: RankLayout,
 }
 
 fn split(n: u64, parts: u64, i: u64) -> (u64, u64) {
@@ -82,10 +89,7 @@ fn split(n: u64, parts: u64, i: u64) -> (u64, u64) {
 }
 
 fn model() -> Vec<Global> {
-    let mk = |name: &'static str,
-              dtype: DType,
-              shape: Vec<u64>,
-              layout: fn(u32, &[u64]) -> Option<Option<(Vec<u64>, Vec<u64>)>>| {
+    let mk = |name: &'static str, dtype: DType, shape: Vec<u64>, layout: RankLayout| {
         let len = shape.iter().product::<u64>() as usize * dtype.size();
         Global {
             name,
@@ -136,7 +140,7 @@ fn model() -> Vec<Global> {
 
 /// The tensors (and their bytes) rank `rank` of 8 saves.
 struct RankState {
-    tensors: Vec<(String, DType, Vec<u64>, Vec<u8>, Option<ShardInfo>)>,
+    tensors: Vec<SavedTensor>,
     blobs: Vec<(String, Vec<u8>)>,
     rank: u32,
 }
@@ -374,13 +378,7 @@ fn resharding_8_ranks_into_1_3_and_16() {
     assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
 }
 
-fn part(
-    name: &str,
-    dtype: DType,
-    global: &[u64],
-    offsets: &[u64],
-    shape: &[u64],
-) -> (String, DType, Vec<u64>, Vec<u8>, Option<ShardInfo>) {
+fn part(name: &str, dtype: DType, global: &[u64], offsets: &[u64], shape: &[u64]) -> SavedTensor {
     let len = shape.iter().product::<u64>() as usize * dtype.size();
     (
         name.to_string(),
@@ -394,13 +392,7 @@ fn part(
     )
 }
 
-fn save_one(
-    store: &Store,
-    step: u64,
-    rank: u32,
-    world: u32,
-    t: Vec<(String, DType, Vec<u64>, Vec<u8>, Option<ShardInfo>)>,
-) {
+fn save_one(store: &Store, step: u64, rank: u32, world: u32, t: Vec<SavedTensor>) {
     let st = RankState {
         tensors: t,
         blobs: vec![],
