@@ -243,7 +243,8 @@ impl Store {
                     Err(e) => return Err(Error::io("examine manifest", &manifest, e)),
                 };
                 // Steps with parts follow the parts' rule (above).
-                let has_parts = crate::layout::check_store_dir(&p.join(crate::layout::PARTS_DIR))?;
+                let has_parts =
+                    !crate::shard::list_parts(&p.join(crate::layout::PARTS_DIR))?.is_empty();
                 if !committed && !has_parts && age(clock, &meta) >= grace {
                     report.leftovers_removed += 1;
                     if !dry_run {

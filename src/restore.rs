@@ -223,7 +223,8 @@ impl Store {
 
     /// Restore tensors into caller buffers: each `(name, buffer)` is filled
     /// with that tensor's bytes; the buffer must be exactly its length. Only
-    /// the chunks of the named tensors are read.
+    /// the chunks of the named tensors are read. A tensor of a sharded step
+    /// is filled whole (its global shape), assembled from its shards.
     pub fn restore_into(
         &self,
         run: &str,
@@ -241,7 +242,19 @@ impl Store {
         let mut entries = Vec::with_capacity(targets.len());
         let mut dests = Vec::with_capacity(targets.len());
         let mut seen = std::collections::HashSet::new();
+        // Tensors of a sharded step are assembled whole from their shards.
+        let mut whole: Vec<(crate::shard::TensorIndex<'_>, &mut [u8])> = Vec::new();
         for (name, buf) in targets.iter_mut() {
+            if let Some(t) = manifest.sharded.iter().find(|t| t.name == *name) {
+                if !seen.insert(*name) {
+                    return Err(Error::invalid(
+                        "restore target",
+                        format!("{name:?} named twice"),
+                    ));
+                }
+                whole.push((crate::shard::TensorIndex::new(t), &mut **buf));
+                continue;
+            }
             let e = by_name.get(name).ok_or_else(|| Error::NotFound {
                 what: format!("tensor {name:?} in run {run} step {step}"),
             })?;
@@ -260,12 +273,18 @@ impl Store {
             entries.push(*e);
             dests.push(&mut **buf);
         }
-        let plan = RestorePlan::new(&entries, dests)?;
+        let mut plan = RestorePlan::new(&entries, dests)?;
+        let mut logical: u64 = entries.iter().map(|e| e.len).sum();
+        for (index, buf) in whole {
+            logical += buf.len() as u64;
+            let shape = index.shape().to_vec();
+            index.plan_region(&vec![0; shape.len()], &shape, buf, &mut plan)?;
+        }
         let source = self.chunk_source();
         let mut report = execute(plan, &source, self.opts.read_threads)?;
         report.repaired = source.repaired();
         report.step = step;
-        report.logical_bytes = entries.iter().map(|e| e.len).sum();
+        report.logical_bytes = logical;
         report.elapsed = t0.elapsed();
         Ok(report)
     }

@@ -379,7 +379,7 @@ pub(crate) fn restore_regions_from(
 }
 
 /// The part files in `dir` (absent: none), by rank then name.
-fn list_parts(dir: &std::path::Path) -> Result<Vec<PartListing>> {
+pub(crate) fn list_parts(dir: &std::path::Path) -> Result<Vec<PartListing>> {
     if !check_store_dir(dir)? {
         return Ok(Vec::new());
     }
@@ -783,6 +783,11 @@ impl<'m> TensorIndex<'m> {
             shards,
             slabs,
         }
+    }
+
+    /// The global shape.
+    pub(crate) fn shape(&self) -> &[u64] {
+        &self.shape
     }
 
     /// Bytes of the whole tensor.

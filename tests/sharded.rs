@@ -338,6 +338,18 @@ fn resharding_8_ranks_into_1_3_and_16() {
         assert!(t.data == g.data, "{} assembled differs", g.name);
     }
     assert_eq!(all.blob("config").unwrap(), b"{\"layers\": 2}");
+    // restore_into fills caller buffers with assembled global tensors.
+    let mut wbuf = vec![0u8; model[0].data.len()];
+    let mut sbuf = vec![0u8; 8];
+    store
+        .restore_into(
+            "r",
+            StepSel::Latest,
+            &mut [("tp_fsdp.w", &mut wbuf[..]), ("scalar", &mut sbuf[..])],
+        )
+        .unwrap();
+    assert!(wbuf == model[0].data);
+    assert!(sbuf == model[6].data);
     for r in 0..8 {
         assert_eq!(
             all.blob(&format!("rng/rank{r}")).unwrap(),
@@ -1112,6 +1124,13 @@ fn gc_keeps_pending_parts_and_collects_orphans_after_the_grace() {
         "the orphan's chunk goes with it: {g:?}"
     );
     assert!(store.pending_steps("r").unwrap().is_empty());
+    // A step directory whose rank died between creating `parts/` and
+    // publishing its part holds no part: a leftover like any other.
+    let empty = dir.path().join("runs/r/00000000000000000003/parts");
+    std::fs::create_dir_all(&empty).unwrap();
+    let g = store.gc(Duration::ZERO, false).unwrap();
+    assert_eq!(g.leftovers_removed, 1, "{g:?}");
+    assert!(!empty.exists());
     // The committed step is untouched and its parts stay (they are roots).
     assert_eq!(store.parts("r", 1).unwrap().len(), 8);
     let v = store.verify(None, None).unwrap();
