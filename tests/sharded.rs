@@ -725,6 +725,54 @@ fn blake3_hex(b: &[u8]) -> String {
     h.iter().map(|v| format!("{v:016x}")).collect()
 }
 
+/// Save one `[n, cols]` U8 tensor in one chunk (a checkpoint of run
+/// `base`, which keeps the chunk stored), then write `n` part manifests by
+/// hand, rank `r` holding row `r` as a slice of that chunk. Returns the
+/// tensor's bytes.
+fn write_row_parts(store: &Store, dir: &Path, run: &str, step: u64, n: u64, cols: u64) -> Vec<u8> {
+    let data = gen_bytes("rows", (n * cols) as usize);
+    let s = SaveState::new().tensor("all", DType::U8, &[n, cols], &data);
+    store.save("base", step, &s).unwrap().wait().unwrap();
+    let base = store.manifest("base", step).unwrap();
+    let c = base.tensors[0].chunks[0];
+    assert_eq!(base.tensors[0].chunks.len(), 1);
+    for r in 0..n {
+        let m = cairn::Manifest {
+            format_version: 2,
+            run: run.into(),
+            step,
+            created_unix_ms: 0,
+            chunk_size: 1 << 20,
+            tensors: vec![cairn::TensorEntry {
+                name: "w".into(),
+                dtype: DType::U8,
+                shape: vec![1, cols],
+                len: cols,
+                shard: Some(ShardInfo {
+                    global_shape: vec![n, cols],
+                    offsets: vec![r, 0],
+                }),
+                chunks: vec![cairn::ChunkRef {
+                    id: c.id,
+                    chunk_len: c.chunk_len,
+                    offset: r * cols,
+                    len: cols,
+                }],
+            }],
+            blobs: vec![],
+            metadata: serde_json::Value::Null,
+            part: Some(cairn::PartInfo {
+                rank: r as u32,
+                world_size: n as u32,
+            }),
+            world_size: None,
+            sharded: vec![],
+        };
+        write_part(dir, run, step, &m);
+    }
+    data
+}
+
 #[test]
 fn ten_thousand_shards_commit_and_plan() {
     const N: u64 = 10_000;
@@ -741,46 +789,7 @@ fn ten_thousand_shards_commit_and_plan() {
     .unwrap();
     // One stored chunk holds every row; 10,000 parts each reference one
     // row of it as their shard of a [10000, 64] tensor.
-    let data = gen_bytes("rows", (N * COLS) as usize);
-    let s = SaveState::new().tensor("all", DType::U8, &[N, COLS], &data);
-    store.save("base", 0, &s).unwrap().wait().unwrap();
-    let base = store.manifest("base", 0).unwrap();
-    let c = base.tensors[0].chunks[0];
-    assert_eq!(base.tensors[0].chunks.len(), 1);
-    for r in 0..N {
-        let m = cairn::Manifest {
-            format_version: 2,
-            run: "big".into(),
-            step: 1,
-            created_unix_ms: 0,
-            chunk_size: 1 << 20,
-            tensors: vec![cairn::TensorEntry {
-                name: "w".into(),
-                dtype: DType::U8,
-                shape: vec![1, COLS],
-                len: COLS,
-                shard: Some(ShardInfo {
-                    global_shape: vec![N, COLS],
-                    offsets: vec![r, 0],
-                }),
-                chunks: vec![cairn::ChunkRef {
-                    id: c.id,
-                    chunk_len: c.chunk_len,
-                    offset: r * COLS,
-                    len: COLS,
-                }],
-            }],
-            blobs: vec![],
-            metadata: serde_json::Value::Null,
-            part: Some(cairn::PartInfo {
-                rank: r as u32,
-                world_size: N as u32,
-            }),
-            world_size: None,
-            sharded: vec![],
-        };
-        write_part(dir.path(), "big", 1, &m);
-    }
+    let data = write_row_parts(&store, dir.path(), "big", 1, N, COLS);
     let t = Instant::now();
     let rep = store.commit("big", 1, N as u32).unwrap();
     let commit_time = t.elapsed();
@@ -1071,6 +1080,71 @@ fn a_rank_killed_before_publishing_leaves_the_step_invisible() {
         .unwrap();
     assert!(out[..2 << 20] == d0[off as usize..]);
     assert!(out[2 << 20..] == d1[..2 << 20]);
+}
+
+#[test]
+fn a_committer_killed_mid_commit_leaves_all_or_nothing() {
+    const N: u64 = 3000;
+    const COLS: u64 = 64;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(
+        dir.path(),
+        StoreOptions {
+            chunk_size: 1 << 20,
+            staging_bytes: 4 << 20,
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
+    let data = write_row_parts(&store, dir.path(), "c", 1, N, COLS);
+    let exe = std::env::current_exe().unwrap();
+    let mut invisible = 0;
+    for delay_ms in [0u64, 10, 30, 60, 100, 150, 250, 400] {
+        if store.steps("c").unwrap().contains(&1) {
+            break;
+        }
+        let mut child = Command::new(&exe)
+            .args([
+                "sharded_child",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(
+                CHILD_ENV,
+                format!("commit {} c 1 {N}", dir.path().display()),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        if store.steps("c").unwrap().contains(&1) {
+            // Published whole.
+            let mut out = vec![0u8; (COLS * 3) as usize];
+            store
+                .restore_region("c", StepSel::Step(1), "w", &[7, 0], &[3, COLS], &mut out)
+                .unwrap();
+            assert!(out == data[(7 * COLS) as usize..(10 * COLS) as usize]);
+        } else {
+            invisible += 1;
+            let e = store
+                .restore("c", StepSel::Step(1), &TensorFilter::All)
+                .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+            assert_eq!(store.pending_steps("c").unwrap(), vec![1]);
+        }
+    }
+    eprintln!("committer killed: step invisible after {invisible} kill(s)");
+    // Whatever the kills left, committing again succeeds and the record is
+    // whole.
+    store.commit("c", 1, N as u32).unwrap();
+    let all = store
+        .restore("c", StepSel::Step(1), &TensorFilter::All)
+        .unwrap();
+    assert!(all.tensor("w").unwrap().data == data);
 }
 
 #[test]
