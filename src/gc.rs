@@ -426,8 +426,34 @@ impl RemoteStore {
         // listing is not a candidate at all.
         let chunks = tier.list_chunks()?;
         let marked_at = clock.now_ms();
-        let (referenced, checkpoints) = mark(tier)?;
+        let (mut referenced, checkpoints) = mark(tier)?;
         report.checkpoints = checkpoints;
+        // Remote parts (uploaded by each node of a sharded job) are roots,
+        // until those of a step without a record all pass the grace.
+        let part_grace = grace.max(crate::shard::PENDING_PART_MIN_GRACE);
+        let mut by_step: std::collections::BTreeMap<
+            (String, u64),
+            Vec<(crate::shard::PartListing, i64)>,
+        > = Default::default();
+        for (run, step, p, modified) in self.all_parts()? {
+            by_step.entry((run, step)).or_default().push((p, modified));
+        }
+        for ((run, step), parts) in by_step {
+            let committed = self.block_on(self.has_manifest(&run, step))??;
+            if !committed && parts.iter().all(|(_, m)| clock.since(*m) >= part_grace) {
+                report.parts_removed += parts.len() as u64;
+                if !dry_run {
+                    for (p, _) in &parts {
+                        self.delete_part(&run, step, &p.file)?;
+                    }
+                }
+                continue;
+            }
+            for (p, _) in &parts {
+                let m = self.part_manifest(&run, step, &p.file)?;
+                referenced.extend(m.distinct_chunks().into_iter().map(|(id, _)| id));
+            }
+        }
         report.referenced_chunks = referenced.len() as u64;
         for c in chunks {
             if referenced.contains(&c.id) {

@@ -85,7 +85,9 @@ pub use remote::{
 pub use remote::{listed_chunk_id, listed_manifest_step};
 pub use restore::{RestoreReport, Restored, RestoredTensor, TensorFilter};
 pub use save::{SaveHandle, SaveReport, SaveState, TensorView};
-pub use shard::{CommitReport, PartListing, RegionTarget, PENDING_PART_MIN_GRACE};
+pub use shard::{
+    CommitReport, PartListing, PartsUploadReport, RegionTarget, PENDING_PART_MIN_GRACE,
+};
 pub use store::{StepSel, Store, StoreOptions, UploadMarker};
 pub use tier::{is_url, ChunkInfo, ChunkTier, ReuseRule, Tier};
 pub use verify::{Problem, VerifyReport};

@@ -349,6 +349,311 @@ impl RemoteStore {
     }
 }
 
+/// What [`Store::upload_parts`] did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PartsUploadReport {
+    /// Part manifests put (or found identical) on the remote.
+    pub parts: usize,
+    /// Chunks uploaded (renewed ones included).
+    pub chunks_uploaded: u64,
+    /// Chunks the remote already held, young enough to rely on.
+    pub chunks_skipped: u64,
+    /// Set when this call found every part of the world on the remote and
+    /// committed (or found) the remote record.
+    pub committed: Option<CommitReport>,
+}
+
+impl Store {
+    /// Upload this store's parts of sharded step `(run, step)` for world
+    /// size `world_size` to `remote` (each node of a job uploads its own
+    /// ranks' parts: chunks first, then the part manifest, create-only),
+    /// then try to commit the remote record: whichever uploader (or
+    /// trainer) first finds every rank's part on the remote publishes it,
+    /// create-only; identical bytes already there count as success. A
+    /// rank still missing remotely is not an error: `committed` is `None`.
+    /// Follows the remote's reuse rule as uploads do: a chunk found
+    /// remotely is relied on only if younger than half the collection
+    /// grace, and the part must be put within a quarter of it. Blocking.
+    pub fn upload_parts(
+        &self,
+        remote: &RemoteStore,
+        run: &str,
+        step: u64,
+        world_size: u32,
+    ) -> Result<PartsUploadReport> {
+        let mut report = PartsUploadReport::default();
+        let dst: &dyn ChunkTier = remote;
+        for p in self.parts(run, step)? {
+            if p.world_size != world_size {
+                continue;
+            }
+            let started_ms = dst.clock().now_ms();
+            let m = self.part_manifest(run, step, &p.file)?;
+            let mut renewed = Vec::new();
+            for (id, len) in m.distinct_chunks() {
+                match dst.chunk_info(&id)? {
+                    Some(info) if dst.is_fresh(&info) => report.chunks_skipped += 1,
+                    found => {
+                        let object = ChunkTier::read_chunk_object(self, &id, len)?;
+                        dst.put_chunk_object(&id, object)?;
+                        report.chunks_uploaded += 1;
+                        if found.is_some() {
+                            renewed.push((id, len));
+                        }
+                    }
+                }
+            }
+            if let crate::tier::ReuseRule::Grace { commit_within, .. } = dst.reuse_rule() {
+                let took = dst.clock().since(started_ms);
+                if took > commit_within {
+                    return Err(Error::DeadlineExceeded {
+                        what: format!(
+                            "upload of part {} of run {run} step {step} to {}",
+                            p.file,
+                            dst.location()
+                        ),
+                        took,
+                        limit: commit_within,
+                    });
+                }
+            }
+            let bytes =
+                crate::store::read_bounded(&self.layout.parts_dir(run, step).join(&p.file))?;
+            remote.put_part(run, step, &p.file, bytes)?;
+            for (id, len) in renewed {
+                if dst.chunk_info(&id)?.is_none() {
+                    let object = ChunkTier::read_chunk_object(self, &id, len)?;
+                    dst.put_chunk_object(&id, object)?;
+                }
+            }
+            report.parts += 1;
+        }
+        report.committed = match remote.commit(run, step, world_size) {
+            Ok(r) => Some(r),
+            Err(Error::MissingRank { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        Ok(report)
+    }
+}
+
+impl RemoteStore {
+    fn parts_prefix(&self, run: &str, step: u64) -> object_store::path::Path {
+        let m = self.manifest_path(run, step);
+        let mut parts: Vec<object_store::path::PathPart<'_>> = m.parts().collect();
+        parts.pop();
+        let mut p: object_store::path::Path = parts.into_iter().collect();
+        p = p.child(crate::layout::PARTS_DIR);
+        p
+    }
+
+    /// Put a part manifest (its file name from the local store) only if
+    /// absent; identical bytes already there are success. Blocking.
+    pub fn put_part(&self, run: &str, step: u64, file: &str, bytes: Vec<u8>) -> Result<()> {
+        validate_run_name(run)?;
+        let Some((rank, world_size)) = parse_part_file_name(file) else {
+            return Err(Error::invalid("part file name", format!("{file:?}")));
+        };
+        let path = self.parts_prefix(run, step).child(file);
+        let display = std::path::PathBuf::from(path.to_string());
+        let m = decode_manifest_file(&bytes, &display)?;
+        if m.run != run || m.step != step || m.part != Some(PartInfo { rank, world_size }) {
+            return Err(Error::manifest(&display, "does not name its location"));
+        }
+        let bytes = bytes::Bytes::from(bytes);
+        let r = self.block_on(self.retry(|| {
+            let bytes = bytes.clone();
+            let path = &path;
+            async move {
+                self.object_store()
+                    .put_opts(
+                        path,
+                        object_store::PutPayload::from(bytes),
+                        object_store::PutOptions {
+                            mode: object_store::PutMode::Create,
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| Error::remote("put part", path, e))
+            }
+        }))?;
+        match r {
+            Ok(()) => Ok(()),
+            Err(Error::Remote {
+                source: object_store::Error::AlreadyExists { .. },
+                ..
+            }) => {
+                // Named by its hash: what is there is these bytes, unless
+                // the object was damaged; read it to make sure.
+                let existing = self.block_on(self.get_object(&path, "get part"))??;
+                if existing == bytes {
+                    Ok(())
+                } else {
+                    Err(Error::manifest(
+                        &display,
+                        "a different object holds this part's name",
+                    ))
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The part manifests on the remote under `(run, step)`, with their
+    /// last-modified times (ms since the epoch). Blocking.
+    pub fn parts(&self, run: &str, step: u64) -> Result<Vec<(PartListing, i64)>> {
+        validate_run_name(run)?;
+        let prefix = self.parts_prefix(run, step);
+        let metas: Vec<object_store::ObjectMeta> = self.block_on(self.retry(|| async {
+            use futures::TryStreamExt;
+            self.object_store()
+                .list(Some(&prefix))
+                .try_collect()
+                .await
+                .map_err(|e| Error::remote("list parts", &prefix, e))
+        }))??;
+        let mut out = Vec::new();
+        for m in metas {
+            let Some(file) = m.location.filename() else {
+                continue;
+            };
+            if let Some((rank, world_size)) = parse_part_file_name(file) {
+                out.push((
+                    PartListing {
+                        rank,
+                        world_size,
+                        file: file.to_string(),
+                    },
+                    m.last_modified.timestamp_millis(),
+                ));
+            }
+        }
+        out.sort_by(|a, b| {
+            (a.0.world_size, a.0.rank, &a.0.file).cmp(&(b.0.world_size, b.0.rank, &b.0.file))
+        });
+        Ok(out)
+    }
+
+    /// Read and validate one remote part manifest. Blocking.
+    pub fn part_manifest(&self, run: &str, step: u64, file: &str) -> Result<Manifest> {
+        let Some((rank, world_size)) = parse_part_file_name(file) else {
+            return Err(Error::invalid("part file name", format!("{file:?}")));
+        };
+        let path = self.parts_prefix(run, step).child(file);
+        let bytes = self.block_on(self.get_manifest_object(&path))??;
+        let display = std::path::PathBuf::from(path.to_string());
+        let m = decode_manifest_file(&bytes, &display)?;
+        if m.run != run || m.step != step || m.part != Some(PartInfo { rank, world_size }) {
+            return Err(Error::manifest(&display, "does not name its location"));
+        }
+        Ok(m)
+    }
+
+    /// Every part manifest on the remote: `(run, step, part, modified ms)`.
+    /// Blocking.
+    pub(crate) fn all_parts(&self) -> Result<Vec<(String, u64, PartListing, i64)>> {
+        let m = self.manifest_path("r", 0);
+        let comps: Vec<object_store::path::PathPart<'_>> = m.parts().collect();
+        let runs: object_store::path::Path = comps[..comps.len().saturating_sub(3)]
+            .iter()
+            .cloned()
+            .collect();
+        let metas: Vec<object_store::ObjectMeta> = self.block_on(self.retry(|| async {
+            use futures::TryStreamExt;
+            self.object_store()
+                .list(Some(&runs))
+                .try_collect()
+                .await
+                .map_err(|e| Error::remote("list parts", &runs, e))
+        }))??;
+        let mut out = Vec::new();
+        for meta in metas {
+            let Some(rel) = meta.location.prefix_match(&runs) else {
+                continue;
+            };
+            let rel: Vec<String> = rel.map(|p| p.as_ref().to_string()).collect();
+            let [run, step, dir, file] = rel.as_slice() else {
+                continue;
+            };
+            let (Some(step), Some((rank, world_size))) =
+                (parse_step_dir_name(step), parse_part_file_name(file))
+            else {
+                continue;
+            };
+            if dir != crate::layout::PARTS_DIR || validate_run_name(run).is_err() {
+                continue;
+            }
+            out.push((
+                run.clone(),
+                step,
+                PartListing {
+                    rank,
+                    world_size,
+                    file: file.clone(),
+                },
+                meta.last_modified.timestamp_millis(),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Delete one remote part manifest. Blocking.
+    pub(crate) fn delete_part(&self, run: &str, step: u64, file: &str) -> Result<()> {
+        let path = self.parts_prefix(run, step).child(file);
+        self.block_on(self.retry(|| async {
+            match self.object_store().delete(&path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(Error::remote("delete part", &path, e)),
+            }
+        }))?
+    }
+
+    /// [`Store::commit`] on the remote tier: read the remote parts of every
+    /// rank, check them by the same rules, and put the record create-only.
+    /// Blocking.
+    pub fn commit(&self, run: &str, step: u64, world_size: u32) -> Result<CommitReport> {
+        let t0 = Instant::now();
+        validate_run_name(run)?;
+        if world_size == 0 {
+            return Err(Error::invalid("world size", "must be at least 1"));
+        }
+        let listing = self.parts(run, step)?;
+        let mut first: Vec<Option<&PartListing>> = vec![None; world_size as usize];
+        for (p, _) in &listing {
+            if p.world_size == world_size && first[p.rank as usize].is_none() {
+                first[p.rank as usize] = Some(p);
+            }
+        }
+        let mut parts = Vec::with_capacity(world_size as usize);
+        for (rank, p) in first.iter().enumerate() {
+            let Some(p) = p else {
+                return Err(Error::MissingRank {
+                    run: run.to_string(),
+                    step,
+                    rank: rank as u32,
+                    world_size,
+                });
+            };
+            parts.push(self.part_manifest(run, step, &p.file)?);
+        }
+        let read = |e: &EntryRef<'_>| -> Result<Vec<u8>> {
+            let mut buf = vec![0u8; e.len as usize];
+            let plan = RestorePlan::new(std::slice::from_ref(e), vec![&mut buf[..]])?;
+            execute(plan, self, self.options().concurrency.max(1))?;
+            Ok(buf)
+        };
+        let (record, mut report) = build_record(run, step, world_size, &parts, &|a, b| {
+            Ok(read(a)? == read(b)?)
+        })?;
+        let bytes = encode_manifest(&record)?;
+        report.created = ChunkTier::commit_manifest(self, run, step, &bytes)?;
+        report.elapsed = t0.elapsed();
+        Ok(report)
+    }
+}
+
 /// Read regions of tensors of `manifest` from `source`.
 pub(crate) fn restore_regions_from(
     manifest: &Manifest,

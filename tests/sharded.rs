@@ -1310,3 +1310,81 @@ fn sharded_step_through_s3_and_the_tiered_source() {
         assert!(all.tensor(g.name).unwrap().data == g.data, "{}", g.name);
     }
 }
+
+#[test]
+fn nodes_upload_their_parts_and_the_last_commits_the_remote_record() {
+    let remote = s3_remote("nodes");
+    let model = model();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (node_a, node_b) = (new_store(da.path()), new_store(db.path()));
+    // Two nodes, four ranks each, each with its own local store.
+    for r in 0..8u32 {
+        let node = if r < 4 { &node_a } else { &node_b };
+        let st = rank_state(&model, r);
+        node.save_part("r", 7, r, 8, &st.view())
+            .unwrap()
+            .wait()
+            .unwrap();
+    }
+    let up_a = node_a.upload_parts(&remote, "r", 7, 8).unwrap();
+    assert_eq!(up_a.parts, 4);
+    assert!(up_a.chunks_uploaded > 0);
+    assert!(up_a.committed.is_none(), "ranks 4..8 are not uploaded yet");
+    assert!(cairn::ChunkTier::steps(&remote, "r").unwrap().is_empty());
+    assert_eq!(remote.parts("r", 7).unwrap().len(), 4);
+    // A remote collection between the parts and the record, its clock 30
+    // minutes on: the parts' chunks are past a 60 s grace but are roots.
+    let clock = ManualClock::new();
+    clock.advance(Duration::from_secs(1800));
+    let gc_remote = remote.clone().with_clock(Arc::new(clock.clone()));
+    let g = gc_remote.gc(Duration::from_secs(60), false).unwrap();
+    assert_eq!((g.chunks_deleted, g.parts_removed), (0, 0), "{g:?}");
+    // The last node to upload finds every part and commits the record.
+    let up_b = node_b.upload_parts(&remote, "r", 7, 8).unwrap();
+    let c = up_b.committed.expect("node B commits");
+    assert!(c.created);
+    assert_eq!(c.parts, 8);
+    // Node A retrying finds the identical record: success, not created.
+    let again = node_a.upload_parts(&remote, "r", 7, 8).unwrap();
+    assert!(!again.committed.unwrap().created);
+    assert_eq!(cairn::ChunkTier::steps(&remote, "r").unwrap(), vec![7]);
+    // Any world size restores its regions from the remote alone.
+    for g in &model {
+        for (off, shape) in regions(&g.shape, 3) {
+            let want = slice(&g.data, &g.shape, g.dtype.size(), &off, &shape);
+            let mut out = vec![0u8; want.len()];
+            remote
+                .restore_region("r", StepSel::Step(7), g.name, &off, &shape, &mut out)
+                .unwrap();
+            assert!(out == want, "{} {off:?}+{shape:?}", g.name);
+        }
+    }
+    // A step that never commits: node A's parts only. Its remote parts
+    // go once older than the grace (at least an hour), not before.
+    for r in 0..4u32 {
+        let st = rank_state(&model, r);
+        node_a
+            .save_part("r", 8, r, 8, &st.view())
+            .unwrap()
+            .wait()
+            .unwrap();
+    }
+    assert!(node_a
+        .upload_parts(&remote, "r", 8, 8)
+        .unwrap()
+        .committed
+        .is_none());
+    let g = gc_remote.gc(Duration::from_secs(60), false).unwrap();
+    assert_eq!(g.parts_removed, 0, "{g:?}");
+    clock.advance(Duration::from_secs(2 * 3600));
+    let g = gc_remote.gc(Duration::from_secs(60), false).unwrap();
+    assert_eq!(g.parts_removed, 4, "{g:?}");
+    assert!(remote.parts("r", 8).unwrap().is_empty());
+    // The committed step still restores whole.
+    let all = remote
+        .restore("r", StepSel::Step(7), &TensorFilter::All)
+        .unwrap();
+    for g in &model {
+        assert!(all.tensor(g.name).unwrap().data == g.data, "{}", g.name);
+    }
+}
