@@ -108,7 +108,8 @@ pub fn copy_checkpoint(
         None => src.manifest_bytes(run, step)?,
         Some(f) => {
             manifest.tensors.retain(|t| f(&t.name));
-            if manifest.tensors.is_empty() {
+            manifest.sharded.retain(|t| f(&t.name));
+            if manifest.tensor_count() == 0 {
                 return Err(Error::NotFound {
                     what: format!("tensors matching the selection in run {run} step {step}"),
                 });
@@ -196,7 +197,7 @@ pub fn copy_checkpoint(
     Ok(CopyReport {
         run: run.to_string(),
         step,
-        tensors: manifest.tensors.len() as u64,
+        tensors: manifest.tensor_count() as u64,
         chunks: chunks.len() as u64,
         chunks_copied: copied.into_inner(),
         chunks_skipped: skipped.into_inner(),

@@ -166,12 +166,89 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// A sharded step cannot be committed: a rank of the world has not
+    /// published its part (yet).
+    #[error("run {run} step {step}: rank {rank} of world size {world_size} has no part")]
+    MissingRank {
+        /// The run.
+        run: String,
+        /// The step.
+        step: u64,
+        /// The first rank without a part.
+        rank: u32,
+        /// The world size being committed.
+        world_size: u32,
+    },
+    /// A sharded step cannot be committed: two shards of a tensor overlap
+    /// without being replicas of the same region.
+    #[error("tensor {tensor:?}: shard {first} overlaps shard {second}")]
+    ShardOverlap {
+        /// The tensor.
+        tensor: String,
+        /// One of the shards.
+        first: Box<Region>,
+        /// The other.
+        second: Box<Region>,
+    },
+    /// A sharded step cannot be committed: no shard of a tensor covers
+    /// `point` (an element index of the global tensor).
+    #[error(
+        "tensor {tensor:?} of global shape {global_shape:?}: no shard covers element {point:?}"
+    )]
+    ShardGap {
+        /// The tensor.
+        tensor: String,
+        /// Its global shape.
+        global_shape: Vec<u64>,
+        /// The first uncovered element, in row-major order of dimensions.
+        point: Vec<u64>,
+    },
+    /// A sharded step cannot be committed: the parts disagree about a
+    /// tensor's dtype or global shape, or hold different bytes under one
+    /// blob name.
+    #[error("{name:?}: rank {first_rank} has {what} {first} but rank {other_rank} has {other}")]
+    PartsDisagree {
+        /// The tensor or blob.
+        name: String,
+        /// What differs: `"dtype"`, `"global shape"`, `"blob bytes"`, or
+        /// `"part"` (two attempts of one rank with different contents).
+        what: &'static str,
+        /// The lowest rank, whose value is taken as the reference.
+        first_rank: u32,
+        /// Its value.
+        first: String,
+        /// A rank that disagrees.
+        other_rank: u32,
+        /// Its value.
+        other: String,
+    },
     /// The store's background pipeline has shut down.
     #[error("the store pipeline is closed")]
     Closed,
     /// An invariant inside cairn did not hold.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// A box of a global tensor saved by one rank, as named in errors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Region {
+    /// The rank whose part holds it.
+    pub rank: u32,
+    /// Offset in each dimension.
+    pub offsets: Vec<u64>,
+    /// Extent in each dimension.
+    pub shape: Vec<u64>,
+}
+
+impl std::fmt::Display for Region {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:?}+{:?} of rank {}",
+            self.offsets, self.shape, self.rank
+        )
+    }
 }
 
 fn tensors_suffix(tensors: &[String]) -> String {
@@ -206,6 +283,10 @@ impl Error {
             Error::DeadlineExceeded { .. } => ErrorKind::Unavailable,
             Error::RemoteRefused { .. } => ErrorKind::Invalid,
             Error::RetriesExhausted { .. } => ErrorKind::Unavailable,
+            Error::MissingRank { .. } => ErrorKind::NotFound,
+            Error::ShardOverlap { .. } | Error::ShardGap { .. } | Error::PartsDisagree { .. } => {
+                ErrorKind::Invalid
+            }
             Error::Closed => ErrorKind::Closed,
             Error::Internal(_) => ErrorKind::Internal,
         }

@@ -53,6 +53,11 @@ pub struct GcReport {
     pub chunks_in_grace: u64,
     /// Leftover temporary files and uncommitted step directories removed.
     pub leftovers_removed: u64,
+    /// Part manifests removed (or, in a dry run, that would be): those of
+    /// steps never committed, once the newest is older than the grace
+    /// (at least [`crate::PENDING_PART_MIN_GRACE`]), and those of a
+    /// committed step saved for another world size, as old.
+    pub parts_removed: u64,
     /// Nothing was deleted.
     pub dry_run: bool,
 }
@@ -101,8 +106,34 @@ impl Store {
             dry_run,
             ..Default::default()
         };
-        let (referenced, checkpoints) = mark(self)?;
+        let (mut referenced, checkpoints) = mark(self)?;
         report.checkpoints = checkpoints;
+        // Parts are roots until collected; expired ones go first, so no
+        // part ever names a chunk that is gone.
+        let part_grace = grace.max(crate::shard::PENDING_PART_MIN_GRACE);
+        let parts = self.scan_parts(clock, part_grace)?;
+        referenced.extend(parts.roots);
+        report.parts_removed = parts.expired_files;
+        if !dry_run {
+            for dir in &parts.expired_steps {
+                self.layout
+                    .fs()
+                    .remove_dir_all(dir)
+                    .map_err(|e| Error::io("remove uncommitted step", dir, e))?;
+                if let Some(parent) = dir.parent() {
+                    fsync_dir_on(self.layout.fs(), parent)?;
+                }
+            }
+            for f in &parts.expired_parts {
+                self.layout
+                    .fs()
+                    .remove_file(f)
+                    .map_err(|e| Error::io("remove part", f, e))?;
+                if let Some(parent) = f.parent() {
+                    fsync_dir_on(self.layout.fs(), parent)?;
+                }
+            }
+        }
         report.referenced_chunks = referenced.len() as u64;
         for prefix in 0..=255u8 {
             let dir = self.layout.chunk_dir_for_prefix(prefix);
@@ -211,7 +242,10 @@ impl Store {
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
                     Err(e) => return Err(Error::io("examine manifest", &manifest, e)),
                 };
-                if !committed && age(clock, &meta) >= grace {
+                // Steps with parts follow the parts' rule (above).
+                let has_parts =
+                    !crate::shard::list_parts(&p.join(crate::layout::PARTS_DIR))?.is_empty();
+                if !committed && !has_parts && age(clock, &meta) >= grace {
                     report.leftovers_removed += 1;
                     if !dry_run {
                         let _ = self.layout.fs().remove_dir_all(&p);
@@ -275,6 +309,100 @@ impl Store {
     }
 }
 
+/// The part manifests of a local store, as a collection sees them.
+struct PartScan {
+    /// Chunks referenced by the parts that stay.
+    roots: HashSet<ChunkId>,
+    /// Step directories of uncommitted steps whose parts all expired.
+    expired_steps: Vec<std::path::PathBuf>,
+    /// Stale part files of committed steps (another world size), expired.
+    expired_parts: Vec<std::path::PathBuf>,
+    /// Part files in either.
+    expired_files: u64,
+}
+
+impl Store {
+    /// Find every part manifest: which are roots, which expired.
+    fn scan_parts(&self, clock: &dyn Clock, grace: Duration) -> Result<PartScan> {
+        let mut scan = PartScan {
+            roots: HashSet::new(),
+            expired_steps: Vec::new(),
+            expired_parts: Vec::new(),
+            expired_files: 0,
+        };
+        let runs_dir = self.layout.runs_dir();
+        if !check_store_dir(&runs_dir)? {
+            return Ok(scan);
+        }
+        let runs =
+            std::fs::read_dir(&runs_dir).map_err(|e| Error::io("list directory", &runs_dir, e))?;
+        for run in runs.flatten() {
+            let Some(run) = run
+                .file_name()
+                .to_str()
+                .filter(|n| validate_run_name(n).is_ok())
+                .map(str::to_string)
+            else {
+                continue;
+            };
+            let run_dir = self.layout.run_dir(&run);
+            if !check_store_dir(&run_dir)? {
+                continue;
+            }
+            let steps = std::fs::read_dir(&run_dir)
+                .map_err(|e| Error::io("list directory", &run_dir, e))?;
+            for st in steps.flatten() {
+                let Some(step) = st.file_name().to_str().and_then(parse_step_dir_name) else {
+                    continue;
+                };
+                let parts = self.parts(&run, step)?;
+                if parts.is_empty() {
+                    continue;
+                }
+                let parts_dir = self.layout.parts_dir(&run, step);
+                let file_age = |file: &str| {
+                    std::fs::symlink_metadata(parts_dir.join(file))
+                        .map(|m| age(clock, &m))
+                        .unwrap_or(Duration::ZERO)
+                };
+                let record = match self.manifest(&run, step) {
+                    Ok(m) => Some(m),
+                    Err(e) if e.kind() == crate::error::ErrorKind::NotFound => None,
+                    Err(e) => return Err(e),
+                };
+                let keep: Vec<&crate::shard::PartListing> = match &record {
+                    None => {
+                        if parts.iter().all(|p| file_age(&p.file) >= grace) {
+                            scan.expired_steps.push(self.layout.step_dir(&run, step));
+                            scan.expired_files += parts.len() as u64;
+                            continue;
+                        }
+                        parts.iter().collect()
+                    }
+                    Some(m) => {
+                        let mut keep = Vec::new();
+                        for p in &parts {
+                            if m.world_size != Some(p.world_size) && file_age(&p.file) >= grace {
+                                scan.expired_parts.push(parts_dir.join(&p.file));
+                                scan.expired_files += 1;
+                            } else {
+                                keep.push(p);
+                            }
+                        }
+                        keep
+                    }
+                };
+                for p in keep {
+                    let m = self.part_manifest(&run, step, &p.file)?;
+                    scan.roots
+                        .extend(m.distinct_chunks().into_iter().map(|(id, _)| id));
+                }
+            }
+        }
+        Ok(scan)
+    }
+}
+
 impl RemoteStore {
     /// Collect unreferenced chunk objects older than `grace` (see the
     /// module documentation for why this is safe with concurrent uploads).
@@ -298,8 +426,34 @@ impl RemoteStore {
         // listing is not a candidate at all.
         let chunks = tier.list_chunks()?;
         let marked_at = clock.now_ms();
-        let (referenced, checkpoints) = mark(tier)?;
+        let (mut referenced, checkpoints) = mark(tier)?;
         report.checkpoints = checkpoints;
+        // Remote parts (uploaded by each node of a sharded job) are roots,
+        // until those of a step without a record all pass the grace.
+        let part_grace = grace.max(crate::shard::PENDING_PART_MIN_GRACE);
+        let mut by_step: std::collections::BTreeMap<
+            (String, u64),
+            Vec<(crate::shard::PartListing, i64)>,
+        > = Default::default();
+        for (run, step, p, modified) in self.all_parts()? {
+            by_step.entry((run, step)).or_default().push((p, modified));
+        }
+        for ((run, step), parts) in by_step {
+            let committed = self.block_on(self.has_manifest(&run, step))??;
+            if !committed && parts.iter().all(|(_, m)| clock.since(*m) >= part_grace) {
+                report.parts_removed += parts.len() as u64;
+                if !dry_run {
+                    for (p, _) in &parts {
+                        self.delete_part(&run, step, &p.file)?;
+                    }
+                }
+                continue;
+            }
+            for (p, _) in &parts {
+                let m = self.part_manifest(&run, step, &p.file)?;
+                referenced.extend(m.distinct_chunks().into_iter().map(|(id, _)| id));
+            }
+        }
         report.referenced_chunks = referenced.len() as u64;
         for c in chunks {
             if referenced.contains(&c.id) {

@@ -22,6 +22,36 @@ use std::sync::Arc;
 pub const STORE_MARKER: &str = "cairn-store.json";
 /// File name of a committed manifest inside its step directory.
 pub const MANIFEST_FILE: &str = "manifest.cairn";
+/// Directory of a step's part manifests (format v2).
+pub const PARTS_DIR: &str = "parts";
+
+/// File name of a part manifest: `<rank>-of-<world>.<64 hex>.cairn`, the
+/// hex being the blake3 hash of the file's bytes, so that two attempts of
+/// one rank never collide unless they are identical.
+pub fn part_file_name(rank: u32, world_size: u32, bytes: &[u8]) -> String {
+    format!(
+        "{rank}-of-{world_size}.{}.cairn",
+        blake3::hash(bytes).to_hex()
+    )
+}
+
+/// `(rank, world_size)` of a part manifest's file name, if it is one.
+pub fn parse_part_file_name(name: &str) -> Option<(u32, u32)> {
+    let stem = name.strip_suffix(".cairn")?;
+    let (ranks, hash) = stem.split_once('.')?;
+    if hash.len() != 64 || !hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    let (rank, world) = ranks.split_once("-of-")?;
+    let canon = |s: &str| {
+        !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'))
+    };
+    if !canon(rank) || !canon(world) {
+        return None;
+    }
+    let (rank, world): (u32, u32) = (rank.parse().ok()?, world.parse().ok()?);
+    (rank < world).then_some((rank, world))
+}
 /// Directory of the chunk fan-out directories.
 pub const CHUNKS_DIR: &str = "chunks";
 /// Directory of the runs.
@@ -125,6 +155,11 @@ impl Layout {
             .fold(self.root.clone(), |p, c| p.join(c))
     }
 
+    /// Directory of the part manifests of a sharded step.
+    pub fn parts_dir(&self, run: &str, step: u64) -> PathBuf {
+        self.step_dir(run, step).join(PARTS_DIR)
+    }
+
     /// Directory for files being written.
     pub fn tmp_dir(&self) -> PathBuf {
         self.root.join("tmp")
@@ -171,6 +206,23 @@ pub fn check_store_dir(path: &Path) -> Result<bool> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(Error::io("examine store directory", path, e)),
     }
+}
+
+/// Names of the run directories under a store's `runs/` (valid names
+/// only; none if absent).
+pub fn list_run_dirs(root: &Path) -> Result<Vec<String>> {
+    let dir = root.join(RUNS_DIR);
+    if !check_store_dir(&dir)? {
+        return Ok(Vec::new());
+    }
+    let rd = std::fs::read_dir(&dir).map_err(|e| Error::io("list directory", &dir, e))?;
+    let mut out: Vec<String> = rd
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| validate_run_name(n).is_ok())
+        .collect();
+    out.sort();
+    Ok(out)
 }
 
 /// Directory name of a step: zero-padded to 20 digits so listings sort.

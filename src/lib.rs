@@ -54,6 +54,7 @@ mod remote;
 mod restore;
 pub mod safetensors;
 mod save;
+mod shard;
 mod staging;
 mod store;
 mod tier;
@@ -71,8 +72,10 @@ pub use daemon::{
     SharedStatus, MAX_CONFIG_LEN,
 };
 pub use dtype::DType;
-pub use error::{Error, ErrorKind, Result};
-pub use format::manifest::{BlobEntry, ChunkRef, EntryRef, Manifest, ShardInfo, TensorEntry};
+pub use error::{Error, ErrorKind, Region, Result};
+pub use format::manifest::{
+    BlobEntry, ChunkRef, EntryRef, Manifest, PartInfo, Shard, ShardInfo, ShardedTensor, TensorEntry,
+};
 pub use gc::GcReport;
 pub use layout::validate_run_name;
 pub use metrics::{
@@ -87,6 +90,9 @@ pub use remote::{
 pub use remote::{listed_chunk_id, listed_manifest_step};
 pub use restore::{RestoreReport, Restored, RestoredTensor, TensorFilter};
 pub use save::{SaveHandle, SaveReport, SaveState, TensorView};
+pub use shard::{
+    CommitReport, PartListing, PartsUploadReport, RegionTarget, PENDING_PART_MIN_GRACE,
+};
 pub use store::{StepSel, Store, StoreOptions, UploadMarker};
 pub use tier::{is_url, ChunkInfo, ChunkTier, ReuseRule, Tier};
 pub use verify::{Problem, VerifyReport};

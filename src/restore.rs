@@ -79,6 +79,9 @@ pub struct RestoreReport {
     pub repaired: u64,
     /// Wall time.
     pub elapsed: Duration,
+    /// Of which planning which chunk slices fill which bytes (region
+    /// restores: index and intersect the shards).
+    pub planned: Duration,
 }
 
 /// A restored checkpoint.
@@ -129,14 +132,44 @@ struct ChunkTask<'a> {
 /// their slices and can run on any thread.
 pub(crate) struct RestorePlan<'a> {
     tasks: Vec<ChunkTask<'a>>,
+    by_id: HashMap<ChunkId, usize>,
 }
 
 impl<'a> RestorePlan<'a> {
+    /// Add one destination slice: chunk `id`'s bytes from `chunk_off` fill
+    /// `dest`, which belongs to entry `name`.
+    pub(crate) fn place(
+        &mut self,
+        id: ChunkId,
+        chunk_len: u64,
+        chunk_off: u64,
+        dest: &'a mut [u8],
+        name: &str,
+    ) {
+        let tasks = &mut self.tasks;
+        let idx = *self.by_id.entry(id).or_insert_with(|| {
+            tasks.push(ChunkTask {
+                id,
+                chunk_len,
+                placements: Vec::new(),
+                names: Vec::new(),
+            });
+            tasks.len() - 1
+        });
+        let t = &mut self.tasks[idx];
+        t.placements.push(Placement { chunk_off, dest });
+        if t.names.last().map(String::as_str) != Some(name) {
+            t.names.push(name.to_string());
+        }
+    }
+
     /// Plan reading `entries` into `dests` (same order, each exactly the
     /// entry's length).
-    fn new(entries: &[EntryRef<'_>], dests: Vec<&'a mut [u8]>) -> Result<Self> {
-        let mut by_id: HashMap<ChunkId, usize> = HashMap::new();
-        let mut tasks: Vec<ChunkTask<'a>> = Vec::new();
+    pub(crate) fn new(entries: &[EntryRef<'_>], dests: Vec<&'a mut [u8]>) -> Result<Self> {
+        let mut plan = RestorePlan {
+            tasks: Vec::new(),
+            by_id: HashMap::new(),
+        };
         for (e, dest) in entries.iter().zip(dests) {
             if dest.len() as u64 != e.len {
                 return Err(Error::Internal(format!(
@@ -159,26 +192,10 @@ impl<'a> RestorePlan<'a> {
                     })?;
                 let (head, tail) = std::mem::take(&mut rest).split_at_mut(len);
                 rest = tail;
-                let idx = *by_id.entry(c.id).or_insert_with(|| {
-                    tasks.push(ChunkTask {
-                        id: c.id,
-                        chunk_len: c.chunk_len,
-                        placements: Vec::new(),
-                        names: Vec::new(),
-                    });
-                    tasks.len() - 1
-                });
-                let t = &mut tasks[idx];
-                t.placements.push(Placement {
-                    chunk_off: c.offset,
-                    dest: head,
-                });
-                if t.names.last().map(String::as_str) != Some(e.name) {
-                    t.names.push(e.name.to_string());
-                }
+                plan.place(c.id, c.chunk_len, c.offset, head, e.name);
             }
         }
-        Ok(RestorePlan { tasks })
+        Ok(plan)
     }
 }
 
@@ -206,7 +223,8 @@ impl Store {
 
     /// Restore tensors into caller buffers: each `(name, buffer)` is filled
     /// with that tensor's bytes; the buffer must be exactly its length. Only
-    /// the chunks of the named tensors are read.
+    /// the chunks of the named tensors are read. A tensor of a sharded step
+    /// is filled whole (its global shape), assembled from its shards.
     pub fn restore_into(
         &self,
         run: &str,
@@ -224,7 +242,19 @@ impl Store {
         let mut entries = Vec::with_capacity(targets.len());
         let mut dests = Vec::with_capacity(targets.len());
         let mut seen = std::collections::HashSet::new();
+        // Tensors of a sharded step are assembled whole from their shards.
+        let mut whole: Vec<(crate::shard::TensorIndex<'_>, &mut [u8])> = Vec::new();
         for (name, buf) in targets.iter_mut() {
+            if let Some(t) = manifest.sharded.iter().find(|t| t.name == *name) {
+                if !seen.insert(*name) {
+                    return Err(Error::invalid(
+                        "restore target",
+                        format!("{name:?} named twice"),
+                    ));
+                }
+                whole.push((crate::shard::TensorIndex::new(t), &mut **buf));
+                continue;
+            }
             let e = by_name.get(name).ok_or_else(|| Error::NotFound {
                 what: format!("tensor {name:?} in run {run} step {step}"),
             })?;
@@ -243,19 +273,25 @@ impl Store {
             entries.push(*e);
             dests.push(&mut **buf);
         }
-        let plan = RestorePlan::new(&entries, dests)?;
+        let mut plan = RestorePlan::new(&entries, dests)?;
+        let mut logical: u64 = entries.iter().map(|e| e.len).sum();
+        for (index, buf) in whole {
+            logical += buf.len() as u64;
+            let shape = index.shape().to_vec();
+            index.plan_region(&vec![0; shape.len()], &shape, buf, &mut plan)?;
+        }
         let source = self.chunk_source();
         let mut report = execute(plan, &source, self.opts.read_threads)?;
         report.repaired = source.repaired();
         report.step = step;
-        report.logical_bytes = entries.iter().map(|e| e.len).sum();
+        report.logical_bytes = logical;
         report.elapsed = t0.elapsed();
         Ok(report)
     }
 }
 
 /// Read every chunk of `plan` from `source` with `threads` threads.
-fn execute(
+pub(crate) fn execute(
     plan: RestorePlan<'_>,
     source: &dyn ChunkSource,
     threads: usize,
@@ -340,15 +376,39 @@ pub(crate) fn restore_manifest(
         blobs.push((e.name.to_string(), alloc_zeroed(e.len, e.name)?));
         entries.push(e);
     }
-    let dests: Vec<&mut [u8]> = tensors
+    let plain = tensors.len();
+    // Sharded tensors (format v2) are assembled whole from their shards.
+    let mut indexes = Vec::new();
+    for t in &manifest.sharded {
+        if filter.matches(&t.name) {
+            let index = crate::shard::TensorIndex::new(t);
+            tensors.push(RestoredTensor {
+                name: t.name.clone(),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                shard: None,
+                data: alloc_zeroed(index.byte_len(), &t.name)?,
+            });
+            indexes.push(index);
+        }
+    }
+    let (plain_tensors, sharded_tensors) = tensors.split_at_mut(plain);
+    let dests: Vec<&mut [u8]> = plain_tensors
         .iter_mut()
         .map(|t| t.data.as_mut_slice())
         .chain(blobs.iter_mut().map(|b| b.1.as_mut_slice()))
         .collect();
-    let plan = RestorePlan::new(&entries, dests)?;
+    let mut plan = RestorePlan::new(&entries, dests)?;
+    let mut logical: u64 = entries.iter().map(|e| e.len).sum();
+    for (index, t) in indexes.iter().zip(sharded_tensors.iter_mut()) {
+        logical += t.data.len() as u64;
+        let shape = t.shape.clone();
+        let zeros = vec![0u64; shape.len()];
+        index.plan_region(&zeros, &shape, &mut t.data, &mut plan)?;
+    }
     let mut report = execute(plan, source, threads)?;
     report.step = manifest.step;
-    report.logical_bytes = entries.iter().map(|e| e.len).sum();
+    report.logical_bytes = logical;
     report.elapsed = t0.elapsed();
     drop(entries);
     Ok(Restored {
@@ -517,8 +577,12 @@ fn alloc_zeroed(len: u64, name: &str) -> Result<Vec<u8>> {
 
 fn check_names_exist(m: &Manifest, filter: &TensorFilter) -> Result<()> {
     if let TensorFilter::Names(names) = filter {
-        let present: std::collections::HashSet<&str> =
-            m.tensors.iter().map(|t| t.name.as_str()).collect();
+        let present: std::collections::HashSet<&str> = m
+            .tensors
+            .iter()
+            .map(|t| t.name.as_str())
+            .chain(m.sharded.iter().map(|t| t.name.as_str()))
+            .collect();
         for n in names {
             if !present.contains(n.as_str()) {
                 return Err(Error::NotFound {

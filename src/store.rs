@@ -399,6 +399,15 @@ impl Store {
         self.uploaded_to(run, step).is_some_and(|u| u == url)
     }
 
+    /// The staging pool and pipeline of a writable store.
+    pub(crate) fn writer_parts(&self) -> Result<(&StagingPool, &Pipeline)> {
+        let w = self
+            .writer
+            .as_ref()
+            .ok_or_else(|| Error::invalid("store", "opened read-only; use Store::open to save"))?;
+        Ok((&w.pool, &w.pipeline))
+    }
+
     /// The staging pool (absent on a read-only store).
     pub fn staging_pool(&self) -> Option<&StagingPool> {
         self.writer.as_ref().map(|w| &w.pool)
@@ -423,6 +432,7 @@ impl Store {
             run,
             step,
             state,
+            None,
         )
     }
 

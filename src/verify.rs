@@ -36,6 +36,9 @@ pub struct Problem {
 pub struct VerifyReport {
     /// Checkpoints examined.
     pub checkpoints: u64,
+    /// Part manifests of sharded steps examined (local stores: committed
+    /// and pending parts).
+    pub parts: u64,
     /// Distinct chunks read and hashed.
     pub chunks_checked: u64,
     /// Bytes read.
@@ -58,18 +61,43 @@ type EntryAt = (String, u64, String);
 /// with no committed checkpoint, or a step that is not committed, is
 /// [`Error::NotFound`] rather than an empty report.
 pub fn verify(src: &dyn ChunkTier, run: Option<&str>, step: Option<u64>) -> Result<VerifyReport> {
-    let runs = match run {
+    verify_with_parts(src, None, run, step)
+}
+
+/// [`verify`], and with `parts` (the same local store) the chunks of the
+/// part manifests of every selected step, committed or pending; a pending
+/// step named by `step` is verified through its parts alone.
+fn verify_with_parts(
+    src: &dyn ChunkTier,
+    parts: Option<&Store>,
+    run: Option<&str>,
+    step: Option<u64>,
+) -> Result<VerifyReport> {
+    let mut runs = match run {
         Some(r) => vec![r.to_string()],
         None => src.runs()?,
     };
+    if let (Some(store), None) = (parts, run) {
+        // Runs with pending steps only.
+        for r in store.run_dirs()? {
+            if !runs.contains(&r) && !store.pending_steps(&r)?.is_empty() {
+                runs.push(r);
+            }
+        }
+    }
     let mut report = VerifyReport::default();
     let mut chunks: BTreeMap<ChunkId, (u64, Vec<EntryAt>)> = BTreeMap::new();
     for r in &runs {
+        let pending = match parts {
+            Some(store) => store.pending_steps(r)?,
+            None => Vec::new(),
+        };
         let steps = match step {
+            Some(s) if pending.contains(&s) => Vec::new(),
             Some(s) => vec![src.resolve(r, StepSel::Step(s))?],
             None => {
                 let steps = src.steps(r)?;
-                if steps.is_empty() && run.is_some() {
+                if steps.is_empty() && run.is_some() && pending.is_empty() {
                     return Err(Error::NotFound {
                         what: format!("any committed checkpoint of run {r}"),
                     });
@@ -77,6 +105,40 @@ pub fn verify(src: &dyn ChunkTier, run: Option<&str>, step: Option<u64>) -> Resu
                 steps
             }
         };
+        if let Some(store) = parts {
+            let mut with_parts: Vec<u64> = steps.iter().copied().chain(pending).collect();
+            if let Some(s) = step {
+                with_parts.retain(|&x| x == s);
+            }
+            for s in with_parts {
+                for p in store.parts(r, s)? {
+                    report.parts += 1;
+                    let m = match store.part_manifest(r, s, &p.file) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            report.problems.push(Problem {
+                                run: r.clone(),
+                                step: s,
+                                chunk: None,
+                                path: store.layout.parts_dir(r, s).join(&p.file),
+                                tensors: Vec::new(),
+                                reason: e.to_string(),
+                            });
+                            continue;
+                        }
+                    };
+                    for e in m.all_entries() {
+                        let name = format!("{} (part of rank {})", e.name, p.rank);
+                        for c in e.chunks {
+                            let slot = chunks.entry(c.id).or_insert((c.chunk_len, Vec::new()));
+                            if slot.1.last().is_none_or(|l| l.2 != name || l.1 != s) {
+                                slot.1.push((r.clone(), s, name.clone()));
+                            }
+                        }
+                    }
+                }
+            }
+        }
         for s in steps {
             report.checkpoints += 1;
             let m = match src.manifest(r, s) {
@@ -93,7 +155,7 @@ pub fn verify(src: &dyn ChunkTier, run: Option<&str>, step: Option<u64>) -> Resu
                     continue;
                 }
             };
-            for e in m.entries() {
+            for e in m.all_entries() {
                 for c in e.chunks {
                     let slot = chunks.entry(c.id).or_insert((c.chunk_len, Vec::new()));
                     if slot.1.last().is_none_or(|l| l.2 != e.name || l.1 != s) {
@@ -155,7 +217,10 @@ pub fn verify(src: &dyn ChunkTier, run: Option<&str>, step: Option<u64>) -> Resu
 
 impl Store {
     /// Verify checkpoints: all of them, one run's, or one step's.
+    /// The part manifests of sharded steps (committed or pending) are
+    /// verified too: each parses, and every chunk it references is read
+    /// and hashed.
     pub fn verify(&self, run: Option<&str>, step: Option<u64>) -> Result<VerifyReport> {
-        verify(self, run, step)
+        verify_with_parts(self, Some(self), run, step)
     }
 }

@@ -18,7 +18,7 @@
 //! else sees it.
 
 use super::chunk::MAX_CHUNK_LEN;
-use super::FORMAT_VERSION;
+use super::{FORMAT_VERSION, SHARDED_FORMAT_VERSION};
 use crate::chunk_id::ChunkId;
 use crate::dtype::{byte_len, DType};
 use crate::error::{Error, Result};
@@ -62,6 +62,61 @@ pub struct Manifest {
     /// read back as NaN.
     #[serde(default, skip_serializing_if = "crate::metrics::Metrics::is_empty")]
     pub metrics: crate::metrics::Metrics,
+    /// Format v2, part manifests only: the rank that saved this part and
+    /// the world size it belongs to. A part never makes its step visible.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<PartInfo>,
+    /// Format v2, global records only: how many parts (ranks) the step was
+    /// committed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world_size: Option<u32>,
+    /// Format v2, global records only: every tensor of the step with its
+    /// global shape and the shards that hold its bytes. `tensors` is empty
+    /// in a record.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sharded: Vec<ShardedTensor>,
+}
+
+/// Which part of a sharded step a part manifest is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartInfo {
+    /// The rank that saved it, `0..world_size`.
+    pub rank: u32,
+    /// How many ranks save the step.
+    pub world_size: u32,
+}
+
+/// A global tensor of a committed sharded step (format v2): its type and
+/// shape, and the shards that tile it without gap or overlap.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardedTensor {
+    /// Tensor name.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape of the whole tensor.
+    pub shape: Vec<u64>,
+    /// The shards, each a box of the global tensor stored row-major.
+    pub shards: Vec<Shard>,
+}
+
+/// One stored region of a [`ShardedTensor`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shard {
+    /// The rank whose part supplied these bytes (the lowest, for a region
+    /// several ranks saved).
+    pub rank: u32,
+    /// Offset of the region in each dimension of the global tensor.
+    pub offsets: Vec<u64>,
+    /// Shape of the region.
+    pub shape: Vec<u64>,
+    /// Byte length; equals `dtype.size() * product(shape)`.
+    pub len: u64,
+    /// The region's bytes (row-major) are the concatenation of these slices.
+    pub chunks: Vec<ChunkRef>,
 }
 
 /// Where a tensor shard sits in its global tensor.
@@ -131,9 +186,15 @@ pub struct EntryRef<'a> {
 }
 
 impl Manifest {
-    /// Total bytes of all tensors and blobs.
+    /// Total bytes of all tensors (sharded ones at their global size) and
+    /// blobs.
     pub fn logical_bytes(&self) -> u64 {
-        self.entries().map(|e| e.len).sum()
+        let sharded: u64 = self
+            .sharded
+            .iter()
+            .map(|t| byte_len(t.dtype, &t.shape).unwrap_or(0))
+            .sum();
+        self.entries().map(|e| e.len).sum::<u64>() + sharded
     }
 
     /// Tensors then blobs, uniformly.
@@ -152,11 +213,39 @@ impl Manifest {
             }))
     }
 
+    /// The shards of a record's sharded tensors, uniformly (each named by
+    /// its tensor).
+    pub fn shard_entries(&self) -> impl Iterator<Item = EntryRef<'_>> {
+        self.sharded.iter().flat_map(|t| {
+            t.shards.iter().map(move |s| EntryRef {
+                name: &t.name,
+                len: s.len,
+                chunks: &s.chunks,
+            })
+        })
+    }
+
+    /// Tensors, blobs, then shards of sharded tensors: everything that
+    /// references chunks.
+    pub fn all_entries(&self) -> impl Iterator<Item = EntryRef<'_>> {
+        self.entries().chain(self.shard_entries())
+    }
+
+    /// Whether this is a global record of a sharded step (format v2).
+    pub fn is_sharded(&self) -> bool {
+        self.world_size.is_some()
+    }
+
+    /// Number of tensors: plain tensors plus sharded (global) ones.
+    pub fn tensor_count(&self) -> usize {
+        self.tensors.len() + self.sharded.len()
+    }
+
     /// Distinct chunks referenced, with their uncompressed lengths.
     pub fn distinct_chunks(&self) -> Vec<(ChunkId, u64)> {
         let mut seen = HashSet::new();
         let mut out = Vec::new();
-        for e in self.entries() {
+        for e in self.all_entries() {
             for c in e.chunks {
                 if seen.insert(c.id) {
                     out.push((c.id, c.chunk_len));
@@ -170,13 +259,43 @@ impl Manifest {
     /// errors.
     pub fn validate(&self, path: &Path) -> Result<()> {
         let bad = |reason: String| Err(Error::manifest(path, reason));
-        if self.format_version != FORMAT_VERSION as u32 {
+        if self.format_version != FORMAT_VERSION as u32
+            && self.format_version != SHARDED_FORMAT_VERSION as u32
+        {
             return Err(Error::UnsupportedVersion {
                 what: "manifest",
                 path: path.to_path_buf(),
                 found: self.format_version as u64,
-                supported: FORMAT_VERSION as u64,
+                supported: SHARDED_FORMAT_VERSION as u64,
             });
+        }
+        let v2 = self.part.is_some() || self.world_size.is_some() || !self.sharded.is_empty();
+        if v2 != (self.format_version == SHARDED_FORMAT_VERSION as u32) {
+            return bad(format!(
+                "format_version {} does not match its fields (part, world_size and sharded are format 2 only)",
+                self.format_version
+            ));
+        }
+        if let Some(p) = &self.part {
+            if p.world_size == 0 || p.rank >= p.world_size {
+                return bad(format!(
+                    "part rank {} of world size {}",
+                    p.rank, p.world_size
+                ));
+            }
+            if self.world_size.is_some() || !self.sharded.is_empty() {
+                return bad("a part carries no world_size or sharded tensors".into());
+            }
+        }
+        if let Some(w) = self.world_size {
+            if w == 0 {
+                return bad("world_size is 0".into());
+            }
+            if !self.tensors.is_empty() {
+                return bad("a sharded record lists its tensors under sharded only".into());
+            }
+        } else if !self.sharded.is_empty() {
+            return bad("sharded tensors without a world_size".into());
         }
         if let Err(e) = validate_run_name(&self.run) {
             return bad(e.to_string());
@@ -224,6 +343,48 @@ impl Manifest {
         if let Err(e) = crate::metrics::validate_metrics(&self.metrics) {
             return bad(e.to_string());
         }
+        for t in &self.sharded {
+            if let Err(e) = validate_entry_name("tensor", &t.name) {
+                return bad(e.to_string());
+            }
+            if !names.insert(("t", t.name.as_str())) {
+                return bad(format!("tensor {:?} appears twice", t.name));
+            }
+            if byte_len(t.dtype, &t.shape).is_none_or(|n| n > MAX_ENTRY_LEN) {
+                return bad(format!(
+                    "tensor {:?}: global shape {:?} overflows or exceeds the entry limit",
+                    t.name, t.shape
+                ));
+            }
+            for s in &t.shards {
+                if s.shape.len() != t.shape.len() || s.offsets.len() != t.shape.len() {
+                    return bad(format!("tensor {:?}: shard rank mismatch", t.name));
+                }
+                if self.world_size.is_some_and(|w| s.rank >= w) {
+                    return bad(format!(
+                        "tensor {:?}: shard of rank {} outside the world",
+                        t.name, s.rank
+                    ));
+                }
+                for i in 0..t.shape.len() {
+                    if s.offsets[i]
+                        .checked_add(s.shape[i])
+                        .is_none_or(|end| end > t.shape[i])
+                    {
+                        return bad(format!(
+                            "tensor {:?}: shard at {:?} of shape {:?} does not fit {:?}",
+                            t.name, s.offsets, s.shape, t.shape
+                        ));
+                    }
+                }
+                if byte_len(t.dtype, &s.shape) != Some(s.len) {
+                    return bad(format!(
+                        "tensor {:?}: shard of shape {:?} of {} does not hold {} bytes",
+                        t.name, s.shape, t.dtype, s.len
+                    ));
+                }
+            }
+        }
         for b in &self.blobs {
             if let Err(e) = validate_entry_name("blob", &b.name) {
                 return bad(e.to_string());
@@ -233,14 +394,14 @@ impl Manifest {
             }
         }
         let mut chunk_lens: std::collections::HashMap<ChunkId, u64> = Default::default();
-        for e in self.entries() {
+        for e in self.all_entries() {
             for c in e.chunks {
                 if *chunk_lens.entry(c.id).or_insert(c.chunk_len) != c.chunk_len {
                     return bad(format!("chunk {} is given two different lengths", c.id));
                 }
             }
         }
-        for e in self.entries() {
+        for e in self.all_entries() {
             if e.len > MAX_ENTRY_LEN {
                 return bad(format!(
                     "{:?} declares {} bytes, over the {MAX_ENTRY_LEN}-byte limit",
@@ -283,7 +444,19 @@ impl Manifest {
 /// Serialize a manifest into the file form (envelope + JSON body).
 pub fn encode_manifest_file(m: &Manifest) -> Vec<u8> {
     let body = serde_json::to_vec(m).unwrap_or_default();
-    encode_envelope(&body)
+    let mut out = encode_envelope(&body);
+    out[8..10].copy_from_slice(&envelope_version(m).to_le_bytes());
+    out
+}
+
+/// The envelope version of `m`: its `format_version` (1, or 2 for parts
+/// and sharded records).
+fn envelope_version(m: &Manifest) -> u16 {
+    if m.format_version == SHARDED_FORMAT_VERSION as u32 {
+        SHARDED_FORMAT_VERSION
+    } else {
+        FORMAT_VERSION
+    }
 }
 
 /// Serialize a manifest into the file form, refusing a body over
@@ -304,7 +477,7 @@ pub fn encode_manifest(m: &Manifest) -> Result<Vec<u8>> {
     }
     let hash = blake3::hash(&out[ENVELOPE_LEN..]);
     out[0..8].copy_from_slice(&MANIFEST_MAGIC);
-    out[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out[8..10].copy_from_slice(&envelope_version(m).to_le_bytes());
     out[16..24].copy_from_slice(&body_len.to_le_bytes());
     out[24..56].copy_from_slice(hash.as_bytes());
     Ok(out)
@@ -336,12 +509,12 @@ pub fn decode_manifest_file(buf: &[u8], path: &Path) -> Result<Manifest> {
         return bad("bad magic (not a cairn manifest)".into());
     }
     let version = u16::from_le_bytes([buf[8], buf[9]]);
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != SHARDED_FORMAT_VERSION {
         return Err(Error::UnsupportedVersion {
             what: "manifest",
             path: path.to_path_buf(),
             found: version as u64,
-            supported: FORMAT_VERSION as u64,
+            supported: SHARDED_FORMAT_VERSION as u64,
         });
     }
     if buf[10..16] != [0u8; 6] {
@@ -367,6 +540,12 @@ pub fn decode_manifest_file(buf: &[u8], path: &Path) -> Result<Manifest> {
         Ok(m) => m,
         Err(e) => return bad(format!("body does not parse: {e}")),
     };
+    if m.format_version != version as u32 {
+        return bad(format!(
+            "envelope version {version} but body format_version {}",
+            m.format_version
+        ));
+    }
     m.validate(path)?;
     Ok(m)
 }
@@ -399,6 +578,9 @@ mod tests {
             blobs: vec![],
             metadata: serde_json::json!({"lr": 0.1}),
             metrics: Default::default(),
+            part: None,
+            world_size: None,
+            sharded: vec![],
         }
     }
 

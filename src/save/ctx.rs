@@ -5,7 +5,7 @@ use super::handle::SaveReport;
 use crate::chunk_id::ChunkId;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::format::manifest::ShardInfo;
+use crate::format::manifest::{PartInfo, ShardInfo};
 use crate::layout::Layout;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -128,6 +128,9 @@ pub(crate) struct SaveCtx {
     pub metadata: serde_json::Value,
     /// Training metrics for the manifest.
     pub metrics: std::collections::BTreeMap<String, f64>,
+    /// Set for a part of a sharded step: the save publishes a part
+    /// manifest instead of the step's record.
+    pub part: Option<PartInfo>,
     pub started: Instant,
     pub logical_bytes: u64,
     /// seq -> (id, uncompressed length).
@@ -162,6 +165,7 @@ impl SaveCtx {
             chunk_size,
             metadata,
             metrics: Default::default(),
+            part: None,
             started: Instant::now(),
             logical_bytes,
             ids: Mutex::new(Vec::new()),

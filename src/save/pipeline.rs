@@ -453,13 +453,24 @@ fn commit(ctx: &SaveCtx) -> Result<SaveReport> {
     let bytes = encode_manifest(&manifest)?;
     let step_dir = layout_root.step_dir(&ctx.run, ctx.step);
     layout_root.check_dirs(Some(&ctx.run), Some(ctx.step))?;
-    create_dir_chain_durable_on(fs, &layout_root.runs_dir(), &step_dir)?;
-    let dest = layout_root.manifest_path(&ctx.run, ctx.step);
-    if !publish_new_on(fs, &layout_root.tmp_dir(), &dest, &bytes)? {
-        return Err(Error::AlreadyExists {
-            run: ctx.run.clone(),
-            step: ctx.step,
-        });
+    if let Some(p) = ctx.part {
+        // A part: create-only under a name of its own bytes, so a retried
+        // save of the rank never collides with an earlier attempt, and
+        // identical bytes are already published.
+        let parts = layout_root.parts_dir(&ctx.run, ctx.step);
+        crate::layout::check_store_dir(&parts)?;
+        create_dir_chain_durable_on(fs, &layout_root.runs_dir(), &parts)?;
+        let dest = parts.join(crate::layout::part_file_name(p.rank, p.world_size, &bytes));
+        publish_new_on(fs, &layout_root.tmp_dir(), &dest, &bytes)?;
+    } else {
+        create_dir_chain_durable_on(fs, &layout_root.runs_dir(), &step_dir)?;
+        let dest = layout_root.manifest_path(&ctx.run, ctx.step);
+        if !publish_new_on(fs, &layout_root.tmp_dir(), &dest, &bytes)? {
+            return Err(Error::AlreadyExists {
+                run: ctx.run.clone(),
+                step: ctx.step,
+            });
+        }
     }
     let c = &ctx.counters;
     let ns = |a: &std::sync::atomic::AtomicU64| {
@@ -519,7 +530,11 @@ fn build_manifest(ctx: &SaveCtx) -> Result<Manifest> {
         }
     }
     Ok(Manifest {
-        format_version: FORMAT_VERSION as u32,
+        format_version: if ctx.part.is_some() {
+            crate::format::SHARDED_FORMAT_VERSION as u32
+        } else {
+            FORMAT_VERSION as u32
+        },
         run: ctx.run.clone(),
         step: ctx.step,
         created_unix_ms: SystemTime::now()
@@ -531,5 +546,8 @@ fn build_manifest(ctx: &SaveCtx) -> Result<Manifest> {
         blobs,
         metadata: ctx.metadata.clone(),
         metrics: ctx.metrics.clone().into(),
+        part: ctx.part,
+        world_size: None,
+        sharded: Vec::new(),
     })
 }

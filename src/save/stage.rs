@@ -120,8 +120,17 @@ pub(crate) fn stage_save(
     run: &str,
     step: u64,
     state: &SaveState<'_>,
+    part: Option<crate::format::manifest::PartInfo>,
 ) -> Result<SaveHandle> {
     validate_run_name(run)?;
+    if let Some(p) = part {
+        if p.world_size == 0 || p.rank >= p.world_size {
+            return Err(Error::invalid(
+                "part",
+                format!("rank {} of world size {}", p.rank, p.world_size),
+            ));
+        }
+    }
     validate(state)?;
     layout.check_dirs(Some(run), Some(step))?;
     if layout.manifest_path(run, step).exists() {
@@ -143,6 +152,7 @@ pub(crate) fn stage_save(
         tx,
     );
     ctx.metrics = state.metrics.clone();
+    ctx.part = part;
     let ctx = Arc::new(ctx);
     *ctx.gc_lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(gc_lock);
     let res = stage_entries(pool, pipeline, chunk_size, &ctx, state);

@@ -99,7 +99,10 @@ impl Tier {
         run: Option<&str>,
         step: Option<u64>,
     ) -> Result<crate::verify::VerifyReport> {
-        crate::verify::verify(self.as_tier(), run, step)
+        match self {
+            Tier::Local(s) => s.verify(run, step),
+            Tier::Remote(_) => crate::verify::verify(self.as_tier(), run, step),
+        }
     }
 
     /// Stored size of every chunk object in the store.

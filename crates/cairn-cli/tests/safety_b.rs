@@ -224,6 +224,9 @@ fn p02_manifest_encoder_refuses_body_over_read_limit() {
         blobs: vec![],
         metadata: serde_json::json!({ "notes": "z".repeat(257 << 20) }),
         metrics: Default::default(),
+        part: None,
+        world_size: None,
+        sharded: vec![],
     };
     let err = cairn::format::manifest::encode_manifest(&m).expect_err("over the limit");
     assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");

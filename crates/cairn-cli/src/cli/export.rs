@@ -22,6 +22,14 @@ struct ExportReport {
     removed: Option<PathBuf>,
 }
 
+/// A tensor to export: a plain one, or a sharded one at its global shape.
+struct Exported {
+    name: String,
+    dtype: DType,
+    shape: Vec<u64>,
+    len: u64,
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn export(
     location: &str,
@@ -36,9 +44,23 @@ pub fn export(
     let tier = open(location, raw_opts)?;
     let step = tier.resolve(run, step)?;
     let m = tier.manifest(run, step)?;
-    let tensors: Vec<_> = m
+    // Plain tensors, and the global tensors of a sharded step (restore
+    // assembles them from their shards).
+    let tensors: Vec<Exported> = m
         .tensors
         .iter()
+        .map(|t| Exported {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            len: t.len,
+        })
+        .chain(m.sharded.iter().map(|t| Exported {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            len: t.shape.iter().product::<u64>() * t.dtype.size() as u64,
+        }))
         .filter(|t| glob.is_none_or(|g| glob_match(g, &t.name)))
         .collect();
     if tensors.is_empty() {

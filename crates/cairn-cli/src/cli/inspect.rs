@@ -15,6 +15,18 @@ struct TensorRow {
     chunks: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     shard: Option<cairn::ShardInfo>,
+    /// For a tensor of a sharded step: its shards (`shape` is global).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    shards: Vec<ShardRow>,
+}
+
+#[derive(Serialize)]
+struct ShardRow {
+    rank: u32,
+    offsets: Vec<u64>,
+    shape: Vec<u64>,
+    bytes: u64,
+    chunks: usize,
 }
 
 #[derive(Serialize)]
@@ -29,6 +41,9 @@ struct Inspect {
     step: u64,
     created_unix_ms: u64,
     logical_bytes: u64,
+    /// Set for a sharded step: the number of ranks it was saved by.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    world_size: Option<u32>,
     tensors: Vec<TensorRow>,
     blobs: Vec<BlobRow>,
     metadata: serde_json::Value,
@@ -56,7 +71,32 @@ pub fn run(
             bytes: t.len,
             chunks: t.chunks.len(),
             shard: t.shard.clone(),
+            shards: Vec::new(),
         })
+        .chain(
+            m.sharded
+                .iter()
+                .filter(|t| glob.is_none_or(|g| glob_match(g, &t.name)))
+                .map(|t| TensorRow {
+                    name: t.name.clone(),
+                    dtype: t.dtype.to_string(),
+                    shape: t.shape.clone(),
+                    bytes: t.shards.iter().map(|s| s.len).sum(),
+                    chunks: t.shards.iter().map(|s| s.chunks.len()).sum(),
+                    shard: None,
+                    shards: t
+                        .shards
+                        .iter()
+                        .map(|s| ShardRow {
+                            rank: s.rank,
+                            offsets: s.offsets.clone(),
+                            shape: s.shape.clone(),
+                            bytes: s.len,
+                            chunks: s.chunks.len(),
+                        })
+                        .collect(),
+                }),
+        )
         .collect();
     if let (Some(g), true) = (glob, tensors.is_empty()) {
         return Err(cairn::Error::NotFound {
@@ -68,6 +108,7 @@ pub fn run(
         step,
         created_unix_ms: m.created_unix_ms,
         logical_bytes: m.logical_bytes(),
+        world_size: m.world_size,
         tensors,
         blobs: m
             .blobs
@@ -84,12 +125,16 @@ pub fn run(
         return Ok(0);
     }
     outln!(
-        "run {} step {}: {} in {} tensors, {} blobs",
+        "run {} step {}: {} in {} tensors, {} blobs{}",
         out.run,
         out.step,
         human(out.logical_bytes),
-        m.tensors.len(),
-        m.blobs.len()
+        m.tensor_count(),
+        m.blobs.len(),
+        match m.world_size {
+            Some(w) => format!(", sharded over {w} ranks"),
+            None => String::new(),
+        }
     );
     outln!(
         "{:<60} {:<7} {:<20} {:>10} {:>6}",
@@ -108,6 +153,16 @@ pub fn run(
             human(t.bytes),
             t.chunks
         );
+        for s in &t.shards {
+            outln!(
+                "  shard rank {:<5} at {:<20} {:<20} {:>10} {:>6}",
+                s.rank,
+                format!("{:?}", s.offsets),
+                format!("{:?}", s.shape),
+                human(s.bytes),
+                s.chunks
+            );
+        }
     }
     for b in &out.blobs {
         outln!("blob {:<55} {:>10}", b.name, human(b.bytes));

@@ -4,7 +4,7 @@ use super::open::{open, print_json};
 use super::size::human;
 use cairn::Tier;
 use serde::Serialize;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 #[derive(Serialize)]
 struct Entry {
@@ -31,6 +31,23 @@ struct Entry {
     tiers: Vec<String>,
     /// Training metrics stored with it (non-finite ones as null).
     metrics: cairn::Metrics,
+    /// Set for a sharded step: the number of ranks it was saved by.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    world_size: Option<u32>,
+    /// Part manifests of a sharded step present in a local store.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parts: Option<usize>,
+}
+
+/// A sharded step with parts but no record (local stores): not a
+/// checkpoint yet.
+#[derive(Serialize)]
+struct Pending {
+    run: String,
+    step: u64,
+    pending: bool,
+    /// Per world size found: the ranks that published a part.
+    parts: BTreeMap<u32, Vec<u32>>,
 }
 
 /// A checkpoint (or, without a step, a run) that could not be read.
@@ -47,6 +64,7 @@ struct Bad {
 enum Row<'a> {
     Ok(&'a Entry),
     Bad(&'a Bad),
+    Pending(&'a Pending),
 }
 
 pub fn run(
@@ -62,8 +80,14 @@ pub fn run(
     let mut bad = Vec::new();
     // (is_bad, index) in listing order, for the JSON output.
     let mut order = Vec::new();
+    let has_pending = |r: &str| -> cairn::Result<bool> {
+        Ok(match &tier {
+            Tier::Local(s) => !s.pending_steps(r)?.is_empty(),
+            _ => false,
+        })
+    };
     let runs = match run_filter {
-        Some(r) if tier.steps(r)?.is_empty() => {
+        Some(r) if tier.steps(r)?.is_empty() && !has_pending(r)? => {
             return Err(cairn::Error::NotFound {
                 what: format!("any committed checkpoint of run {r} in {}", tier.location()),
             })
@@ -129,13 +153,23 @@ pub fn run(
                 std::time::UNIX_EPOCH + std::time::Duration::from_millis(m.created_unix_ms),
             )
             .to_string();
+            let parts = match &tier {
+                Tier::Local(s) if m.world_size.is_some() => s.parts(&run, step).ok().map(|p| {
+                    p.iter()
+                        .filter(|p| Some(p.world_size) == m.world_size)
+                        .count()
+                }),
+                _ => None,
+            };
             order.push((false, out.len()));
             out.push(Entry {
+                world_size: m.world_size,
+                parts,
                 run: run.clone(),
                 step,
                 created_unix_ms: m.created_unix_ms,
                 created,
-                tensors: m.tensors.len(),
+                tensors: m.tensor_count(),
                 blobs: m.blobs.len(),
                 logical_bytes: logical,
                 unique_bytes: unique,
@@ -157,6 +191,31 @@ pub fn run(
             });
         }
     }
+    // Sharded steps saved by some ranks but not committed (local only).
+    let mut pending = Vec::new();
+    if let Tier::Local(s) = &tier {
+        let runs = match run_filter {
+            Some(r) => vec![r.to_string()],
+            None => s.run_dirs()?,
+        };
+        for run in runs {
+            for step in s.pending_steps(&run)? {
+                let mut parts: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+                for p in s.parts(&run, step)? {
+                    let ranks = parts.entry(p.world_size).or_default();
+                    if ranks.last() != Some(&p.rank) {
+                        ranks.push(p.rank);
+                    }
+                }
+                pending.push(Pending {
+                    run: run.clone(),
+                    step,
+                    pending: true,
+                    parts,
+                });
+            }
+        }
+    }
     if json {
         let rows: Vec<Row> = order
             .iter()
@@ -167,9 +226,10 @@ pub fn run(
                     Row::Ok(&out[i])
                 }
             })
+            .chain(pending.iter().map(Row::Pending))
             .collect();
         print_json(&rows)?;
-    } else if out.is_empty() && bad.is_empty() {
+    } else if out.is_empty() && bad.is_empty() && pending.is_empty() {
         match metric_filter {
             Some(f) => outln!("no checkpoints matching {f} in {}", tier.location()),
             None => outln!("no checkpoints in {}", tier.location()),
@@ -201,8 +261,28 @@ pub fn run(
                 human(e.new_stored_bytes),
                 e.dedup_ratio,
                 e.compression_ratio,
-                e.tiers.join(", "),
+                e.tiers.join(", ")
+                    + &match (e.world_size, e.parts) {
+                        (Some(w), Some(p)) => format!("; world {w}, {p} parts committed"),
+                        (Some(w), None) => format!("; world {w}"),
+                        _ => String::new(),
+                    },
                 metrics_text(&e.metrics)
+            );
+        }
+    }
+    if !json {
+        for p in &pending {
+            let worlds: Vec<String> = p
+                .parts
+                .iter()
+                .map(|(w, ranks)| format!("world {w}: {} of {w} parts", ranks.len()))
+                .collect();
+            outln!(
+                "PENDING  run {} step {}: {} (not committed)",
+                p.run,
+                p.step,
+                worlds.join("; ")
             );
         }
     }

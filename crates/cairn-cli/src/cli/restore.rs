@@ -18,7 +18,9 @@ pub fn run(
     let step = src.resolve(run, step)?;
     let m = src.manifest(run, step)?;
     if let Some(g) = glob {
-        if !m.tensors.iter().any(|t| glob_match(g, &t.name)) {
+        if !m.tensors.iter().any(|t| glob_match(g, &t.name))
+            && !m.sharded.iter().any(|t| glob_match(g, &t.name))
+        {
             return Err(cairn::Error::NotFound {
                 what: format!("tensors matching {g:?} in run {run} step {step}"),
             });
@@ -63,6 +65,7 @@ fn progress_total(m: &cairn::Manifest, glob: Option<&str>) -> u64 {
     let mut selected = m.clone();
     if let Some(g) = glob {
         selected.tensors.retain(|t| glob_match(g, &t.name));
+        selected.sharded.retain(|t| glob_match(g, &t.name));
     }
     selected.distinct_chunks().iter().map(|c| c.1).sum()
 }
