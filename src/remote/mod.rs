@@ -566,6 +566,8 @@ impl RemoteStore {
         match r {
             Ok(_) => {
                 self.metrics.add_manifest();
+                crate::failpoint::hit("remote.after_manifest_put")
+                    .map_err(|e| Error::io("fail point", display.clone(), e))?;
                 Ok(true)
             }
             Err(Error::Remote {
