@@ -3,8 +3,8 @@
 //! ways: I8, I16, U16, I32, U32, U64, F64, F8_E4M3, F8_E5M2.
 //!
 //! Planted bug this catches: the two 8-bit float names swapped in
-//! `safetensors::dtype_name` (numpy then loads `float8_e5m2` where
-//! `float8_e4m3fn` was saved, and the import maps them back wrongly).
+//! `safetensors::dtype_name` (Python's parser then reads `F8_E5M2` where
+//! an e4m3 tensor was exported).
 
 #[path = "../../../tests/common/mod.rs"]
 mod common;
