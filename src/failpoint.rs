@@ -3,7 +3,7 @@
 //! is an empty inline function).
 //!
 //! Each point counts its hits; an action set for it by a test
-//! ([`set`]) runs at the hit and may fail the operation there with an I/O
+//! (`set`) runs at the hit and may fail the operation there with an I/O
 //! error, as a process stopped at that moment would leave it (a test
 //! combines it with `SimDisk::crash_at` to stop the disk too). The points:
 //!
