@@ -143,7 +143,12 @@ fn daemon_health_and_metric_values() {
     wait_for("both uploaded and reported", || {
         store.is_uploaded("h", 2, &url)
             && store.is_uploaded("h", 1, &url)
-            && get(port, "/metrics").is_some_and(|(_, b)| b.contains("cairn_queue_depth 0"))
+            && get(port, "/metrics").is_some_and(|(_, b)| {
+                // The remote's newest step is read by the cycle after the
+                // upload.
+                b.contains("cairn_queue_depth 0")
+                    && b.contains("cairn_newest_step{run=\"h\",tier=\"remote\"}")
+            })
     });
     let (code, body) = get(port, "/healthz").unwrap();
     assert_eq!((code, body.trim()), (200, "ok"));
