@@ -8,12 +8,11 @@
 //! a hook on each object store holds the collector between its HEAD and
 //! its DELETE until the uploader has renewed every chunk.
 //!
-//! Planted bugs this catches (each seen failing, then removed):
-//! - `copy_checkpoint` without its post-commit re-check of renewed chunks:
-//!   the chunk the collector deleted stays deleted, step 2 does not restore
-//!   and `chunks_restored_after_commit` is 0;
-//! - an uploader that relies on an old chunk instead of renewing it
-//!   (`is_fresh` always true): `chunks_renewed` is 0.
+//! Planted bug this catches (seen failing, then removed): `copy_checkpoint`
+//! without its post-commit re-check of renewed chunks: the chunk the
+//! collector deleted stays deleted and `chunks_restored_after_commit` is 0.
+//! An uploader that relied on old chunks instead of renewing them would
+//! fail the `chunks_renewed` assertion (not planted).
 
 use cairn::object_store::path::Path as ObjPath;
 use cairn::testing::{FaultConfig, FaultyObjectStore, OpHook};
