@@ -185,6 +185,8 @@ pub fn copy_checkpoint(
             });
         }
     }
+    crate::failpoint::hit("copy.before_commit")
+        .map_err(|e| Error::io("fail point", dst.manifest_location(run, step), e))?;
     let created = dst.commit_manifest(run, step, &bytes)?;
     let mut restored_after = 0;
     for (id, len) in renewed.into_inner().unwrap_or_else(|p| p.into_inner()) {

@@ -43,6 +43,7 @@ mod copy;
 mod daemon;
 mod dtype;
 mod error;
+mod failpoint;
 #[doc(hidden)]
 pub mod format;
 mod gc;
@@ -106,6 +107,10 @@ pub use verify::{Problem, VerifyReport};
 #[cfg(feature = "test-util")]
 pub mod testing {
     pub use crate::local::fs::{Fs, FsFile, FsReadFile, RealFs};
+    /// Named fail points at the commit edges: count hits, fail at one.
+    pub mod failpoints {
+        pub use crate::failpoint::{fail, hits, remove, reset, set, Action, NAMES};
+    }
     pub use crate::local::sim::SimDisk;
     pub use crate::remote::fault::{FaultConfig, FaultyObjectStore, OpHook};
 }

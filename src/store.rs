@@ -311,6 +311,8 @@ impl Store {
         };
         let report = crate::copy::copy_checkpoint(self, remote, run, step, &opts)?;
         remote.metrics().add_skips(report.chunks_skipped);
+        crate::failpoint::hit("upload.before_marker")
+            .map_err(|e| Error::io("fail point", self.layout.step_dir(run, step), e))?;
         self.mark_uploaded(run, step, remote.url())?;
         Ok(report.into())
     }

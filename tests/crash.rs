@@ -25,12 +25,14 @@ fn state(step: u64) -> OwnedState {
     state_for_step(step, 24, 120_000)
 }
 
-/// The saver: runs only when re-executed by `sigkill_at_random_moments`.
+/// The saver: runs only when re-executed by `sigkill_at_random_moments`
+/// (ignored in a normal run; run alone without its variable, it fails).
 #[test]
+#[ignore = "the saver process of sigkill_at_random_moments"]
 fn crash_child_saver() {
-    let Ok(dir) = std::env::var(CHILD_ENV) else {
-        return;
-    };
+    let dir = std::env::var(CHILD_ENV).unwrap_or_else(|_| {
+        panic!("{CHILD_ENV} is not set: this is the child of sigkill_at_random_moments")
+    });
     let store = Store::open(&dir, opts()).unwrap();
     let mut step = store.latest("crash").unwrap().map_or(0, |s| s + 1);
     loop {
@@ -51,11 +53,15 @@ fn sigkill_at_random_moments() {
     let exe = std::env::current_exe().unwrap();
     let mut rng = Rng(0x5eed);
     let mut last_reported: Option<u64> = None;
+    // Steps already restored bit-exact after an earlier kill.
+    let mut checked = std::collections::BTreeSet::new();
+    let mut child_ran = false;
     for round in 0..KILLS {
         let mut child = Command::new(&exe)
             .args([
                 "crash_child_saver",
                 "--exact",
+                "--ignored",
                 "--nocapture",
                 "--test-threads=1",
             ])
@@ -81,7 +87,15 @@ fn sigkill_at_random_moments() {
             std::thread::sleep(Duration::from_millis(5));
         }
         child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        let status = child.wait().unwrap();
+        // Killed, not exited: a child that returned at once (its test
+        // filtered out, its variable lost) would otherwise pass unseen.
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL),
+            "round {round}: the saver was not running when killed ({status})"
+        );
+        child_ran = true;
         let reported = reader.join().unwrap();
         if let Some(&s) = reported.last() {
             last_reported = Some(s);
@@ -96,13 +110,25 @@ fn sigkill_at_random_moments() {
                 "round {round}: step {r} was reported committed but latest is {latest:?}"
             );
         }
-        // Every listed checkpoint is whole and bit-exact.
-        for &s in steps.iter().rev().take(3) {
+        // Every listed checkpoint is whole and bit-exact: each new one
+        // now, and all of them again at the end.
+        let new: Vec<u64> = steps
+            .iter()
+            .copied()
+            .filter(|s| !checked.contains(s))
+            .collect();
+        for s in new {
             let got = store
                 .restore("crash", StepSel::Step(s), &TensorFilter::All)
                 .unwrap_or_else(|e| panic!("round {round}: listed step {s} does not restore: {e}"));
             assert_restored_eq(&got, &state(s));
+            checked.insert(s);
         }
+        // Committed steps stay listed.
+        assert!(
+            checked.iter().all(|s| steps.contains(s)),
+            "round {round}: a committed step vanished: listed {steps:?}"
+        );
         // The step being written when the kill landed is not restorable.
         let next = latest.map_or(0, |l| l + 1);
         let e = store
@@ -110,7 +136,23 @@ fn sigkill_at_random_moments() {
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::NotFound, "round {round}");
     }
+    assert!(child_ran);
     let store = Store::open_read_only(dir.path(), opts()).unwrap();
+    let steps = store.steps("crash").unwrap();
+    assert_eq!(steps, checked.iter().copied().collect::<Vec<_>>());
+    // Steps are saved in order from 0, so every one up to the newest is
+    // there: a kill never loses a committed step nor leaves a gap.
+    assert_eq!(
+        steps,
+        (0..steps.len() as u64).collect::<Vec<_>>(),
+        "a step is missing"
+    );
+    for &s in &steps {
+        let got = store
+            .restore("crash", StepSel::Step(s), &TensorFilter::All)
+            .unwrap_or_else(|e| panic!("step {s} does not restore: {e}"));
+        assert_restored_eq(&got, &state(s));
+    }
     let report = store.verify(None, None).unwrap();
     assert!(report.ok(), "{:?}", report.problems);
     assert!(

@@ -5,6 +5,7 @@
 
 use super::fs::{Fs, RealFs};
 use crate::error::{Error, Result};
+use crate::failpoint::hit;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -183,7 +184,11 @@ pub fn write_tmp_synced_on(
 /// file; if that last fsync fails, the link is removed again and the
 /// error returned.
 pub fn publish_new_on(fs: &dyn Fs, tmp_dir: &Path, dest: &Path, bytes: &[u8]) -> Result<bool> {
+    let point = |name: &str| hit(name).map_err(|e| Error::io("fail point", dest, e));
+    point("publish.before_tmp")?;
     let tmp = write_tmp_synced_on(fs, tmp_dir, "publish", bytes)?;
+    point("publish.after_tmp_sync")?;
+    point("publish.before_link")?;
     let linked = fs.hard_link(&tmp, dest);
     let _ = fs.remove_file(&tmp);
     match linked {
@@ -191,12 +196,14 @@ pub fn publish_new_on(fs: &dyn Fs, tmp_dir: &Path, dest: &Path, bytes: &[u8]) ->
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
         Err(e) => return Err(Error::io("link into place", dest, e)),
     }
+    point("publish.after_link")?;
     if let Err(e) = fsync_dir_on(fs, parent_dir(dest)) {
         // Not durable: take the file back, so that a failure leaves no
         // file behind for a reader to take as published.
         let _ = fs.remove_file(dest);
         return Err(e);
     }
+    point("publish.after_dir_sync")?;
     Ok(true)
 }
 

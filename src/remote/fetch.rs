@@ -51,6 +51,7 @@ impl RemoteStore {
                     .bytes()
                     .await
                     .map_err(|e| Error::remote("get chunk", &path, e))?;
+                super::check_body_len(&path, "get chunk", b.len() as u64, size)?;
                 Ok(Ok(b))
             })
             .await;

@@ -637,6 +637,8 @@ impl RemoteStore {
             match r {
                 Ok(_) => {
                     self.metrics.add_manifest();
+                    crate::failpoint::hit("remote.after_manifest_put")
+                        .map_err(|e| Error::io("fail point", display.clone(), e))?;
                     return Ok(true);
                 }
                 Err(Error::Remote {
@@ -722,10 +724,14 @@ impl RemoteStore {
         self.retry(|| {
             let range = range.clone();
             async move {
-                self.inner
+                let want = range.end - range.start;
+                let b = self
+                    .inner
                     .get_range(path, range)
                     .await
-                    .map_err(|e| Error::remote("get range", path, e))
+                    .map_err(|e| Error::remote("get range", path, e))?;
+                check_body_len(path, "get range", b.len() as u64, want)?;
+                Ok(b)
             }
         })
         .await
@@ -1004,6 +1010,23 @@ fn error_chain_text(e: &object_store::Error) -> String {
         cur = err.source();
     }
     out
+}
+
+/// A body shorter or longer than the bytes asked for (a connection cut
+/// mid-body behind a proxy, a misbehaving server): a transient error, so
+/// the request is retried, never data handed to the decoder as the object.
+pub(crate) fn check_body_len(path: &ObjPath, op: &'static str, got: u64, want: u64) -> Result<()> {
+    if got == want {
+        return Ok(());
+    }
+    Err(Error::remote(
+        op,
+        path,
+        object_store::Error::Generic {
+            store: "cairn",
+            source: format!("body is {got} bytes, expected {want}").into(),
+        },
+    ))
 }
 
 /// The step committed by a listed object: `Some(step)` when `location` is

@@ -56,7 +56,8 @@ impl Tier {
     }
 
     /// Open a store at `location` for writing, creating a local one if
-    /// needed (with a small staging pool: copies do not stage).
+    /// needed (with the smallest staging pool a store accepts, one chunk:
+    /// copies do not stage, and the pool is pre-faulted memory).
     pub fn open_for_write(location: &str, remote_options: &[(String, String)]) -> Result<Tier> {
         if is_url(location) {
             return Ok(Tier::Remote(RemoteStore::open(
@@ -68,7 +69,7 @@ impl Tier {
         Ok(Tier::Local(Store::open(
             location,
             StoreOptions {
-                staging_bytes: 64 << 20,
+                staging_bytes: StoreOptions::default().chunk_size,
                 ..StoreOptions::default()
             },
         )?))

@@ -1,0 +1,328 @@
+//! "Uploaded once", counted at the server: the `cairn daemon` binary
+//! uploads through a counting HTTP proxy on loopback in front of the S3
+//! server and is SIGKILLed at random moments while a trainer keeps saving.
+//! The proxy parses every request and response on each connection and
+//! counts, per object key, the PUTs the server answered with success. The
+//! protocol permits re-sending a chunk only if no earlier PUT of it
+//! succeeded (the next run HEADs it first), and a manifest only as a
+//! create-only PUT the server refuses; so every chunk key has exactly one
+//! successful PUT and every manifest key exactly one.
+//!
+//! Planted bug this catches: the HEAD-before-upload dedup check skipped
+//! in `copy_checkpoint` (every chunk treated as missing): a restarted
+//! daemon puts chunks the remote already holds, and a chunk key counts two
+//! successful PUTs.
+
+#[path = "../../../tests/common/mod.rs"]
+mod common;
+
+use cairn::{RemoteOptions, RemoteStore, StepSel, Store, StoreOptions, TensorFilter};
+use common::*;
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Default, Debug)]
+struct Counts {
+    /// Successful (2xx) PUTs per key (path without the query).
+    ok_puts: HashMap<String, u64>,
+    /// Refused PUTs per key.
+    refused_puts: HashMap<String, u64>,
+    /// Requests seen.
+    requests: u64,
+}
+
+type Shared = Arc<Mutex<Counts>>;
+
+/// Read one HTTP head (up to the blank line); `None` at a clean EOF.
+async fn read_head<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    loop {
+        let mut line = Vec::new();
+        let n = r.read_until(b'\n', &mut line).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        head.extend_from_slice(&line);
+        if line == b"\r\n" {
+            return Some(head);
+        }
+    }
+}
+
+fn header(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
+}
+
+/// Forward exactly `n` bytes.
+async fn copy_n<R, W>(r: &mut R, w: &mut W, mut n: u64) -> Option<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 64 << 10];
+    while n > 0 {
+        let want = n.min(buf.len() as u64) as usize;
+        let k = r.read(&mut buf[..want]).await.ok()?;
+        if k == 0 {
+            return None;
+        }
+        w.write_all(&buf[..k]).await.ok()?;
+        n -= k as u64;
+    }
+    Some(())
+}
+
+/// Forward a body: by Content-Length, or chunked framing.
+async fn copy_body<R, W>(r: &mut R, w: &mut W, head: &str) -> Option<()>
+where
+    R: tokio::io::AsyncBufRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    if header(head, "transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        loop {
+            let mut line = Vec::new();
+            r.read_until(b'\n', &mut line).await.ok()?;
+            w.write_all(&line).await.ok()?;
+            let s = String::from_utf8_lossy(&line);
+            let size = u64::from_str_radix(s.trim().split(';').next()?, 16).ok()?;
+            if size == 0 {
+                // Trailers, up to the blank line.
+                loop {
+                    let mut t = Vec::new();
+                    r.read_until(b'\n', &mut t).await.ok()?;
+                    w.write_all(&t).await.ok()?;
+                    if t == b"\r\n" || t.is_empty() {
+                        return Some(());
+                    }
+                }
+            }
+            copy_n(r, w, size + 2).await?;
+        }
+    }
+    let n = header(head, "content-length").map_or(0, |v| v.parse().unwrap_or(0));
+    copy_n(r, w, n).await
+}
+
+async fn serve(client: TcpStream, upstream: String, counts: Shared) {
+    let Ok(server) = TcpStream::connect(&upstream).await else {
+        return;
+    };
+    let (cr, mut cw) = client.into_split();
+    let (sr, mut sw) = server.into_split();
+    let (mut cr, mut sr) = (BufReader::new(cr), BufReader::new(sr));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
+    let c2 = counts.clone();
+    let up = tokio::spawn(async move {
+        while let Some(head) = read_head(&mut cr).await {
+            let h = String::from_utf8_lossy(&head).into_owned();
+            let mut first = h.split_whitespace();
+            let method = first.next().unwrap_or("").to_string();
+            let target = first.next().unwrap_or("").to_string();
+            c2.lock().unwrap().requests += 1;
+            if tx.send((method, target)).is_err() || sw.write_all(&head).await.is_err() {
+                return;
+            }
+            if copy_body(&mut cr, &mut sw, &h).await.is_none() {
+                return;
+            }
+        }
+    });
+    while let Some(head) = read_head(&mut sr).await {
+        let h = String::from_utf8_lossy(&head).into_owned();
+        let status: u16 = h
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        if status == 100 {
+            if cw.write_all(&head).await.is_err() {
+                break;
+            }
+            continue;
+        }
+        let Some((method, target)) = rx.recv().await else {
+            break;
+        };
+        if method == "PUT" {
+            let key = target.split('?').next().unwrap_or("").to_string();
+            let mut c = counts.lock().unwrap();
+            let m = if (200..300).contains(&status) {
+                &mut c.ok_puts
+            } else {
+                &mut c.refused_puts
+            };
+            *m.entry(key).or_insert(0) += 1;
+        }
+        if cw.write_all(&head).await.is_err() {
+            break;
+        }
+        let no_body = method == "HEAD" || status == 204 || status == 304;
+        if !no_body && copy_body(&mut sr, &mut cw, &h).await.is_none() {
+            break;
+        }
+    }
+    up.abort();
+}
+
+/// Start the counting proxy in front of `upstream` (host:port); returns
+/// its address.
+fn start_proxy(rt: &tokio::runtime::Runtime, upstream: String, counts: Shared) -> String {
+    let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    rt.spawn(async move {
+        loop {
+            let Ok((c, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(serve(c, upstream.clone(), counts.clone()));
+        }
+    });
+    addr
+}
+
+fn opts() -> StoreOptions {
+    StoreOptions {
+        chunk_size: 128 << 10,
+        staging_bytes: 8 << 20,
+        ..StoreOptions::default()
+    }
+}
+
+fn state(step: u64) -> OwnedState {
+    // Half the tensors change per step: later steps reuse earlier chunks.
+    let mut s = state_for_step(step, 8, 300_000);
+    let base = state_for_step(0, 8, 300_000);
+    for i in 0..4 {
+        s.tensors[i] = base.tensors[i].clone();
+    }
+    s
+}
+
+fn spawn_daemon(local: &Path, url: &str, proxy: &str, log: &Path) -> Child {
+    let mut args: Vec<String> = vec![
+        "daemon".into(),
+        local.display().to_string(),
+        "--remote".into(),
+        url.into(),
+        "--poll-interval".into(),
+        "50ms".into(),
+        "--gc-interval".into(),
+        "0s".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+    ];
+    for (k, v) in s3::options() {
+        let v = if k == "endpoint" {
+            format!("http://{proxy}")
+        } else {
+            v
+        };
+        args.push("--remote-option".into());
+        args.push(format!("{k}={v}"));
+    }
+    Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(&args)
+        .env("CAIRN_LOG", "cairn=info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("spawn cairn daemon")
+}
+
+#[test]
+fn every_chunk_is_put_once_across_daemon_kills() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let counts: Shared = Arc::default();
+    let upstream = s3::endpoint().trim_start_matches("http://").to_string();
+    let proxy = start_proxy(&rt, upstream, counts.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("local");
+    let store = Store::open(&local, opts()).unwrap();
+    let bucket = s3::new_bucket("count");
+    let url = format!("s3://{bucket}/ckpt");
+    let remote = RemoteStore::open(&url, &s3::options(), RemoteOptions::default()).unwrap();
+    let mut next = 0u64;
+    let mut rng = Rng(7);
+    let kills = 8;
+    for round in 0..=kills {
+        let log = dir.path().join(format!("daemon-{round}.log"));
+        let mut child = spawn_daemon(&local, &url, &proxy, &log);
+        store
+            .save("u", next, &state(next).view())
+            .unwrap()
+            .wait()
+            .unwrap();
+        next += 1;
+        if round < kills {
+            std::thread::sleep(Duration::from_millis(50 + rng.below(500)));
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            continue;
+        }
+        // The last run drains everything.
+        let t = Instant::now();
+        let local_steps = store.steps("u").unwrap();
+        while !local_steps.iter().all(|&s| store.is_uploaded("u", s, &url)) {
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "the daemon did not drain"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let steps = remote.block_on(remote.steps("u")).unwrap().unwrap();
+    assert_eq!(steps, (0..next).collect::<Vec<_>>());
+    let mut referenced = std::collections::BTreeSet::new();
+    for &s in &steps {
+        let got = remote
+            .restore("u", StepSel::Step(s), &TensorFilter::All)
+            .unwrap();
+        assert_restored_eq(&got, &state(s));
+        for (id, _) in store.manifest("u", s).unwrap().distinct_chunks() {
+            referenced.insert(id.to_hex());
+        }
+    }
+    let c = counts.lock().unwrap();
+    assert!(c.requests > 0);
+    let mut chunk_puts = 0;
+    for id in &referenced {
+        let key = format!("/{bucket}/ckpt/chunks/{}/{id}", &id[..2]);
+        let n = c.ok_puts.get(&key).copied().unwrap_or(0);
+        assert_eq!(n, 1, "chunk {id}: {n} successful PUTs at the server");
+        chunk_puts += n;
+    }
+    for &s in &steps {
+        let key = format!("/{bucket}/ckpt/runs/u/{s:020}/manifest.cairn");
+        let n = c.ok_puts.get(&key).copied().unwrap_or(0);
+        assert_eq!(n, 1, "manifest of step {s}: {n} successful PUTs");
+    }
+    for (k, n) in &c.ok_puts {
+        assert!(
+            *n == 1,
+            "{k}: {n} successful PUTs (only one is ever permitted)"
+        );
+    }
+    let refused: u64 = c.refused_puts.values().sum();
+    eprintln!(
+        "upload count: {} requests, {chunk_puts} chunk PUTs for {} chunks, {refused} refused PUTs ({:?})",
+        c.requests,
+        referenced.len(),
+        c.refused_puts
+    );
+}
