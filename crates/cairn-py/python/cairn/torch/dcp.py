@@ -96,7 +96,8 @@ class CairnStorageWriter(_StorageWriter):
     part; the coordinator's `finish` commits the step. Also an
     `AsyncStager` for `dcp.async_save` (see the module docs)."""
 
-    # AsyncStager protocol: DCP waits for `stage` before returning.
+    # AsyncStager protocol: `stage` copies before it returns, so there is
+    # nothing left to synchronize afterwards.
     _synchronize_after_execute = False
 
     def __init__(self, store, run, step, *, metrics=None):
@@ -112,6 +113,7 @@ class CairnStorageWriter(_StorageWriter):
 
     @property
     def should_synchronize_after_execute(self):
+        """False: `stage` has copied everything when it returns."""
         return False
 
     # -- StorageWriter ---------------------------------------------------
@@ -234,10 +236,10 @@ class CairnStorageWriter(_StorageWriter):
         return state_dict
 
     def synchronize_staging(self):
-        pass
+        """Nothing to do: `stage` copies synchronously."""
 
     def close(self):
-        pass
+        """Nothing to release: the store stays open."""
 
 
 class CairnStorageReader(_StorageReader):
