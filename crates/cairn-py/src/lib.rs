@@ -104,6 +104,10 @@ type RawTensor = (
     Option<(Vec<u64>, Vec<u64>)>,
 );
 
+/// One region to read as the Python wrapper hands it over:
+/// `(name, offsets, shape, address, nbytes)`.
+type RawRegion = (String, Vec<u64>, Vec<u64>, usize, usize);
+
 /// A committed-or-failing save. `wait()` blocks (without the GIL) until
 /// the checkpoint is durable on local disk and returns the report as JSON
 /// text; a second `wait()` returns the same outcome.
@@ -224,7 +228,10 @@ impl Store {
 
     /// Stage a save; see the Python wrapper. The addresses in `tensors`
     /// must stay valid and unchanged until this returns.
-    #[pyo3(signature = (run, step, tensors, blobs, metadata_json=None, metrics=None))]
+    /// With `part = (rank, world_size)` the save is that rank's part of a
+    /// sharded step ([`cairn::Store::save_part`]); [`Store::commit`] makes
+    /// the step visible.
+    #[pyo3(signature = (run, step, tensors, blobs, metadata_json=None, metrics=None, part=None))]
     #[allow(clippy::too_many_arguments)] // the Python signature
     fn save(
         &self,
@@ -235,6 +242,7 @@ impl Store {
         blobs: Vec<(String, Bound<'_, PyBytes>)>,
         metadata_json: Option<&str>,
         metrics: Option<BTreeMap<String, f64>>,
+        part: Option<(u32, u32)>,
     ) -> PyResult<SaveHandle> {
         let metadata = match metadata_json {
             Some(t) => serde_json::from_str(t).map_err(|e| invalid("metadata", e))?,
@@ -294,7 +302,12 @@ impl Store {
                 if let Some(m) = metrics {
                     state.metrics = m;
                 }
-                inner.save(run, step, &state)
+                match part {
+                    Some((rank, world_size)) => {
+                        inner.save_part(run, step, rank, world_size, &state)
+                    }
+                    None => inner.save(run, step, &state),
+                }
             })
             .map_err(err)?;
         Ok(SaveHandle {
@@ -303,6 +316,66 @@ impl Store {
             stall_s: h.stall().as_secs_f64(),
             state: Mutex::new(HandleState::Pending(h)),
         })
+    }
+
+    /// Commit sharded step `(run, step)` saved by `world_size` ranks
+    /// ([`cairn::Store::commit`]); the report as JSON text.
+    fn commit(&self, py: Python<'_>, run: &str, step: u64, world_size: u32) -> PyResult<String> {
+        let r = py
+            .detach(|| self.inner.commit(run, step, world_size))
+            .map_err(err)?;
+        json_text(&r)
+    }
+
+    /// Read regions of tensors of a committed step into caller buffers
+    /// ([`cairn::Store::restore_regions`]): `(name, offsets, shape,
+    /// address, nbytes)` each, writable, C-contiguous and disjoint, kept
+    /// alive by the caller. Each chunk is read once and verified. The
+    /// report as JSON text.
+    fn restore_regions(
+        &self,
+        py: Python<'_>,
+        run: &str,
+        step: u64,
+        targets: Vec<RawRegion>,
+    ) -> PyResult<String> {
+        let mut spans: Vec<(usize, usize)> = targets
+            .iter()
+            .filter(|t| t.4 > 0)
+            .map(|t| (t.3, t.3.saturating_add(t.4)))
+            .collect();
+        spans.sort_unstable();
+        if spans.windows(2).any(|w| w[1].0 < w[0].1) {
+            return Err(invalid("region targets", "buffers overlap"));
+        }
+        let report = py
+            .detach(|| {
+                let mut regions: Vec<cairn::RegionTarget<'_>> = targets
+                    .iter()
+                    .map(|(name, offsets, shape, addr, nbytes)| {
+                        let out: &mut [u8] = if *nbytes == 0 {
+                            &mut []
+                        } else {
+                            // SAFETY: the Python wrapper passes the address
+                            // and length of live, writable host buffers it
+                            // holds until this call returns; they were
+                            // checked above not to overlap, so each
+                            // `&mut` slice is unique.
+                            unsafe { std::slice::from_raw_parts_mut(*addr as *mut u8, *nbytes) }
+                        };
+                        cairn::RegionTarget {
+                            name,
+                            offsets,
+                            shape,
+                            out,
+                        }
+                    })
+                    .collect();
+                self.inner
+                    .restore_regions(run, StepSel::Step(step), &mut regions)
+            })
+            .map_err(err)?;
+        json_text(&report)
     }
 
     /// Runs with at least one committed checkpoint.

@@ -190,21 +190,23 @@ def test_shard_validation_and_sharded_calls():
         cairn.Shard(a, (4, 3), (-1, 0))
 
 
-def test_shard_saves_with_its_place_and_sharded_saves_say_not_yet(store):
+def test_shard_saves_with_its_place_and_rank_arguments_make_a_part(store):
     data = np.arange(6, dtype=np.float32).reshape(2, 3)
     store.save("r", 1, {"w": cairn.Shard(data, (4, 3), (2, 0))}).wait()
     t = store.manifest("r", 1)["tensors"][0]
     assert t["shard"] == {"global_shape": [4, 3], "offsets": [2, 0]}
     np.testing.assert_array_equal(store.load("r", 1)["w"], data)
-    with pytest.raises(NotImplementedError, match="sharded"):
-        store.save("r", 2, {"w": data}, rank=1, world_size=4)
-    with pytest.raises(NotImplementedError, match="sharded"):
-        store.commit("r", 2, 4)
-    with pytest.raises(NotImplementedError, match="sharded"):
-        store.load_region("r", 1, "w", (0, 0), (1, 1))
-    # rank 0 of a world of one is a plain save.
+    # Regions are in the global tensor's coordinates.
+    np.testing.assert_array_equal(store.load_region("r", 1, "w", (3, 1), (1, 2)), data[1:, 1:])
+    # rank 0 of a world of one is a part too: the step is visible once committed.
     store.save("r", 3, {"w": data}, rank=0, world_size=1).wait()
+    assert store.steps("r") == [1]
+    assert store.commit("r", 3, 1).created
     assert store.steps("r") == [1, 3]
+    with pytest.raises(cairn.InvalidError, match="rank"):
+        store.save("r", 4, {"w": data}, rank=4, world_size=4)
+    with pytest.raises(cairn.InvalidError, match="together"):
+        store.save("r", 4, {"w": data}, rank=1)
 
 
 def test_gil_is_released_while_saving_and_waiting(tmp_path):

@@ -42,6 +42,7 @@ __all__ = [
     "Store",
     "SaveHandle",
     "SaveReport",
+    "CommitReport",
     "Shard",
     "Error",
     "UnavailableError",
@@ -63,12 +64,6 @@ except Exception:  # noqa: BLE001 - not installed as a distribution
 
 #: Every dtype name cairn stores ("F32", "BF16", "F8E4M3", ...).
 DTYPES = tuple(_dtype_names())
-
-_SHARDED_NOT_YET = (
-    "sharded saves across ranks (rank/world_size, Store.commit, Store.load_region) "
-    "need the sharded-checkpoint core, which this build of cairn does not have yet"
-)
-
 
 class Shard:
     """A shard of a global tensor: `data` (numpy array or torch tensor)
@@ -123,6 +118,15 @@ class SaveReport:
 
     def __repr__(self):
         return f"cairn.SaveReport({self._fields!r})"
+
+
+class CommitReport(SaveReport):
+    """What `Store.commit` published: `run`, `step`, `world_size`,
+    `parts`, `tensors`, `shards`, `replicas`, `blobs`, `logical_bytes`,
+    `created`; `elapsed` in seconds."""
+
+    def __repr__(self):
+        return f"cairn.CommitReport({self._fields!r})"
 
 
 class SaveHandle:
@@ -225,6 +229,26 @@ def _items(mapping, what):
         raise InvalidError(f"invalid {what}: expected a dict or (name, value) pairs") from None
 
 
+def _part_arg(rank, world_size):
+    """`(rank, world_size)` of a sharded save, or None for a plain one."""
+    if rank is None and world_size is None:
+        return None
+    if rank is None or world_size is None:
+        raise InvalidError("invalid sharded save: rank and world_size go together")
+    for what, v in (("rank", rank), ("world_size", world_size)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise InvalidError(f"invalid {what}: {v!r}: expected a non-negative int")
+    if not 0 <= rank < world_size:
+        raise InvalidError(f"invalid rank: {rank} is not below world_size {world_size}")
+    return (int(rank), int(world_size))
+
+
+def _tensor_entries(manifest):
+    """The tensors of a checkpoint's manifest as dicts with `name`,
+    `dtype` and `shape` (the global shape for a sharded step), in order."""
+    return list(manifest.get("tensors") or []) + list(manifest.get("sharded") or [])
+
+
 def _step_arg(step):
     if step is None or step == "latest":
         return None
@@ -273,9 +297,13 @@ class Store:
         names to bytes; `metadata` is JSON-serializable; `metrics` maps
         names to numbers (loss, grad norm, ...) that `latest(where=...)`
         selects by. Returns a `SaveHandle` once every byte is staged: the
-        caller may overwrite its tensors right away."""
-        if (rank not in (None, 0)) or (world_size not in (None, 1)):
-            raise NotImplementedError(_SHARDED_NOT_YET)
+        caller may overwrite its tensors right away.
+
+        With `rank` and `world_size` the save is that rank's part of a
+        sharded step: `cairn.Shard` values place their data in the global
+        tensor, plain tensors are replicas of the whole tensor. A part does
+        not make the step visible; `commit` does, once every rank saved."""
+        part = _part_arg(rank, world_size)
         items = _items(tensors, "tensors")
         cuda = [i for i, (_, v) in enumerate(items) if _is_torch_tensor(v) and v.device.type != "cpu"]
         cuda += [
@@ -291,12 +319,12 @@ class Store:
         try:
             if pending is not None:
                 items = pending.finish()
-            return self._save_host(run, step, items, blobs, metadata, metrics)
+            return self._save_host(run, step, items, blobs, metadata, metrics, part)
         finally:
             if pending is not None:
                 pending.release()
 
-    def _save_host(self, run, step, items, blobs, metadata, metrics):
+    def _save_host(self, run, step, items, blobs, metadata, metrics, part=None):
         keep = []
         raw = [_raw_tensor(str(n), v, keep) for n, v in items]
         raw_blobs = []
@@ -313,16 +341,54 @@ class Store:
                     mets[str(n)] = float(v)
                 except (TypeError, ValueError):
                     raise InvalidError(f"invalid metric {n!r}: {v!r} is not a number") from None
-        h = self._raw.save(str(run), int(step), raw, raw_blobs, meta, mets)
+        h = self._raw.save(str(run), int(step), raw, raw_blobs, meta, mets, part)
         return SaveHandle(h)
 
     def commit(self, run, step, world_size):
-        """Make a sharded step visible once every rank saved its part."""
-        raise NotImplementedError(_SHARDED_NOT_YET)
+        """Make sharded step `(run, step)` visible once each of the
+        `world_size` ranks saved its part (and its handle resolved). Checks
+        that the parts agree and that the shards of every tensor tile it
+        without gap or overlap; raises `InvalidError` naming the missing
+        rank, the overlapping or the uncovered region otherwise. Returns a
+        `CommitReport` (`parts`, `tensors`, `shards`, `replicas`, `blobs`,
+        `logical_bytes`, `created`, `elapsed`). Committing an already
+        committed step with the same parts succeeds with `created=False`."""
+        if isinstance(world_size, bool) or not isinstance(world_size, (int, np.integer)):
+            raise InvalidError(f"invalid world size: {world_size!r}: expected an int")
+        if world_size < 1:
+            raise InvalidError(f"invalid world size: {world_size}: must be at least 1")
+        return CommitReport(json.loads(self._raw.commit(str(run), int(step), int(world_size))))
 
     def load_region(self, run, step, name, offsets, shape):
-        """A region of a (sharded) tensor as a numpy array."""
-        raise NotImplementedError(_SHARDED_NOT_YET)
+        """The region of tensor `name` at `offsets` with `shape` as a numpy
+        array, read from a committed step (sharded or not; `step` a number
+        or "latest"). Only the chunks that overlap the region are read, each
+        once and verified."""
+        return self.load_regions(run, step, [(name, offsets, shape)])[0]
+
+    def load_regions(self, run, step, regions):
+        """Several regions at once: `regions` is a list of `(name, offsets,
+        shape)`; a list of numpy arrays in the same order. A chunk several
+        regions need is read once."""
+        run = str(run)
+        step = self.resolve(run, step)
+        dtypes = {e["name"]: e["dtype"] for e in _tensor_entries(json.loads(self._raw.manifest_json(run, step)))}
+        out, raw = [], []
+        for name, offsets, shape in regions:
+            name = str(name)
+            if name not in dtypes:
+                raise NotFoundError(f"not found: tensor {name!r} in run {run} step {step}")
+            offsets = [int(o) for o in offsets]
+            shape = [int(d) for d in shape]
+            if any(o < 0 for o in offsets) or any(d < 0 for d in shape):
+                raise InvalidError(
+                    f"invalid region of {name!r}: offsets {offsets} and shape {shape} must be non-negative"
+                )
+            a = np.empty(tuple(shape), dtype=_dtypes.to_numpy(dtypes[name]))
+            out.append(a)
+            raw.append((name, offsets, shape, a.__array_interface__["data"][0], int(a.nbytes)))
+        self._raw.restore_regions(run, step, raw)
+        return out
 
     def runs(self):
         """Runs with at least one committed checkpoint."""
@@ -375,7 +441,7 @@ class Store:
         every chunk read is verified."""
         run = str(run)
         step = self.resolve(run, step)
-        entries = json.loads(self._raw.manifest_json(run, step))["tensors"]
+        entries = _tensor_entries(json.loads(self._raw.manifest_json(run, step)))
         by_name = {e["name"]: e for e in entries}
         if names is None:
             wanted = [e["name"] for e in entries]
@@ -399,7 +465,7 @@ class Store:
         Returns the step read."""
         run = str(run)
         step = self.resolve(run, step)
-        entries = {e["name"]: e for e in json.loads(self._raw.manifest_json(run, step))["tensors"]}
+        entries = {e["name"]: e for e in _tensor_entries(json.loads(self._raw.manifest_json(run, step)))}
         direct, staged, spans = [], [], []
         keep = []
         for name, t in _items(targets, "targets"):

@@ -13,6 +13,9 @@ Every tensor of the state becomes a cairn tensor named by its path
 non-tensor value (step counters, hyper-parameters, ...) are stored as blobs:
 the structure as JSON, values JSON cannot hold pickled. CUDA tensors are
 copied device-to-host on a side stream into pinned memory (see `_cuda`).
+
+`cairn.torch.dcp` makes cairn the storage of PyTorch's distributed
+checkpointing (`CairnStorageWriter`, `CairnStorageReader`).
 """
 
 import json
