@@ -32,8 +32,9 @@ pub struct StoreOptions {
     pub workers: usize,
     /// Threads that fsync and publish chunk files.
     pub sync_threads: usize,
-    /// Threads that copy a state into the staging pool during `save`, the
-    /// caller's own included (0: one per core, at most four). The copy is
+    /// Threads that copy a state into the staging pool during `save` (0:
+    /// one per core, at most four; a state under 32 MiB is copied on the
+    /// caller's thread). The copy is
     /// the part of a save the caller waits for; a single thread reaches
     /// only about half the memory bandwidth of two.
     pub copy_threads: usize,

@@ -122,7 +122,7 @@ pub(crate) struct Pipeline {
     shared: Option<Arc<Shared>>,
     threads: Vec<JoinHandle<()>>,
     committer: Option<JoinHandle<()>>,
-    /// Threads that copy a state into staging, the caller's included.
+    /// Threads that copy a large state into staging.
     copy_threads: usize,
 }
 
@@ -180,7 +180,7 @@ impl Pipeline {
         })
     }
 
-    /// Threads that copy a state into staging, the caller's included.
+    /// Threads that copy a large state into staging.
     pub fn copy_threads(&self) -> usize {
         self.copy_threads
     }

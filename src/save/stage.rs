@@ -15,7 +15,6 @@ use crate::error::{Error, Result};
 use crate::layout::{validate_entry_name, validate_run_name, Layout};
 use crate::staging::{StagingBuf, StagingPool};
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::oneshot;
 
@@ -276,9 +275,9 @@ struct Piece<'a> {
 const PARALLEL_COPY_MIN: usize = 32 << 20;
 
 /// Copy `pieces` into staging and queue each for the pipeline as soon as
-/// it is copied, on the caller's thread and up to
-/// `pipeline.copy_threads() - 1` more. Each thread holds at most one
-/// unqueued buffer while it waits for staging space, so back-pressure
+/// it is copied, on up to `pipeline.copy_threads()` threads (the shared
+/// parallel loop; the caller waits for them). Each thread holds at most
+/// one unqueued buffer while it waits for staging space, so back-pressure
 /// cannot deadlock; the first error stops the others.
 fn copy_pieces(
     pool: &StagingPool,
@@ -301,40 +300,7 @@ fn copy_pieces(
     if threads <= 1 || total < PARALLEL_COPY_MIN {
         return pieces.iter().try_for_each(copy_one);
     }
-    let next = AtomicUsize::new(0);
-    let stop = AtomicBool::new(false);
-    let work = || -> Result<()> {
-        while !stop.load(Ordering::Relaxed) {
-            let Some(p) = pieces.get(next.fetch_add(1, Ordering::Relaxed)) else {
-                break;
-            };
-            if let Err(e) = copy_one(p) {
-                stop.store(true, Ordering::Relaxed);
-                return Err(e);
-            }
-        }
-        Ok(())
-    };
-    std::thread::scope(|s| {
-        let helpers: Vec<_> = (1..threads)
-            .map(|i| {
-                std::thread::Builder::new()
-                    .name(format!("cairn-copy-{i}"))
-                    .spawn_scoped(s, work)
-            })
-            .collect();
-        // A helper that could not start leaves its share to the others.
-        let mut first = work().err();
-        for h in helpers.into_iter().flatten() {
-            let r = h
-                .join()
-                .unwrap_or_else(|_| Err(Error::Internal("a staging copy thread panicked".into())));
-            if let Err(e) = r {
-                first.get_or_insert(e);
-            }
-        }
-        first.map_or(Ok(()), Err)
-    })
+    crate::parallel::try_for_each(pieces.iter(), threads, || Ok(()), |_, p| copy_one(p))
 }
 
 fn submit_pack(

@@ -24,8 +24,8 @@ pub struct BenchArgs {
     /// `--size` such as `25%` (default: enough for the whole state).
     #[arg(long, value_parser = parse_staging)]
     staging: Option<Staging>,
-    /// Threads that copy the state into staging, the caller's included
-    /// (default: one per core, at most four).
+    /// Threads that copy the state into staging (default: one per core,
+    /// at most four).
     #[arg(long, default_value_t = 0)]
     copy_threads: usize,
     /// Threads that write, fsync and publish chunk files: the write queue
