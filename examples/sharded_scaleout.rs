@@ -1,22 +1,25 @@
 //! Scale-out of a sharded checkpoint on one machine: RANKS rank processes
-//! on NODES simulated nodes (one local store each) save one step of a
-//! sharded synthetic model (column- and row-sharded matrices plus
-//! replicated tensors); each node uploads its parts to an S3-compatible
-//! server, the last one commits the record; then RESTORERS processes
-//! restore their regions from S3 only and check them bit for bit against
-//! the generator.
+//! on NODES simulated nodes (one local store and one `cairn daemon`
+//! process each) save one step of a sharded synthetic model (column- and
+//! row-sharded matrices plus replicated tensors); each node's daemon
+//! uploads its parts to an S3-compatible server and the first to find
+//! every part there publishes the record; then RESTORERS processes restore
+//! their regions from S3 only, each in one `RemoteStore::restore_regions`
+//! call, and check them bit for bit against the generator. `scripts/scale-out`
+//! builds and runs it.
 //!
 //! ```sh
-//! CAIRN_TEST_S3_ENDPOINT=http://127.0.0.1:9000 \
-//!   cargo run --release --example sharded_scaleout -- 64 4 48
+//! CAIRN_TEST_S3_ENDPOINT=http://127.0.0.1:9000 CAIRN_BIN=target/release/cairn \
+//!   target/release/examples/sharded_scaleout 64 4 48
 //! ```
 
 use cairn::{
-    DType, RemoteOptions, RemoteStore, SaveState, ShardInfo, StepSel, Store, StoreOptions,
+    ChunkTier, DType, RegionTarget, RemoteOptions, RemoteStore, SaveState, ShardInfo, StepSel,
+    Store, StoreOptions,
 };
 use std::io::{Read, Write};
-use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 const LAYERS: usize = 8;
 /// Hidden size and feed-forward size of the synthetic model.
@@ -119,24 +122,46 @@ fn rank(store_dir: &str, r: u64, world: u64) {
 
 fn restorer(url: &str, i: u64, n: u64) {
     let remote = RemoteStore::open(url, &s3_options(), RemoteOptions::default()).unwrap();
+    // The new layout transposes the old one: column-sharded tensors are
+    // read by rows and row-sharded ones by columns.
+    let regions: Vec<(String, u64, u64, [u64; 2], [u64; 2])> = tensors()
+        .into_iter()
+        .map(|(name, t, shape, col)| {
+            let (off, sh) = if name.ends_with("norm") {
+                ([0, 0], shape)
+            } else if col {
+                let (a, k) = split(shape[0], n, i);
+                ([a, 0], [k, shape[1]])
+            } else {
+                let (a, k) = split(shape[1], n, i);
+                ([0, a], [shape[0], k])
+            };
+            (name, t, shape[1], off, sh)
+        })
+        .collect();
+    let mut outs: Vec<Vec<u8>> = regions
+        .iter()
+        .map(|r| vec![0u8; (r.4[0] * r.4[1] * 4) as usize])
+        .collect();
+    let mut targets: Vec<RegionTarget<'_>> = outs
+        .iter_mut()
+        .zip(&regions)
+        .map(|(out, r)| RegionTarget {
+            name: &r.0,
+            offsets: &r.3,
+            shape: &r.4,
+            out,
+        })
+        .collect();
+    // All of this process's regions in one call: a chunk several regions
+    // share is downloaded once.
+    remote
+        .restore_regions("model", StepSel::Step(1), &mut targets)
+        .unwrap();
+    drop(targets);
     let mut bytes = 0;
-    for (name, t, shape, col) in tensors() {
-        // The new layout transposes the old one: column-sharded tensors
-        // are read by rows and row-sharded ones by columns.
-        let (off, sh) = if name.ends_with("norm") {
-            ([0, 0], shape)
-        } else if col {
-            let (a, k) = split(shape[0], n, i);
-            ([a, 0], [k, shape[1]])
-        } else {
-            let (a, k) = split(shape[1], n, i);
-            ([0, a], [shape[0], k])
-        };
-        let mut out = vec![0u8; (sh[0] * sh[1] * 4) as usize];
-        remote
-            .restore_region("model", StepSel::Step(1), &name, &off, &sh, &mut out)
-            .unwrap();
-        assert!(out == region(t, shape[1], off, sh), "{name} differs");
+    for (r, out) in regions.iter().zip(&outs) {
+        assert!(*out == region(r.1, r.2, r.3, r.4), "{} differs", r.0);
         bytes += out.len() as u64;
     }
     let m = remote.metrics().snapshot();
@@ -144,6 +169,57 @@ fn restorer(url: &str, i: u64, n: u64) {
         "restored {bytes} {} {}",
         m.bytes_downloaded, m.chunks_downloaded
     );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One line of `GET path` from a daemon's loopback endpoint.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+}
+
+/// Counter `name` of a daemon's Prometheus text.
+fn prom(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A `cairn daemon` draining `store` to `url`, answering on `port`.
+fn spawn_daemon(bin: &str, store: &str, url: &str, port: u16, log: &std::path::Path) -> Child {
+    let mut cmd = Command::new(bin);
+    cmd.args(["daemon", store, "--remote", url]);
+    for (k, v) in s3_options() {
+        cmd.arg("--remote-option").arg(format!("{k}={v}"));
+    }
+    cmd.args([
+        "--poll-interval",
+        "100ms",
+        "--gc-interval",
+        "0s",
+        "--listen",
+    ])
+    .arg(format!("127.0.0.1:{port}"))
+    .env("CAIRN_LOG", "cairn=info")
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(log).unwrap())
+    .spawn()
+    .unwrap_or_else(|e| panic!("spawn {bin} daemon: {e}"))
 }
 
 fn spawn_all(envs: Vec<Vec<(String, String)>>) -> Vec<String> {
@@ -215,6 +291,26 @@ fn main() {
     let node_dir = |n: u64| dir.path().join(format!("node{n}")).display().to_string();
     let logical: u64 = tensors().iter().map(|t| t.2[0] * t.2[1] * 4).sum();
 
+    // One store and one daemon per node; the daemons run from the start,
+    // as they would on a cluster.
+    let bin = std::env::var("CAIRN_BIN").unwrap_or_else(|_| {
+        let exe = std::env::current_exe().unwrap();
+        exe.parent()
+            .and_then(|d| d.parent())
+            .unwrap()
+            .join("cairn")
+            .display()
+            .to_string()
+    });
+    let ports: Vec<u16> = (0..nodes).map(|_| free_port()).collect();
+    let mut daemons: Vec<Child> = (0..nodes)
+        .map(|n| {
+            Store::open(node_dir(n), StoreOptions::default()).unwrap();
+            let log = dir.path().join(format!("daemon{n}.log"));
+            spawn_daemon(&bin, &node_dir(n), &url, ports[n as usize], &log)
+        })
+        .collect();
+
     let t = Instant::now();
     spawn_all(
         (0..ranks)
@@ -230,30 +326,61 @@ fn main() {
     );
     let save = t.elapsed();
 
+    // The daemons upload the parts and publish the record.
     let t = Instant::now();
     let remote = RemoteStore::open(&url, &s3_options(), RemoteOptions::default()).unwrap();
-    let reports: Vec<_> = std::thread::scope(|sc| {
-        let hs: Vec<_> = (0..nodes)
-            .map(|n| {
-                let remote = &remote;
-                let d = node_dir(n);
-                sc.spawn(move || {
-                    let store = Store::open(&d, StoreOptions::default()).unwrap();
-                    store
-                        .upload_parts(remote, "model", 1, ranks as u32)
-                        .unwrap()
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let upload = t.elapsed();
-    let committed = reports.iter().filter(|r| r.committed.is_some()).count();
-    if committed == 0 {
-        // Nodes raced: each saw another's parts missing. Commit now.
-        remote.commit("model", 1, ranks as u32).unwrap();
+    while ChunkTier::steps(&remote, "model").unwrap() != vec![1] {
+        assert!(
+            t.elapsed() < Duration::from_secs(1800),
+            "the daemons did not publish the record; logs in {}",
+            dir.path().display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
-    let up = remote.metrics().snapshot();
+    let upload = t.elapsed();
+    // Every daemon done with the step (its marker written, its status
+    // updated) before reading the counters.
+    let texts: Vec<String> = loop {
+        let texts: Vec<String> = ports
+            .iter()
+            .map(|&p| http_get(p, "/metrics").unwrap_or_default())
+            .collect();
+        let marked = (0..nodes).all(|n| {
+            Store::open_read_only(node_dir(n), StoreOptions::default())
+                .is_ok_and(|s| s.is_uploaded("model", 1, &url))
+        });
+        let settled = texts.iter().all(|t| {
+            prom(t, "cairn_queue_depth") == 0 && prom(t, "cairn_sharded_steps_awaiting_ranks") == 0
+        });
+        if marked && settled {
+            break texts;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(1800),
+            "the daemons did not finish; logs in {}",
+            dir.path().display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for d in &mut daemons {
+        // SAFETY: plain kill(2) on our child's pid.
+        unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+    }
+    for d in &mut daemons {
+        d.wait().unwrap();
+    }
+    let sum = |name: &str| texts.iter().map(|t| prom(t, name)).sum::<u64>();
+    let (up_bytes, up_chunks, parts, published, record_puts) = (
+        sum("cairn_bytes_uploaded_total"),
+        sum("cairn_chunks_uploaded_total"),
+        sum("cairn_parts_uploaded_total"),
+        sum("cairn_records_published_total"),
+        sum("cairn_manifests_uploaded_total"),
+    );
+    let stored: u64 = {
+        let m = ChunkTier::manifest(&remote, "model", 1).unwrap();
+        m.distinct_chunks().iter().map(|(_, len)| *len).sum()
+    };
 
     let t = Instant::now();
     let outs = spawn_all(
@@ -271,24 +398,37 @@ fn main() {
     );
     let restore = t.elapsed();
     let (mut placed, mut down, mut chunks) = (0u64, 0u64, 0u64);
-    for o in outs {
+    let mut per_process = Vec::new();
+    for (i, o) in outs.iter().enumerate() {
         let line = o.lines().find(|l| l.starts_with("restored ")).unwrap();
         let v: Vec<u64> = line[9..].split(' ').map(|x| x.parse().unwrap()).collect();
         placed += v[0];
         down += v[1];
         chunks += v[2];
+        per_process.push((i, v[0], v[1], v[2]));
     }
-    println!("{ranks} ranks on {nodes} nodes, {restorers} restorers; model {logical} bytes");
+    println!("{ranks} ranks on {nodes} nodes (4 cairn daemons), {restorers} restorers; model {logical} bytes (logical)");
     println!("save (all ranks, local): {save:.2?}");
     println!(
-        "upload + commit: {upload:.2?}; {} chunk objects, {} bytes uploaded ({:.2}x logical), {} manifests; committed by {} node(s) during upload",
-        up.chunks_uploaded,
-        up.bytes_uploaded,
-        up.bytes_uploaded as f64 / logical as f64,
-        up.manifests_uploaded,
-        committed
+        "upload + commit (daemons, from the end of the save to the record visible): {upload:.2?}"
     );
     println!(
-        "restore from S3 only: {restore:.2?}; {placed} bytes placed, {down} bytes downloaded in {chunks} chunk reads; all regions bit-exact"
+        "  PUTs: {up_chunks} chunk objects ({up_bytes} bytes, {:.3}x logical), {parts} part manifests, {record_puts} record(s) ({published} created)",
+        up_bytes as f64 / logical as f64,
     );
+    println!(
+        "  record: {stored} bytes of chunks referenced ({:.3}x logical; replicas stored once)",
+        stored as f64 / logical as f64
+    );
+    println!(
+        "restore from S3 only: {restore:.2?}; {placed} bytes placed, {down} bytes downloaded ({:.2}x placed) in {chunks} chunk GETs; all regions bit-exact",
+        down as f64 / placed.max(1) as f64
+    );
+    println!("per restoring process: regions bytes, downloaded bytes, chunk GETs");
+    for (i, p, d, c) in per_process {
+        println!(
+            "  restorer {i:>3}: {p:>10} {d:>10} ({:.2}x) {c:>5}",
+            d as f64 / p.max(1) as f64
+        );
+    }
 }

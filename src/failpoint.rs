@@ -5,7 +5,12 @@
 //! Each point counts its hits; an action set for it by a test
 //! (`set`) runs at the hit and may fail the operation there with an I/O
 //! error, as a process stopped at that moment would leave it (a test
-//! combines it with `SimDisk::crash_at` to stop the disk too). The points:
+//! combines it with `SimDisk::crash_at` to stop the disk too). A process
+//! started with `CAIRN_FAILPOINT_PAUSE=<name>[,<name>...]` (a `cairn`
+//! binary built with the feature, as the CLI tests build it) instead
+//! stops for good at the first hit of a named point, after writing
+//! `cairn: paused at fail point <name>` to stderr: a test waits for that
+//! line and kills the process exactly there. The points:
 //!
 //! | name | where |
 //! |---|---|
@@ -16,6 +21,7 @@
 //! | `publish.after_dir_sync` | after the directory fsync: the publication is durable |
 //! | `copy.before_commit` | a copy between tiers, every chunk at the target, before the manifest commit |
 //! | `remote.after_manifest_put` | a remote manifest put that succeeded, before its caller learns of it |
+//! | `remote_commit.before_record` | a remote commit of a sharded step (`RemoteStore::commit`, the flush daemon's), every part read and checked, before the record is put |
 //! | `upload.before_marker` | an upload (the flush daemon's), after the remote commit, before the local upload marker |
 
 /// Every fail point name.
@@ -28,6 +34,7 @@ pub const NAMES: &[&str] = &[
     "publish.after_dir_sync",
     "copy.before_commit",
     "remote.after_manifest_put",
+    "remote_commit.before_record",
     "upload.before_marker",
 ];
 
@@ -51,8 +58,17 @@ mod imp {
         REG.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Run fail point `name`: count the hit and run its action, if any.
+    /// Run fail point `name`: count the hit and run its action, if any;
+    /// stop the process there for good if `CAIRN_FAILPOINT_PAUSE` names it.
     pub fn hit(name: &str) -> std::io::Result<()> {
+        if std::env::var("CAIRN_FAILPOINT_PAUSE")
+            .is_ok_and(|v| v.split(',').any(|p| p.trim() == name))
+        {
+            eprintln!("cairn: paused at fail point {name}");
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
         let action = {
             let mut r = registry();
             *r.hits.entry(name.to_string()).or_insert(0) += 1;

@@ -213,40 +213,9 @@ impl Store {
         let _guard = crate::local::GcLock::shared(self.root())?;
         self.layout.check_dirs(Some(run), Some(step))?;
         let listing = list_parts(&self.layout.parts_dir(run, step))?;
-        let mut by_rank: Vec<Vec<&PartListing>> = vec![Vec::new(); world_size as usize];
-        for p in &listing {
-            if p.world_size == world_size {
-                by_rank[p.rank as usize].push(p);
-            }
-        }
-        let mut parts = Vec::with_capacity(world_size as usize);
-        let mut files = 0;
-        for (rank, attempts) in by_rank.iter().enumerate() {
-            let Some(first) = attempts.first() else {
-                return Err(Error::MissingRank {
-                    run: run.to_string(),
-                    step,
-                    rank: rank as u32,
-                    world_size,
-                });
-            };
-            let m = self.part_manifest(run, step, &first.file)?;
-            for other in &attempts[1..] {
-                let o = self.part_manifest(run, step, &other.file)?;
-                if o.tensors != m.tensors || o.blobs != m.blobs || o.metadata != m.metadata {
-                    return Err(Error::PartsDisagree {
-                        name: format!("part of rank {rank}"),
-                        what: "part",
-                        first_rank: rank as u32,
-                        first: first.file.clone(),
-                        other_rank: rank as u32,
-                        other: other.file.clone(),
-                    });
-                }
-            }
-            files += attempts.len();
-            parts.push(m);
-        }
+        let (parts, files) = pick_parts(run, step, world_size, &listing, &|file| {
+            self.part_manifest(run, step, file)
+        })?;
         let (record, mut report) = build_record(run, step, world_size, &parts, &|a, b| {
             Ok(self.read_entry(a)? == self.read_entry(b)?)
         })?;
@@ -327,7 +296,9 @@ pub struct RegionTarget<'a> {
 impl RemoteStore {
     /// [`Store::restore_region`] straight from the remote tier, with no
     /// local copy. Blocking; call it from a plain thread or
-    /// `spawn_blocking`.
+    /// `spawn_blocking`. A process reading several regions calls
+    /// [`RemoteStore::restore_regions`] once instead: chunks shared by the
+    /// regions are then downloaded once.
     pub fn restore_region(
         &self,
         run: &str,
@@ -337,19 +308,32 @@ impl RemoteStore {
         shape: &[u64],
         out: &mut [u8],
     ) -> Result<RestoreReport> {
-        let step = ChunkTier::resolve(self, run, step)?;
-        let manifest = ChunkTier::manifest(self, run, step)?;
-        restore_regions_from(
-            &manifest,
+        self.restore_regions(
+            run,
+            step,
             &mut [RegionTarget {
                 name,
                 offsets,
                 shape,
                 out,
             }],
-            self,
-            self.options().concurrency,
         )
+    }
+
+    /// [`Store::restore_regions`] straight from the remote tier: one
+    /// manifest read, one plan for every region, and each chunk any of
+    /// them needs downloaded once (small shards are packed into shared
+    /// chunks, so regions of different tensors often need the same chunk).
+    /// Blocking.
+    pub fn restore_regions(
+        &self,
+        run: &str,
+        step: StepSel,
+        targets: &mut [RegionTarget<'_>],
+    ) -> Result<RestoreReport> {
+        let step = ChunkTier::resolve(self, run, step)?;
+        let manifest = ChunkTier::manifest(self, run, step)?;
+        restore_regions_from(&manifest, targets, self, self.options().concurrency)
     }
 }
 
@@ -385,10 +369,23 @@ impl Store {
         step: u64,
         world_size: u32,
     ) -> Result<PartsUploadReport> {
+        self.upload_parts_except(remote, run, step, world_size, &|_| false)
+    }
+
+    /// [`Store::upload_parts`], leaving out the part files for which
+    /// `skip` is true (the flush daemon's: those it already uploaded).
+    pub(crate) fn upload_parts_except(
+        &self,
+        remote: &RemoteStore,
+        run: &str,
+        step: u64,
+        world_size: u32,
+        skip: &dyn Fn(&str) -> bool,
+    ) -> Result<PartsUploadReport> {
         let mut report = PartsUploadReport::default();
         let dst: &dyn ChunkTier = remote;
         for p in self.parts(run, step)? {
-            if p.world_size != world_size {
+            if p.world_size != world_size || skip(&p.file) {
                 continue;
             }
             let started_ms = dst.clock().now_ms();
@@ -623,25 +620,13 @@ impl RemoteStore {
         if world_size == 0 {
             return Err(Error::invalid("world size", "must be at least 1"));
         }
-        let listing = self.parts(run, step)?;
-        let mut first: Vec<Option<&PartListing>> = vec![None; world_size as usize];
-        for (p, _) in &listing {
-            if p.world_size == world_size && first[p.rank as usize].is_none() {
-                first[p.rank as usize] = Some(p);
-            }
-        }
-        let mut parts = Vec::with_capacity(world_size as usize);
-        for (rank, p) in first.iter().enumerate() {
-            let Some(p) = p else {
-                return Err(Error::MissingRank {
-                    run: run.to_string(),
-                    step,
-                    rank: rank as u32,
-                    world_size,
-                });
-            };
-            parts.push(self.part_manifest(run, step, &p.file)?);
-        }
+        let listing: Vec<PartListing> =
+            self.parts(run, step)?.into_iter().map(|(p, _)| p).collect();
+        let (parts, files) = pick_parts(run, step, world_size, &listing, &|file| {
+            self.part_manifest(run, step, file)
+        })?;
+        crate::failpoint::hit("remote_commit.before_record")
+            .map_err(|e| Error::io("fail point", self.manifest_path(run, step).to_string(), e))?;
         let read = |e: &EntryRef<'_>| -> Result<Vec<u8>> {
             let mut buf = vec![0u8; e.len as usize];
             let plan = RestorePlan::new(std::slice::from_ref(e), vec![&mut buf[..]])?;
@@ -653,9 +638,60 @@ impl RemoteStore {
         })?;
         let bytes = encode_manifest(&record)?;
         report.created = ChunkTier::commit_manifest(self, run, step, &bytes)?;
+        report.parts = files;
         report.elapsed = t0.elapsed();
         Ok(report)
     }
+}
+
+/// Choose the part of every rank of `world_size` from `listing` (sorted by
+/// rank, then file name), reading each with `read`: the first file of a
+/// rank, after checking that every other attempt of that rank holds the
+/// same tensors, blobs and metadata. The local and the remote commit use
+/// this one rule, so both build the same record from the same parts.
+/// Returns the parts in rank order and the number of part files read.
+fn pick_parts(
+    run: &str,
+    step: u64,
+    world_size: u32,
+    listing: &[PartListing],
+    read: &dyn Fn(&str) -> Result<Manifest>,
+) -> Result<(Vec<Manifest>, usize)> {
+    let mut by_rank: Vec<Vec<&PartListing>> = vec![Vec::new(); world_size as usize];
+    for p in listing {
+        if p.world_size == world_size {
+            by_rank[p.rank as usize].push(p);
+        }
+    }
+    let mut parts = Vec::with_capacity(world_size as usize);
+    let mut files = 0;
+    for (rank, attempts) in by_rank.iter().enumerate() {
+        let Some(first) = attempts.first() else {
+            return Err(Error::MissingRank {
+                run: run.to_string(),
+                step,
+                rank: rank as u32,
+                world_size,
+            });
+        };
+        let m = read(&first.file)?;
+        for other in &attempts[1..] {
+            let o = read(&other.file)?;
+            if o.tensors != m.tensors || o.blobs != m.blobs || o.metadata != m.metadata {
+                return Err(Error::PartsDisagree {
+                    name: format!("part of rank {rank}"),
+                    what: "part",
+                    first_rank: rank as u32,
+                    first: first.file.clone(),
+                    other_rank: rank as u32,
+                    other: other.file.clone(),
+                });
+            }
+        }
+        files += attempts.len();
+        parts.push(m);
+    }
+    Ok((parts, files))
 }
 
 /// Read regions of tensors of `manifest` from `source`.

@@ -16,6 +16,16 @@
 //! counted in `/metrics`, while newer checkpoints upload and retention
 //! runs. `/healthz` turns 503, with the reason, once work has been pending
 //! for `unhealthy_after` with no checkpoint becoming durable remotely.
+//!
+//! Sharded steps (parts saved here by some ranks of a job whose other
+//! ranks saved on other nodes, no local record) are drained too: the
+//! daemon uploads this node's parts ([`Store::upload_parts`]: chunks, then
+//! each part manifest, create-only) and, once the remote lists a part of
+//! every rank, puts the remote record create-only ([`RemoteStore::commit`]);
+//! whichever node's daemon (or trainer) gets there first creates it, and
+//! identical bytes already there count as success. The step's local upload
+//! marker is written once the remote record exists. A daemon killed at any
+//! point repeats only idempotent steps after a restart.
 
 pub mod config;
 pub mod http;
@@ -27,8 +37,9 @@ pub use status::{DaemonStatus, SharedStatus};
 use crate::clock::SharedClock;
 use crate::error::{Error, Result};
 use crate::remote::RemoteStore;
+use crate::shard::PartListing;
 use crate::store::{Store, StoreOptions};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -44,6 +55,10 @@ pub struct FlushDaemon {
     clock: SharedClock,
     /// Checkpoints whose last upload attempt failed, by (run, step).
     failures: Mutex<BTreeMap<(String, u64), FailingCheckpoint>>,
+    /// Part files of sharded steps this process uploaded: (run, step,
+    /// file). After a restart they are uploaded again (chunks the remote
+    /// holds are skipped; the part put is create-only).
+    parts_done: Mutex<HashSet<(String, u64, String)>>,
 }
 
 impl FlushDaemon {
@@ -88,6 +103,7 @@ impl FlushDaemon {
             status,
             clock,
             failures: Mutex::new(BTreeMap::new()),
+            parts_done: Mutex::new(HashSet::new()),
         })
     }
 
@@ -240,7 +256,8 @@ impl FlushDaemon {
         let local = self.local.clone();
         let url = self.remote.url().to_string();
         // (created_ms, run, step), not yet durable remotely.
-        let (pending, newest_local) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let (pending, newest_local, sharded) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let sharded = scan_sharded(&local, &url);
             let mut pending = Vec::new();
             let mut newest = BTreeMap::new();
             for run in local.runs()? {
@@ -259,7 +276,7 @@ impl FlushDaemon {
                 }
             }
             pending.sort();
-            Ok((pending, newest))
+            Ok((pending, newest, sharded))
         })
         .await
         .map_err(|e| Error::Internal(format!("scan: {e}")))??;
@@ -268,20 +285,35 @@ impl FlushDaemon {
             // Forget failures of checkpoints no longer pending (deleted,
             // or uploaded by someone else).
             let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-            failures.retain(|(run, step), _| pending.iter().any(|(_, r, s)| r == run && s == step));
+            failures.retain(|(run, step), _| {
+                pending.iter().any(|(_, r, s)| r == run && s == step)
+                    || sharded.iter().any(|(r, s, _)| r == run && s == step)
+            });
             failures.values().cloned().collect()
         };
+        let sharded_work = {
+            let done = self.parts_done.lock().unwrap_or_else(|p| p.into_inner());
+            sharded
+                .iter()
+                .filter(|(r, s, parts)| {
+                    parts
+                        .iter()
+                        .any(|p| !done.contains(&(r.clone(), *s, p.file.clone())))
+                })
+                .count()
+        };
+        let queued = pending.len() + sharded_work;
         self.status.update(|s| {
-            s.queue_depth = pending.len() as u64;
+            s.queue_depth = queued as u64;
             s.newest_local = newest_local;
             s.failing = failing;
-            if pending.is_empty() {
+            if queued == 0 {
                 s.stalled_since_unix_ms = None;
             } else if s.stalled_since_unix_ms.is_none() {
                 s.stalled_since_unix_ms = Some(now);
             }
         });
-        let mut remaining = pending.len();
+        let mut remaining = queued;
         for (_, run, step) in &pending {
             let not_before = self
                 .failures
@@ -340,6 +372,7 @@ impl FlushDaemon {
                 s.failing = failing;
             });
         }
+        self.flush_sharded(&sharded, &mut remaining).await;
         if let Err(e) = self.retention().await {
             self.record_error("retention failed", &e);
         }
@@ -355,6 +388,110 @@ impl FlushDaemon {
         });
         Ok(())
     }
+    /// Drain the sharded steps `sharded` found by the scan (see the module
+    /// docs), each on its own with the same failure backoff as
+    /// checkpoints. `remaining` counts the queue for the status.
+    async fn flush_sharded(
+        &self,
+        sharded: &[(String, u64, Vec<PartListing>)],
+        remaining: &mut usize,
+    ) {
+        let mut awaiting = 0u64;
+        for (run, step, parts) in sharded {
+            let not_before = self
+                .failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&(run.clone(), *step))
+                .map(|f| f.next_attempt_unix_ms);
+            if not_before.is_some_and(|t| self.clock.now_ms() < t) {
+                continue;
+            }
+            let done: HashSet<String> = {
+                let all = self.parts_done.lock().unwrap_or_else(|p| p.into_inner());
+                parts
+                    .iter()
+                    .filter(|p| all.contains(&(run.clone(), *step, p.file.clone())))
+                    .map(|p| p.file.clone())
+                    .collect()
+            };
+            let had_work = done.len() < parts.len();
+            let result = {
+                let (local, remote) = (self.local.clone(), self.remote.clone());
+                let (run, step, parts) = (run.clone(), *step, parts.clone());
+                tokio::task::spawn_blocking(move || {
+                    flush_sharded_step(&local, &remote, &run, step, &parts, &done)
+                })
+                .await
+                .unwrap_or_else(|e| Err(Error::Internal(format!("sharded upload task: {e}"))))
+            };
+            let out = match result {
+                Ok(o) => o,
+                Err(e) => {
+                    self.record_failure(run, *step, &e);
+                    continue;
+                }
+            };
+            {
+                let mut all = self.parts_done.lock().unwrap_or_else(|p| p.into_inner());
+                for f in &out.uploaded {
+                    all.insert((run.clone(), *step, f.clone()));
+                }
+            }
+            let failed_before = self
+                .failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&(run.clone(), *step))
+                .map_or(0, |f| f.attempts);
+            if had_work {
+                *remaining = remaining.saturating_sub(1);
+            }
+            let now = self.clock.now_ms();
+            let failing: Vec<FailingCheckpoint> = self
+                .failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .cloned()
+                .collect();
+            let published = out.published;
+            if published.is_none() {
+                awaiting += 1;
+            }
+            let left = *remaining;
+            let uploaded = out.uploaded.len() as u64;
+            self.status.update(|s| {
+                s.parts_uploaded += uploaded;
+                s.queue_depth = left as u64;
+                s.failing = failing;
+                if let Some(created) = published {
+                    s.checkpoints_uploaded += 1;
+                    s.records_published += created as u64;
+                    s.last_upload_unix_ms = Some(now);
+                    s.stalled_since_unix_ms = (left > 0).then_some(now);
+                }
+            });
+            match published {
+                Some(created) => tracing::info!(
+                    run = %run,
+                    step = *step,
+                    parts_uploaded = uploaded,
+                    record_created = created,
+                    failed_attempts_before = failed_before,
+                    "sharded step durable remotely"
+                ),
+                None => tracing::info!(
+                    run = %run,
+                    step = *step,
+                    parts_uploaded = uploaded,
+                    "sharded step: parts here uploaded, waiting for other ranks' parts"
+                ),
+            }
+        }
+        self.status.update(|s| s.awaiting_ranks = awaiting);
+    }
+
     /// Local retention first: it deletes a local checkpoint only while the
     /// remote still holds it, so it must look before remote retention
     /// thins the remote out.
@@ -414,4 +551,126 @@ impl FlushDaemon {
         });
         Ok(())
     }
+}
+
+/// Sharded steps of `local` with parts and no local record, not yet
+/// recorded as published at `url`, with their parts. A run or step that
+/// cannot be listed is left out with a warning: it must not stop the
+/// uploads of other checkpoints.
+fn scan_sharded(local: &Store, url: &str) -> Vec<(String, u64, Vec<PartListing>)> {
+    let mut out = Vec::new();
+    let runs = match local.run_dirs() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list runs for sharded steps");
+            return out;
+        }
+    };
+    for run in runs {
+        let steps = match local.pending_steps(&run) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(run = %run, error = %e, "cannot list sharded steps");
+                continue;
+            }
+        };
+        for step in steps {
+            if local.is_uploaded(&run, step, url) {
+                continue;
+            }
+            match local.parts(&run, step) {
+                Ok(parts) if !parts.is_empty() => out.push((run.clone(), step, parts)),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(run = %run, step, error = %e, "cannot list parts")
+                }
+            }
+        }
+    }
+    out
+}
+
+/// What one pass over a sharded step did.
+#[derive(Debug, Default)]
+struct ShardedFlush {
+    /// Part files uploaded by this pass.
+    uploaded: Vec<String>,
+    /// `Some(created)` once the remote record exists (`created`: this pass
+    /// put it).
+    published: Option<bool>,
+}
+
+/// One pass over sharded step `(run, step)` with local parts `parts`, of
+/// which `done` were uploaded earlier by this process: if the remote
+/// already holds the record, record that locally; else upload the parts
+/// not uploaded yet (and try the remote commit, as
+/// [`Store::upload_parts`] does), or, with every local part up, commit
+/// once the remote lists a part of every rank. Blocking.
+fn flush_sharded_step(
+    local: &Store,
+    remote: &RemoteStore,
+    run: &str,
+    step: u64,
+    parts: &[PartListing],
+    done: &HashSet<String>,
+) -> Result<ShardedFlush> {
+    let mut out = ShardedFlush::default();
+    if remote.block_on(remote.has_manifest(run, step))?? {
+        out.published = Some(false);
+    } else {
+        let mut worlds: Vec<u32> = parts.iter().map(|p| p.world_size).collect();
+        worlds.sort_unstable();
+        worlds.dedup();
+        for w in worlds {
+            let files: Vec<&PartListing> = parts.iter().filter(|p| p.world_size == w).collect();
+            let todo: Vec<&PartListing> = files
+                .iter()
+                .copied()
+                .filter(|p| !done.contains(&p.file))
+                .collect();
+            let committed = if !todo.is_empty() {
+                let todo_files: HashSet<&str> = todo.iter().map(|p| p.file.as_str()).collect();
+                let r = local
+                    .upload_parts_except(remote, run, step, w, &|f| !todo_files.contains(f))?;
+                for p in &todo {
+                    tracing::info!(run = %run, step, part = %p.file, "uploaded part");
+                }
+                out.uploaded.extend(todo.iter().map(|p| p.file.clone()));
+                r.committed
+            } else {
+                let mut have = vec![false; w as usize];
+                for (p, _) in remote.parts(run, step)? {
+                    if p.world_size == w {
+                        have[p.rank as usize] = true;
+                    }
+                }
+                if have.iter().all(|&h| h) {
+                    match remote.commit(run, step, w) {
+                        Ok(r) => Some(r),
+                        Err(Error::MissingRank { .. }) => None,
+                        Err(e) => return Err(e),
+                    }
+                } else {
+                    None
+                }
+            };
+            if let Some(r) = committed {
+                if r.created {
+                    tracing::info!(
+                        run = %run,
+                        step,
+                        world_size = w,
+                        parts = r.parts,
+                        "published remote record"
+                    );
+                }
+                out.published = Some(r.created);
+                break;
+            }
+        }
+    }
+    if out.published.is_some() {
+        local.mark_uploaded(run, step, remote.url())?;
+    }
+    Ok(out)
 }

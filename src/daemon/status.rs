@@ -42,8 +42,17 @@ pub struct DaemonStatus {
     pub remote: String,
     /// Process start, ms since the epoch.
     pub started_unix_ms: i64,
-    /// Committed local checkpoints not yet durable remotely.
+    /// Committed local checkpoints not yet durable remotely, plus sharded
+    /// steps with parts here not uploaded yet.
     pub queue_depth: u64,
+    /// Part manifests of sharded steps this process uploaded (or found
+    /// already on the remote with identical bytes).
+    pub parts_uploaded: u64,
+    /// Remote records of sharded steps this process published.
+    pub records_published: u64,
+    /// Sharded steps whose parts here are all on the remote and whose
+    /// record waits for the parts of other nodes' ranks.
+    pub awaiting_ranks: u64,
     /// Checkpoints this process made durable remotely.
     pub checkpoints_uploaded: u64,
     /// Scan cycles completed.
@@ -241,6 +250,24 @@ impl SharedStatus {
             "counter",
             "Checkpoints made durable remotely.",
             s.checkpoints_uploaded,
+        );
+        metric(
+            "parts_uploaded_total",
+            "counter",
+            "Part manifests of sharded steps uploaded.",
+            s.parts_uploaded,
+        );
+        metric(
+            "records_published_total",
+            "counter",
+            "Remote records of sharded steps published.",
+            s.records_published,
+        );
+        metric(
+            "sharded_steps_awaiting_ranks",
+            "gauge",
+            "Sharded steps uploaded here, waiting for other nodes' parts.",
+            s.awaiting_ranks,
         );
         metric(
             "upload_failures_total",
