@@ -120,11 +120,15 @@ fn rank(store_dir: &str, r: u64, world: u64) {
         .unwrap();
 }
 
+/// A region to restore: tensor name, generator id, columns, offsets,
+/// shape.
+type Want = (String, u64, u64, [u64; 2], [u64; 2]);
+
 fn restorer(url: &str, i: u64, n: u64) {
     let remote = RemoteStore::open(url, &s3_options(), RemoteOptions::default()).unwrap();
     // The new layout transposes the old one: column-sharded tensors are
     // read by rows and row-sharded ones by columns.
-    let regions: Vec<(String, u64, u64, [u64; 2], [u64; 2])> = tensors()
+    let regions: Vec<Want> = tensors()
         .into_iter()
         .map(|(name, t, shape, col)| {
             let (off, sh) = if name.ends_with("norm") {

@@ -92,15 +92,17 @@ fn place(g: &Global, rank: u64, world: u64) -> ([u64; 2], [u64; 2]) {
 
 /// Save rank `rank`'s part of `(m, step)` into `store`.
 fn save_rank(store: &Store, step: u64, rank: u32, world: u32, model: &[Global]) {
-    let owned: Vec<(&Global, [u64; 2], [u64; 2], Vec<u8>)> = model
+    let places: Vec<([u64; 2], [u64; 2])> = model
         .iter()
-        .map(|g| {
-            let (off, shape) = place(g, rank as u64, world as u64);
-            (g, off, shape, slice(g, off, shape))
-        })
+        .map(|g| place(g, rank as u64, world as u64))
+        .collect();
+    let datas: Vec<Vec<u8>> = model
+        .iter()
+        .zip(&places)
+        .map(|(g, (off, shape))| slice(g, *off, *shape))
         .collect();
     let mut s = SaveState::new();
-    for (g, off, shape, data) in &owned {
+    for ((g, (off, shape)), data) in model.iter().zip(&places).zip(&datas) {
         s = s.shard(
             g.name,
             DType::F32,
@@ -309,10 +311,10 @@ fn four_node_daemons_upload_their_parts_and_one_publishes_the_record() {
         .collect();
     // The ranks save while the daemons run, node by node: the early
     // nodes' daemons upload their parts and wait for the others'.
-    for n in 0..NODES {
+    for (n, store) in stores.iter().enumerate() {
         for r in 0..WORLD {
             if r as usize * NODES / WORLD as usize == n {
-                save_rank(&stores[n], 1, r, WORLD, &model);
+                save_rank(store, 1, r, WORLD, &model);
             }
         }
         if n == 0 {
