@@ -1,8 +1,8 @@
 //! Sharded steps across nodes with the flush daemon as users run it: each
 //! simulated node has its own local store and its own `cairn daemon`
 //! process; the ranks of one step save their parts on different nodes;
-//! the daemons upload them to the loopback S3 server and one of them
-//! publishes the remote record. Also: a daemon killed (SIGKILL) at the
+//! the daemons upload them to the loopback S3 server, and one of them, or
+//! the job's committer racing them, publishes the remote record. Also: a daemon killed (SIGKILL) at the
 //! record put, stopped there by a fail point.
 
 use cairn::{
@@ -309,6 +309,25 @@ fn four_node_daemons_upload_their_parts_and_one_publishes_the_record() {
     let mut daemons: Vec<Child> = (0..NODES)
         .map(|n| spawn_daemon(stores[n].root(), &url, &logs[n], None))
         .collect();
+    // The job's committer (rank 0's trainer, on node 0) also tries to
+    // publish the remote record, racing the daemons: whoever first finds
+    // every part there creates it.
+    let committer = {
+        let url = url.clone();
+        std::thread::spawn(move || {
+            let remote = open_remote(&url);
+            let t = Instant::now();
+            loop {
+                match remote.commit("m", 1, WORLD) {
+                    Ok(r) => return r.created,
+                    Err(cairn::Error::MissingRank { .. }) => {}
+                    Err(e) => panic!("committer: {e}"),
+                }
+                assert!(t.elapsed() < Duration::from_secs(120), "committer gave up");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
     // The ranks save while the daemons run, node by node: the early
     // nodes' daemons upload their parts and wait for the others'.
     for (n, store) in stores.iter().enumerate() {
@@ -339,11 +358,17 @@ fn four_node_daemons_upload_their_parts_and_one_publishes_the_record() {
     for d in &mut daemons {
         sigterm(d);
     }
-    let publishers = logs
+    let by_committer = committer.join().unwrap();
+    let by_daemons = logs
         .iter()
         .filter(|l| log_has(l, "published remote record"))
         .count();
-    assert_eq!(publishers, 1, "exactly one daemon creates the record");
+    assert_eq!(
+        by_daemons + by_committer as usize,
+        1,
+        "exactly one creates the record (daemons: {by_daemons}, committer: {by_committer})"
+    );
+    eprintln!("record created by the committer: {by_committer}; by a daemon: {by_daemons}");
     let parts = remote.parts("m", 1).unwrap();
     assert_eq!(parts.len(), WORLD as usize);
     check_remote_step(&url, 1, &model);
