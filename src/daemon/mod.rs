@@ -292,7 +292,10 @@ impl FlushDaemon {
             failures.values().cloned().collect()
         };
         let sharded_work = {
-            let done = self.parts_done.lock().unwrap_or_else(|p| p.into_inner());
+            let mut done = self.parts_done.lock().unwrap_or_else(|p| p.into_inner());
+            // Forget the parts of steps no longer pending here (published,
+            // or collected).
+            done.retain(|(run, step, _)| sharded.iter().any(|(r, s, _)| r == run && s == step));
             sharded
                 .iter()
                 .filter(|(r, s, parts)| {
