@@ -264,8 +264,10 @@ class Store:
     Keyword `options` set `StoreOptions` fields (`staging_bytes`,
     `chunk_size`, `codec`, `workers`, ...)."""
 
-    def __init__(self, path, remote=None, *, remote_options=None, **options):
+    def __init__(self, path, remote=None, *, remote_options=None, leases=False, **options):
         opts = [(str(k), str(v)) for k, v in (remote_options or {}).items()]
+        self._leases = bool(leases)
+        self._pool_view = None
         self._raw = _RawStore(
             str(path),
             remote,
@@ -305,28 +307,79 @@ class Store:
         not make the step visible; `commit` does, once every rank saved."""
         part = _part_arg(rank, world_size)
         items = _items(tensors, "tensors")
-        cuda = [i for i, (_, v) in enumerate(items) if _is_torch_tensor(v) and v.device.type != "cpu"]
-        cuda += [
-            i
-            for i, (_, v) in enumerate(items)
-            if isinstance(v, Shard) and _is_torch_tensor(v.data) and v.data.device.type != "cpu"
-        ]
-        pending = None
-        if cuda:
-            from .torch import _cuda
+        values = [v.data if isinstance(v, Shard) else v for _, v in items]
+        cuda = any(_is_torch_tensor(v) and v.device.type != "cpu" for v in values)
+        if cuda or (self._leases and values and all(_is_torch_tensor(v) for v in values)):
+            return self._save_leased(run, step, items, blobs, metadata, metrics, part)
+        return self._save_host(run, step, items, blobs, metadata, metrics, part)
 
-            pending = _cuda.start_copies(items, sorted(cuda))
+    def _pool(self):
+        """The staging pool as a torch uint8 tensor over its memory, and its
+        base address (made once)."""
+        if self._pool_view is None:
+            import ctypes
+
+            torch = _torch()
+            region = self._raw.staging_region()
+            if region is None:
+                raise InvalidError("invalid store: opened read-only")
+            base, length = region
+            buf = (ctypes.c_uint8 * length).from_address(base)
+            self._pool_view = (torch.frombuffer(buf, dtype=torch.uint8), base)
+        return self._pool_view
+
+    def _save_leased(self, run, step, items, blobs, metadata, metrics, part=None):
+        """Save torch tensors (CPU or CUDA) by copying them straight into
+        leased slices of the staging pool: CPU tensors with torch's own
+        (parallel) copy, CUDA tensors device-to-host on a side stream (see
+        `cairn.torch._cuda`). Returns once every byte is in the pool."""
+        torch = _torch()
+        specs, sources = [], []
+        for name, value in items:
+            shard = None
+            if isinstance(value, Shard):
+                shard = (list(value.global_shape), list(value.offsets))
+                value = value.data
+            if not _is_torch_tensor(value):
+                raise InvalidError(
+                    f"invalid tensor {name!r}: a save with CUDA tensors takes torch tensors only, "
+                    f"got {type(value).__name__}"
+                )
+            dt = _dtypes.from_torch(value.dtype)
+            if dt is None:
+                raise InvalidError(f"invalid tensor {name!r}: torch dtype {value.dtype} is not supported")
+            t = value.detach()
+            if t.layout != torch.strided:
+                raise InvalidError(f"invalid tensor {name!r}: {t.layout} tensors are not supported")
+            if t.is_conj() or t.is_neg():
+                t = t.resolve_conj().resolve_neg()
+            if not t.is_contiguous():
+                t = t.contiguous()
+            specs.append((str(name), dt, [int(d) for d in t.shape], shard))
+            sources.append(t.reshape(-1).view(torch.uint8) if t.numel() else None)
+        raw_blobs, meta, mets = self._extras(blobs, metadata, metrics)
+        session = self._raw.lease_save(str(run), int(step), specs, raw_blobs, meta, mets, part)
         try:
-            if pending is not None:
-                items = pending.finish()
-            return self._save_host(run, step, items, blobs, metadata, metrics, part)
-        finally:
-            if pending is not None:
-                pending.release()
+            pool, base = self._pool()
+            if any(s is not None and s.device.type != "cpu" for s in sources):
+                from .torch import _cuda
 
-    def _save_host(self, run, step, items, blobs, metadata, metrics, part=None):
-        keep = []
-        raw = [_raw_tensor(str(n), v, keep) for n, v in items]
+                _cuda.fill_leases(session, pool, base, sources)
+            else:
+                for _ in range(session.lease_count):
+                    index, addr, _, segments = session.lease(True)
+                    off = addr - base
+                    for ti, toff, loff, n in segments:
+                        pool[off + loff : off + loff + n].copy_(sources[ti][toff : toff + n])
+                    session.submit(index)
+            h = session.finish()
+        except BaseException:
+            session.abort()
+            raise
+        return SaveHandle(h)
+
+    def _extras(self, blobs, metadata, metrics):
+        """Blobs, metadata and metrics of a save as the extension takes them."""
         raw_blobs = []
         for n, b in _items(blobs, "blobs"):
             if not isinstance(b, (bytes, bytearray, memoryview)):
@@ -341,6 +394,12 @@ class Store:
                     mets[str(n)] = float(v)
                 except (TypeError, ValueError):
                     raise InvalidError(f"invalid metric {n!r}: {v!r} is not a number") from None
+        return raw_blobs, meta, mets
+
+    def _save_host(self, run, step, items, blobs, metadata, metrics, part=None):
+        keep = []
+        raw = [_raw_tensor(str(n), v, keep) for n, v in items]
+        raw_blobs, meta, mets = self._extras(blobs, metadata, metrics)
         h = self._raw.save(str(run), int(step), raw, raw_blobs, meta, mets, part)
         return SaveHandle(h)
 
