@@ -257,6 +257,43 @@ def _step_arg(step):
     return int(step)
 
 
+_PAGE = 4096
+# Targets smaller than this are read through the page cache either way.
+_DIRECT_MIN = 1 << 20
+# The bounce buffer of a restore into targets that are not page-aligned.
+_BOUNCE_BYTES = 256 << 20
+
+
+def _padded(n):
+    return (n + _PAGE - 1) // _PAGE * _PAGE
+
+
+def _entry_nbytes(e):
+    n = np.dtype(_dtypes.to_numpy(e["dtype"])).itemsize
+    for d in e["shape"]:
+        n *= int(d)
+    return n
+
+
+def _aligned_empty(nbytes):
+    """An uninitialized uint8 array of `nbytes` starting on a page."""
+    raw = np.empty(nbytes + _PAGE, dtype=np.uint8)
+    off = (-raw.__array_interface__["data"][0]) % _PAGE
+    return raw[off : off + nbytes]
+
+
+def _aligned_array(shape, dtype):
+    """An uninitialized numpy array on a page boundary (restores into it
+    read with O_DIRECT)."""
+    dtype = np.dtype(dtype)
+    n = dtype.itemsize
+    for d in shape:
+        n *= int(d)
+    if n == 0:
+        return np.empty(tuple(shape), dtype=dtype)
+    return _aligned_empty(n).view(dtype).reshape(tuple(shape))
+
+
 class Store:
     """A checkpoint store on a local directory (created if missing), with
     an optional remote tier (`remote="s3://bucket/prefix"`, credentials from
@@ -443,7 +480,7 @@ class Store:
                 raise InvalidError(
                     f"invalid region of {name!r}: offsets {offsets} and shape {shape} must be non-negative"
                 )
-            a = np.empty(tuple(shape), dtype=_dtypes.to_numpy(dtypes[name]))
+            a = _aligned_array(shape, _dtypes.to_numpy(dtypes[name]))
             out.append(a)
             raw.append((name, offsets, shape, a.__array_interface__["data"][0], int(a.nbytes)))
         self._raw.restore_regions(run, step, raw)
@@ -512,16 +549,18 @@ class Store:
         out = {}
         for n in wanted:
             e = by_name[n]
-            out[n] = np.empty(tuple(e["shape"]), dtype=_dtypes.to_numpy(e["dtype"]))
+            out[n] = _aligned_array(e["shape"], _dtypes.to_numpy(e["dtype"]))
         targets = [(n, a.__array_interface__["data"][0], int(a.nbytes)) for n, a in out.items()]
         self._raw.restore_into(run, step, targets)
         return out
 
     def load_into(self, run, targets, step="latest"):
         """Restore tensors in place: `targets` maps names to numpy arrays or
-        torch tensors of the saved dtype and shape (CPU or CUDA). C-contiguous
-        host buffers are filled directly; others through a temporary copy.
-        Returns the step read."""
+        torch tensors of the saved dtype and shape (CPU or CUDA).
+        Page-aligned (or small) C-contiguous host buffers are filled
+        directly; others through a page-aligned bounce buffer (so that
+        chunks are read with O_DIRECT, not through the page cache) and a
+        copy. Returns the step read."""
         run = str(run)
         step = self.resolve(run, step)
         entries = {e["name"]: e for e in _tensor_entries(json.loads(self._raw.manifest_json(run, step)))}
@@ -548,27 +587,56 @@ class Store:
                     f"but the checkpoint holds {e['dtype']} {e['shape']}"
                 )
             overlaps = nbytes > 0 and any(a < addr + nbytes and addr < b for a, b in spans)
-            if contiguous and not overlaps:
+            if contiguous and not overlaps and (addr % _PAGE == 0 or nbytes < _DIRECT_MIN):
                 if nbytes > 0:
                     spans.append((addr, addr + nbytes))
                 direct.append((name, addr, nbytes))
                 keep.append(t)
             else:
                 staged.append((name, t, e))
-        tmp = {}
-        for name, t, e in staged:
-            a = np.empty(tuple(e["shape"]), dtype=_dtypes.to_numpy(e["dtype"]))
-            tmp[name] = a
-            direct.append((name, a.__array_interface__["data"][0], int(a.nbytes)))
         self._raw.restore_into(run, step, direct)
-        for name, t, _ in staged:
-            if _is_torch_tensor(t):
-                from .torch import _from_numpy
-
-                t.copy_(_from_numpy(tmp[name]))
-            else:
-                np.copyto(t, tmp[name])
+        self._restore_bounced(run, step, staged)
         return step
+
+    def _restore_bounced(self, run, step, staged):
+        """Restore `(name, target, entry)` triples through a page-aligned
+        bounce buffer, in batches of at most `_BOUNCE_BYTES` (a larger
+        tensor alone): chunks then land on page boundaries and are read
+        with O_DIRECT, which a cold restore needs (read through the page
+        cache, a restore runs several times slower), and are copied into
+        the targets after."""
+        batches, batch, size = [], [], 0
+        for item in staged:
+            n = _padded(_entry_nbytes(item[2]))
+            if batch and size + n > _BOUNCE_BYTES:
+                batches.append(batch)
+                batch, size = [], 0
+            batch.append(item)
+            size += n
+        if batch:
+            batches.append(batch)
+        buf = None
+        for batch in batches:
+            total = sum(_padded(_entry_nbytes(e)) for _, _, e in batch)
+            if buf is None or buf.nbytes < total:
+                buf = None
+                buf = _aligned_empty(max(total, 1))
+            base = buf.__array_interface__["data"][0]
+            views, raw, off = [], [], 0
+            for name, t, e in batch:
+                n = _entry_nbytes(e)
+                a = buf[off : off + n].view(_dtypes.to_numpy(e["dtype"])).reshape(tuple(e["shape"]))
+                views.append(a)
+                raw.append((name, base + off, n))
+                off += _padded(n)
+            self._raw.restore_into(run, step, raw)
+            for (_, t, _), a in zip(batch, views):
+                if _is_torch_tensor(t):
+                    from .torch import _from_numpy
+
+                    t.copy_(_from_numpy(a))
+                else:
+                    np.copyto(t, a)
 
     def delete(self, run, step):
         """Delete a checkpoint (its chunks go at the next garbage collection)."""

@@ -211,6 +211,21 @@ def _from_numpy(a):
     return torch.from_numpy(a.view(same_size)).view(_dtypes.to_torch(name))
 
 
+def _aligned_empty(shape, dtype):
+    """An uninitialized CPU tensor whose data starts on a page boundary
+    (unless small), so that a restore reads its chunks with O_DIRECT
+    straight into it."""
+    torch = _torch()
+    n = torch.empty((), dtype=dtype).element_size()
+    for d in shape:
+        n *= int(d)
+    if n < cairn._DIRECT_MIN:
+        return torch.empty(shape, dtype=dtype)
+    raw = torch.empty(n + cairn._PAGE, dtype=torch.uint8)
+    off = (-raw.data_ptr()) % cairn._PAGE
+    return raw[off : off + n].view(dtype).view(shape)
+
+
 def _decode(skel, target, plan, pickles, entries):
     """Rebuild the value at one position of the state from its structure,
     reusing `target` (the caller's value there) where it fits."""
@@ -230,7 +245,7 @@ def _decode(skel, target, plan, pickles, entries):
         if isinstance(target, torch.Tensor) and target.dtype == dtype and tuple(target.shape) == shape:
             plan.append((name, target, None))
             return target
-        t = torch.empty(shape, dtype=dtype)
+        t = _aligned_empty(shape, dtype)
         device = skel.get("device", "cpu")
         if device != "cpu" and not torch.cuda.is_available():
             device = "cpu"
