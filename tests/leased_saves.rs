@@ -3,8 +3,8 @@
 //! have written, byte for byte and chunk for chunk.
 
 use cairn::{
-    DType, ErrorKind, LeasedSave, LeasedTensor, NextLease, SaveState, StepSel, Store,
-    StoreOptions, TensorFilter,
+    DType, ErrorKind, LeasedSave, LeasedTensor, NextLease, SaveState, StepSel, Store, StoreOptions,
+    TensorFilter,
 };
 
 const CHUNK: usize = 1 << 20;
@@ -99,7 +99,9 @@ fn a_leased_save_round_trips_and_dedups_against_an_ordinary_save() {
         report.logical_bytes,
         ts.iter().map(|t| t.3.len() as u64).sum::<u64>() + 10
     );
-    let r = st.restore("r", StepSel::Step(1), &TensorFilter::All).unwrap();
+    let r = st
+        .restore("r", StepSel::Step(1), &TensorFilter::All)
+        .unwrap();
     for (n, dt, shape, data) in &ts {
         let t = r.tensor(n).unwrap_or_else(|| panic!("{n} missing"));
         assert_eq!((&t.dtype, &t.shape, &t.data), (dt, shape, data), "{n}");
@@ -112,10 +114,7 @@ fn a_leased_save_round_trips_and_dedups_against_an_ordinary_save() {
     }
     let rep = st.save("r", 2, &plain).unwrap().wait().unwrap();
     assert_eq!(rep.chunks_written, 0);
-    assert_eq!(
-        rep.bytes_deduped,
-        (ts[0].3.len() + ts[1].3.len()) as u64
-    );
+    assert_eq!(rep.bytes_deduped, (ts[0].3.len() + ts[1].3.len()) as u64);
 }
 
 #[test]
@@ -150,7 +149,9 @@ fn a_dropped_lease_fails_the_save_names_it_and_frees_its_space() {
     let dir = tempfile::tempdir().unwrap();
     let st = store(dir.path(), 2 * CHUNK);
     let ts = tensors();
-    let mut s = st.lease_save("r", 1, specs(&ts), &SaveState::new()).unwrap();
+    let mut s = st
+        .lease_save("r", 1, specs(&ts), &SaveState::new())
+        .unwrap();
     let NextLease::Lease(l) = s.lease(true).unwrap() else {
         panic!("no lease")
     };
@@ -165,12 +166,16 @@ fn a_dropped_lease_fails_the_save_names_it_and_frees_its_space() {
     assert!(st.steps("r").unwrap().is_empty());
     assert_eq!(st.staging_pool().unwrap().in_use(), 0);
     // The step can be saved again, in full.
-    let mut s = st.lease_save("r", 1, specs(&ts), &SaveState::new()).unwrap();
+    let mut s = st
+        .lease_save("r", 1, specs(&ts), &SaveState::new())
+        .unwrap();
     fill_all(&mut s, &ts);
     s.finish().unwrap().wait().unwrap();
     assert_eq!(st.steps("r").unwrap(), vec![1]);
     // A session dropped before finish commits nothing either.
-    let s = st.lease_save("r", 2, specs(&ts), &SaveState::new()).unwrap();
+    let s = st
+        .lease_save("r", 2, specs(&ts), &SaveState::new())
+        .unwrap();
     drop(s);
     assert_eq!(st.steps("r").unwrap(), vec![1]);
 }
@@ -182,13 +187,21 @@ fn leased_saves_are_validated_before_any_lease() {
     let ts = tensors();
     let mut twice = specs(&ts);
     twice.push(twice[0].clone());
-    let e = st.lease_save("r", 1, twice, &SaveState::new()).err().unwrap();
+    let e = st
+        .lease_save("r", 1, twice, &SaveState::new())
+        .err()
+        .unwrap();
     assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
     let (base, len) = st.staging_region().unwrap();
     assert_eq!((base % 4096, len), (0, 2 * CHUNK));
-    let mut s = st.lease_save("r", 1, specs(&ts), &SaveState::new()).unwrap();
+    let mut s = st
+        .lease_save("r", 1, specs(&ts), &SaveState::new())
+        .unwrap();
     fill_all(&mut s, &ts);
     s.finish().unwrap().wait().unwrap();
-    let e = st.lease_save("r", 1, specs(&ts), &SaveState::new()).err().unwrap();
+    let e = st
+        .lease_save("r", 1, specs(&ts), &SaveState::new())
+        .err()
+        .unwrap();
     assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
 }

@@ -198,7 +198,7 @@ def test_pool_registration_without_a_gpu_falls_back_to_pageable_memory(tmp_path)
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: scripts/gpu-check covers the pinned pool")
-    st = cairn.Store(tmp_path / "s", staging_bytes=8 << 20)
+    st = cairn.Store(tmp_path / "s", staging_bytes=8 << 20, chunk_size=1 << 20)
     base, length = st._raw.staging_region()
     assert base % 4096 == 0 and length == 8 << 20
     assert _cuda.register_pool(base, length) is None

@@ -8,9 +8,9 @@
     arrays = store.load("run1")       # dict name -> numpy array
 
 `save` copies each tensor once, straight from the numpy array's or CPU
-torch tensor's memory into cairn's staging pool (CUDA tensors go through
-pinned host memory first, see `cairn.torch`); hashing, writing and fsync
-run in the background. Every blocking call releases the GIL.
+torch tensor's memory into cairn's staging pool (CUDA tensors
+device-to-host into leased slices of the pool, see `cairn.torch._cuda`);
+hashing, writing and fsync run in the background. Every blocking call releases the GIL.
 
 Errors are `cairn.Error` subclasses, one per kind: `UnavailableError`
 (retrying may succeed), `InvalidError` (fix the input), `DataError`
@@ -299,7 +299,11 @@ class Store:
     an optional remote tier (`remote="s3://bucket/prefix"`, credentials from
     the environment, `remote_options` as a dict of object_store options).
     Keyword `options` set `StoreOptions` fields (`staging_bytes`,
-    `chunk_size`, `codec`, `workers`, ...)."""
+    `chunk_size`, `codec`, `workers`, ...). `staging_bytes` is the staging
+    pool: a save blocks only while its state does not fit in what is free,
+    and the pool is resident memory. Saves with CUDA tensors copy them
+    straight into leased slices of the pool; `leases=True` sends CPU torch
+    tensors the same way (torch's own copy) instead of the core's copy."""
 
     def __init__(self, path, remote=None, *, remote_options=None, leases=False, **options):
         opts = [(str(k), str(v)) for k, v in (remote_options or {}).items()]
