@@ -48,6 +48,7 @@ mod failpoint;
 pub mod format;
 mod gc;
 mod layout;
+mod lease;
 mod local;
 mod metrics;
 mod parallel;
@@ -79,6 +80,7 @@ pub use format::manifest::{
 };
 pub use gc::GcReport;
 pub use layout::validate_run_name;
+pub use lease::{Lease, LeasedSave, LeasedTensor, NextLease, Segment};
 pub use metrics::{
     latest_matching, validate_metric_name, MetricCondition, MetricFilter, MetricOp, Metrics,
     MAX_METRICS, MAX_METRIC_NAME,

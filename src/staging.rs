@@ -154,9 +154,28 @@ impl StagingPool {
         self.inner.ring.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The pool's memory as `(base address, length)`, for registering it
+    /// once with a device driver (e.g. `cudaHostRegister`). It stays mapped
+    /// at this address until the last clone of the pool is dropped.
+    pub fn region(&self) -> (usize, usize) {
+        (self.inner.base as usize, self.inner.cap)
+    }
+
     /// Allocate `len` bytes, blocking until the pipeline frees enough space.
     /// Fails only if `len` can never fit.
     pub fn alloc(&self, len: usize) -> Result<StagingBuf> {
+        self.alloc_inner(len, true)?
+            .ok_or_else(|| Error::Internal("blocking staging allocation gave nothing".into()))
+    }
+
+    /// Allocate `len` bytes if they fit now; `None` if the pool is full
+    /// (the caller hands staged buffers back and retries). Fails only if
+    /// `len` can never fit.
+    pub fn try_alloc(&self, len: usize) -> Result<Option<StagingBuf>> {
+        self.alloc_inner(len, false)
+    }
+
+    fn alloc_inner(&self, len: usize, wait: bool) -> Result<Option<StagingBuf>> {
         let rounded = len.max(1).div_ceil(ALIGN) * ALIGN;
         if rounded > self.inner.cap {
             return Err(Error::invalid(
@@ -171,6 +190,9 @@ impl StagingPool {
         let start = loop {
             if let Some(s) = ring.place(rounded) {
                 break s;
+            }
+            if !wait {
+                return Ok(None);
             }
             ring = self
                 .inner
@@ -188,14 +210,14 @@ impl StagingPool {
         ring.in_use += rounded;
         ring.high_water = ring.high_water.max(ring.in_use);
         drop(ring);
-        Ok(StagingBuf {
+        Ok(Some(StagingBuf {
             pool: self.inner.clone(),
             id,
             // SAFETY: start + rounded <= cap, inside the mapping.
             ptr: unsafe { self.inner.base.add(start) },
             len,
             reserved: rounded,
-        })
+        }))
     }
 }
 

@@ -7,7 +7,8 @@ mod pipeline;
 mod stage;
 mod state;
 
+pub(crate) use ctx::{PlannedEntry, SaveCtx};
 pub use handle::{SaveHandle, SaveReport};
-pub(crate) use pipeline::Pipeline;
-pub(crate) use stage::stage_save;
+pub(crate) use pipeline::{ChunkJob, Pipeline, Submitter};
+pub(crate) use stage::{stage_entries, stage_save, validate, PACK_THRESHOLD};
 pub use state::{SaveState, TensorView};

@@ -116,6 +116,30 @@ impl Shared {
     }
 }
 
+/// Submits chunks of a save staged outside one call (see
+/// [`Pipeline::submitter`]).
+pub(crate) struct Submitter {
+    tx: Sender<ChunkJob>,
+    shared: Arc<Shared>,
+}
+
+impl Submitter {
+    /// As [`Pipeline::submit`].
+    pub fn submit(&self, job: ChunkJob) -> Result<()> {
+        let ctx = job.ctx.clone();
+        ctx.add_pending();
+        self.tx.send(job).map_err(|_| {
+            ctx.finish_one();
+            Error::Closed
+        })
+    }
+
+    /// As [`Pipeline::staging_done`].
+    pub fn staging_done(&self, ctx: Arc<SaveCtx>) {
+        self.shared.finish_one(ctx);
+    }
+}
+
 /// The pipeline threads of one store.
 pub(crate) struct Pipeline {
     tx: Option<Sender<ChunkJob>>,
@@ -196,6 +220,19 @@ impl Pipeline {
             ctx.finish_one();
             Error::Closed
         })
+    }
+
+    /// A handle that submits chunks and ends staging after the caller's
+    /// call has returned (leased saves, `crate::lease`). While one is
+    /// alive, shutting the pipeline down waits for it to be dropped.
+    pub fn submitter(&self) -> Result<Submitter> {
+        match (&self.tx, &self.shared) {
+            (Some(tx), Some(shared)) => Ok(Submitter {
+                tx: tx.clone(),
+                shared: shared.clone(),
+            }),
+            _ => Err(Error::Closed),
+        }
     }
 
     /// Called by the stager once every chunk of `ctx` is submitted.

@@ -51,7 +51,7 @@ fn check_metadata_size(metadata: &serde_json::Value) -> Result<()> {
 }
 
 /// Check a state before anything is staged.
-fn validate(state: &SaveState<'_>) -> Result<()> {
+pub(crate) fn validate(state: &SaveState<'_>) -> Result<()> {
     let mut names = HashSet::new();
     for t in &state.tensors {
         validate_entry_name("tensor", &t.name)?;
@@ -170,7 +170,7 @@ pub(crate) fn stage_save(
     })
 }
 
-fn stage_entries(
+pub(crate) fn stage_entries(
     pool: &StagingPool,
     pipeline: &Pipeline,
     chunk_size: usize,

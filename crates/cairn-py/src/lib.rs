@@ -177,6 +177,159 @@ impl SaveHandle {
     }
 }
 
+/// One leased tensor as the Python wrapper hands it over:
+/// `(name, dtype, shape, shard)` with `shard` either `None` or
+/// `(global_shape, offsets)`.
+type RawLeased = (String, String, Vec<u64>, Option<(Vec<u64>, Vec<u64>)>);
+
+/// One lease as Python sees it: `(index, address, length, segments)`, each
+/// segment `(tensor, tensor_offset, lease_offset, length)`.
+type RawLease = (usize, usize, usize, Vec<(usize, u64, u64, u64)>);
+
+/// A save whose tensors the caller copies into leased slices of the
+/// staging pool ([`cairn::LeasedSave`]). Keeps its store alive.
+#[pyclass(module = "cairn._cairn", frozen)]
+struct LeasedSave {
+    _store: Py<Store>,
+    run: String,
+    step: u64,
+    count: usize,
+    session: Mutex<Option<cairn::LeasedSave>>,
+    leases: Mutex<BTreeMap<usize, cairn::Lease>>,
+}
+
+impl LeasedSave {
+    fn closed() -> PyErr {
+        err(cairn::Error::invalid(
+            "leased save",
+            "already finished or aborted",
+        ))
+    }
+}
+
+#[pymethods]
+impl LeasedSave {
+    /// How many leases the save needs.
+    #[getter]
+    fn lease_count(&self) -> usize {
+        self.count
+    }
+
+    /// Leases taken and not yet handed back or discarded.
+    #[getter]
+    fn held(&self) -> usize {
+        self.leases.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// The next lease as `(index, address, length, segments)`, or `None`
+    /// if the pool is full and `wait` is false. With `wait`, blocks
+    /// (without the GIL) until there is room; fails if leases are still
+    /// held.
+    fn lease(&self, py: Python<'_>, wait: bool) -> PyResult<Option<RawLease>> {
+        let next = py.detach(|| {
+            let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+            match session.as_mut() {
+                Some(s) => s.lease(wait).map(Some),
+                None => Ok(None),
+            }
+        });
+        match next.map_err(err)? {
+            None => Err(Self::closed()),
+            Some(cairn::NextLease::Full) => Ok(None),
+            Some(cairn::NextLease::Done) => Err(err(cairn::Error::invalid(
+                "staging lease",
+                format!(
+                    "all {} leases of {} step {} were taken",
+                    self.count, self.run, self.step
+                ),
+            ))),
+            Some(cairn::NextLease::Lease(mut l)) => {
+                let raw = (
+                    l.index(),
+                    l.addr(),
+                    l.len(),
+                    l.segments()
+                        .iter()
+                        .map(|s| (s.tensor, s.tensor_offset, s.lease_offset, s.len))
+                        .collect(),
+                );
+                self.leases
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(l.index(), l);
+                Ok(Some(raw))
+            }
+        }
+    }
+
+    /// Hand filled lease `index` back to the pipeline.
+    fn submit(&self, py: Python<'_>, index: usize) -> PyResult<()> {
+        let lease = self
+            .leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&index)
+            .ok_or_else(|| invalid("staging lease", format!("lease {index} is not held")))?;
+        py.detach(|| {
+            let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+            match session.as_mut() {
+                Some(s) => s.submit(lease),
+                None => Err(cairn::Error::invalid(
+                    "leased save",
+                    "already finished or aborted",
+                )),
+            }
+        })
+        .map_err(err)
+    }
+
+    /// Drop lease `index` without handing it back: its space is freed and
+    /// the save will fail at `finish`.
+    fn discard(&self, index: usize) -> PyResult<()> {
+        self.leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&index)
+            .map(drop)
+            .ok_or_else(|| invalid("staging lease", format!("lease {index} is not held")))
+    }
+
+    /// End staging; the `SaveHandle`. Fails (and abandons the save) if a
+    /// lease was not handed back.
+    fn finish(&self, py: Python<'_>) -> PyResult<SaveHandle> {
+        let held = std::mem::take(&mut *self.leases.lock().unwrap_or_else(|p| p.into_inner()));
+        drop(held);
+        let session = self
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .ok_or_else(Self::closed)?;
+        let h = py.detach(|| session.finish()).map_err(err)?;
+        Ok(SaveHandle {
+            run: h.run().to_string(),
+            step: h.step(),
+            stall_s: h.stall().as_secs_f64(),
+            state: Mutex::new(HandleState::Pending(h)),
+        })
+    }
+
+    /// Abandon the save: frees every lease, commits nothing. A no-op once
+    /// finished.
+    fn abort(&self, py: Python<'_>) {
+        let held = std::mem::take(&mut *self.leases.lock().unwrap_or_else(|p| p.into_inner()));
+        let session = self
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        py.detach(move || {
+            drop(held);
+            drop(session);
+        });
+    }
+}
+
 /// A checkpoint store on a local directory, optionally with a remote tier.
 #[pyclass(module = "cairn._cairn", frozen)]
 struct Store {
@@ -224,6 +377,76 @@ impl Store {
     #[getter]
     fn path(&self) -> std::path::PathBuf {
         self.inner.root().to_path_buf()
+    }
+
+    /// The staging pool as `(address, length)`, where every lease lies
+    /// (for `cudaHostRegister`); `None` on a read-only store.
+    fn staging_region(&self) -> Option<(usize, usize)> {
+        self.inner.staging_region()
+    }
+
+    /// Open a leased save ([`cairn::Store::lease_save`]): the caller
+    /// copies `tensors` into leases; `blobs`, metadata and metrics are
+    /// staged now.
+    #[pyo3(signature = (run, step, tensors, blobs, metadata_json=None, metrics=None, part=None))]
+    #[allow(clippy::too_many_arguments)] // the Python signature
+    fn lease_save(
+        slf: &Bound<'_, Self>,
+        run: &str,
+        step: u64,
+        tensors: Vec<RawLeased>,
+        blobs: Vec<(String, Bound<'_, PyBytes>)>,
+        metadata_json: Option<&str>,
+        metrics: Option<BTreeMap<String, f64>>,
+        part: Option<(u32, u32)>,
+    ) -> PyResult<LeasedSave> {
+        let py = slf.py();
+        let metadata = match metadata_json {
+            Some(t) => serde_json::from_str(t).map_err(|e| invalid("metadata", e))?,
+            None => serde_json::Value::Null,
+        };
+        let mut specs = Vec::with_capacity(tensors.len());
+        for (name, dtype, shape, shard) in tensors {
+            specs.push(cairn::LeasedTensor {
+                name,
+                dtype: dtype.parse().map_err(err)?,
+                shape,
+                shard: shard.map(|(global_shape, offsets)| ShardInfo {
+                    global_shape,
+                    offsets,
+                }),
+            });
+        }
+        let blob_slices: Vec<(String, &[u8])> = blobs
+            .iter()
+            .map(|(n, b)| (n.clone(), b.as_bytes()))
+            .collect();
+        let inner = &slf.get().inner;
+        let session = py
+            .detach(|| {
+                let mut state = SaveState::new().metadata(metadata);
+                for (name, data) in &blob_slices {
+                    state = state.blob(name.clone(), data);
+                }
+                if let Some(m) = metrics {
+                    state.metrics = m;
+                }
+                match part {
+                    Some((rank, world_size)) => {
+                        inner.lease_save_part(run, step, rank, world_size, specs, &state)
+                    }
+                    None => inner.lease_save(run, step, specs, &state),
+                }
+            })
+            .map_err(err)?;
+        Ok(LeasedSave {
+            _store: slf.clone().unbind(),
+            run: run.to_string(),
+            step,
+            count: session.lease_count(),
+            session: Mutex::new(Some(session)),
+            leases: Mutex::new(BTreeMap::new()),
+        })
     }
 
     /// Stage a save; see the Python wrapper. The addresses in `tensors`
@@ -513,6 +736,7 @@ fn _cairn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_class::<Store>()?;
     m.add_class::<SaveHandle>()?;
+    m.add_class::<LeasedSave>()?;
     m.add_function(wrap_pyfunction!(dtype_names, m)?)?;
     m.add("Error", py.get_type::<exc::Error>())?;
     m.add("UnavailableError", py.get_type::<exc::UnavailableError>())?;

@@ -193,14 +193,13 @@ def test_path_as_store_and_cuda_fallback(tmp_path):
         assert torch.equal(back["g"].cpu(), t)
 
 
-def test_host_arena_without_a_gpu_falls_back_to_pageable_memory():
+def test_pool_registration_without_a_gpu_falls_back_to_pageable_memory(tmp_path):
     from cairn.torch import _cuda
 
     if torch.cuda.is_available():
-        pytest.skip("a GPU is present: scripts/gpu-check covers the pinned arena")
-    arena = _cuda._Arena()
-    arena.reserve(3 << 20)
-    assert arena.pinned_by is None and not arena.registered
-    assert arena.buf.nbytes >= 3 << 20 and arena.buf.__array_interface__["data"][0] % 4096 == 0
-    # A CPU-only state never touches the arena.
-    assert _cuda.arena_info()["bytes"] == 0
+        pytest.skip("a GPU is present: scripts/gpu-check covers the pinned pool")
+    st = cairn.Store(tmp_path / "s", staging_bytes=8 << 20, chunk_size=1 << 20)
+    base, length = st._raw.staging_region()
+    assert base % 4096 == 0 and length == 8 << 20
+    assert _cuda.register_pool(base, length) is None
+    assert _cuda.pool_info()[base] is None

@@ -8,9 +8,9 @@
     arrays = store.load("run1")       # dict name -> numpy array
 
 `save` copies each tensor once, straight from the numpy array's or CPU
-torch tensor's memory into cairn's staging pool (CUDA tensors go through
-pinned host memory first, see `cairn.torch`); hashing, writing and fsync
-run in the background. Every blocking call releases the GIL.
+torch tensor's memory into cairn's staging pool (CUDA tensors
+device-to-host into leased slices of the pool, see `cairn.torch._cuda`);
+hashing, writing and fsync run in the background. Every blocking call releases the GIL.
 
 Errors are `cairn.Error` subclasses, one per kind: `UnavailableError`
 (retrying may succeed), `InvalidError` (fix the input), `DataError`
@@ -257,15 +257,58 @@ def _step_arg(step):
     return int(step)
 
 
+_PAGE = 4096
+# Targets smaller than this are read through the page cache either way.
+_DIRECT_MIN = 1 << 20
+# The bounce buffer of a restore into targets that are not page-aligned.
+_BOUNCE_BYTES = 256 << 20
+
+
+def _padded(n):
+    return (n + _PAGE - 1) // _PAGE * _PAGE
+
+
+def _entry_nbytes(e):
+    n = np.dtype(_dtypes.to_numpy(e["dtype"])).itemsize
+    for d in e["shape"]:
+        n *= int(d)
+    return n
+
+
+def _aligned_empty(nbytes):
+    """An uninitialized uint8 array of `nbytes` starting on a page."""
+    raw = np.empty(nbytes + _PAGE, dtype=np.uint8)
+    off = (-raw.__array_interface__["data"][0]) % _PAGE
+    return raw[off : off + nbytes]
+
+
+def _aligned_array(shape, dtype):
+    """An uninitialized numpy array on a page boundary (restores into it
+    read with O_DIRECT)."""
+    dtype = np.dtype(dtype)
+    n = dtype.itemsize
+    for d in shape:
+        n *= int(d)
+    if n == 0:
+        return np.empty(tuple(shape), dtype=dtype)
+    return _aligned_empty(n).view(dtype).reshape(tuple(shape))
+
+
 class Store:
     """A checkpoint store on a local directory (created if missing), with
     an optional remote tier (`remote="s3://bucket/prefix"`, credentials from
     the environment, `remote_options` as a dict of object_store options).
     Keyword `options` set `StoreOptions` fields (`staging_bytes`,
-    `chunk_size`, `codec`, `workers`, ...)."""
+    `chunk_size`, `codec`, `workers`, ...). `staging_bytes` is the staging
+    pool: a save blocks only while its state does not fit in what is free,
+    and the pool is resident memory. Saves with CUDA tensors copy them
+    straight into leased slices of the pool; `leases=True` sends CPU torch
+    tensors the same way (torch's own copy) instead of the core's copy."""
 
-    def __init__(self, path, remote=None, *, remote_options=None, **options):
+    def __init__(self, path, remote=None, *, remote_options=None, leases=False, **options):
         opts = [(str(k), str(v)) for k, v in (remote_options or {}).items()]
+        self._leases = bool(leases)
+        self._pool_view = None
         self._raw = _RawStore(
             str(path),
             remote,
@@ -305,28 +348,79 @@ class Store:
         not make the step visible; `commit` does, once every rank saved."""
         part = _part_arg(rank, world_size)
         items = _items(tensors, "tensors")
-        cuda = [i for i, (_, v) in enumerate(items) if _is_torch_tensor(v) and v.device.type != "cpu"]
-        cuda += [
-            i
-            for i, (_, v) in enumerate(items)
-            if isinstance(v, Shard) and _is_torch_tensor(v.data) and v.data.device.type != "cpu"
-        ]
-        pending = None
-        if cuda:
-            from .torch import _cuda
+        values = [v.data if isinstance(v, Shard) else v for _, v in items]
+        cuda = any(_is_torch_tensor(v) and v.device.type != "cpu" for v in values)
+        if cuda or (self._leases and values and all(_is_torch_tensor(v) for v in values)):
+            return self._save_leased(run, step, items, blobs, metadata, metrics, part)
+        return self._save_host(run, step, items, blobs, metadata, metrics, part)
 
-            pending = _cuda.start_copies(items, sorted(cuda))
+    def _pool(self):
+        """The staging pool as a torch uint8 tensor over its memory, and its
+        base address (made once)."""
+        if self._pool_view is None:
+            import ctypes
+
+            torch = _torch()
+            region = self._raw.staging_region()
+            if region is None:
+                raise InvalidError("invalid store: opened read-only")
+            base, length = region
+            buf = (ctypes.c_uint8 * length).from_address(base)
+            self._pool_view = (torch.frombuffer(buf, dtype=torch.uint8), base)
+        return self._pool_view
+
+    def _save_leased(self, run, step, items, blobs, metadata, metrics, part=None):
+        """Save torch tensors (CPU or CUDA) by copying them straight into
+        leased slices of the staging pool: CPU tensors with torch's own
+        (parallel) copy, CUDA tensors device-to-host on a side stream (see
+        `cairn.torch._cuda`). Returns once every byte is in the pool."""
+        torch = _torch()
+        specs, sources = [], []
+        for name, value in items:
+            shard = None
+            if isinstance(value, Shard):
+                shard = (list(value.global_shape), list(value.offsets))
+                value = value.data
+            if not _is_torch_tensor(value):
+                raise InvalidError(
+                    f"invalid tensor {name!r}: a save with CUDA tensors takes torch tensors only, "
+                    f"got {type(value).__name__}"
+                )
+            dt = _dtypes.from_torch(value.dtype)
+            if dt is None:
+                raise InvalidError(f"invalid tensor {name!r}: torch dtype {value.dtype} is not supported")
+            t = value.detach()
+            if t.layout != torch.strided:
+                raise InvalidError(f"invalid tensor {name!r}: {t.layout} tensors are not supported")
+            if t.is_conj() or t.is_neg():
+                t = t.resolve_conj().resolve_neg()
+            if not t.is_contiguous():
+                t = t.contiguous()
+            specs.append((str(name), dt, [int(d) for d in t.shape], shard))
+            sources.append(t.reshape(-1).view(torch.uint8) if t.numel() else None)
+        raw_blobs, meta, mets = self._extras(blobs, metadata, metrics)
+        session = self._raw.lease_save(str(run), int(step), specs, raw_blobs, meta, mets, part)
         try:
-            if pending is not None:
-                items = pending.finish()
-            return self._save_host(run, step, items, blobs, metadata, metrics, part)
-        finally:
-            if pending is not None:
-                pending.release()
+            pool, base = self._pool()
+            if any(s is not None and s.device.type != "cpu" for s in sources):
+                from .torch import _cuda
 
-    def _save_host(self, run, step, items, blobs, metadata, metrics, part=None):
-        keep = []
-        raw = [_raw_tensor(str(n), v, keep) for n, v in items]
+                _cuda.fill_leases(session, pool, base, sources)
+            else:
+                for _ in range(session.lease_count):
+                    index, addr, _, segments = session.lease(True)
+                    off = addr - base
+                    for ti, toff, loff, n in segments:
+                        pool[off + loff : off + loff + n].copy_(sources[ti][toff : toff + n])
+                    session.submit(index)
+            h = session.finish()
+        except BaseException:
+            session.abort()
+            raise
+        return SaveHandle(h)
+
+    def _extras(self, blobs, metadata, metrics):
+        """Blobs, metadata and metrics of a save as the extension takes them."""
         raw_blobs = []
         for n, b in _items(blobs, "blobs"):
             if not isinstance(b, (bytes, bytearray, memoryview)):
@@ -341,6 +435,12 @@ class Store:
                     mets[str(n)] = float(v)
                 except (TypeError, ValueError):
                     raise InvalidError(f"invalid metric {n!r}: {v!r} is not a number") from None
+        return raw_blobs, meta, mets
+
+    def _save_host(self, run, step, items, blobs, metadata, metrics, part=None):
+        keep = []
+        raw = [_raw_tensor(str(n), v, keep) for n, v in items]
+        raw_blobs, meta, mets = self._extras(blobs, metadata, metrics)
         h = self._raw.save(str(run), int(step), raw, raw_blobs, meta, mets, part)
         return SaveHandle(h)
 
@@ -384,7 +484,7 @@ class Store:
                 raise InvalidError(
                     f"invalid region of {name!r}: offsets {offsets} and shape {shape} must be non-negative"
                 )
-            a = np.empty(tuple(shape), dtype=_dtypes.to_numpy(dtypes[name]))
+            a = _aligned_array(shape, _dtypes.to_numpy(dtypes[name]))
             out.append(a)
             raw.append((name, offsets, shape, a.__array_interface__["data"][0], int(a.nbytes)))
         self._raw.restore_regions(run, step, raw)
@@ -453,16 +553,18 @@ class Store:
         out = {}
         for n in wanted:
             e = by_name[n]
-            out[n] = np.empty(tuple(e["shape"]), dtype=_dtypes.to_numpy(e["dtype"]))
+            out[n] = _aligned_array(e["shape"], _dtypes.to_numpy(e["dtype"]))
         targets = [(n, a.__array_interface__["data"][0], int(a.nbytes)) for n, a in out.items()]
         self._raw.restore_into(run, step, targets)
         return out
 
     def load_into(self, run, targets, step="latest"):
         """Restore tensors in place: `targets` maps names to numpy arrays or
-        torch tensors of the saved dtype and shape (CPU or CUDA). C-contiguous
-        host buffers are filled directly; others through a temporary copy.
-        Returns the step read."""
+        torch tensors of the saved dtype and shape (CPU or CUDA).
+        Page-aligned (or small) C-contiguous host buffers are filled
+        directly; others through a page-aligned bounce buffer (so that
+        chunks are read with O_DIRECT, not through the page cache) and a
+        copy. Returns the step read."""
         run = str(run)
         step = self.resolve(run, step)
         entries = {e["name"]: e for e in _tensor_entries(json.loads(self._raw.manifest_json(run, step)))}
@@ -489,27 +591,56 @@ class Store:
                     f"but the checkpoint holds {e['dtype']} {e['shape']}"
                 )
             overlaps = nbytes > 0 and any(a < addr + nbytes and addr < b for a, b in spans)
-            if contiguous and not overlaps:
+            if contiguous and not overlaps and (addr % _PAGE == 0 or nbytes < _DIRECT_MIN):
                 if nbytes > 0:
                     spans.append((addr, addr + nbytes))
                 direct.append((name, addr, nbytes))
                 keep.append(t)
             else:
                 staged.append((name, t, e))
-        tmp = {}
-        for name, t, e in staged:
-            a = np.empty(tuple(e["shape"]), dtype=_dtypes.to_numpy(e["dtype"]))
-            tmp[name] = a
-            direct.append((name, a.__array_interface__["data"][0], int(a.nbytes)))
         self._raw.restore_into(run, step, direct)
-        for name, t, _ in staged:
-            if _is_torch_tensor(t):
-                from .torch import _from_numpy
-
-                t.copy_(_from_numpy(tmp[name]))
-            else:
-                np.copyto(t, tmp[name])
+        self._restore_bounced(run, step, staged)
         return step
+
+    def _restore_bounced(self, run, step, staged):
+        """Restore `(name, target, entry)` triples through a page-aligned
+        bounce buffer, in batches of at most `_BOUNCE_BYTES` (a larger
+        tensor alone): chunks then land on page boundaries and are read
+        with O_DIRECT, which a cold restore needs (read through the page
+        cache, a restore runs several times slower), and are copied into
+        the targets after."""
+        batches, batch, size = [], [], 0
+        for item in staged:
+            n = _padded(_entry_nbytes(item[2]))
+            if batch and size + n > _BOUNCE_BYTES:
+                batches.append(batch)
+                batch, size = [], 0
+            batch.append(item)
+            size += n
+        if batch:
+            batches.append(batch)
+        buf = None
+        for batch in batches:
+            total = sum(_padded(_entry_nbytes(e)) for _, _, e in batch)
+            if buf is None or buf.nbytes < total:
+                buf = None
+                buf = _aligned_empty(max(total, 1))
+            base = buf.__array_interface__["data"][0]
+            views, raw, off = [], [], 0
+            for name, t, e in batch:
+                n = _entry_nbytes(e)
+                a = buf[off : off + n].view(_dtypes.to_numpy(e["dtype"])).reshape(tuple(e["shape"]))
+                views.append(a)
+                raw.append((name, base + off, n))
+                off += _padded(n)
+            self._raw.restore_into(run, step, raw)
+            for (_, t, _), a in zip(batch, views):
+                if _is_torch_tensor(t):
+                    from .torch import _from_numpy
+
+                    t.copy_(_from_numpy(a))
+                else:
+                    np.copyto(t, a)
 
     def delete(self, run, step):
         """Delete a checkpoint (its chunks go at the next garbage collection)."""

@@ -12,7 +12,8 @@ Every tensor of the state becomes a cairn tensor named by its path
 (`model/layer.weight`, `optim/state/0/exp_avg`); the structure and every
 non-tensor value (step counters, hyper-parameters, ...) are stored as blobs:
 the structure as JSON, values JSON cannot hold pickled. CUDA tensors are
-copied device-to-host on a side stream into pinned memory (see `_cuda`).
+copied device-to-host on a side stream straight into leased slices of the
+staging pool, page-locked once (see `_cuda`).
 
 `cairn.torch.dcp` makes cairn the storage of PyTorch's distributed
 checkpointing (`CairnStorageWriter`, `CairnStorageReader`).
@@ -29,7 +30,7 @@ import cairn
 
 from .. import _dtypes
 
-__all__ = ["save", "async_save", "load", "AsyncSaveHandle", "STATE_BLOB"]
+__all__ = ["save", "async_save", "load", "AsyncSaveHandle", "STATE_BLOB", "DEFAULT_STAGING_BYTES"]
 
 #: The blob holding the structure of a saved state (JSON).
 STATE_BLOB = "cairn.torch/state"
@@ -42,15 +43,31 @@ _stores = {}
 _stores_lock = threading.Lock()
 
 
-def _store(store):
-    """A `cairn.Store`, or the one opened (once per process) at a path."""
+#: Staging pool of a store `cairn.torch` opens from a path (bytes), unless
+#: `staging_bytes=` says otherwise. The trainer is blocked while its state
+#: does not fit in the pool (the rest waits for the disk), and the pool is
+#: resident memory; see the README's bench table for the trade-off.
+DEFAULT_STAGING_BYTES = 1 << 30
+
+
+def _store(store, staging_bytes=None):
+    """A `cairn.Store`, or the one opened (once per process) at a path,
+    with a staging pool of `staging_bytes` (default
+    `DEFAULT_STAGING_BYTES`). A second call for the same path with another
+    `staging_bytes` raises `InvalidError`."""
     if isinstance(store, cairn.Store):
         return store
     key = str(store)
+    want = DEFAULT_STAGING_BYTES if staging_bytes is None else int(staging_bytes)
     with _stores_lock:
         if key not in _stores:
-            _stores[key] = cairn.Store(key)
-        return _stores[key]
+            _stores[key] = (cairn.Store(key, staging_bytes=want), want)
+        st, have = _stores[key]
+        if staging_bytes is not None and have != want:
+            raise cairn.InvalidError(
+                f"invalid staging_bytes: {want}: the store at {key!r} is open with {have}"
+            )
+        return st
 
 
 def _torch():
@@ -102,12 +119,13 @@ def _flatten(state_dict):
     return tensors, blobs
 
 
-def save(state_dict, store, run, step, *, metadata=None, metrics=None):
+def save(state_dict, store, run, step, *, metadata=None, metrics=None, staging_bytes=None):
     """Save a (nested) state dict as checkpoint `(run, step)` and wait until
     it is durable on local disk; the `cairn.SaveReport`. `store` is a
-    `cairn.Store` or a path."""
+    `cairn.Store` or a path (opened once per process, with a staging pool
+    of `staging_bytes`, default `DEFAULT_STAGING_BYTES`)."""
     tensors, blobs = _flatten(state_dict)
-    h = _store(store).save(run, step, tensors, blobs=blobs, metadata=metadata, metrics=metrics)
+    h = _store(store, staging_bytes).save(run, step, tensors, blobs=blobs, metadata=metadata, metrics=metrics)
     return h.wait()
 
 
@@ -129,48 +147,55 @@ class AsyncSaveHandle:
 _async_lock = threading.Lock()
 
 
-def async_save(state_dict, store, run, step, *, metadata=None, metrics=None):
-    """Start saving a (nested) state dict; returns an `AsyncSaveHandle` at
-    once. CPU tensors must not change before `handle.staged` resolves (the
-    copy into the staging pool runs in the background); CUDA tensors are
-    copied on a side stream that the current stream waits for, so training
-    kernels queued after this call never race the copy. Saves run in call
-    order."""
+def async_save(state_dict, store, run, step, *, metadata=None, metrics=None, staging_bytes=None):
+    """Start saving a (nested) state dict; returns an `AsyncSaveHandle`.
+    CPU tensors must not change before `handle.staged` resolves (the copy
+    into the staging pool runs in the background). A state with CUDA
+    tensors is staged before this returns: the device-to-host copies go
+    straight into the staging pool on a side stream and this waits for
+    them, so the parameters may change right after (`staged` is then
+    already resolved). Saves run in call order."""
     handle = AsyncSaveHandle()
     try:
         tensors, blobs = _flatten(state_dict)
-        st = _store(store)
+        st = _store(store, staging_bytes)
         items = list(tensors.items())
-        cuda = [i for i, (_, t) in enumerate(items) if t.device.type != "cpu"]
-        staged_cuda = None
-        if cuda:
-            from . import _cuda
-
-            staged_cuda = _cuda.start_copies(items, cuda)
+        cuda = any(t.device.type != "cpu" for _, t in items)
     except BaseException as e:  # noqa: BLE001 - reported through the futures
         handle.staged.set_exception(e)
         handle.durable.set_exception(e)
         return handle
 
-    def work():
-        try:
-            with _async_lock:
-                host = staged_cuda.finish() if staged_cuda is not None else items
-                try:
-                    h = st.save(run, step, host, blobs=blobs, metadata=metadata, metrics=metrics)
-                finally:
-                    if staged_cuda is not None:
-                        staged_cuda.release()
-            handle.staged.set_result(None)
-        except BaseException as e:  # noqa: BLE001
-            handle.staged.set_exception(e)
-            handle.durable.set_exception(e)
-            return
+    def stage():
+        with _async_lock:
+            return st.save(run, step, items, blobs=blobs, metadata=metadata, metrics=metrics)
+
+    def durable(h):
         try:
             handle.durable.set_result(h.wait())
         except BaseException as e:  # noqa: BLE001
             handle.durable.set_exception(e)
 
+    def work():
+        try:
+            h = stage()
+            handle.staged.set_result(None)
+        except BaseException as e:  # noqa: BLE001
+            handle.staged.set_exception(e)
+            handle.durable.set_exception(e)
+            return
+        durable(h)
+
+    if cuda:
+        try:
+            h = stage()
+            handle.staged.set_result(None)
+        except BaseException as e:  # noqa: BLE001
+            handle.staged.set_exception(e)
+            handle.durable.set_exception(e)
+            return handle
+        threading.Thread(target=durable, args=(h,), name=f"cairn-async-save-{run}-{step}", daemon=False).start()
+        return handle
     threading.Thread(target=work, name=f"cairn-async-save-{run}-{step}", daemon=False).start()
     return handle
 
@@ -184,6 +209,21 @@ def _from_numpy(a):
     if name == "BOOL":
         return torch.from_numpy(a)
     return torch.from_numpy(a.view(same_size)).view(_dtypes.to_torch(name))
+
+
+def _aligned_empty(shape, dtype):
+    """An uninitialized CPU tensor whose data starts on a page boundary
+    (unless small), so that a restore reads its chunks with O_DIRECT
+    straight into it."""
+    torch = _torch()
+    n = torch.empty((), dtype=dtype).element_size()
+    for d in shape:
+        n *= int(d)
+    if n < cairn._DIRECT_MIN:
+        return torch.empty(shape, dtype=dtype)
+    raw = torch.empty(n + cairn._PAGE, dtype=torch.uint8)
+    off = (-raw.data_ptr()) % cairn._PAGE
+    return raw[off : off + n].view(dtype).view(shape)
 
 
 def _decode(skel, target, plan, pickles, entries):
@@ -205,7 +245,7 @@ def _decode(skel, target, plan, pickles, entries):
         if isinstance(target, torch.Tensor) and target.dtype == dtype and tuple(target.shape) == shape:
             plan.append((name, target, None))
             return target
-        t = torch.empty(shape, dtype=dtype)
+        t = _aligned_empty(shape, dtype)
         device = skel.get("device", "cpu")
         if device != "cpu" and not torch.cuda.is_available():
             device = "cpu"

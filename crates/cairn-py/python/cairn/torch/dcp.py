@@ -32,7 +32,6 @@ making a second CPU copy of the state dict first.
 
 import io
 import os
-import numpy as np
 
 import cairn
 
@@ -346,6 +345,10 @@ class CairnStorageReader(_StorageReader):
                     and _dtypes.from_torch(target.dtype) == dtypes[name]
                     and list(target.shape) == shape
                     and not any(a < addr + nbytes and addr < b for a, b in spans)
+                    # Chunks land on page boundaries (read with O_DIRECT)
+                    # only in page-aligned memory; small reads go through
+                    # the page cache either way.
+                    and (addr % cairn._PAGE == 0 or nbytes < cairn._DIRECT_MIN)
                 )
                 if ok:
                     if nbytes:
@@ -354,16 +357,32 @@ class CairnStorageReader(_StorageReader):
                     direct.append((r, target))
                     raw.append((name, offsets, shape, addr, nbytes))
                 else:
-                    tmp = np.empty(tuple(shape), dtype=_dtypes.to_numpy(dtypes[name]))
-                    staged.append((r, target, tmp))
-                    raw.append((name, offsets, shape, tmp.__array_interface__["data"][0], int(tmp.nbytes)))
+                    staged.append((r, target, name, offsets, shape))
             # One call: each chunk the regions need is read once, verified.
             self.store._raw.restore_regions(self.run, step, raw)
             for r, target in direct:
                 planner.commit_tensor(r, target)
-            for r, target, tmp in staged:
-                target.copy_(_from_numpy(tmp).reshape(target.shape))
-                planner.commit_tensor(r, target)
+            # The rest through page-aligned temporaries, a bounded batch at
+            # a time, then copied into place.
+            batch, size = [], 0
+            for i, item in enumerate(staged):
+                shape, name = item[4], item[2]
+                tmp = cairn._aligned_array(shape, _dtypes.to_numpy(dtypes[name]))
+                batch.append((item, tmp))
+                size += tmp.nbytes
+                if size >= cairn._BOUNCE_BYTES or i == len(staged) - 1:
+                    self.store._raw.restore_regions(
+                        self.run,
+                        step,
+                        [
+                            (n, o, list(s), t.__array_interface__["data"][0], int(t.nbytes))
+                            for (_, _, n, o, s), t in batch
+                        ],
+                    )
+                    for (r, target, _, _, _), t in batch:
+                        target.copy_(_from_numpy(t).reshape(target.shape))
+                        planner.commit_tensor(r, target)
+                    batch, size = [], 0
             fut.set_result(None)
         except BaseException as e:  # noqa: BLE001 - DCP reads it from the future
             fut.set_exception(e)
