@@ -105,6 +105,15 @@ pub struct BenchIteration {
     pub limit_read_s: f64,
     /// Bytes cairn wrote for the full save (headers included).
     pub bytes_written: u64,
+    /// Busy seconds of the full save's stages, summed over threads:
+    /// hashing chunks.
+    pub hash_busy_s: f64,
+    /// Writing chunk files (O_DIRECT writes of header and payload).
+    pub write_busy_s: f64,
+    /// `fdatasync` and rename of chunk files.
+    pub sync_busy_s: f64,
+    /// Committing: directory fsyncs and publishing the manifest.
+    pub commit_s: f64,
     /// Step saved after changing about 10% of the tensors.
     pub dedup_step: u64,
     /// Fraction of the logical bytes changed for it.
@@ -172,7 +181,8 @@ pub struct BenchReport {
     pub raw_cold_read_s: f64,
     /// Median of cairn's restore throughput / the raw cold read's.
     pub restore_ratio: f64,
-    /// Fastest O_DIRECT write shape of the sweep (block, depth).
+    /// Fastest O_DIRECT write shape of the sweep (block, depth, and the
+    /// size of each file, 0 for one file).
     pub limit_write_shape: raw::IoShape,
     /// Fastest O_DIRECT read shape of the sweep.
     pub limit_read_shape: raw::IoShape,
@@ -192,6 +202,16 @@ pub struct BenchReport {
     /// Median of stall / `overlap_bound_s` (1.0: the disk never idles
     /// while the caller waits).
     pub stall_vs_overlap_bound: Option<f64>,
+    /// Median busy seconds of the full save's stages, summed over their
+    /// threads: hashing, writing chunk files, fsyncing and renaming them,
+    /// committing.
+    pub hash_busy_s: f64,
+    /// See [`Self::hash_busy_s`].
+    pub write_busy_s: f64,
+    /// See [`Self::hash_busy_s`].
+    pub sync_busy_s: f64,
+    /// See [`Self::hash_busy_s`].
+    pub commit_s: f64,
     /// Logical / stored bytes of the full saves.
     pub compression_ratio: f64,
     /// Median fraction of bytes written by the ~10%-changed save.
@@ -273,8 +293,11 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
     let tmp = store.root().join("tmp");
     progress("sweeping O_DIRECT block sizes and queue depths for the disk's limits");
     let sweep_path = tmp.join(format!("bench-sweep.{}.tmp", std::process::id()));
-    let ((write_shape, _), (read_shape, _)) =
-        raw::sweep(&sweep_path, total.clamp(1 << 20, SWEEP_BYTES))?;
+    let ((write_shape, _), (read_shape, _)) = raw::sweep(
+        &sweep_path,
+        total.clamp(1 << 20, SWEEP_BYTES),
+        opts.chunk_size,
+    )?;
     let mut iters = Vec::new();
     let mut stored_total = 0u64;
     let mut logical_total = 0u64;
@@ -316,11 +339,19 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
         let direct_path = tmp.join(format!("bench-direct.{}.tmp", std::process::id()));
         let raw_direct_write_s = raw::direct_write(&direct_path, &srcs)?.as_secs_f64();
         let limit_path = tmp.join(format!("bench-limit.{}.tmp", std::process::id()));
+        raw::remove_limit(&limit_path);
         let limit_write_s = raw::limit_write(&limit_path, total, write_shape)?.as_secs_f64();
-        raw::drop_caches(&[&limit_path]);
+        if read_shape.file_bytes != write_shape.file_bytes {
+            // The best read lays the bytes out differently: write them so.
+            raw::remove_limit(&limit_path);
+            raw::limit_write(&limit_path, total, read_shape)?;
+        }
+        let limit_files = raw::limit_files(&limit_path);
+        let refs: Vec<&Path> = limit_files.iter().map(PathBuf::as_path).collect();
+        raw::drop_caches(&refs);
         let (limit_read, limit_n) = raw::limit_read(&limit_path, read_shape)?;
         let limit_read_s = limit_read.as_secs_f64();
-        let _ = std::fs::remove_file(&limit_path);
+        raw::remove_limit(&limit_path);
         if limit_n < total as u64 {
             return Err(Error::Internal(format!(
                 "O_DIRECT read returned {limit_n} of {total} bytes"
@@ -384,6 +415,10 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
             limit_write_s,
             limit_read_s,
             bytes_written: rep.bytes_written,
+            hash_busy_s: rep.hash_busy.as_secs_f64(),
+            write_busy_s: rep.write_busy.as_secs_f64(),
+            sync_busy_s: rep.sync_busy.as_secs_f64(),
+            commit_s: rep.commit.as_secs_f64(),
             dedup_step: step + 1,
             dedup_changed_fraction: changed as f64 / total as f64,
             dedup_written_fraction: rep2.bytes_written_uncompressed as f64 / total as f64,
@@ -422,6 +457,10 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
         restore_vs_limit: m(&|i| i.limit_read_s / i.restore_s),
         overlap_bound_s: small_staging.then(|| m(&bound)),
         stall_vs_overlap_bound: small_staging.then(|| m(&|i| i.stall_s / bound(i))),
+        hash_busy_s: m(&|i| i.hash_busy_s),
+        write_busy_s: m(&|i| i.write_busy_s),
+        sync_busy_s: m(&|i| i.sync_busy_s),
+        commit_s: m(&|i| i.commit_s),
         compression_ratio: if stored_total > 0 {
             logical_total as f64 / stored_total as f64
         } else {
