@@ -325,6 +325,23 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
         let memcpy_s = raw::memcpy(&srcs, &mut dest).as_secs_f64();
         raw::drop_caches(&[]);
 
+        // The disk is slower right after a large write (the device is
+        // still taking it in), so the limit and cairn take turns at going
+        // first, for writes and for reads: neither always follows the
+        // other's bytes.
+        let limit_first = i % 2 == 1;
+        let limit_path = tmp.join(format!("bench-limit.{}.tmp", std::process::id()));
+        let write_limit = || -> Result<f64> {
+            raw::remove_limit(&limit_path);
+            let s = raw::limit_write(&limit_path, total, write_shape)?.as_secs_f64();
+            if read_shape.file_bytes != write_shape.file_bytes {
+                // The best read lays the bytes out differently: write them so.
+                raw::remove_limit(&limit_path);
+                raw::limit_write(&limit_path, total, read_shape)?;
+            }
+            Ok(s)
+        };
+        let mut limit_write_s = if limit_first { write_limit()? } else { 0.0 };
         let t0 = Instant::now();
         let handle = store.save(&cfg.run, step, &state.as_save_state())?;
         let stall_s = t0.elapsed().as_secs_f64();
@@ -332,36 +349,34 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
         let durable_s = t0.elapsed().as_secs_f64();
         stored_total += rep.bytes_written;
         logical_total += rep.bytes_written_uncompressed;
+        if !limit_first {
+            limit_write_s = write_limit()?;
+        }
 
         let raw_path = tmp.join(format!("bench-raw.{}.tmp", std::process::id()));
         let raw_write_fsync_s = raw::buffered_write_fsync(&raw_path, &srcs)?.as_secs_f64();
         let _ = std::fs::remove_file(&raw_path);
         let direct_path = tmp.join(format!("bench-direct.{}.tmp", std::process::id()));
         let raw_direct_write_s = raw::direct_write(&direct_path, &srcs)?.as_secs_f64();
-        let limit_path = tmp.join(format!("bench-limit.{}.tmp", std::process::id()));
-        raw::remove_limit(&limit_path);
-        let limit_write_s = raw::limit_write(&limit_path, total, write_shape)?.as_secs_f64();
-        if read_shape.file_bytes != write_shape.file_bytes {
-            // The best read lays the bytes out differently: write them so.
-            raw::remove_limit(&limit_path);
-            raw::limit_write(&limit_path, total, read_shape)?;
-        }
-        let limit_files = raw::limit_files(&limit_path);
-        let refs: Vec<&Path> = limit_files.iter().map(PathBuf::as_path).collect();
-        raw::drop_caches(&refs);
-        let (limit_read, limit_n) = raw::limit_read(&limit_path, read_shape)?;
-        let limit_read_s = limit_read.as_secs_f64();
-        raw::remove_limit(&limit_path);
-        if limit_n < total as u64 {
-            return Err(Error::Internal(format!(
-                "O_DIRECT read returned {limit_n} of {total} bytes"
-            )));
-        }
 
-        // Cold restore into the pre-faulted buffers, then compare.
         let chunk_files = chunk_paths(&store, &cfg.run, step)?;
+        let limit_files = raw::limit_files(&limit_path);
         let mut files: Vec<&Path> = chunk_files.iter().map(PathBuf::as_path).collect();
         files.push(&direct_path);
+        files.extend(limit_files.iter().map(PathBuf::as_path));
+        let read_limit = || -> Result<f64> {
+            raw::drop_caches(&files);
+            let (limit_read, limit_n) = raw::limit_read(&limit_path, read_shape)?;
+            if limit_n < total as u64 {
+                return Err(Error::Internal(format!(
+                    "O_DIRECT read returned {limit_n} of {total} bytes"
+                )));
+            }
+            Ok(limit_read.as_secs_f64())
+        };
+        let mut limit_read_s = if limit_first { read_limit()? } else { 0.0 };
+
+        // Cold restore into the pre-faulted buffers, then compare.
         cold_method = raw::drop_caches(&files);
         let names: Vec<&str> = state.tensors.iter().map(|t| t.name.as_str()).collect();
         let restore_s = {
@@ -387,6 +402,10 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
             }
             off += b.len();
         }
+        if !limit_first {
+            limit_read_s = read_limit()?;
+        }
+        raw::remove_limit(&limit_path);
         raw::drop_caches(&files);
         let (read, n) = raw::sequential_read(&direct_path)?;
         let raw_cold_read_s = read.as_secs_f64();
