@@ -384,30 +384,38 @@ pub fn limit_files(path: &Path) -> Vec<std::path::PathBuf> {
 pub type Best = (IoShape, f64);
 
 /// Try each shape of [`SWEEP`] and of [`file_shapes`]`(file_bytes)` on
-/// `len` bytes at `path` (a file or a directory, removed at the end) and
-/// return the fastest for writing and for reading, with their seconds.
-pub fn sweep(path: &Path, len: usize, file_bytes: usize) -> Result<(Best, Best)> {
-    let mut best_w: Option<Best> = None;
-    let mut best_r: Option<Best> = None;
+/// `len` bytes at `path` (a file or a directory, removed at the end).
+/// Returns, for writing and for reading, the fastest one-file shape and
+/// the fastest many-file shape with their seconds, fastest first: which
+/// layout wins can change with the size and from minute to minute, so
+/// the bench measures both.
+pub fn sweep(path: &Path, len: usize, file_bytes: usize) -> Result<(Vec<Best>, Vec<Best>)> {
+    // Index 0: one file; 1: many files.
+    let mut best_w: [Option<Best>; 2] = [None, None];
+    let mut best_r: [Option<Best>; 2] = [None, None];
+    let keep = |slot: &mut Option<Best>, shape: IoShape, t: f64| {
+        if slot.is_none_or(|(_, b)| t < b) {
+            *slot = Some((shape, t));
+        }
+    };
     for shape in SWEEP.into_iter().chain(file_shapes(file_bytes)) {
+        let layout = usize::from(shape.file_bytes > 0);
         remove_limit(path);
         let w = limit_write(path, len, shape)?.as_secs_f64();
-        if best_w.is_none_or(|(_, b)| w < b) {
-            best_w = Some((shape, w));
-        }
+        keep(&mut best_w[layout], shape, w);
         let files = limit_files(path);
         let refs: Vec<&Path> = files.iter().map(|p| p.as_path()).collect();
         drop_caches(&refs);
         let r = limit_read(path, shape)?.0.as_secs_f64();
-        if best_r.is_none_or(|(_, b)| r < b) {
-            best_r = Some((shape, r));
-        }
+        keep(&mut best_r[layout], shape, r);
     }
     remove_limit(path);
-    match (best_w, best_r) {
-        (Some(w), Some(r)) => Ok((w, r)),
-        _ => Err(Error::Internal("empty sweep".into())),
-    }
+    let sorted = |b: [Option<Best>; 2]| {
+        let mut v: Vec<Best> = b.into_iter().flatten().collect();
+        v.sort_by(|a, b| a.1.total_cmp(&b.1));
+        v
+    };
+    Ok((sorted(best_w), sorted(best_r)))
 }
 
 /// Run `f` on one scoped thread per item; the first error wins.
