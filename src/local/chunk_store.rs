@@ -185,8 +185,8 @@ impl LocalChunkStore {
     }
 
     /// Write a raw chunk with O_DIRECT straight from its staging buffer:
-    /// one 4 KiB header block, then the page-aligned payload, then a
-    /// truncate to the exact length. Falls back to [`Self::begin_write`]
+    /// one 4 KiB header block and the page-aligned payload in one
+    /// `pwritev`, then a truncate to the exact length. Falls back to [`Self::begin_write`]
     /// when direct I/O is off.
     pub fn write_direct(&self, header: &ChunkHeader, buf: &mut StagingBuf) -> Result<PendingChunk> {
         if !self.direct || header.codec != Codec::Raw {
@@ -209,9 +209,8 @@ impl LocalChunkStore {
         let mut block = AlignedBlock::new();
         block.as_mut_slice()[..HEADER_LEN].copy_from_slice(&header.encode());
         let len = buf.len() as u64;
-        let res = file
-            .write_all_at(block.as_slice(), 0)
-            .and_then(|()| file.write_all_at(buf.aligned_padded(), ALIGNED_PAYLOAD_OFFSET as u64))
+        // Header block and payload in one request.
+        let res = write_all_vectored_at(&file, &[block.as_slice(), buf.aligned_padded()], 0)
             .and_then(|()| file.set_len(ALIGNED_PAYLOAD_OFFSET as u64 + len));
         if let Err(e) = res {
             let _ = std::fs::remove_file(&tmp);
@@ -425,6 +424,63 @@ impl OpenChunk {
         }
         read_exact_at(&*self.file, out, off, path, id)
     }
+}
+
+/// Write all of `bufs`, back to back, at `off` of `file` with `pwritev`:
+/// one request for all of them, continued after a short write.
+fn write_all_vectored_at(
+    file: &std::fs::File,
+    bufs: &[&[u8]],
+    mut off: u64,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut iov: Vec<libc::iovec> = bufs
+        .iter()
+        .filter(|b| !b.is_empty())
+        .map(|b| libc::iovec {
+            iov_base: b.as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        })
+        .collect();
+    let mut first = 0;
+    while first < iov.len() {
+        let rest = &iov[first..];
+        // SAFETY: every iovec points into a live slice of `bufs` (or a
+        // suffix of one), which pwritev only reads.
+        let n = unsafe {
+            libc::pwritev(
+                file.as_raw_fd(),
+                rest.as_ptr(),
+                rest.len() as libc::c_int,
+                off as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let mut n = n as usize;
+        off += n as u64;
+        while n > 0 {
+            let v = &mut iov[first];
+            if n >= v.iov_len {
+                n -= v.iov_len;
+                first += 1;
+            } else {
+                // SAFETY: n < iov_len, so the result stays in the slice.
+                v.iov_base = unsafe { (v.iov_base as *mut u8).add(n) } as *mut libc::c_void;
+                v.iov_len -= n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Payloads under this many bytes are read through the page cache: a

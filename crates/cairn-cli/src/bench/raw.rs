@@ -112,45 +112,70 @@ pub fn direct_write(path: &Path, srcs: &[&[u8]]) -> Result<Duration> {
     Ok(t.elapsed())
 }
 
-/// Block size and requests in flight of an O_DIRECT stream.
+/// Block size, requests in flight and file layout of an O_DIRECT stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct IoShape {
     /// Bytes per request (a multiple of 4 KiB).
     pub block: usize,
     /// Requests in flight (one thread each).
     pub depth: usize,
+    /// 0: one file holding all the bytes, laid out first. Otherwise the
+    /// bytes are spread over files of this size, as cairn's chunks are:
+    /// `depth` threads each create, write and `fdatasync` one file after
+    /// another.
+    pub file_bytes: usize,
 }
 
-/// The shapes a limit sweep tries: small and large blocks, shallow and
-/// deep queues.
+impl IoShape {
+    /// One file, `block`-byte requests, `depth` in flight.
+    pub const fn one_file(block: usize, depth: usize) -> Self {
+        IoShape {
+            block,
+            depth,
+            file_bytes: 0,
+        }
+    }
+}
+
+/// The one-file shapes a limit sweep tries: small and large blocks,
+/// shallow and deep queues. [`sweep`] adds the many-file shapes, whose
+/// files are chunk-sized.
 pub const SWEEP: [IoShape; 5] = [
-    IoShape {
-        block: 1 << 20,
-        depth: 32,
-    },
-    IoShape {
-        block: 4 << 20,
-        depth: 16,
-    },
-    IoShape {
-        block: 8 << 20,
-        depth: 8,
-    },
-    IoShape {
-        block: 16 << 20,
-        depth: 16,
-    },
-    IoShape {
-        block: 16 << 20,
-        depth: 4,
-    },
+    IoShape::one_file(1 << 20, 32),
+    IoShape::one_file(4 << 20, 16),
+    IoShape::one_file(8 << 20, 8),
+    IoShape::one_file(16 << 20, 16),
+    IoShape::one_file(16 << 20, 4),
 ];
 
-/// Write `len` bytes to a new file with aligned O_DIRECT writes of
-/// `shape.block` bytes, `shape.depth` in flight, then fsync: what the disk
-/// takes at its best, with no copy of the data on the way (each thread
-/// writes its own pre-filled buffer, as fio does).
+/// Threads of the many-file shapes a limit sweep tries.
+pub const SWEEP_FILE_THREADS: [usize; 3] = [4, 8, 16];
+
+/// The many-file shapes for files of `file_bytes`: one request per file
+/// up to 16 MiB, [`SWEEP_FILE_THREADS`] files at once.
+pub fn file_shapes(file_bytes: usize) -> Vec<IoShape> {
+    let file_bytes = file_bytes.div_ceil(4096).max(1) * 4096;
+    SWEEP_FILE_THREADS
+        .iter()
+        .map(|&depth| IoShape {
+            block: file_bytes.min(16 << 20),
+            depth,
+            file_bytes,
+        })
+        .collect()
+}
+
+/// Write `len` bytes with aligned O_DIRECT writes in `shape`, then make
+/// them durable: what the disk takes at its best, with no copy of the
+/// data on the way (each thread writes its own pre-filled buffer, as fio
+/// does). One file (`file_bytes` 0): `path` is a file, laid out first
+/// and fsynced at the end. Many files: `path` is a new directory of
+/// files named by number, each `fdatasync`ed once it is written, then
+/// the directory is fsynced.
 pub fn limit_write(path: &Path, len: usize, shape: IoShape) -> Result<Duration> {
+    if shape.file_bytes > 0 {
+        return limit_write_files(path, len, shape);
+    }
     let block = shape.block.div_ceil(4096) * 4096;
     let blocks = len.div_ceil(block);
     let depth = shape.depth.clamp(1, blocks.max(1));
@@ -197,10 +222,64 @@ pub fn limit_write(path: &Path, len: usize, shape: IoShape) -> Result<Duration> 
     Ok(took)
 }
 
-/// Read a whole file with aligned O_DIRECT reads of `shape.block` bytes,
-/// `shape.depth` in flight: the disk's cold read at its best (O_DIRECT
-/// bypasses the page cache).
+/// The many-file form of [`limit_write`]: `len` bytes as files of
+/// `shape.file_bytes` (the last one shorter, padded to 4 KiB) in the new
+/// directory `dir`, `shape.depth` threads each creating a file, writing
+/// it in `shape.block` requests, `fdatasync`ing it and taking the next,
+/// as cairn's chunk writers do; no file is laid out first.
+fn limit_write_files(dir: &Path, len: usize, shape: IoShape) -> Result<Duration> {
+    let file_bytes = shape.file_bytes.div_ceil(4096) * 4096;
+    let block = shape.block.div_ceil(4096).max(1) * 4096;
+    let files = len.div_ceil(file_bytes).max(1);
+    let depth = shape.depth.clamp(1, files);
+    let mut bufs: Vec<MmapMut> = (0..depth)
+        .map(|_| prefaulted(block.min(file_bytes)))
+        .collect::<Result<_>>()?;
+    for (i, b) in bufs.iter_mut().enumerate() {
+        fill_pattern(b, i as u64);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir(dir).map_err(|e| Error::io("create directory", dir, e))?;
+    let t = Instant::now();
+    let next = AtomicUsize::new(0);
+    run_threads(bufs.iter_mut(), |buf| loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= files {
+            return Ok(());
+        }
+        let path = dir.join(i.to_string());
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+            .map_err(|e| Error::io("create (O_DIRECT)", &path, e))?;
+        let this = (len - i * file_bytes).min(file_bytes).div_ceil(4096) * 4096;
+        let mut off = 0;
+        while off < this {
+            let n = buf.len().min(this - off);
+            f.write_all_at(&buf[..n], off as u64)
+                .map_err(|e| Error::io("write (O_DIRECT)", &path, e))?;
+            off += n;
+        }
+        f.sync_data()
+            .map_err(|e| Error::io("fdatasync", &path, e))?;
+    })?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("fsync directory", dir, e))?;
+    Ok(t.elapsed())
+}
+
+/// Read what [`limit_write`] wrote at `path` with aligned O_DIRECT reads
+/// of `shape.block` bytes, `shape.depth` in flight: the disk's cold read
+/// at its best (O_DIRECT bypasses the page cache). A directory is read
+/// file by file, `shape.depth` files at once. Returns the time and the
+/// bytes read.
 pub fn limit_read(path: &Path, shape: IoShape) -> Result<(Duration, u64)> {
+    if path.is_dir() {
+        return limit_read_files(path, shape);
+    }
     let f = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECT)
@@ -221,42 +300,122 @@ pub fn limit_read(path: &Path, shape: IoShape) -> Result<(Duration, u64)> {
         if b >= blocks {
             return Ok(());
         }
-        let mut off = 0;
-        while off < block {
-            let n = f
-                .read_at(&mut buf[off..], (b * block + off) as u64)
-                .map_err(|e| Error::io("read (O_DIRECT)", path, e))?;
-            if n == 0 {
-                break;
-            }
-            off += n;
-        }
-        read.fetch_add(off, Ordering::Relaxed);
+        let n = read_block(&f, buf, (b * block) as u64, path)?;
+        read.fetch_add(n, Ordering::Relaxed);
     })?;
     Ok((t.elapsed(), read.load(Ordering::Relaxed) as u64))
 }
 
-/// Try each shape of [`SWEEP`] on a `len`-byte file at `path` and return
-/// the fastest for writing and for reading, with their seconds.
-pub fn sweep(path: &Path, len: usize) -> Result<((IoShape, f64), (IoShape, f64))> {
-    let mut best_w: Option<(IoShape, f64)> = None;
-    let mut best_r: Option<(IoShape, f64)> = None;
-    for shape in SWEEP {
+/// The many-file form of [`limit_read`]: each of `shape.depth` threads
+/// opens the next file of `dir` with O_DIRECT and reads it whole in
+/// `shape.block` requests.
+fn limit_read_files(dir: &Path, shape: IoShape) -> Result<(Duration, u64)> {
+    let mut paths: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io("list directory", dir, e))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()
+        .map_err(|e| Error::io("list directory", dir, e))?;
+    paths.sort();
+    let block = shape.block.div_ceil(4096).max(1) * 4096;
+    let depth = shape.depth.clamp(1, paths.len().max(1));
+    let mut bufs: Vec<MmapMut> = (0..depth)
+        .map(|_| prefaulted(block))
+        .collect::<Result<_>>()?;
+    let t = Instant::now();
+    let next = AtomicUsize::new(0);
+    let read = AtomicUsize::new(0);
+    run_threads(bufs.iter_mut(), |buf| loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        let Some(path) = paths.get(i) else {
+            return Ok(());
+        };
+        let f = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .map_err(|e| Error::io("open (O_DIRECT)", path, e))?;
+        let mut off = 0u64;
+        loop {
+            let n = read_block(&f, buf, off, path)?;
+            read.fetch_add(n, Ordering::Relaxed);
+            if n < buf.len() {
+                break;
+            }
+            off += n as u64;
+        }
+    })?;
+    Ok((t.elapsed(), read.load(Ordering::Relaxed) as u64))
+}
+
+/// Fill `buf` from `off` of `f` (O_DIRECT), stopping early at the end of
+/// the file. Returns the bytes read.
+fn read_block(f: &File, buf: &mut [u8], off: u64, path: &Path) -> Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        let n = f
+            .read_at(&mut buf[got..], off + got as u64)
+            .map_err(|e| Error::io("read (O_DIRECT)", path, e))?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    Ok(got)
+}
+
+/// Remove what [`limit_write`] left at `path` (a file or a directory).
+pub fn remove_limit(path: &Path) {
+    if path.is_dir() {
+        let _ = std::fs::remove_dir_all(path);
+    } else {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// The files [`limit_write`] left at `path`, for evicting from the cache.
+pub fn limit_files(path: &Path) -> Vec<std::path::PathBuf> {
+    match std::fs::read_dir(path) {
+        Ok(rd) => rd.flatten().map(|e| e.path()).collect(),
+        Err(_) => vec![path.to_path_buf()],
+    }
+}
+
+/// The best of one limit measure: its shape and seconds.
+pub type Best = (IoShape, f64);
+
+/// Try each shape of [`SWEEP`] and of [`file_shapes`]`(file_bytes)` on
+/// `len` bytes at `path` (a file or a directory, removed at the end).
+/// Returns, for writing and for reading, the fastest one-file shape and
+/// the fastest many-file shape with their seconds, fastest first: which
+/// layout wins can change with the size and from minute to minute, so
+/// the bench measures both.
+pub fn sweep(path: &Path, len: usize, file_bytes: usize) -> Result<(Vec<Best>, Vec<Best>)> {
+    // Index 0: one file; 1: many files.
+    let mut best_w: [Option<Best>; 2] = [None, None];
+    let mut best_r: [Option<Best>; 2] = [None, None];
+    let keep = |slot: &mut Option<Best>, shape: IoShape, t: f64| {
+        if slot.is_none_or(|(_, b)| t < b) {
+            *slot = Some((shape, t));
+        }
+    };
+    for shape in SWEEP.into_iter().chain(file_shapes(file_bytes)) {
+        let layout = usize::from(shape.file_bytes > 0);
+        remove_limit(path);
         let w = limit_write(path, len, shape)?.as_secs_f64();
-        if best_w.is_none_or(|(_, b)| w < b) {
-            best_w = Some((shape, w));
-        }
-        drop_caches(&[path]);
+        keep(&mut best_w[layout], shape, w);
+        let files = limit_files(path);
+        let refs: Vec<&Path> = files.iter().map(|p| p.as_path()).collect();
+        drop_caches(&refs);
         let r = limit_read(path, shape)?.0.as_secs_f64();
-        if best_r.is_none_or(|(_, b)| r < b) {
-            best_r = Some((shape, r));
-        }
+        keep(&mut best_r[layout], shape, r);
     }
-    let _ = std::fs::remove_file(path);
-    match (best_w, best_r) {
-        (Some(w), Some(r)) => Ok((w, r)),
-        _ => Err(Error::Internal("empty sweep".into())),
-    }
+    remove_limit(path);
+    let sorted = |b: [Option<Best>; 2]| {
+        let mut v: Vec<Best> = b.into_iter().flatten().collect();
+        v.sort_by(|a, b| a.1.total_cmp(&b.1));
+        v
+    };
+    Ok((sorted(best_w), sorted(best_r)))
 }
 
 /// Run `f` on one scoped thread per item; the first error wins.

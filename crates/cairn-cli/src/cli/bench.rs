@@ -2,6 +2,7 @@
 
 use super::size::{human, parse_size};
 use cairn::{CodecChoice, StoreOptions};
+use cairn_cli::bench::raw::IoShape;
 use cairn_cli::bench::{run_bench, BenchConfig, BenchReport, MIN_SIZE};
 use clap::Args;
 use std::path::PathBuf;
@@ -179,20 +180,25 @@ fn print_human(r: &BenchReport) -> cairn::Result<()> {
         r.cold_method
     );
     outln!(
-        "disk limit        write {:.3} s ({:.2} GB/s, {} x {} in flight)   read {:.3} s ({:.2} GB/s, {} x {})",
+        "disk limit        write {:.3} s ({:.2} GB/s, {})   read {:.3} s ({:.2} GB/s, {})",
         r.limit_write_s,
         gb / r.limit_write_s,
-        human(r.limit_write_shape.block as u64),
-        r.limit_write_shape.depth,
+        shape(&r.limit_write_shape),
         r.limit_read_s,
         gb / r.limit_read_s,
-        human(r.limit_read_shape.block as u64),
-        r.limit_read_shape.depth
+        shape(&r.limit_read_shape)
     );
     outln!(
         "vs the limit      durable {:.2}   restore {:.2}",
         r.durable_vs_limit,
         r.restore_vs_limit
+    );
+    outln!(
+        "save busy         hash {:.3} s   write {:.3} s   fdatasync+rename {:.3} s   commit {:.3} s (summed over threads)",
+        r.hash_busy_s,
+        r.write_busy_s,
+        r.sync_busy_s,
+        r.commit_s
     );
     if let (Some(b), Some(x)) = (r.overlap_bound_s, r.stall_vs_overlap_bound) {
         outln!(
@@ -222,4 +228,13 @@ fn print_human(r: &BenchReport) -> cairn::Result<()> {
     );
     outln!("checkpoints left in {} (run {})", r.store.display(), r.run);
     Ok(())
+}
+
+/// A limit sweep's shape in words.
+fn shape(s: &IoShape) -> String {
+    let io = format!("{} x {} in flight", human(s.block as u64), s.depth);
+    match s.file_bytes {
+        0 => format!("{io}, one file"),
+        f => format!("{io}, {} files", human(f as u64)),
+    }
 }
