@@ -196,6 +196,12 @@ fn bench_disk_runs_fio_when_installed() {
         .output()
         .is_ok_and(|o| o.status.success());
     if !has_fio {
+        // `scripts/test` installs fio and sets CAIRN_TEST_REQUIRE_FIO, so
+        // in CI a missing fio fails here instead of passing unseen.
+        assert!(
+            std::env::var_os("CAIRN_TEST_REQUIRE_FIO").is_none(),
+            "CAIRN_TEST_REQUIRE_FIO is set but fio is not installed"
+        );
         eprintln!("fio not installed; skipping");
         return;
     }
