@@ -120,12 +120,13 @@ impl ChunkTier for RemoteStore {
         Ok(object)
     }
 
-    fn put_chunk_object(&self, id: &ChunkId, object: bytes::Bytes) -> Result<()> {
+    fn put_chunk_object(&self, id: &ChunkId, object: bytes::Bytes) -> Result<u64> {
+        let object = self.encode_for_upload(object)?;
         let n = object.len() as u64;
         self.block_on(self.put_object(&self.chunk_path(id), object))??;
         self.metrics().add_upload(n);
         tracing::debug!(chunk = %id, bytes = n, "uploaded chunk");
-        Ok(())
+        Ok(n)
     }
 
     fn delete_chunk(&self, id: &ChunkId) -> Result<()> {
