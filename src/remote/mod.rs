@@ -131,6 +131,12 @@ impl Default for RemoteOptions {
     }
 }
 
+/// Bytes of chunks a store reads at once: twice what `concurrency` ranged
+/// GETs of `part_size` hold.
+fn read_budget(opts: &RemoteOptions) -> u64 {
+    2 * opts.concurrency.max(1) as u64 * opts.part_size.max(1) as u64
+}
+
 /// Encoders of a store: `compress_threads`, or one per core.
 fn compress_threads(opts: &RemoteOptions) -> usize {
     match opts.compress_threads {
@@ -189,6 +195,54 @@ pub struct RemoteStore {
     rt: Arc<OnceLock<OwnRuntime>>,
     clock: SharedClock,
     encoders: Arc<EncoderPool>,
+    in_flight: Arc<ByteBudget>,
+}
+
+/// Bytes of chunks being read at once, across the threads of one store:
+/// a reader waits while taking its chunk would exceed the limit (one chunk
+/// is always let through), so a restore's memory does not grow with its
+/// thread count.
+#[derive(Debug)]
+pub(crate) struct ByteBudget {
+    limit: u64,
+    used: std::sync::Mutex<u64>,
+    freed: std::sync::Condvar,
+}
+
+/// Bytes taken from a [`ByteBudget`], given back on drop.
+pub(crate) struct BudgetGuard<'a> {
+    budget: &'a ByteBudget,
+    n: u64,
+}
+
+impl ByteBudget {
+    fn new(limit: u64) -> Self {
+        ByteBudget {
+            limit: limit.max(1),
+            used: std::sync::Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Take `n` bytes, waiting while others hold the budget and `n` does
+    /// not fit.
+    pub(crate) fn take(&self, n: u64) -> BudgetGuard<'_> {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        while *used > 0 && *used + n > self.limit {
+            used = self.freed.wait(used).unwrap_or_else(|p| p.into_inner());
+        }
+        *used += n;
+        BudgetGuard { budget: self, n }
+    }
+}
+
+impl Drop for BudgetGuard<'_> {
+    fn drop(&mut self) {
+        let mut used = self.budget.used.lock().unwrap_or_else(|p| p.into_inner());
+        *used -= self.n;
+        drop(used);
+        self.budget.freed.notify_all();
+    }
 }
 
 impl std::fmt::Debug for RemoteStore {
@@ -407,6 +461,7 @@ impl RemoteStore {
         opts: RemoteOptions,
     ) -> Self {
         let encoders = Arc::new(EncoderPool::new(opts.codec, compress_threads(&opts)));
+        let in_flight = Arc::new(ByteBudget::new(read_budget(&opts)));
         RemoteStore {
             inner,
             prefix,
@@ -416,6 +471,7 @@ impl RemoteStore {
             rt: Arc::new(OnceLock::new()),
             clock: system_clock(),
             encoders,
+            in_flight,
         }
     }
 
@@ -470,6 +526,22 @@ impl RemoteStore {
                 None => object,
             },
         )
+    }
+
+    /// Threads a restore from this store reads chunks with: twice
+    /// `concurrency`, so that small chunks keep as many bytes in flight as
+    /// large ones. Chunk bytes in flight stay within the store's read
+    /// budget, twice `concurrency` times `part_size`, however many threads
+    /// read.
+    pub fn restore_readers(&self) -> usize {
+        2 * self.opts.concurrency.max(1)
+    }
+
+    /// Take `len` bytes of the store's read budget (twice `concurrency`
+    /// times `part_size`) for a chunk about to be fetched and decoded,
+    /// waiting while other readers hold it.
+    pub(crate) fn take_read_budget(&self, len: u64) -> BudgetGuard<'_> {
+        self.in_flight.take(len)
     }
 
     /// Run a future to completion from synchronous code: on the current

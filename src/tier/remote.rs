@@ -95,6 +95,7 @@ impl ChunkTier for RemoteStore {
         _scratch: &mut Vec<u8>,
         decoder: &mut Decoder,
     ) -> Result<u64> {
+        let _budget = self.take_read_budget(len);
         let object = self.block_on(self.fetch_chunk_object(id, len))??;
         let target = match out {
             Some(o) => o,
@@ -108,6 +109,7 @@ impl ChunkTier for RemoteStore {
     }
 
     fn read_chunk_object(&self, id: &ChunkId, len: u64) -> Result<bytes::Bytes> {
+        let _budget = self.take_read_budget(len);
         let object = self.block_on(self.fetch_chunk_object(id, len))??;
         let mut out = vec![0u8; len as usize];
         decode_chunk_object(
