@@ -60,17 +60,23 @@ fn main() {
             staging_bytes: 0,
             ..StoreOptions::default()
         },
+        std::env::var("CAIRN_BENCH_DTYPE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_default(),
     )
     .expect("remote bench");
     println!("{}", serde_json::to_string_pretty(&r).unwrap());
     println!(
         "state {} MiB: upload {:.3} GB/s vs plain multipart put {:.3} GB/s (ratio {:.2}); \
-         download {:.3} GB/s vs plain get {:.3} GB/s (ratio {:.2}); \
+         remote stored/logical {:.3}; \
+         download {:.3} GB/s vs plain ranged get {:.3} GB/s (ratio {:.2}); \
          second checkpoint (~10% changed) uploaded {:.1}% of the first",
         r.logical_bytes >> 20,
         r.upload_gbps,
         r.raw_put_gbps,
         r.upload_ratio,
+        r.remote_stored_ratio,
         r.download_gbps,
         r.raw_get_gbps,
         r.download_ratio,

@@ -46,6 +46,7 @@ fn main() {
             run: "bench".into(),
             size,
             iterations,
+            precision: Default::default(),
             options: StoreOptions {
                 chunk_size: chunk,
                 staging_bytes: 0,

@@ -48,6 +48,15 @@ impl std::str::FromStr for CodecChoice {
     }
 }
 
+impl std::fmt::Display for CodecChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CodecChoice::Raw => write!(f, "raw"),
+            CodecChoice::Zstd { level } => write!(f, "zstd:{level}"),
+        }
+    }
+}
+
 /// Reusable compression state for one worker thread: the zstd context and
 /// scratch buffers live as long as the worker.
 pub struct Encoder {
@@ -123,6 +132,142 @@ impl Encoder {
             .reserve(zstd::zstd_safe::compress_bound(input.len()));
         ctx.compress_to_buffer(input, &mut self.out)
             .unwrap_or(data.len())
+    }
+}
+
+impl Encoder {
+    /// Encode `data`, whose element width is unknown (a chunk that may hold
+    /// tensors of several dtypes), choosing the byte-grouping width by
+    /// compressing a few samples of it grouped by 2, 4 and not at all: the
+    /// smallest wins. Returns what [`Encoder::encode`] returns.
+    pub fn encode_auto<'a>(&'a mut self, data: &'a [u8]) -> (Codec, u8, &'a [u8]) {
+        if self.ctx.is_none() {
+            return (Codec::Raw, 0, data);
+        }
+        let width = self.pick_width(data);
+        self.encode(data, width)
+    }
+
+    /// The byte-grouping width (0, 2 or 4) under which samples of `data`
+    /// compress best.
+    fn pick_width(&mut self, data: &[u8]) -> u8 {
+        const SAMPLE: usize = 64 << 10;
+        const SAMPLES: usize = 4;
+        if data.len() < 4 * 64 {
+            return 0;
+        }
+        let mut sample = Vec::with_capacity(SAMPLE * SAMPLES);
+        if data.len() <= SAMPLE * SAMPLES * 2 {
+            sample.extend_from_slice(&data[..data.len().min(SAMPLE * SAMPLES)]);
+        } else {
+            let stride = (data.len() - SAMPLE) / (SAMPLES - 1);
+            for i in 0..SAMPLES {
+                // 8-byte aligned starts keep the element phase of the data.
+                let start = (i * stride) & !7;
+                sample.extend_from_slice(&data[start..start + SAMPLE]);
+            }
+        }
+        let mut best = (usize::MAX, 0u8);
+        for width in [0u8, 2, 4] {
+            let n = self.encode_forced(&sample, width);
+            if n < best.0 {
+                best = (n, width);
+            }
+        }
+        best.1
+    }
+}
+
+/// Re-encode a chunk object held raw (header and uncompressed payload)
+/// with `encoder`, choosing the byte-grouping width itself
+/// ([`Encoder::encode_auto`]). Returns the new object (64-byte header, the
+/// compressed payload) when compression pays (see [`MIN_SAVING`]); `None`
+/// when the object is already compressed, is not a raw chunk object, or
+/// does not shrink enough, so the caller keeps the object as it is. The
+/// name of the chunk, the hash of its uncompressed bytes, is unchanged.
+pub fn compress_chunk_object(object: &[u8], encoder: &mut Encoder) -> Option<Vec<u8>> {
+    let header = ChunkHeader::decode(object, Path::new("")).ok()?;
+    if header.codec != Codec::Raw {
+        return None;
+    }
+    let start = header.payload_offset as usize;
+    let payload = object.get(start..)?;
+    if payload.len() as u64 != header.uncompressed_len {
+        return None;
+    }
+    let (codec, filter, out) = encoder.encode_auto(payload);
+    if codec == Codec::Raw {
+        return None;
+    }
+    let h = ChunkHeader {
+        codec,
+        filter,
+        uncompressed_len: header.uncompressed_len,
+        stored_len: out.len() as u64,
+        payload_offset: HEADER_LEN as u32,
+        id: header.id,
+    };
+    let mut v = Vec::with_capacity(HEADER_LEN + out.len());
+    v.extend_from_slice(&h.encode());
+    v.extend_from_slice(out);
+    Some(v)
+}
+
+/// Encoders shared by the threads of one writer, at most `limit` in use at
+/// once: the number of chunks compressed in parallel. A thread that finds
+/// every one in use waits.
+pub struct EncoderPool {
+    choice: CodecChoice,
+    limit: usize,
+    state: std::sync::Mutex<(usize, Vec<Encoder>)>,
+    freed: std::sync::Condvar,
+}
+
+impl std::fmt::Debug for EncoderPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EncoderPool({:?}, {})", self.choice, self.limit)
+    }
+}
+
+impl EncoderPool {
+    /// A pool of encoders for `choice`, `limit` (at least one) in use at
+    /// once.
+    pub fn new(choice: CodecChoice, limit: usize) -> Self {
+        EncoderPool {
+            choice,
+            limit: limit.max(1),
+            state: std::sync::Mutex::new((0, Vec::new())),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Run `f` with an encoder of the pool, waiting while `limit` are in
+    /// use.
+    pub fn with<T>(&self, f: impl FnOnce(&mut Encoder) -> T) -> Result<T> {
+        let mut enc = {
+            let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            while g.0 >= self.limit {
+                g = self.freed.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+            g.0 += 1;
+            g.1.pop()
+        };
+        let encoder = match enc.take() {
+            Some(e) => Ok(e),
+            None => Encoder::new(self.choice),
+        };
+        let (out, back) = match encoder {
+            Ok(mut e) => (Ok(f(&mut e)), Some(e)),
+            Err(e) => (Err(e), None),
+        };
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 -= 1;
+        if let Some(e) = back {
+            g.1.push(e);
+        }
+        drop(g);
+        self.freed.notify_one();
+        out
     }
 }
 

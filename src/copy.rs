@@ -35,7 +35,7 @@ pub struct CopyReport {
     pub chunks_repaired: u64,
     /// Renewed chunks found deleted after the commit and put back.
     pub chunks_restored_after_commit: u64,
-    /// Bytes of chunk objects copied.
+    /// Bytes of chunk objects copied, as the target stores them.
     pub bytes_copied: u64,
     /// Whether the target already had this exact manifest.
     pub already_present: bool,
@@ -126,8 +126,7 @@ pub fn copy_checkpoint(
     let renewed: Mutex<Vec<(ChunkId, u64)>> = Mutex::new(Vec::new());
     let put = |id: &ChunkId, len: u64| -> Result<()> {
         let object = src.read_chunk_object(id, len)?;
-        let n = object.len() as u64;
-        dst.put_chunk_object(id, object)?;
+        let n = dst.put_chunk_object(id, object)?;
         copied.fetch_add(1, Ordering::Relaxed);
         bytes_copied.fetch_add(n, Ordering::Relaxed);
         Ok(())

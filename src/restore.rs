@@ -531,13 +531,15 @@ impl ChunkSource for TieredSource<'_> {
 }
 
 impl RemoteStore {
-    /// Restore a checkpoint straight from the remote, with no local copy.
+    /// Restore a checkpoint straight from the remote, with no local copy:
+    /// [`RemoteStore::restore_readers`] chunks in flight at once, within the
+    /// store's read budget, each decoded and verified as it arrives.
     /// Blocking; call it from a plain thread or `spawn_blocking`.
     pub fn restore(&self, run: &str, step: StepSel, filter: &TensorFilter) -> Result<Restored> {
         let t0 = Instant::now();
         let step = ChunkTier::resolve(self, run, step)?;
         let manifest = ChunkTier::manifest(self, run, step)?;
-        let mut r = restore_manifest(manifest, filter, self, self.options().concurrency)?;
+        let mut r = restore_manifest(manifest, filter, self, self.restore_readers())?;
         r.report.elapsed = t0.elapsed();
         Ok(r)
     }

@@ -35,6 +35,7 @@ impl RemoteStore {
         let whole_limit = 4 * self.opts.part_size.max(1) as u64;
         let first = self
             .retry(|| async {
+                self.metrics.add_get();
                 let r = self
                     .inner
                     .get(&path)

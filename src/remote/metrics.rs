@@ -12,6 +12,7 @@ pub struct RemoteMetrics {
     chunks_skipped: AtomicU64,
     bytes_downloaded: AtomicU64,
     chunks_downloaded: AtomicU64,
+    get_requests: AtomicU64,
     manifests_uploaded: AtomicU64,
     retries: AtomicU64,
     errors: AtomicU64,
@@ -30,6 +31,8 @@ pub struct RemoteMetricsSnapshot {
     pub bytes_downloaded: u64,
     /// Chunk objects downloaded.
     pub chunks_downloaded: u64,
+    /// GET requests (whole or ranged) for chunk objects.
+    pub get_requests: u64,
     /// Manifests committed remotely.
     pub manifests_uploaded: u64,
     /// Operations repeated after a transient error.
@@ -50,6 +53,9 @@ impl RemoteMetrics {
         self.bytes_downloaded.fetch_add(bytes, Ordering::Relaxed);
         self.chunks_downloaded.fetch_add(1, Ordering::Relaxed);
     }
+    pub(crate) fn add_get(&self) {
+        self.get_requests.fetch_add(1, Ordering::Relaxed);
+    }
     pub(crate) fn add_manifest(&self) {
         self.manifests_uploaded.fetch_add(1, Ordering::Relaxed);
     }
@@ -69,6 +75,7 @@ impl RemoteMetrics {
             chunks_skipped: l(&self.chunks_skipped),
             bytes_downloaded: l(&self.bytes_downloaded),
             chunks_downloaded: l(&self.chunks_downloaded),
+            get_requests: l(&self.get_requests),
             manifests_uploaded: l(&self.manifests_uploaded),
             retries: l(&self.retries),
             errors: l(&self.errors),

@@ -23,6 +23,7 @@ pub use upload::UploadReport;
 
 use crate::chunk_id::ChunkId;
 use crate::clock::{system_clock, SharedClock};
+use crate::codec::{compress_chunk_object, CodecChoice, EncoderPool};
 use crate::error::{Error, Result};
 use crate::format::manifest::{decode_manifest_file, Manifest, ENVELOPE_LEN, MAX_MANIFEST_LEN};
 use crate::layout::{
@@ -55,6 +56,65 @@ pub struct RemoteOptions {
     /// [`MIN_REMOTE_GC_GRACE`] (see [`check_remote_gc_grace`]).
     #[serde(with = "humantime_serde")]
     pub gc_grace: std::time::Duration,
+    /// How chunks are encoded for the wire and the bucket: a raw chunk is
+    /// uploaded as byte-grouped zstd at this level when that saves at
+    /// least 3% (raw otherwise); chunks the local tier already compressed
+    /// go as they are. `raw`, `zstd` (level 1) or `zstd:LEVEL`; the
+    /// `--remote-option codec=...` of the CLI.
+    #[serde(with = "codec_string")]
+    pub codec: CodecChoice,
+    /// Chunks compressed at once by one store's uploaders (0: one per
+    /// core); the `--remote-option compress_threads=N` of the CLI.
+    pub compress_threads: usize,
+}
+
+/// [`CodecChoice`] as the strings `raw`, `zstd`, `zstd:LEVEL`.
+mod codec_string {
+    use crate::codec::CodecChoice;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(c: &CodecChoice, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&c.to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<CodecChoice, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Apply the tuning keys among `options` (`codec`, `compress_threads`,
+/// `concurrency`) to `opts`; return the others, for the object store.
+fn split_tuning(
+    options: &[(String, String)],
+    opts: &mut RemoteOptions,
+) -> Result<Vec<(String, String)>> {
+    let mut rest = Vec::new();
+    for (k, v) in options {
+        let count = |what: &str| {
+            v.trim().parse::<usize>().map_err(|_| {
+                Error::invalid(
+                    format!("remote option {what}"),
+                    format!("{v:?} is not a count"),
+                )
+            })
+        };
+        match k.as_str() {
+            "codec" => opts.codec = v.parse()?,
+            "compress_threads" => opts.compress_threads = count(k)?,
+            "concurrency" => match count(k)? {
+                0 => {
+                    return Err(Error::invalid(
+                        "remote option concurrency",
+                        "must be at least 1",
+                    ))
+                }
+                n => opts.concurrency = n,
+            },
+            _ => rest.push((k.clone(), v.clone())),
+        }
+    }
+    Ok(rest)
 }
 
 impl Default for RemoteOptions {
@@ -65,7 +125,23 @@ impl Default for RemoteOptions {
             part_size: 8 << 20,
             retry: RetryPolicy::default(),
             gc_grace: std::time::Duration::from_secs(24 * 3600),
+            codec: CodecChoice::Zstd { level: 1 },
+            compress_threads: 0,
         }
+    }
+}
+
+/// Bytes of chunks a store reads at once: twice what `concurrency` ranged
+/// GETs of `part_size` hold.
+fn read_budget(opts: &RemoteOptions) -> u64 {
+    2 * opts.concurrency.max(1) as u64 * opts.part_size.max(1) as u64
+}
+
+/// Encoders of a store: `compress_threads`, or one per core.
+fn compress_threads(opts: &RemoteOptions) -> usize {
+    match opts.compress_threads {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        n => n,
     }
 }
 
@@ -118,6 +194,55 @@ pub struct RemoteStore {
     metrics: Arc<RemoteMetrics>,
     rt: Arc<OnceLock<OwnRuntime>>,
     clock: SharedClock,
+    encoders: Arc<EncoderPool>,
+    in_flight: Arc<ByteBudget>,
+}
+
+/// Bytes of chunks being read at once, across the threads of one store:
+/// a reader waits while taking its chunk would exceed the limit (one chunk
+/// is always let through), so a restore's memory does not grow with its
+/// thread count.
+#[derive(Debug)]
+pub(crate) struct ByteBudget {
+    limit: u64,
+    used: std::sync::Mutex<u64>,
+    freed: std::sync::Condvar,
+}
+
+/// Bytes taken from a [`ByteBudget`], given back on drop.
+pub(crate) struct BudgetGuard<'a> {
+    budget: &'a ByteBudget,
+    n: u64,
+}
+
+impl ByteBudget {
+    fn new(limit: u64) -> Self {
+        ByteBudget {
+            limit: limit.max(1),
+            used: std::sync::Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Take `n` bytes, waiting while others hold the budget and `n` does
+    /// not fit.
+    pub(crate) fn take(&self, n: u64) -> BudgetGuard<'_> {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        while *used > 0 && *used + n > self.limit {
+            used = self.freed.wait(used).unwrap_or_else(|p| p.into_inner());
+        }
+        *used += n;
+        BudgetGuard { budget: self, n }
+    }
+}
+
+impl Drop for BudgetGuard<'_> {
+    fn drop(&mut self) {
+        let mut used = self.budget.used.lock().unwrap_or_else(|p| p.into_inner());
+        *used -= self.n;
+        drop(used);
+        self.budget.freed.notify_all();
+    }
 }
 
 impl std::fmt::Debug for RemoteStore {
@@ -135,7 +260,9 @@ impl RemoteStore {
     /// configuration keys, e.g. `endpoint`, `region`, `access_key_id`,
     /// `secret_access_key`, `allow_http`), which win. An `http://` endpoint
     /// without `allow_http`, an unknown key or a value that does not parse
-    /// is an [`Error::InvalidInput`] naming it.
+    /// is an [`Error::InvalidInput`] naming it. Three keys tune cairn's
+    /// remote tier instead and override `opts`: `codec` (`raw`, `zstd`,
+    /// `zstd:LEVEL`), `compress_threads` and `concurrency`.
     ///
     /// A `file://` directory is created if missing; see
     /// [`RemoteStore::open_existing`] to read a store without creating it.
@@ -159,9 +286,10 @@ impl RemoteStore {
     fn open_impl(
         url: &str,
         options: &[(String, String)],
-        opts: RemoteOptions,
+        mut opts: RemoteOptions,
         create: bool,
     ) -> Result<Self> {
+        let options = &split_tuning(options, &mut opts)?[..];
         if opts.gc_grace.is_zero() {
             return Err(Error::invalid(
                 "remote gc grace",
@@ -332,6 +460,8 @@ impl RemoteStore {
         url: &str,
         opts: RemoteOptions,
     ) -> Self {
+        let encoders = Arc::new(EncoderPool::new(opts.codec, compress_threads(&opts)));
+        let in_flight = Arc::new(ByteBudget::new(read_budget(&opts)));
         RemoteStore {
             inner,
             prefix,
@@ -340,6 +470,8 @@ impl RemoteStore {
             metrics: Arc::new(RemoteMetrics::default()),
             rt: Arc::new(OnceLock::new()),
             clock: system_clock(),
+            encoders,
+            in_flight,
         }
     }
 
@@ -379,6 +511,37 @@ impl RemoteStore {
     /// Shared handle to the activity counters.
     pub fn metrics_arc(&self) -> Arc<RemoteMetrics> {
         self.metrics.clone()
+    }
+
+    /// The object to upload for chunk object `object`: compressed with the
+    /// store's codec when it is raw and compression pays (in one of at
+    /// most `compress_threads` encoders at once), else `object` itself.
+    pub(crate) fn encode_for_upload(&self, object: bytes::Bytes) -> Result<bytes::Bytes> {
+        if self.opts.codec == CodecChoice::Raw {
+            return Ok(object);
+        }
+        Ok(
+            match self.encoders.with(|e| compress_chunk_object(&object, e))? {
+                Some(v) => bytes::Bytes::from(v),
+                None => object,
+            },
+        )
+    }
+
+    /// Threads a restore from this store reads chunks with: twice
+    /// `concurrency`, so that small chunks keep as many bytes in flight as
+    /// large ones. Chunk bytes in flight stay within the store's read
+    /// budget, twice `concurrency` times `part_size`, however many threads
+    /// read.
+    pub fn restore_readers(&self) -> usize {
+        2 * self.opts.concurrency.max(1)
+    }
+
+    /// Take `len` bytes of the store's read budget (twice `concurrency`
+    /// times `part_size`) for a chunk about to be fetched and decoded,
+    /// waiting while other readers hold it.
+    pub(crate) fn take_read_budget(&self, len: u64) -> BudgetGuard<'_> {
+        self.in_flight.take(len)
     }
 
     /// Run a future to completion from synchronous code: on the current
@@ -724,6 +887,7 @@ impl RemoteStore {
         self.retry(|| {
             let range = range.clone();
             async move {
+                self.metrics.add_get();
                 let want = range.end - range.start;
                 let b = self
                     .inner

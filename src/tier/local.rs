@@ -156,8 +156,9 @@ impl ChunkTier for Store {
         Ok(bytes::Bytes::from(object))
     }
 
-    fn put_chunk_object(&self, id: &ChunkId, object: bytes::Bytes) -> Result<()> {
-        self.chunks.put_object(id, &object)
+    fn put_chunk_object(&self, id: &ChunkId, object: bytes::Bytes) -> Result<u64> {
+        self.chunks.put_object(id, &object)?;
+        Ok(object.len() as u64)
     }
 
     fn delete_chunk(&self, id: &ChunkId) -> Result<()> {

@@ -111,8 +111,11 @@ pub trait ChunkTier: Sync {
     /// its hash: what a copy to another tier sends.
     fn read_chunk_object(&self, id: &ChunkId, len: u64) -> Result<bytes::Bytes>;
     /// Store a chunk object under its final name, atomically: a reader
-    /// sees the whole object or none.
-    fn put_chunk_object(&self, id: &ChunkId, object: bytes::Bytes) -> Result<()>;
+    /// sees the whole object or none. A tier may store it in another
+    /// encoding of the same uncompressed bytes (the remote tier compresses
+    /// raw chunks, see [`crate::RemoteOptions::codec`]); the name, the hash
+    /// of the uncompressed bytes, stays. Returns the bytes stored.
+    fn put_chunk_object(&self, id: &ChunkId, object: bytes::Bytes) -> Result<u64>;
     /// Delete chunk object `id` (absent is fine).
     fn delete_chunk(&self, id: &ChunkId) -> Result<()>;
     /// Where a chunk lives, for messages.

@@ -95,6 +95,7 @@ impl ChunkTier for RemoteStore {
         _scratch: &mut Vec<u8>,
         decoder: &mut Decoder,
     ) -> Result<u64> {
+        let _budget = self.take_read_budget(len);
         let object = self.block_on(self.fetch_chunk_object(id, len))??;
         let target = match out {
             Some(o) => o,
@@ -108,6 +109,7 @@ impl ChunkTier for RemoteStore {
     }
 
     fn read_chunk_object(&self, id: &ChunkId, len: u64) -> Result<bytes::Bytes> {
+        let _budget = self.take_read_budget(len);
         let object = self.block_on(self.fetch_chunk_object(id, len))??;
         let mut out = vec![0u8; len as usize];
         decode_chunk_object(
@@ -120,12 +122,13 @@ impl ChunkTier for RemoteStore {
         Ok(object)
     }
 
-    fn put_chunk_object(&self, id: &ChunkId, object: bytes::Bytes) -> Result<()> {
+    fn put_chunk_object(&self, id: &ChunkId, object: bytes::Bytes) -> Result<u64> {
+        let object = self.encode_for_upload(object)?;
         let n = object.len() as u64;
         self.block_on(self.put_object(&self.chunk_path(id), object))??;
         self.metrics().add_upload(n);
         tracing::debug!(chunk = %id, bytes = n, "uploaded chunk");
-        Ok(())
+        Ok(n)
     }
 
     fn delete_chunk(&self, id: &ChunkId) -> Result<()> {

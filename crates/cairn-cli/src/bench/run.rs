@@ -76,6 +76,8 @@ pub struct BenchConfig {
     pub iterations: usize,
     /// Store settings; `staging_bytes` of 0 means "enough for the state".
     pub options: StoreOptions,
+    /// Precision of the synthetic state.
+    pub precision: super::synthetic::Precision,
 }
 
 /// One iteration's timings, in seconds.
@@ -282,7 +284,7 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
         cfg.size >> 20
     ));
     let mut opts = cfg.options.clone();
-    let probe_state = SyntheticState::generate(cfg.size, BASE_SEED);
+    let probe_state = SyntheticState::generate_with(cfg.size, BASE_SEED, cfg.precision);
     let total = probe_state.logical_bytes() as usize;
     let n_tensors = probe_state.tensors.len();
     if opts.staging_bytes == 0 {
@@ -315,7 +317,7 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
             i + 1,
             cfg.iterations
         ));
-        let mut state = SyntheticState::generate(cfg.size, BASE_SEED ^ step);
+        let mut state = SyntheticState::generate_with(cfg.size, BASE_SEED ^ step, cfg.precision);
         let srcs: Vec<&[u8]> = state
             .tensors
             .iter()

@@ -1,6 +1,8 @@
-//! A transformer-like training state: fp32 weights drawn from N(0, 0.02)
-//! plus Adam's `exp_avg` and `exp_avg_sq` of the same shapes, generated
-//! deterministically from a seed.
+//! A transformer-like training state: weights drawn from N(0, 0.02) plus
+//! Adam's `exp_avg` (N(0, 1e-3)) and `exp_avg_sq` (its square: positive and
+//! small) of the same shapes, generated deterministically from a seed, in
+//! one of three precisions ([`Precision`]): all fp32, all bf16, or mixed
+//! (bf16 weights with fp32 master weights and Adam moments).
 
 use cairn::DType;
 use cairn::SaveState;
@@ -11,25 +13,125 @@ pub struct SynthTensor {
     pub name: String,
     /// Shape.
     pub shape: Vec<u64>,
-    /// Values.
+    /// Storage of the values: fp32 values, or bf16 values packed two per
+    /// slot (see [`SynthTensor::bytes`]).
     pub data: Vec<f32>,
     /// Which parameter group it belongs to (weight and its Adam states
     /// share one).
     pub group: usize,
+    /// Element type: F32 or BF16.
+    pub dtype: DType,
 }
 
 impl SynthTensor {
+    /// Bytes of the tensor.
+    fn byte_len(&self) -> usize {
+        self.shape.iter().product::<u64>() as usize * self.dtype.size()
+    }
+
     /// The values as little-endian bytes.
     pub fn bytes(&self) -> &[u8] {
-        // SAFETY: f32 has no padding and any bit pattern is a valid u8.
-        unsafe { std::slice::from_raw_parts(self.data.as_ptr() as *const u8, self.data.len() * 4) }
+        let n = self.byte_len().min(self.data.len() * 4);
+        // SAFETY: f32 has no padding and any bit pattern is a valid u8;
+        // n is within the allocation.
+        unsafe { std::slice::from_raw_parts(self.data.as_ptr() as *const u8, n) }
     }
 
     /// Mutable byte view.
     pub fn bytes_mut(&mut self) -> &mut [u8] {
+        let n = self.byte_len().min(self.data.len() * 4);
         // SAFETY: as above; every byte pattern is a valid f32.
-        unsafe {
-            std::slice::from_raw_parts_mut(self.data.as_mut_ptr() as *mut u8, self.data.len() * 4)
+        unsafe { std::slice::from_raw_parts_mut(self.data.as_mut_ptr() as *mut u8, n) }
+    }
+
+    /// Store `values` in the tensor's dtype (bf16: rounded to nearest even).
+    fn set_values(&mut self, values: Vec<f32>) {
+        if self.dtype != DType::BF16 {
+            self.data = values;
+            return;
+        }
+        let mut packed = vec![0f32; values.len().div_ceil(2)];
+        {
+            // SAFETY: the byte view covers exactly the packed allocation.
+            let out = unsafe {
+                std::slice::from_raw_parts_mut(packed.as_mut_ptr() as *mut u8, packed.len() * 4)
+            };
+            for (i, v) in values.iter().enumerate() {
+                let b = v.to_bits();
+                let r = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+                out[2 * i..2 * i + 2].copy_from_slice(&r.to_le_bytes());
+            }
+        }
+        self.data = packed;
+    }
+}
+
+/// The precision of a synthetic training state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// fp32 weights and Adam moments.
+    #[default]
+    Fp32,
+    /// bf16 weights and Adam moments.
+    Bf16,
+    /// bf16 weights, with fp32 master weights and Adam moments (the usual
+    /// mixed-precision state).
+    Mixed,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fp32" | "f32" => Ok(Precision::Fp32),
+            "bf16" => Ok(Precision::Bf16),
+            "mixed" => Ok(Precision::Mixed),
+            _ => Err(format!("{s:?}: expected fp32, bf16 or mixed")),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+            Precision::Mixed => "mixed",
+        })
+    }
+}
+
+impl Precision {
+    /// Bytes of state per parameter.
+    fn bytes_per_param(self) -> u64 {
+        match self {
+            Precision::Fp32 => 12,
+            Precision::Bf16 => 6,
+            Precision::Mixed => 14,
+        }
+    }
+
+    /// The tensors of each parameter: name suffix and dtype.
+    fn members(self) -> &'static [(&'static str, DType)] {
+        match self {
+            Precision::Fp32 => &[
+                ("", DType::F32),
+                (".exp_avg", DType::F32),
+                (".exp_avg_sq", DType::F32),
+            ],
+            Precision::Bf16 => &[
+                ("", DType::BF16),
+                (".exp_avg", DType::BF16),
+                (".exp_avg_sq", DType::BF16),
+            ],
+            Precision::Mixed => &[
+                ("", DType::BF16),
+                (".master", DType::F32),
+                (".exp_avg", DType::F32),
+                (".exp_avg_sq", DType::F32),
+            ],
         }
     }
 }
@@ -99,9 +201,9 @@ fn mix(seed: u64, name: &str) -> u64 {
 }
 
 /// Shapes of the model's parameters for a state of about `target` bytes
-/// (weights + two Adam states, fp32).
-fn param_shapes(target: u64) -> Vec<(String, Vec<u64>)> {
-    let params = (target / 12).max(64);
+/// at `bytes_per_param`.
+fn param_shapes(target: u64, bytes_per_param: u64) -> Vec<(String, Vec<u64>)> {
+    let params = (target / bytes_per_param).max(64);
     let d: u64 = match params {
         p if p >= 40_000_000 => 1024,
         p if p >= 5_000_000 => 512,
@@ -139,12 +241,19 @@ fn param_shapes(target: u64) -> Vec<(String, Vec<u64>)> {
 }
 
 impl SyntheticState {
-    /// Generate a state of about `target` bytes from `seed`, on all cores.
+    /// Generate an fp32 state of about `target` bytes from `seed`, on all
+    /// cores.
     pub fn generate(target: u64, seed: u64) -> Self {
+        Self::generate_with(target, seed, Precision::Fp32)
+    }
+
+    /// Generate a state of about `target` bytes in `precision` from
+    /// `seed`, on all cores.
+    pub fn generate_with(target: u64, seed: u64, precision: Precision) -> Self {
         let mut tensors = Vec::new();
-        for (group, (name, shape)) in param_shapes(target).into_iter().enumerate() {
-            let n: u64 = shape.iter().product();
-            for suffix in ["", ".exp_avg", ".exp_avg_sq"] {
+        let shapes = param_shapes(target, precision.bytes_per_param());
+        for (group, (name, shape)) in shapes.into_iter().enumerate() {
+            for &(suffix, dtype) in precision.members() {
                 let full = if suffix.is_empty() {
                     name.clone()
                 } else {
@@ -153,8 +262,9 @@ impl SyntheticState {
                 tensors.push(SynthTensor {
                     name: full,
                     shape: shape.clone(),
-                    data: Vec::with_capacity(n as usize),
+                    data: Vec::new(),
                     group,
+                    dtype,
                 });
             }
         }
@@ -200,18 +310,24 @@ impl SyntheticState {
                 sc.spawn(move || {
                     for t in bucket {
                         let n = t.shape.iter().product::<u64>() as usize;
-                        t.data.resize(n, 0.0);
-                        let mut rng = Rng::new(mix(seed, &t.name));
+                        let mut values = vec![0f32; n];
+                        // A master weight holds the same values as its
+                        // weight (before rounding to bf16).
+                        let key = t.name.strip_suffix(".master").map_or(t.name.as_str(), |w| {
+                            w.strip_prefix("optimizer.").unwrap_or(w)
+                        });
+                        let mut rng = Rng::new(mix(seed, key));
                         if t.name.ends_with(".exp_avg_sq") {
-                            rng.fill_normal(&mut t.data, 1e-3);
-                            for x in t.data.iter_mut() {
+                            rng.fill_normal(&mut values, 1e-3);
+                            for x in values.iter_mut() {
                                 *x *= *x;
                             }
                         } else if t.name.ends_with(".exp_avg") {
-                            rng.fill_normal(&mut t.data, 1e-3);
+                            rng.fill_normal(&mut values, 1e-3);
                         } else {
-                            rng.fill_normal(&mut t.data, 0.02);
+                            rng.fill_normal(&mut values, 0.02);
                         }
+                        t.set_values(values);
                     }
                 });
             }
@@ -270,7 +386,7 @@ impl SyntheticState {
     pub fn as_save_state(&self) -> SaveState<'_> {
         let mut s = SaveState::new();
         for t in &self.tensors {
-            s = s.tensor(t.name.clone(), DType::F32, &t.shape, t.bytes());
+            s = s.tensor(t.name.clone(), t.dtype, &t.shape, t.bytes());
         }
         s.blob("rng_state", &self.rng_state)
             .blob("dataloader", &self.loader_state)
@@ -301,5 +417,38 @@ mod tests {
         let mut c = SyntheticState::generate(8 << 20, 1);
         let changed = c.perturb(0.1, 99) as f64 / got;
         assert!((0.05..0.2).contains(&changed), "{changed}");
+    }
+
+    #[test]
+    fn precisions() {
+        for p in [Precision::Bf16, Precision::Mixed] {
+            let s = SyntheticState::generate_with(8 << 20, 1, p);
+            let got = s.logical_bytes() as f64;
+            assert!((got / (8u64 << 20) as f64 - 1.0).abs() < 0.3, "{p} {got}");
+            let bf16: Vec<&SynthTensor> = s
+                .tensors
+                .iter()
+                .filter(|t| t.dtype == DType::BF16)
+                .collect();
+            assert!(!bf16.is_empty(), "{p}");
+            for t in &bf16 {
+                let n: u64 = t.shape.iter().product();
+                assert_eq!(t.bytes().len() as u64, 2 * n, "{}", t.name);
+            }
+            // bf16 weights of N(0, 0.02): the high bytes are not all equal
+            // and the values are finite and small.
+            let w = bf16[0].bytes();
+            let vals: Vec<f32> = w
+                .chunks_exact(2)
+                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+                .collect();
+            assert!(vals.iter().all(|v| v.is_finite() && v.abs() < 0.5));
+            assert!(vals.iter().any(|v| *v != vals[0]));
+        }
+        let m = SyntheticState::generate_with(8 << 20, 1, Precision::Mixed);
+        assert!(m
+            .tensors
+            .iter()
+            .any(|t| t.name.ends_with(".master") && t.dtype == DType::F32));
     }
 }

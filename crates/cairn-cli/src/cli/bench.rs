@@ -3,6 +3,8 @@
 use super::size::{human, parse_size};
 use cairn::{CodecChoice, StoreOptions};
 use cairn_cli::bench::raw::IoShape;
+use cairn_cli::bench::remote::{run_remote_bench, RemoteBenchReport};
+use cairn_cli::bench::synthetic::Precision;
 use cairn_cli::bench::{run_bench, BenchConfig, BenchReport, MIN_SIZE};
 use clap::Args;
 use std::path::PathBuf;
@@ -40,6 +42,19 @@ pub struct BenchArgs {
     /// Local-tier codec: raw, zstd or zstd:LEVEL.
     #[arg(long, default_value = "raw")]
     codec: CodecChoice,
+    /// Precision of the synthetic state: fp32 (weights and Adam moments),
+    /// bf16 (all of it), or mixed (bf16 weights with fp32 master weights
+    /// and Adam moments).
+    #[arg(long, default_value = "fp32")]
+    dtype: Precision,
+    /// Measure the remote tier at this URL instead of the disk: upload and
+    /// restore against a plain multipart put and a plain concurrent ranged
+    /// get of the same bytes, and the bytes each tier stores. The store
+    /// directory is the local tier; `--remote-option` configures the
+    /// remote (`codec=zstd:3`, `compress_threads=N`, `concurrency=N`, and
+    /// the object store's keys).
+    #[arg(long, value_name = "URL")]
+    remote: Option<String>,
     /// Run name for the checkpoints.
     #[arg(long, default_value = "bench", value_parser = super::parse_run)]
     run: String,
@@ -112,13 +127,46 @@ impl BenchArgs {
     }
 }
 
-pub fn run(a: BenchArgs) -> cairn::Result<i32> {
+pub fn run(a: BenchArgs, remote_options: &[String]) -> cairn::Result<i32> {
     let defaults = StoreOptions::default();
+    if let Some(url) = &a.remote {
+        let remote = cairn::RemoteStore::open(
+            url,
+            &super::open::remote_options(remote_options)?,
+            cairn::RemoteOptions::default(),
+        )?;
+        eprintln!(
+            "cairn bench: {} {} state against {url}, {} iterations",
+            human(a.size),
+            a.dtype,
+            a.iterations
+        );
+        let r = run_remote_bench(
+            a.store,
+            remote,
+            a.size,
+            a.iterations,
+            StoreOptions {
+                chunk_size: a.chunk_size as usize,
+                staging_bytes: a.staging.map_or(0, |st| st.bytes(a.size)) as usize,
+                codec: a.codec,
+                ..defaults
+            },
+            a.dtype,
+        )?;
+        if a.json {
+            super::open::print_json(&r)?;
+        } else {
+            print_remote(&r)?;
+        }
+        return Ok(0);
+    }
     let cfg = BenchConfig {
         store: a.store,
         run: a.run,
         size: a.size,
         iterations: a.iterations,
+        precision: a.dtype,
         options: StoreOptions {
             chunk_size: a.chunk_size as usize,
             staging_bytes: a.staging.map_or(0, |st| st.bytes(a.size)) as usize,
@@ -137,6 +185,48 @@ pub fn run(a: BenchArgs) -> cairn::Result<i32> {
         print_human(&r)?;
     }
     Ok(0)
+}
+
+fn print_remote(r: &RemoteBenchReport) -> cairn::Result<()> {
+    outln!(
+        "state: {} {} against {} (remote codec {}); medians of {} iterations",
+        human(r.logical_bytes),
+        r.dtype,
+        r.remote,
+        r.remote_codec,
+        r.iterations.len()
+    );
+    outln!(
+        "stored / logical  local {:.3}   remote {:.3}",
+        r.local_stored_ratio,
+        r.remote_stored_ratio
+    );
+    outln!(
+        "upload            {:.3} GB/s   plain multipart put {:.3} GB/s   ratio {:.2} (range {:.2}-{:.2})",
+        r.upload_gbps,
+        r.raw_put_gbps,
+        r.upload_ratio,
+        r.upload_ratio_range.0,
+        r.upload_ratio_range.1
+    );
+    outln!(
+        "restore           {:.3} GB/s   plain ranged get    {:.3} GB/s   ratio {:.2} (range {:.2}-{:.2})",
+        r.download_gbps,
+        r.raw_get_gbps,
+        r.download_ratio,
+        r.download_ratio_range.0,
+        r.download_ratio_range.1
+    );
+    outln!(
+        "                                 plain single GET    {:.3} GB/s   ratio {:.2}",
+        r.raw_single_get_gbps,
+        r.download_vs_single_get
+    );
+    outln!(
+        "dedup: next checkpoint (~10% changed) uploaded {:.1}% of the first",
+        100.0 * r.second_upload_fraction
+    );
+    Ok(())
 }
 
 fn print_human(r: &BenchReport) -> cairn::Result<()> {

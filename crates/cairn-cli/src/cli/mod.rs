@@ -292,7 +292,7 @@ pub fn main() -> i32 {
     }
     let o = &cli.remote_options;
     let res = match cli.command {
-        Command::Bench(args) => bench::run(args),
+        Command::Bench(args) => bench::run(args, o),
         Command::Daemon(args) => daemon::run(args, o),
         Command::Ls {
             store,
