@@ -3,8 +3,9 @@
 use super::{ChunkInfo, ChunkTier, ReuseRule};
 use crate::chunk_id::ChunkId;
 use crate::clock::Clock;
-use crate::codec::{decode_chunk_object, Decoder};
+use crate::codec::{compress_chunk_object, decode_chunk_object, CodecChoice, Decoder, Encoder};
 use crate::error::{Error, Result};
+use crate::format::chunk::{ChunkHeader, Codec, ALIGNED_PAYLOAD_OFFSET, HEADER_LEN};
 use crate::format::manifest::Manifest;
 use crate::layout::check_store_dir;
 use crate::local::durable::fsync_dir_on;
@@ -12,6 +13,86 @@ use crate::local::GcLock;
 use crate::store::Store;
 use std::path::PathBuf;
 use std::time::UNIX_EPOCH;
+
+impl Store {
+    /// A chunk object from another tier (or another store), re-encoded as
+    /// this store's saves write chunks, so that what a copy or a repair
+    /// leaves behind reads like a saved chunk:
+    ///
+    /// - codec `raw` (the default): a compressed object is decoded and its
+    ///   hash verified; a raw payload is laid out as a save lays it out
+    ///   (at `ALIGNED_PAYLOAD_OFFSET` where chunks are written with
+    ///   O_DIRECT, so restores read it with O_DIRECT, else right after the
+    ///   header);
+    /// - codec `zstd`: a compressed object is kept as it is; a raw one is
+    ///   compressed at the store's level when that saves 3%
+    ///   (`compress_chunk_object`), else laid out as above.
+    ///
+    /// The name, the hash of the uncompressed bytes, is unchanged.
+    fn local_object(&self, id: &ChunkId, object: bytes::Bytes) -> Result<bytes::Bytes> {
+        let path = self.layout.chunk_path(id);
+        let header = ChunkHeader::decode(&object, &path)?;
+        let choice = self.opts.codec;
+        if header.codec != Codec::Raw {
+            if choice != CodecChoice::Raw {
+                return Ok(object);
+            }
+            let offset = self.raw_payload_offset();
+            let mut out = vec![0u8; offset + header.uncompressed_len as usize];
+            decode_chunk_object(&object, id, &mut out[offset..], &mut Decoder::new()?, &path)?;
+            out[..HEADER_LEN].copy_from_slice(&raw_header(&header, offset).encode());
+            return Ok(out.into());
+        }
+        if choice != CodecChoice::Raw {
+            if let Some(v) = compress_chunk_object(&object, &mut Encoder::new(choice)?) {
+                return Ok(v.into());
+            }
+        }
+        let offset = self.raw_payload_offset();
+        if header.payload_offset as usize == offset {
+            return Ok(object);
+        }
+        let payload = object
+            .get(header.payload_offset as usize..)
+            .filter(|p| p.len() as u64 == header.uncompressed_len)
+            .ok_or_else(|| Error::CorruptChunk {
+                chunk: id.to_hex(),
+                path: path.clone(),
+                reason: format!(
+                    "object of {} bytes does not hold its {}-byte raw payload at offset {}",
+                    object.len(),
+                    header.uncompressed_len,
+                    header.payload_offset
+                ),
+                tensors: Vec::new(),
+            })?;
+        let mut out = Vec::with_capacity(offset + payload.len());
+        out.extend_from_slice(&raw_header(&header, offset).encode());
+        out.resize(offset, 0);
+        out.extend_from_slice(payload);
+        Ok(out.into())
+    }
+
+    /// Where a save puts a raw chunk's payload in its file.
+    fn raw_payload_offset(&self) -> usize {
+        if self.chunks.direct_io() {
+            ALIGNED_PAYLOAD_OFFSET as usize
+        } else {
+            HEADER_LEN
+        }
+    }
+}
+
+/// The header of `h`'s chunk stored raw with its payload at `offset`.
+fn raw_header(h: &ChunkHeader, offset: usize) -> ChunkHeader {
+    ChunkHeader {
+        codec: Codec::Raw,
+        filter: 0,
+        stored_len: h.uncompressed_len,
+        payload_offset: offset as u32,
+        ..*h
+    }
+}
 
 fn modified_ms(meta: &std::fs::Metadata) -> i64 {
     meta.modified()
@@ -156,7 +237,11 @@ impl ChunkTier for Store {
         Ok(bytes::Bytes::from(object))
     }
 
+    /// Stores the object as this store's own saves would write it (see
+    /// `Store::local_object`): raw for a raw store, however the object
+    /// came.
     fn put_chunk_object(&self, id: &ChunkId, object: bytes::Bytes) -> Result<u64> {
+        let object = self.local_object(id, object)?;
         self.chunks.put_object(id, &object)?;
         Ok(object.len() as u64)
     }

@@ -113,8 +113,10 @@ pub trait ChunkTier: Sync {
     /// Store a chunk object under its final name, atomically: a reader
     /// sees the whole object or none. A tier may store it in another
     /// encoding of the same uncompressed bytes (the remote tier compresses
-    /// raw chunks, see [`crate::RemoteOptions::codec`]); the name, the hash
-    /// of the uncompressed bytes, stays. Returns the bytes stored.
+    /// raw chunks, see [`crate::RemoteOptions::codec`]; a local store keeps
+    /// its own [`crate::StoreOptions::codec`], decoding a compressed object
+    /// for a raw store); the name, the hash of the uncompressed bytes,
+    /// stays. Returns the bytes stored.
     fn put_chunk_object(&self, id: &ChunkId, object: bytes::Bytes) -> Result<u64>;
     /// Delete chunk object `id` (absent is fine).
     fn delete_chunk(&self, id: &ChunkId) -> Result<()>;
