@@ -4,16 +4,19 @@
 //!
 //! The pool is one anonymous mapping, populated when the store opens (a page
 //! fault on fresh memory costs several times a memcpy), and handed out as a
-//! ring: allocations are carved from the tail in order and their space is
-//! reclaimed from the head once they and everything older are released.
-//! Chunks drain from the pipeline in roughly the order they were staged, so
-//! the ring stays dense. When the ring is full, [`StagingPool::alloc`]
-//! blocks until the pipeline releases space: this is the back-pressure that
-//! keeps memory inside the budget whatever the checkpoint size.
+//! ring: allocations are carved in order from just past the newest one,
+//! wrapping to the start. A released buffer's space is free at once, even
+//! while older buffers are still held: the pipeline's writers finish chunks
+//! out of order, and a caller waiting for room gets it as soon as any chunk
+//! is written, not only when the oldest is. Where the tail has no room, the
+//! first free gap that fits is used. When no gap fits,
+//! [`StagingPool::alloc`] blocks until the pipeline releases space: this is
+//! the back-pressure that keeps memory inside the budget whatever the
+//! checkpoint size.
 
 use crate::error::{Error, Result};
 use memmap2::{MmapMut, MmapOptions};
-use std::collections::VecDeque;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex};
 
 /// Allocations are rounded up to this many bytes (a page, so buffers are
@@ -45,49 +48,45 @@ unsafe impl Sync for Inner {}
 
 struct Ring {
     cap: usize,
+    /// Just past the newest allocation: where the next one goes if it fits.
     tail: usize,
-    first_id: u64,
-    live: VecDeque<Entry>,
+    /// Live allocations, start -> end, disjoint.
+    live: BTreeMap<usize, usize>,
     in_use: usize,
     high_water: usize,
 }
 
-struct Entry {
-    start: usize,
-    end: usize,
-    freed: bool,
-}
-
 impl Ring {
-    /// Where an allocation of `len` bytes can start now, if anywhere.
+    /// Where an allocation of `len` bytes can start now, if anywhere: at
+    /// the tail if the gap there holds it, else the first gap that does.
     fn place(&self, len: usize) -> Option<usize> {
-        let Some(front) = self.live.front() else {
-            return (len <= self.cap).then_some(0);
-        };
-        let head = front.start;
-        if self.tail > head {
-            if self.cap - self.tail >= len {
-                Some(self.tail)
-            } else if head >= len {
-                Some(0)
-            } else {
-                None
-            }
-        } else if head - self.tail >= len {
-            Some(self.tail)
-        } else {
-            None
+        let tail = self.tail;
+        let tail_free = self
+            .live
+            .range(..=tail)
+            .next_back()
+            .is_none_or(|(_, &end)| end <= tail);
+        let next_start = self
+            .live
+            .range(tail..)
+            .next()
+            .map_or(self.cap, |(&start, _)| start);
+        if tail_free && next_start - tail >= len {
+            return Some(tail);
         }
+        let mut pos = 0;
+        for (&start, &end) in &self.live {
+            if start - pos >= len {
+                return Some(pos);
+            }
+            pos = end;
+        }
+        (self.cap - pos >= len).then_some(pos)
     }
 
-    fn release(&mut self, id: u64) {
-        let idx = (id - self.first_id) as usize;
-        let e = &mut self.live[idx];
-        e.freed = true;
-        self.in_use -= e.end - e.start;
-        while self.live.front().is_some_and(|e| e.freed) {
-            self.live.pop_front();
-            self.first_id += 1;
+    fn release(&mut self, start: usize) {
+        if let Some(end) = self.live.remove(&start) {
+            self.in_use -= end - start;
         }
         if self.live.is_empty() {
             self.tail = 0;
@@ -123,8 +122,7 @@ impl StagingPool {
                 ring: Mutex::new(Ring {
                     cap,
                     tail: 0,
-                    first_id: 0,
-                    live: VecDeque::new(),
+                    live: BTreeMap::new(),
                     in_use: 0,
                     high_water: 0,
                 }),
@@ -200,19 +198,14 @@ impl StagingPool {
                 .wait(ring)
                 .unwrap_or_else(|p| p.into_inner());
         };
-        let id = ring.first_id + ring.live.len() as u64;
-        ring.live.push_back(Entry {
-            start,
-            end: start + rounded,
-            freed: false,
-        });
+        ring.live.insert(start, start + rounded);
         ring.tail = start + rounded;
         ring.in_use += rounded;
         ring.high_water = ring.high_water.max(ring.in_use);
         drop(ring);
         Ok(Some(StagingBuf {
             pool: self.inner.clone(),
-            id,
+            start,
             // SAFETY: start + rounded <= cap, inside the mapping.
             ptr: unsafe { self.inner.base.add(start) },
             len,
@@ -224,7 +217,7 @@ impl StagingPool {
 /// One allocation from the [`StagingPool`]; returns its space on drop.
 pub struct StagingBuf {
     pool: Arc<Inner>,
-    id: u64,
+    start: usize,
     ptr: *mut u8,
     len: usize,
     reserved: usize,
@@ -283,7 +276,7 @@ impl std::ops::DerefMut for StagingBuf {
 impl Drop for StagingBuf {
     fn drop(&mut self) {
         let mut ring = self.pool.ring.lock().unwrap_or_else(|p| p.into_inner());
-        ring.release(self.id);
+        ring.release(self.start);
         drop(ring);
         self.pool.freed.notify_all();
     }
@@ -299,20 +292,69 @@ mod tests {
         let pool = StagingPool::new(4 * ALIGN).unwrap();
         let a = pool.alloc(ALIGN).unwrap();
         let b = pool.alloc(2 * ALIGN).unwrap();
-        let _c = pool.alloc(ALIGN).unwrap();
-        drop(b); // not at head: space not yet reusable
+        let c = pool.alloc(ALIGN).unwrap();
         let p2 = pool.clone();
         let t = std::thread::spawn(move || {
             let mut d = p2.alloc(2 * ALIGN).unwrap();
             d.fill(7);
-            d.len()
+            d
         });
         std::thread::sleep(Duration::from_millis(50));
-        assert!(!t.is_finished());
+        assert!(!t.is_finished(), "the pool is full");
+        // Not the oldest buffer: its space is free at once all the same.
+        drop(b);
+        let d = t.join().unwrap();
+        assert_eq!(d.len(), 2 * ALIGN);
+        assert!(pool.try_alloc(ALIGN).unwrap().is_none());
         drop(a);
-        assert_eq!(t.join().unwrap(), 2 * ALIGN);
+        drop(c);
+        drop(d);
+        let e = pool.alloc(2 * ALIGN).unwrap();
+        assert_eq!(pool.in_use(), 2 * ALIGN);
+        drop(e);
+        assert_eq!(pool.in_use(), 0);
         assert!(pool.alloc(5 * ALIGN).is_err());
         assert_eq!(pool.high_water(), 4 * ALIGN);
+    }
+
+    /// Buffers of mixed sizes released in random order: every live buffer
+    /// keeps its bytes (no two overlap), and `in_use` counts exactly the
+    /// live ones.
+    #[test]
+    fn out_of_order_release_keeps_buffers_disjoint() {
+        let pool = StagingPool::new(64 * ALIGN).unwrap();
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut rand = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut live: Vec<(StagingBuf, u8)> = Vec::new();
+        for round in 0..2000u32 {
+            if !live.is_empty() && (rand(3) == 0 || live.len() > 12) {
+                let i = rand(live.len() as u64) as usize;
+                let (b, v) = live.swap_remove(i);
+                assert!(b.iter().all(|&y| y == v), "round {round}");
+            }
+            let len = (1 + rand(8) as usize) * ALIGN - rand(100) as usize;
+            if let Some(mut b) = pool.try_alloc(len).unwrap() {
+                let v = (round % 251) as u8;
+                b.fill(v);
+                live.push((b, v));
+            }
+            let want: usize = live
+                .iter()
+                .map(|(b, _)| b.len().div_ceil(ALIGN) * ALIGN)
+                .sum();
+            assert_eq!(pool.in_use(), want, "round {round}");
+        }
+        for (b, v) in &live {
+            assert!(b.iter().all(|&y| y == *v));
+        }
+        drop(live);
+        assert_eq!(pool.in_use(), 0);
+        assert!(pool.try_alloc(64 * ALIGN).unwrap().is_some());
     }
 
     #[test]
