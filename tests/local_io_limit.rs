@@ -1,22 +1,14 @@
-//! The local write and restore paths run toward the disk's limit without
-//! giving up durability or verification:
-//! - an I/O thread writes several chunk files before it `fdatasync`s them;
-//!   every chunk still reaches its final name only once durable, so a save
-//!   commits every chunk it wrote, a failed `fdatasync` in the middle of a
-//!   batch fails the save, and a power cut at any operation of a save with
-//!   many chunks leaves only complete chunk files and restorable steps;
-//! - a chunk spread over several destinations (small tensors packed
-//!   together) is read with O_DIRECT into a page-aligned scratch buffer,
-//!   not through the page cache, and still verified.
+//! The restore path runs toward the disk's read limit without giving up
+//! verification: a chunk spread over several destinations (small tensors
+//! packed together) is read with O_DIRECT into a page-aligned scratch
+//! buffer, not through the page cache, and still verified.
 //!
-//! Stores live under the build's temporary directory (a real disk, where
-//! O_DIRECT works) or, for the simulated disk, on tmpfs.
+//! Stores live under the build's temporary directory, a real disk where
+//! O_DIRECT works.
 
-use cairn::testing::SimDisk;
 use cairn::{DType, Error, ErrorKind, SaveState, StepSel, Store, StoreOptions, TensorFilter};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// splitmix64.
 struct Rng(u64);
@@ -95,13 +87,6 @@ fn chunk_files(root: &Path) -> Vec<PathBuf> {
     }
     out.sort();
     out
-}
-
-/// Files left in the store's `tmp/`.
-fn tmp_files(root: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(root.join("tmp"))
-        .map(|rd| rd.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default()
 }
 
 /// Pages of `path` resident in the page cache, and its pages in all.
@@ -230,183 +215,5 @@ fn a_flipped_bit_in_a_packed_chunk_is_caught_on_the_direct_path() {
             }
         }
         other => panic!("expected a corrupt chunk, got {other:?}"),
-    }
-}
-
-/// Many chunks, one I/O thread: its queue is always full, so it writes
-/// whole batches before syncing them.
-fn batch_opts(direct_io: bool) -> StoreOptions {
-    StoreOptions {
-        chunk_size: 64 << 10,
-        staging_bytes: 4 << 20,
-        workers: 2,
-        sync_threads: 1,
-        read_threads: 2,
-        direct_io,
-        ..StoreOptions::default()
-    }
-}
-
-/// 40 distinct 64 KiB chunks, and one tensor that ends inside a block.
-fn many_chunks(seed: u64) -> State {
-    let mut sizes = vec![64 << 10; 39];
-    sizes.push((64 << 10) - 333);
-    State::new(seed, &sizes)
-}
-
-#[test]
-fn batched_syncs_commit_every_chunk_written() {
-    for direct_io in [true, false] {
-        let what = if direct_io { "O_DIRECT" } else { "buffered" };
-        let dir = disk_dir();
-        let store = Store::open(dir.path(), batch_opts(direct_io)).unwrap();
-        for step in 1..=3u64 {
-            let s = many_chunks(step);
-            let r = store.save("b", step, &s.view()).unwrap().wait().unwrap();
-            assert_eq!(r.chunks_written, 40, "{what}: step {step}");
-            assert!(
-                tmp_files(dir.path()).is_empty(),
-                "{what}: temporary files left after step {step}: {:?}",
-                tmp_files(dir.path())
-            );
-        }
-        assert_eq!(chunk_files(dir.path()).len(), 120, "{what}");
-        let report = store.verify(None, None).unwrap();
-        assert!(report.ok(), "{what}: {:?}", report.problems);
-        drop(store);
-        let store = Store::open(dir.path(), batch_opts(direct_io)).unwrap();
-        for step in 1..=3u64 {
-            many_chunks(step).assert_restores(&store, "b", step, what);
-        }
-    }
-}
-
-/// A fresh empty directory for one simulated disk, on tmpfs if there is one.
-fn sim_scratch() -> (tempfile::TempDir, PathBuf) {
-    let base = Path::new("/dev/shm");
-    let dir = if base.is_dir() {
-        tempfile::tempdir_in(base)
-    } else {
-        tempfile::tempdir()
-    }
-    .unwrap();
-    let root = dir.path().join("store");
-    std::fs::create_dir(&root).unwrap();
-    (dir, root)
-}
-
-fn sim_opts() -> StoreOptions {
-    StoreOptions {
-        chunk_size: 4096,
-        staging_bytes: 256 << 10,
-        workers: 1,
-        sync_threads: 1,
-        read_threads: 1,
-        direct_io: false,
-        ..StoreOptions::default()
-    }
-}
-
-/// Twelve distinct 4 KiB chunks.
-fn sim_state(seed: u64) -> State {
-    State::new(seed, &[4096; 12])
-}
-
-#[test]
-fn a_failed_fdatasync_inside_a_batch_fails_the_save() {
-    // Each save syncs its 12 chunk files, then directories and the
-    // manifest; fail each of the first chunk syncs in turn, so the
-    // failure falls first, inside and last in a batch.
-    for after in 0..12u64 {
-        let (_dir, root) = sim_scratch();
-        let disk = SimDisk::new(&root).unwrap();
-        let store = Store::open_with_fs(&root, sim_opts(), disk.clone()).unwrap();
-        let s = sim_state(after);
-        disk.fail_sync_after(after, libc::EIO);
-        let res = store.save("f", 1, &s.view()).and_then(|h| h.wait());
-        assert!(disk.clear_sync_fault(), "sync fault {after} never fired");
-        let e = res.expect_err("a save whose chunk fsync failed committed");
-        assert_eq!(e.kind(), ErrorKind::Unavailable, "fault {after}: {e}");
-        assert!(
-            matches!(&e, Error::Io { op, .. } if op.contains("fsync")),
-            "fault {after}: {e:?}"
-        );
-        assert!(
-            store.steps("f").unwrap_or_default().is_empty(),
-            "fault {after}: the failed save is listed"
-        );
-        // The same save again succeeds, and survives a power cut.
-        store.save("f", 1, &s.view()).unwrap().wait().unwrap();
-        drop(store);
-        disk.power_loss().unwrap();
-        let store = Store::open_with_fs(&root, sim_opts(), disk.clone()).unwrap();
-        s.assert_restores(&store, "f", 1, &format!("fault {after}"));
-    }
-}
-
-#[test]
-fn power_loss_at_every_operation_of_a_batched_save() {
-    let first = sim_state(1);
-    let second = sim_state(2);
-    let run = |disk: &Arc<SimDisk>, root: &Path| -> (bool, bool) {
-        let Ok(store) = Store::open_with_fs(root, sim_opts(), disk.clone()) else {
-            return (false, false);
-        };
-        let one = store
-            .save("w", 1, &first.view())
-            .and_then(|h| h.wait())
-            .is_ok();
-        let two = one
-            && store
-                .save("w", 2, &second.view())
-                .and_then(|h| h.wait())
-                .is_ok();
-        (one, two)
-    };
-    let total = {
-        let (_dir, root) = sim_scratch();
-        let disk = SimDisk::new(&root).unwrap();
-        assert_eq!(run(&disk, &root), (true, true));
-        disk.ops()
-    };
-    assert!(total > 50, "only {total} operations");
-    for n in 0..=total {
-        let what = format!("power cut at operation {n} of {total}");
-        let (_dir, root) = sim_scratch();
-        let disk = SimDisk::new(&root).unwrap();
-        disk.crash_at(n);
-        let (one, two) = run(&disk, &root);
-        disk.power_loss().unwrap();
-        let Ok(store) = Store::open_with_fs(&root, sim_opts(), disk.clone()) else {
-            assert!(!one, "{what}: a committed store does not reopen");
-            continue;
-        };
-        let steps = store.steps("w").unwrap_or_default();
-        if one {
-            assert!(steps.contains(&1), "{what}: committed step 1 not listed");
-        }
-        if two {
-            assert!(steps.contains(&2), "{what}: committed step 2 not listed");
-        }
-        // Every chunk file at its final name is complete, whether or not
-        // its save committed.
-        for f in chunk_files(&root) {
-            let id: cairn::ChunkId = f.file_name().unwrap().to_str().unwrap().parse().unwrap();
-            let b = std::fs::read(&f).unwrap();
-            assert!(b.len() >= 4096, "{what}: {} is torn", f.display());
-            assert_eq!(
-                cairn::ChunkId::of(&b[b.len() - 4096..]),
-                id,
-                "{what}: {} is not whole",
-                f.display()
-            );
-        }
-        for (step, s) in [(1, &first), (2, &second)] {
-            if steps.contains(&step) {
-                s.assert_restores(&store, "w", step, &what);
-            }
-        }
-        let report = store.verify(None, None).unwrap();
-        assert!(report.ok(), "{what}: {:?}", report.problems);
     }
 }

@@ -2,8 +2,7 @@
 //!
 //! ```text
 //! save() --Chunk--> workers (hash, dedup, encode, write tmp file, release staging)
-//!                      |--Sync--> I/O threads (O_DIRECT write; per batch: fdatasync,
-//!                      |                       rename into chunks/)
+//!                      |--Sync--> syncers (fdatasync, rename into chunks/)
 //!                      '--------> committer (wait for shared chunks, fsync dirs,
 //!                                            publish the manifest)
 //! ```
@@ -408,111 +407,44 @@ fn process_chunk(
     }
 }
 
-/// Chunk files one I/O thread writes before it makes them durable. The
-/// `fdatasync` of the first commits the file system's journal for all of
-/// them, so the others cost little; a thread syncs fewer when the queue
-/// runs dry.
-const SYNC_BATCH: usize = 4;
-
-/// A chunk file an I/O thread has written and not yet made durable. Its
-/// guard fails the save and releases the chunk if it is dropped before
-/// the chunk is accounted for (a panic).
-struct Written<'a> {
-    guard: PanicGuard<'a>,
-    ctx: Arc<SaveCtx>,
-    id: ChunkId,
-    len: u64,
-    inflight: Arc<Inflight>,
-    pending: Result<PendingChunk>,
-}
-
-/// An I/O thread: takes one chunk at a time from the queue and writes it,
-/// and makes the chunks it has written durable, each `fdatasync`ed and
-/// then renamed into place, once it holds [`SYNC_BATCH`] of them or the
-/// queue is empty. A chunk is never renamed before its own `fdatasync`.
 fn sync_loop(rx: Receiver<SyncJob>, shared: Arc<Shared>) {
-    let mut written: Vec<Written<'_>> = Vec::with_capacity(SYNC_BATCH);
-    loop {
-        let job = if written.is_empty() {
-            match rx.recv() {
-                Ok(job) => Some(job),
-                Err(_) => break,
-            }
-        } else {
-            rx.try_recv().ok()
+    for job in rx {
+        let mut guard = PanicGuard {
+            shared: &shared,
+            ctx: Some(job.ctx.clone()),
+            claimed: Some((job.id, job.inflight.clone())),
         };
-        match job {
-            Some(job) => {
-                written.extend(write_one(job, &shared));
-                if written.len() >= SYNC_BATCH {
-                    sync_written(&mut written, &shared);
-                }
-            }
-            None => sync_written(&mut written, &shared),
-        }
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            process_sync(job, &shared, &mut guard)
+        }));
     }
 }
 
-/// Write one chunk file (raw payloads straight from staging with
-/// O_DIRECT, whose buffer goes back to the pool here). `None` if the write
-/// panicked; its guard has then failed the save.
-fn write_one(job: SyncJob, shared: &Shared) -> Option<Written<'_>> {
-    let SyncJob {
-        ctx,
-        id,
-        len,
-        write,
-        inflight,
-    } = job;
-    let guard = PanicGuard {
-        shared,
-        ctx: Some(ctx.clone()),
-        claimed: Some((id, inflight.clone())),
-    };
-    let pending = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match write {
-        WriteKind::Pending(p) => Ok(p),
-        WriteKind::Direct { header, mut buf } => {
-            let t = Instant::now();
-            let res = shared.chunks.write_direct(&header, &mut buf);
-            Counters::add_time(&ctx.counters.write_ns, t);
-            res
-        }
-    }))
-    .ok()?;
-    Some(Written {
-        guard,
-        ctx,
-        id,
-        len,
-        inflight,
-        pending,
-    })
-}
-
-/// Make every chunk of `written` durable, in the order written: fdatasync,
-/// then rename into `chunks/`.
-fn sync_written(written: &mut Vec<Written<'_>>, shared: &Shared) {
-    for w in written.drain(..) {
-        let Written {
-            mut guard,
+fn process_sync(job: SyncJob, shared: &Shared, guard: &mut PanicGuard<'_>) {
+    {
+        let SyncJob {
             ctx,
             id,
             len,
+            write,
             inflight,
-            pending,
-        } = w;
+        } = job;
         let c = &ctx.counters;
-        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let t = Instant::now();
-            let res = pending.and_then(|p| {
-                let stored = p.stored_bytes;
-                p.finish().map(|()| stored)
-            });
-            Counters::add_time(&c.sync_ns, t);
-            res
-        }));
-        // A panic: the guard, dropped here, fails the save.
-        let Ok(res) = res else { continue };
+        let pending = match write {
+            WriteKind::Pending(p) => Ok(p),
+            WriteKind::Direct { header, mut buf } => {
+                let t = Instant::now();
+                let res = shared.chunks.write_direct(&header, &mut buf);
+                Counters::add_time(&c.write_ns, t);
+                res
+            }
+        };
+        let t = Instant::now();
+        let res = pending.and_then(|p| {
+            let stored = p.stored_bytes;
+            p.finish().map(|()| stored)
+        });
+        Counters::add_time(&c.sync_ns, t);
         guard.disarm();
         match res {
             Ok(stored) => {
