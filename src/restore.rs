@@ -301,7 +301,7 @@ pub(crate) fn execute(
     crate::parallel::try_for_each(
         plan.tasks.into_iter(),
         threads,
-        || Ok((Vec::new(), Vec::new(), Decoder::new()?)),
+        || Ok((Vec::new(), ChunkScratch::new(), Decoder::new()?)),
         |(scratch, whole, decoder), mut task| {
             let n = read_task(source, &mut task, scratch, whole, decoder)
                 .map_err(|e| with_tensors(e, &task.names))?;
@@ -320,7 +320,7 @@ fn read_task(
     source: &dyn ChunkSource,
     task: &mut ChunkTask<'_>,
     scratch: &mut Vec<u8>,
-    whole: &mut Vec<u8>,
+    whole: &mut ChunkScratch,
     decoder: &mut Decoder,
 ) -> Result<u64> {
     if let [p] = task.placements.as_mut_slice() {
@@ -329,13 +329,24 @@ fn read_task(
                 &task.id,
                 task.chunk_len,
                 Some(&mut *p.dest),
-                whole,
+                &mut Vec::new(),
                 scratch,
                 decoder,
             );
         }
     }
-    let n = source.read_chunk(&task.id, task.chunk_len, None, whole, scratch, decoder)?;
+    // A chunk spread over several destinations (small tensors packed
+    // together) is read whole into the thread's page-aligned scratch, so
+    // that its payload too is read with O_DIRECT, then copied out.
+    let whole = whole.get(task.chunk_len, &task.id)?;
+    let n = source.read_chunk(
+        &task.id,
+        task.chunk_len,
+        Some(&mut *whole),
+        &mut Vec::new(),
+        scratch,
+        decoder,
+    )?;
     for p in &mut task.placements {
         let start = p.chunk_off as usize;
         let src = start
@@ -345,6 +356,80 @@ fn read_task(
         p.dest.copy_from_slice(src);
     }
     Ok(n)
+}
+
+/// A read thread's buffer for chunks spread over several destinations:
+/// page-aligned anonymous memory, mapped on first use and grown as needed,
+/// so that a chunk's payload is read into it with O_DIRECT rather than
+/// through the page cache. Its pages are touched only as chunks are read.
+pub(crate) struct ChunkScratch {
+    ptr: *mut u8,
+    cap: usize,
+}
+
+// SAFETY: the mapping is owned by this value alone and only reached
+// through `&mut self`.
+unsafe impl Send for ChunkScratch {}
+
+impl ChunkScratch {
+    pub(crate) fn new() -> Self {
+        ChunkScratch {
+            ptr: std::ptr::null_mut(),
+            cap: 0,
+        }
+    }
+
+    /// The first `len` bytes, mapping a larger region first if needed.
+    fn get(&mut self, len: u64, id: &ChunkId) -> Result<&mut [u8]> {
+        let too_large = || {
+            Error::invalid(
+                format!("chunk {id}"),
+                format!("cannot map {len} bytes to read it into"),
+            )
+        };
+        let n = usize::try_from(len).map_err(|_| too_large())?;
+        if n == 0 {
+            return Ok(&mut []);
+        }
+        if n > self.cap {
+            self.unmap();
+            let cap = n.checked_next_multiple_of(4096).ok_or_else(too_large)?;
+            // SAFETY: a fresh private anonymous mapping; no memory is passed.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    cap,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(too_large());
+            }
+            self.ptr = p.cast();
+            self.cap = cap;
+        }
+        // SAFETY: ptr maps cap >= n bytes, readable and writable (zeroed
+        // by the kernel when first touched), borrowed exclusively.
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr, n) })
+    }
+
+    fn unmap(&mut self) {
+        if !self.ptr.is_null() {
+            // SAFETY: ptr and cap are exactly what mmap returned and mapped.
+            unsafe { libc::munmap(self.ptr.cast(), self.cap) };
+            self.ptr = std::ptr::null_mut();
+            self.cap = 0;
+        }
+    }
+}
+
+impl Drop for ChunkScratch {
+    fn drop(&mut self) {
+        self.unmap();
+    }
 }
 
 /// Restore the entries of `manifest` selected by `filter` (blobs always)
