@@ -1,0 +1,967 @@
+//! Packs: small chunk objects uploaded together as one larger object, so
+//! that a checkpoint of many small chunks costs few PUTs and its restore
+//! few GETs.
+//!
+//! ```text
+//! <prefix>/packs/<2 hex>/<64 hex>                 a pack: chunk objects back to back,
+//!                                                 named by the blake3 hash of its bytes
+//! <prefix>/runs/<run>/<step:020>/packs.json       the checkpoint's pack map: where each
+//!                                                 of its packed chunks lives
+//! ```
+//!
+//! Every chunk object in a pack keeps its own header, so a chunk read with
+//! a ranged GET is decoded and verified on its own. The pack map is put
+//! before the manifest, so the manifest stays the one commit point: a
+//! listed checkpoint's packed chunks are all in packs that were present
+//! before it was listed. Chunks not in the pack map are read from
+//! `chunks/` as before, so remotes written without packs read as they
+//! are. A pack is live while the pack map of any committed checkpoint
+//! names it; collection deletes an unreferenced pack only past the grace
+//! period, after a HEAD, as it does a chunk object (`gc`).
+
+use super::RemoteStore;
+use crate::chunk_id::ChunkId;
+use crate::codec::{decode_chunk_object, Decoder};
+use crate::error::{Error, Result};
+use crate::format::chunk::MAX_PAYLOAD_OFFSET;
+use crate::layout::{step_dir_name, validate_run_name, RUNS_DIR};
+use crate::restore::ChunkSource;
+use crate::tier::ChunkTier;
+use futures::TryStreamExt;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectMeta, PutMode, PutOptions, PutPayload};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Condvar, Mutex, OnceLock, RwLock};
+
+/// Directory of the packs under a remote prefix.
+pub const PACKS_DIR: &str = "packs";
+/// File name of a checkpoint's pack map, next to its manifest.
+pub const PACK_MAP_FILE: &str = "packs.json";
+/// The `format` field of every pack map.
+pub const PACK_MAP_FORMAT: &str = "cairn-pack-map";
+/// The pack map version this build writes and reads.
+pub const PACK_MAP_VERSION: u32 = 1;
+/// Largest pack map object read (a map lists each packed chunk once, about
+/// 150 bytes each).
+pub const MAX_PACK_MAP_LEN: u64 = 64 << 20;
+
+/// Where a packed chunk object lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackLoc {
+    /// The pack (the blake3 hash of its bytes).
+    pub pack: ChunkId,
+    /// Offset of the chunk object in the pack.
+    pub offset: u64,
+    /// Bytes of the chunk object (header and payload, as stored).
+    pub len: u64,
+}
+
+/// One chunk object in a pack, as the pack map lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackedChunk {
+    /// The chunk.
+    pub id: ChunkId,
+    /// Offset of its object in the pack.
+    pub offset: u64,
+    /// Bytes of its object.
+    pub len: u64,
+}
+
+/// One pack and the chunks of a checkpoint stored in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackEntry {
+    /// The pack.
+    pub pack: ChunkId,
+    /// Bytes of the pack object.
+    pub size: u64,
+    /// The checkpoint's chunks in it, by offset.
+    pub chunks: Vec<PackedChunk>,
+}
+
+/// A checkpoint's pack map: which of its chunks are in which pack
+/// (`runs/<run>/<step:020>/packs.json`, JSON; see `docs/format.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackMap {
+    /// Always [`PACK_MAP_FORMAT`].
+    pub format: String,
+    /// [`PACK_MAP_VERSION`].
+    pub version: u32,
+    /// The run of the checkpoint.
+    pub run: String,
+    /// The step of the checkpoint.
+    pub step: u64,
+    /// The packs.
+    pub packs: Vec<PackEntry>,
+}
+
+impl PackMap {
+    /// An empty map of `(run, step)`.
+    pub fn new(run: &str, step: u64) -> Self {
+        PackMap {
+            format: PACK_MAP_FORMAT.to_string(),
+            version: PACK_MAP_VERSION,
+            run: run.to_string(),
+            step,
+            packs: Vec::new(),
+        }
+    }
+
+    /// Every packed chunk and where it lives.
+    pub fn locations(&self) -> impl Iterator<Item = (ChunkId, PackLoc)> + '_ {
+        self.packs.iter().flat_map(|p| {
+            p.chunks.iter().map(|c| {
+                (
+                    c.id,
+                    PackLoc {
+                        pack: p.pack,
+                        offset: c.offset,
+                        len: c.len,
+                    },
+                )
+            })
+        })
+    }
+
+    /// Parse and validate a stored map of `(run, step)`: the format and
+    /// version, the run and step it names, and every chunk inside its pack.
+    pub fn decode(bytes: &[u8], run: &str, step: u64, at: &str) -> Result<PackMap> {
+        let bad = |reason: String| Error::manifest(PathBuf::from(at), reason);
+        let m: PackMap =
+            serde_json::from_slice(bytes).map_err(|e| bad(format!("pack map: {e}")))?;
+        if m.format != PACK_MAP_FORMAT {
+            return Err(bad(format!("pack map: format is {:?}", m.format)));
+        }
+        if m.version != PACK_MAP_VERSION {
+            return Err(Error::UnsupportedVersion {
+                what: "pack map",
+                path: PathBuf::from(at),
+                found: m.version.into(),
+                supported: PACK_MAP_VERSION.into(),
+            });
+        }
+        if m.run != run || m.step != step {
+            return Err(bad(format!(
+                "pack map names run {} step {}, not its location",
+                m.run, m.step
+            )));
+        }
+        for p in &m.packs {
+            for c in &p.chunks {
+                if c.len == 0 || c.offset.checked_add(c.len).is_none_or(|end| end > p.size) {
+                    return Err(bad(format!(
+                        "pack map: chunk {} at {}+{} lies outside pack {} of {} bytes",
+                        c.id, c.offset, c.len, p.pack, p.size
+                    )));
+                }
+            }
+        }
+        Ok(m)
+    }
+}
+
+/// Where the packed chunks of the checkpoints a store has read live, for
+/// reads that name only a chunk (verify, a tier's repair, `restore --to`).
+#[derive(Debug, Default)]
+pub(crate) struct PackIndex {
+    locs: RwLock<HashMap<ChunkId, PackLoc>>,
+}
+
+impl PackIndex {
+    fn add(&self, map: &PackMap) {
+        if map.packs.is_empty() {
+            return;
+        }
+        let mut g = self.locs.write().unwrap_or_else(|p| p.into_inner());
+        g.extend(map.locations());
+    }
+
+    fn get(&self, id: &ChunkId) -> Option<PackLoc> {
+        self.locs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .copied()
+    }
+}
+
+/// How a pack ended up in the remote after [`RemoteStore::store_pack`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackStored {
+    /// It was absent and this call put it.
+    Uploaded,
+    /// It was present and fresh: nothing was sent.
+    Present,
+    /// It was present but too old to rely on: put again, renewing it.
+    Renewed,
+}
+
+/// The most bytes a stored object of a `len`-byte chunk can take.
+pub(crate) fn max_object_len(len: u64) -> u64 {
+    MAX_PAYLOAD_OFFSET as u64 + (zstd::zstd_safe::compress_bound(len as usize) as u64).max(len)
+}
+
+impl RemoteStore {
+    /// Path of pack `id`: `packs/<2 hex>/<64 hex>`.
+    pub fn pack_path(&self, id: &ChunkId) -> ObjPath {
+        self.prefix
+            .child(PACKS_DIR)
+            .child(id.prefix())
+            .child(id.to_hex())
+    }
+
+    /// Path of the pack map of `(run, step)`, next to its manifest.
+    pub fn pack_map_path(&self, run: &str, step: u64) -> ObjPath {
+        self.prefix
+            .child(RUNS_DIR)
+            .child(run)
+            .child(step_dir_name(step))
+            .child(PACK_MAP_FILE)
+    }
+
+    /// The pack map of `(run, step)`, validated, or `None` when it has
+    /// none (a checkpoint without packed chunks, or written before packs).
+    pub async fn pack_map(&self, run: &str, step: u64) -> Result<Option<PackMap>> {
+        validate_run_name(run)?;
+        let path = self.pack_map_path(run, step);
+        let at = path.to_string();
+        let r = self
+            .retry(|| async {
+                let op = "get pack map";
+                let r = self
+                    .inner
+                    .get(&path)
+                    .await
+                    .map_err(|e| Error::remote(op, &path, e))?;
+                if r.meta.size > MAX_PACK_MAP_LEN {
+                    return Err(Error::manifest(
+                        PathBuf::from(&at),
+                        format!("pack map larger than {MAX_PACK_MAP_LEN} bytes"),
+                    ));
+                }
+                let b = r.bytes().await.map_err(|e| Error::remote(op, &path, e))?;
+                Ok(b)
+            })
+            .await;
+        match r {
+            Ok(b) => Ok(Some(PackMap::decode(&b, run, step, &at)?)),
+            Err(Error::Remote {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Read the pack map of `(run, step)` and remember where its chunks
+    /// live, for reads that name only a chunk.
+    pub(crate) async fn learn_pack_map(&self, run: &str, step: u64) -> Result<Option<PackMap>> {
+        let m = self.pack_map(run, step).await?;
+        if let Some(m) = &m {
+            self.packed.add(m);
+        }
+        Ok(m)
+    }
+
+    /// Put the pack map of a checkpoint (before its manifest). A map left
+    /// by an interrupted upload of the same step is replaced: until the
+    /// manifest exists, nothing reads it.
+    pub async fn put_pack_map(&self, map: &PackMap) -> Result<()> {
+        validate_run_name(&map.run)?;
+        let path = self.pack_map_path(&map.run, map.step);
+        let bytes = serde_json::to_vec(map)
+            .map_err(|e| Error::Internal(format!("encode pack map: {e}")))?;
+        self.put_object(&path, bytes::Bytes::from(bytes)).await?;
+        self.packed.add(map);
+        Ok(())
+    }
+
+    /// Delete the pack map of `(run, step)` (absent is fine).
+    pub async fn delete_pack_map(&self, run: &str, step: u64) -> Result<()> {
+        validate_run_name(run)?;
+        let path = self.pack_map_path(run, step);
+        self.retry(|| async {
+            match self.inner.delete(&path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(Error::remote("delete pack map", &path, e)),
+            }
+        })
+        .await
+    }
+
+    /// Metadata of pack `id`, or `None` if the remote does not hold it.
+    pub async fn head_pack(&self, id: &ChunkId) -> Result<Option<ObjectMeta>> {
+        let path = self.pack_path(id);
+        let r = self
+            .retry(|| async {
+                self.inner
+                    .head(&path)
+                    .await
+                    .map_err(|e| Error::remote("head pack", &path, e))
+            })
+            .await;
+        match r {
+            Ok(m) => Ok(Some(m)),
+            Err(Error::Remote {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Store pack `bytes` under the hash of its bytes. A HEAD first: a
+    /// pack present and `fresh` (by its last-modified time, in ms) is left
+    /// as it is; one present but stale is put again, renewing it; an
+    /// absent one is put create-only, and a refusal (another uploader put
+    /// the same bytes meanwhile) counts as success.
+    pub async fn store_pack(
+        &self,
+        bytes: bytes::Bytes,
+        fresh: &(dyn Fn(i64) -> bool + Sync),
+    ) -> Result<(ChunkId, PackStored)> {
+        let id = ChunkId::of(&bytes);
+        let path = self.pack_path(&id);
+        let n = bytes.len() as u64;
+        match self.head_pack(&id).await? {
+            Some(m) if fresh(m.last_modified.timestamp_millis()) => {
+                return Ok((id, PackStored::Present))
+            }
+            Some(_) => {
+                self.put_object(&path, bytes).await?;
+                self.metrics.add_pack_upload(n);
+                return Ok((id, PackStored::Renewed));
+            }
+            None => {}
+        }
+        if n as usize > self.opts.multipart_threshold {
+            // Multipart uploads have no create-only mode everywhere; the
+            // name is the hash of the bytes, so overwriting is harmless.
+            self.put_object(&path, bytes).await?;
+        } else {
+            let r = self
+                .retry(|| {
+                    let bytes = bytes.clone();
+                    let path = &path;
+                    async move {
+                        self.metrics.add_put();
+                        self.inner
+                            .put_opts(
+                                path,
+                                PutPayload::from(bytes),
+                                PutOptions {
+                                    mode: PutMode::Create,
+                                    ..Default::default()
+                                },
+                            )
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| Error::remote("put pack", path, e))
+                    }
+                })
+                .await;
+            match r {
+                Ok(())
+                | Err(Error::Remote {
+                    source:
+                        object_store::Error::AlreadyExists { .. }
+                        | object_store::Error::Precondition { .. },
+                    ..
+                }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.metrics.add_pack_upload(n);
+        tracing::debug!(pack = %id, bytes = n, "uploaded pack");
+        Ok((id, PackStored::Uploaded))
+    }
+
+    /// Put pack `bytes` again (after a collection removed it under a
+    /// renewal; see `copy_checkpoint`).
+    pub(crate) async fn put_pack_again(&self, id: &ChunkId, bytes: bytes::Bytes) -> Result<()> {
+        let n = bytes.len() as u64;
+        self.put_object(&self.pack_path(id), bytes).await?;
+        self.metrics.add_pack_upload(n);
+        Ok(())
+    }
+
+    /// Every pack object: id, last-modified time (ms since the epoch) and
+    /// size. Objects not at the path of a pack are skipped.
+    pub async fn list_packs(&self) -> Result<Vec<(ChunkId, i64, u64)>> {
+        let path = self.prefix.child(PACKS_DIR);
+        let metas: Vec<ObjectMeta> = self
+            .retry(|| async {
+                self.inner
+                    .list(Some(&path))
+                    .try_collect()
+                    .await
+                    .map_err(|e| Error::remote("list packs", &path, e))
+            })
+            .await?;
+        Ok(metas
+            .into_iter()
+            .filter_map(|m| {
+                let id = super::listed_chunk_id(&path, &m.location)?;
+                Some((id, m.last_modified.timestamp_millis(), m.size))
+            })
+            .collect())
+    }
+
+    /// Every pack map object under `runs/`: run, step, last-modified time
+    /// (ms since the epoch). Listed by collection to find maps whose
+    /// checkpoint is gone.
+    pub async fn list_pack_maps(&self) -> Result<Vec<(String, u64, i64)>> {
+        let base = self.prefix.child(RUNS_DIR);
+        let metas: Vec<ObjectMeta> = self
+            .retry(|| async {
+                self.inner
+                    .list(Some(&base))
+                    .try_collect()
+                    .await
+                    .map_err(|e| Error::remote("list", &base, e))
+            })
+            .await?;
+        Ok(metas
+            .into_iter()
+            .filter_map(|m| {
+                let parts: Vec<_> = m.location.prefix_match(&base)?.collect();
+                match parts.as_slice() {
+                    [run, step, file] if file.as_ref() == PACK_MAP_FILE => Some((
+                        run.as_ref().to_string(),
+                        crate::layout::parse_step_dir_name(step.as_ref())?,
+                        m.last_modified.timestamp_millis(),
+                    )),
+                    _ => None,
+                }
+            })
+            .collect())
+    }
+
+    /// Delete pack `id` (absent is fine).
+    pub async fn delete_pack(&self, id: &ChunkId) -> Result<()> {
+        let path = self.pack_path(id);
+        self.retry(|| async {
+            match self.inner.delete(&path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(Error::remote("delete pack", &path, e)),
+            }
+        })
+        .await
+    }
+
+    /// Where chunk `id` lives in a pack, if a pack map this store read
+    /// lists it.
+    pub(crate) fn packed_location(&self, id: &ChunkId) -> Option<PackLoc> {
+        self.packed.get(id)
+    }
+
+    /// Learn the pack map of every committed checkpoint (for a read of a
+    /// chunk found neither at `chunks/` nor in a map read so far).
+    pub(crate) async fn learn_all_pack_maps(&self) -> Result<()> {
+        for run in self.runs().await? {
+            for step in self.steps(&run).await? {
+                self.learn_pack_map(&run, step).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Where a packed chunk is, for messages: the pack and the offset.
+    pub(crate) fn packed_display(&self, loc: &PackLoc) -> PathBuf {
+        PathBuf::from(format!(
+            "{} (bytes {}..{})",
+            self.pack_path(&loc.pack),
+            loc.offset,
+            loc.offset + loc.len
+        ))
+    }
+
+    /// Fetch the object of chunk `id` (`len` bytes uncompressed) from its
+    /// pack with one ranged GET; not yet verified.
+    pub async fn fetch_packed_object(
+        &self,
+        id: &ChunkId,
+        loc: &PackLoc,
+        len: u64,
+    ) -> Result<bytes::Bytes> {
+        if loc.len > max_object_len(len) {
+            return Err(Error::CorruptChunk {
+                chunk: id.to_hex(),
+                path: self.packed_display(loc),
+                reason: format!(
+                    "object is {} bytes, more than a {len}-byte chunk can take",
+                    loc.len
+                ),
+                tensors: Vec::new(),
+            });
+        }
+        let path = self.pack_path(&loc.pack);
+        match self
+            .get_range(&path, loc.offset..loc.offset + loc.len)
+            .await
+        {
+            Ok(b) => {
+                self.metrics.add_download(b.len() as u64);
+                Ok(b)
+            }
+            Err(Error::Remote {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => Err(Error::CorruptChunk {
+                chunk: id.to_hex(),
+                path: self.packed_display(loc),
+                reason: format!("pack missing from {}", self.url),
+                tensors: Vec::new(),
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Fetch chunk object `id` wherever it lives: in a pack a map read by
+    /// this store lists, else at `chunks/`; a chunk missing there is looked
+    /// up in the pack maps of every committed checkpoint once more. Returns
+    /// the object (not yet verified) and where it was read, for messages.
+    pub(crate) async fn fetch_any_object(
+        &self,
+        id: &ChunkId,
+        len: u64,
+    ) -> Result<(bytes::Bytes, PathBuf)> {
+        if let Some(loc) = self.packed_location(id) {
+            let b = self.fetch_packed_object(id, &loc, len).await?;
+            return Ok((b, self.packed_display(&loc)));
+        }
+        match self.fetch_chunk_object(id, len).await {
+            Ok(b) => Ok((b, PathBuf::from(self.chunk_path(id).to_string()))),
+            Err(e @ Error::CorruptChunk { .. }) => {
+                // Missing at chunks/: perhaps packed by a checkpoint whose
+                // map this store has not read yet.
+                if self.head_chunk(id).await?.is_some() {
+                    return Err(e);
+                }
+                self.learn_all_pack_maps().await?;
+                match self.packed_location(id) {
+                    Some(loc) => {
+                        let b = self.fetch_packed_object(id, &loc, len).await?;
+                        Ok((b, self.packed_display(&loc)))
+                    }
+                    None => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A range of one pack holding chunks a restore reads one after the
+/// other: fetched with one ranged GET by the first reader that needs it,
+/// handed out chunk by chunk, and dropped (with its share of the read
+/// budget) once its last chunk is taken.
+struct Segment<'a> {
+    pack: ChunkId,
+    start: u64,
+    end: u64,
+    chunks: usize,
+    state: Mutex<SegState<'a>>,
+    ready: Condvar,
+}
+
+enum SegState<'a> {
+    Idle,
+    Fetching,
+    Ready {
+        bytes: bytes::Bytes,
+        left: usize,
+        _budget: super::BudgetGuard<'a>,
+    },
+    /// Every chunk taken, or the fetch failed: read chunk by chunk.
+    Gone,
+}
+
+/// The segments of one restore and, per chunk, its segment and location.
+type Segments<'a> = (Vec<Segment<'a>>, HashMap<ChunkId, (usize, PackLoc)>);
+
+/// The source a restore from the remote reads through: chunks of the same
+/// pack that the restore reads one after the other, adjacent in the pack,
+/// are fetched together with one ranged GET (up to an eighth of the read
+/// budget per range, which the range holds until its last chunk is
+/// taken), many ranges at once; every chunk is decoded and verified on its
+/// own as it is taken. Other chunks are read as the remote tier reads
+/// them. The restore hands out chunks in its plan's order, so the readers
+/// of one range take its chunks one after the other and none waits for
+/// budget that a range holds for a chunk not yet handed out.
+pub(crate) struct PackedReader<'a> {
+    store: &'a RemoteStore,
+    segs: OnceLock<Segments<'a>>,
+}
+
+impl<'a> PackedReader<'a> {
+    /// A reader of `store`'s chunks; ranges are planned by
+    /// [`ChunkSource::prepare`].
+    pub(crate) fn new(store: &'a RemoteStore) -> Self {
+        PackedReader {
+            store,
+            segs: OnceLock::new(),
+        }
+    }
+
+    /// The object of packed chunk `id` from its range, fetching the range
+    /// if this is its first chunk; `None` to read the chunk on its own.
+    fn take(&self, id: &ChunkId) -> Result<Option<(bytes::Bytes, PackLoc)>> {
+        let Some((segs, by_id)) = self.segs.get() else {
+            return Ok(None);
+        };
+        let Some(&(si, loc)) = by_id.get(id) else {
+            return Ok(None);
+        };
+        let seg = &segs[si];
+        // A poisoned lock only means another reader panicked.
+        fn lock<'m, 'a>(m: &'m Mutex<SegState<'a>>) -> std::sync::MutexGuard<'m, SegState<'a>> {
+            m.lock().unwrap_or_else(|p| p.into_inner())
+        }
+        let mut st = lock(&seg.state);
+        loop {
+            match &mut *st {
+                SegState::Idle => {
+                    *st = SegState::Fetching;
+                    drop(st);
+                    let budget = self.store.take_read_budget(seg.end - seg.start);
+                    let path = self.store.pack_path(&seg.pack);
+                    let r = self
+                        .store
+                        .block_on(self.store.get_range(&path, seg.start..seg.end))
+                        .and_then(|r| r);
+                    st = lock(&seg.state);
+                    match r {
+                        Ok(bytes) => {
+                            *st = SegState::Ready {
+                                bytes,
+                                left: seg.chunks,
+                                _budget: budget,
+                            };
+                            seg.ready.notify_all();
+                        }
+                        Err(e) => {
+                            *st = SegState::Gone;
+                            seg.ready.notify_all();
+                            return Err(match e {
+                                Error::Remote {
+                                    source: object_store::Error::NotFound { .. },
+                                    ..
+                                } => Error::CorruptChunk {
+                                    chunk: id.to_hex(),
+                                    path: self.store.packed_display(&loc),
+                                    reason: format!("pack missing from {}", self.store.url),
+                                    tensors: Vec::new(),
+                                },
+                                e => e,
+                            });
+                        }
+                    }
+                }
+                SegState::Fetching => {
+                    st = seg.ready.wait(st).unwrap_or_else(|p| p.into_inner());
+                }
+                SegState::Ready { bytes, left, .. } => {
+                    let from = (loc.offset - seg.start) as usize;
+                    let object = bytes.slice(from..from + loc.len as usize);
+                    *left -= 1;
+                    if *left == 0 {
+                        *st = SegState::Gone;
+                    }
+                    self.store.metrics.add_download(loc.len);
+                    return Ok(Some((object, loc)));
+                }
+                SegState::Gone => return Ok(None),
+            }
+        }
+    }
+}
+
+impl ChunkSource for PackedReader<'_> {
+    fn prepare(&self, chunks: &[(ChunkId, u64)]) {
+        let cap = (super::read_budget(&self.store.opts) / 8).max(1);
+        let mut segs: Vec<Segment<'_>> = Vec::new();
+        let mut by_id = HashMap::new();
+        let mut open = false;
+        for (id, _) in chunks {
+            let Some(loc) = self.store.packed_location(id) else {
+                open = false;
+                continue;
+            };
+            let extend = open
+                && segs.last().is_some_and(|s| {
+                    s.pack == loc.pack && s.end == loc.offset && loc.offset + loc.len - s.start <= cap
+                });
+            if extend {
+                let s = segs.last_mut().expect("open segment");
+                s.end += loc.len;
+                s.chunks += 1;
+            } else {
+                segs.push(Segment {
+                    pack: loc.pack,
+                    start: loc.offset,
+                    end: loc.offset + loc.len,
+                    chunks: 1,
+                    state: Mutex::new(SegState::Idle),
+                    ready: Condvar::new(),
+                });
+                open = true;
+            }
+            by_id.insert(*id, (segs.len() - 1, loc));
+        }
+        let _ = self.segs.set((segs, by_id));
+    }
+
+    fn read_chunk(
+        &self,
+        id: &ChunkId,
+        len: u64,
+        out: Option<&mut [u8]>,
+        buf: &mut Vec<u8>,
+        scratch: &mut Vec<u8>,
+        decoder: &mut Decoder,
+    ) -> Result<u64> {
+        let Some((object, loc)) = self.take(id)? else {
+            return ChunkTier::read_chunk(self.store, id, len, out, buf, scratch, decoder);
+        };
+        let at = self.store.packed_display(&loc);
+        if loc.len > max_object_len(len) {
+            return Err(Error::CorruptChunk {
+                chunk: id.to_hex(),
+                path: at,
+                reason: format!(
+                    "object is {} bytes, more than a {len}-byte chunk can take",
+                    loc.len
+                ),
+                tensors: Vec::new(),
+            });
+        }
+        let target = match out {
+            Some(o) => o,
+            None => {
+                buf.resize(len as usize, 0);
+                &mut buf[..]
+            }
+        };
+        decode_chunk_object(&object, id, target, decoder, &at)?;
+        Ok(object.len() as u64)
+    }
+}
+
+/// What [`upload_packed`] did.
+#[derive(Debug, Default)]
+pub(crate) struct PackUpload {
+    /// The checkpoint's pack map (to put before its manifest).
+    pub map: Option<PackMap>,
+    /// Chunks put into packs by this call.
+    pub chunks_packed: u64,
+    /// Chunks found in fresh packs of the remote (reused).
+    pub chunks_reused: u64,
+    /// Bytes of packs uploaded.
+    pub bytes: u64,
+    /// Packs found stale and put again: checked once more after the commit.
+    pub renewed: Vec<(ChunkId, bytes::Bytes)>,
+}
+
+/// Upload chunks `small` (id, uncompressed length) of checkpoint
+/// `(run, step)` from `src` into packs of `dst`, and build the pack map
+/// that locates them. A chunk found in a pack that the map of this step
+/// (left by an interrupted upload, or already committed) or of the newest
+/// other committed step of the run lists is reused when that pack is
+/// `fresh` (the target's reuse rule, by its last-modified time) and, with
+/// `verify_present`, reads back whole; the rest are read from `src` (each
+/// verified), encoded for the wire, and concatenated in order into packs
+/// of at most `pack_size` uncompressed bytes, each stored by
+/// [`RemoteStore::store_pack`]. The same chunks in the same order make the
+/// same packs, so an upload run again after a kill finds its packs there.
+pub(crate) fn upload_packed(
+    src: &dyn ChunkTier,
+    dst: &RemoteStore,
+    run: &str,
+    step: u64,
+    small: &[(ChunkId, u64)],
+    verify_present: bool,
+    threads: usize,
+    fresh: &(dyn Fn(i64) -> bool + Sync),
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<PackUpload> {
+    let mut out = PackUpload::default();
+    if small.is_empty() {
+        return Ok(out);
+    }
+    // Packs a checkpoint of this run already relies on.
+    let mut known: HashMap<ChunkId, PackLoc> = HashMap::new();
+    let steps = dst.block_on(dst.steps(run))??;
+    let previous = steps
+        .iter()
+        .rev()
+        .find(|&&s| s < step)
+        .or_else(|| steps.iter().rev().find(|&&s| s != step));
+    let mut sources = vec![step];
+    sources.extend(previous);
+    for s in sources {
+        if let Some(m) = dst.block_on(dst.pack_map(run, s))?? {
+            for (id, loc) in m.locations() {
+                known.entry(id).or_insert(loc);
+            }
+        }
+    }
+    let mut pack_fresh: HashMap<ChunkId, bool> = HashMap::new();
+    let mut sizes: HashMap<ChunkId, u64> = HashMap::new();
+    let mut placed: Vec<(ChunkId, PackLoc)> = Vec::new();
+    let mut to_pack: Vec<(ChunkId, u64)> = Vec::new();
+    let mut dec = Decoder::new()?;
+    for &(id, len) in small {
+        let reuse = match known.get(&id) {
+            Some(loc) => {
+                let ok = match pack_fresh.get(&loc.pack) {
+                    Some(&ok) => ok,
+                    None => {
+                        let meta = dst.block_on(dst.head_pack(&loc.pack))??;
+                        let ok = meta
+                            .as_ref()
+                            .is_some_and(|m| fresh(m.last_modified.timestamp_millis()));
+                        if let Some(m) = &meta {
+                            sizes.insert(loc.pack, m.size);
+                        }
+                        pack_fresh.insert(loc.pack, ok);
+                        ok
+                    }
+                };
+                let ok = ok && loc.offset + loc.len <= sizes.get(&loc.pack).copied().unwrap_or(0);
+                if ok && verify_present {
+                    let read = dst
+                        .block_on(dst.fetch_packed_object(&id, loc, len))?
+                        .and_then(|object| {
+                            let mut buf = vec![0u8; len as usize];
+                            decode_chunk_object(
+                                &object,
+                                &id,
+                                &mut buf,
+                                &mut dec,
+                                &dst.packed_display(loc),
+                            )
+                        });
+                    match read {
+                        Ok(()) => Some(*loc),
+                        Err(e) if matches!(e.kind(), crate::error::ErrorKind::Data) => {
+                            tracing::warn!(chunk = %id, error = %e, "packed chunk at the target is unusable; packing it again");
+                            None
+                        }
+                        Err(e) => return Err(e),
+                    }
+                } else if ok {
+                    Some(*loc)
+                } else {
+                    None
+                }
+            }
+            None => None,
+        };
+        match reuse {
+            Some(loc) => {
+                placed.push((id, loc));
+                out.chunks_reused += 1;
+                progress(len);
+            }
+            None => to_pack.push((id, len)),
+        }
+    }
+    // Pack the rest in order: batches of at most pack_size uncompressed
+    // bytes, read and encoded in parallel, concatenated in order.
+    let limit = dst.options().pack_size.max(1) as u64;
+    let mut batches: Vec<&[(ChunkId, u64)]> = Vec::new();
+    let (mut from, mut sum) = (0usize, 0u64);
+    for (i, &(_, len)) in to_pack.iter().enumerate() {
+        if i > from && sum + len > limit {
+            batches.push(&to_pack[from..i]);
+            from = i;
+            sum = 0;
+        }
+        sum += len;
+    }
+    if from < to_pack.len() {
+        batches.push(&to_pack[from..]);
+    }
+    for batch in batches {
+        let objects: Vec<Mutex<Option<bytes::Bytes>>> =
+            batch.iter().map(|_| Mutex::new(None)).collect();
+        crate::parallel::try_for_each(
+            batch.iter().enumerate(),
+            threads,
+            || Ok(()),
+            |_, (i, &(id, len))| {
+                let object = src.read_chunk_object(&id, len)?;
+                let object = dst.encode_for_upload(object)?;
+                *objects[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(object);
+                Ok(())
+            },
+        )?;
+        let mut pack = Vec::new();
+        let mut offsets = Vec::with_capacity(batch.len());
+        for (slot, &(id, _)) in objects.into_iter().zip(batch) {
+            let object = slot
+                .into_inner()
+                .unwrap_or_else(|p| p.into_inner())
+                .ok_or_else(|| Error::Internal(format!("chunk {id} was not encoded")))?;
+            offsets.push((pack.len() as u64, object.len() as u64));
+            pack.extend_from_slice(&object);
+        }
+        let pack = bytes::Bytes::from(pack);
+        let n = pack.len() as u64;
+        let (pid, stored) = dst.block_on(dst.store_pack(pack.clone(), fresh))??;
+        match stored {
+            PackStored::Uploaded => out.bytes += n,
+            PackStored::Renewed => {
+                out.bytes += n;
+                out.renewed.push((pid, pack));
+            }
+            PackStored::Present => {}
+        }
+        for (&(id, len), (offset, olen)) in batch.iter().zip(offsets) {
+            placed.push((
+                id,
+                PackLoc {
+                    pack: pid,
+                    offset,
+                    len: olen,
+                },
+            ));
+            out.chunks_packed += 1;
+            progress(len);
+        }
+    }
+    // The map: packs in order of first use, chunks by offset.
+    let mut map = PackMap::new(run, step);
+    let mut index: HashMap<ChunkId, usize> = HashMap::new();
+    for (id, loc) in placed {
+        let i = *index.entry(loc.pack).or_insert_with(|| {
+            map.packs.push(PackEntry {
+                pack: loc.pack,
+                size: 0,
+                chunks: Vec::new(),
+            });
+            map.packs.len() - 1
+        });
+        let p = &mut map.packs[i];
+        p.size = p.size.max(loc.offset + loc.len);
+        p.chunks.push(PackedChunk {
+            id,
+            offset: loc.offset,
+            len: loc.len,
+        });
+    }
+    for p in &mut map.packs {
+        if let Some(&s) = sizes.get(&p.pack) {
+            p.size = s;
+        }
+        p.chunks.sort_by_key(|c| c.offset);
+    }
+    // Sizes of new packs are their lengths (the largest end).
+    out.map = Some(map);
+    Ok(out)
+}
