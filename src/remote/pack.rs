@@ -914,6 +914,9 @@ pub(crate) fn upload_packed(
         let pack = bytes::Bytes::from(pack);
         let n = pack.len() as u64;
         let (pid, stored) = dst.block_on(dst.store_pack(pack.clone(), fresh))??;
+        crate::failpoint::hit("pack.after_put").map_err(|e| {
+            Error::io("fail point", PathBuf::from(dst.pack_path(&pid).to_string()), e)
+        })?;
         match stored {
             PackStored::Uploaded => out.bytes += n,
             PackStored::Renewed => {
