@@ -126,9 +126,7 @@ pub fn copy_checkpoint(
     let chunks: Vec<(ChunkId, u64)> = manifest.distinct_chunks();
     // A remote that packs takes its small chunks in packs (see
     // `remote::pack`); the others go one object each.
-    let packing = dst
-        .as_remote()
-        .filter(|r| r.options().pack_threshold > 0);
+    let packing = dst.as_remote().filter(|r| r.options().pack_threshold > 0);
     let (small, single): (Vec<(ChunkId, u64)>, Vec<(ChunkId, u64)>) = match packing {
         Some(r) => {
             let t = r.options().pack_threshold as u64;

@@ -22,7 +22,9 @@
 //! uploader looked, by which time the uploader has either published its
 //! manifest (which the collection's manifest listing, made within `grace / 4`
 //! of its deletes, will see) or given up. The argument assumes clocks
-//! agree to within `grace / 8`; the default grace is 24 hours.
+//! agree to within `grace / 8`; the default grace is 24 hours. Packs of
+//! small chunks follow the same rule, a pack being referenced while the
+//! pack map of any committed checkpoint names it (see `remote::pack`).
 
 use crate::chunk_id::ChunkId;
 use crate::clock::Clock;

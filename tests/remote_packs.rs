@@ -9,8 +9,8 @@
 use cairn::object_store::path::Path as ObjPath;
 use cairn::object_store::{ObjectStore, PutPayload};
 use cairn::{
-    ChunkTier, DType, Error, ErrorKind, ManualClock, RemoteOptions, RemoteStore,
-    SaveState, StepSel, Store, StoreOptions, TensorFilter,
+    ChunkTier, DType, Error, ErrorKind, ManualClock, RemoteOptions, RemoteStore, SaveState,
+    StepSel, Store, StoreOptions, TensorFilter,
 };
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -178,7 +178,9 @@ fn small_chunks_go_up_in_few_puts_and_come_back_bit_exact_in_few_gets() {
 
     // A new handle: nothing learned by the upload.
     let reader = open_remote(&bucket, packing());
-    let r = reader.restore("r", StepSel::Latest, &TensorFilter::All).unwrap();
+    let r = reader
+        .restore("r", StepSel::Latest, &TensorFilter::All)
+        .unwrap();
     assert_same(&r, &t);
     let gets = reader.metrics().snapshot().get_requests;
     assert!(
@@ -197,7 +199,11 @@ fn small_chunks_go_up_in_few_puts_and_come_back_bit_exact_in_few_gets() {
     // A filtered restore reads only the selected tensor's chunks.
     let one = open_remote(&bucket, packing());
     let r = one
-        .restore("r", StepSel::Latest, &TensorFilter::names(["layer05.weight"]))
+        .restore(
+            "r",
+            StepSel::Latest,
+            &TensorFilter::names(["layer05.weight"]),
+        )
         .unwrap();
     assert_eq!(r.tensors[0].data, t[5].1);
 
@@ -269,10 +275,17 @@ fn a_flipped_byte_inside_a_pack_is_caught_naming_the_chunk() {
     }
     let v = verify(open_remote(&bucket, packing()));
     assert_eq!(v.problems.len(), 1, "{:?}", v.problems);
-    assert_eq!(v.problems[0].chunk.as_deref(), Some(victim.to_hex().as_str()));
+    assert_eq!(
+        v.problems[0].chunk.as_deref(),
+        Some(victim.to_hex().as_str())
+    );
     // The other tensors still come back.
     let r = open_remote(&bucket, packing())
-        .restore("r", StepSel::Latest, &TensorFilter::names(["layer00.weight", "layer05.weight"]))
+        .restore(
+            "r",
+            StepSel::Latest,
+            &TensorFilter::names(["layer00.weight", "layer05.weight"]),
+        )
         .unwrap();
     assert_eq!(r.tensors[0].data, t[0].1);
     assert_eq!(r.tensors[1].data, t[5].1);
@@ -358,13 +371,25 @@ fn collection_deletes_a_pack_only_when_no_checkpoint_references_it() {
     let remote = open_remote(&bucket, opts.clone()).with_clock(Arc::new(clock.clone()));
     store.upload_to(&remote, "r", 1).unwrap();
     let packs1 = pack_ids(&remote);
-    let map1 = remote.block_on(remote.pack_map("r", 1)).unwrap().unwrap().unwrap();
+    let map1 = remote
+        .block_on(remote.pack_map("r", 1))
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(packs1.len(), 3);
     store.upload_to(&remote, "r", 2).unwrap();
-    let map2 = remote.block_on(remote.pack_map("r", 2)).unwrap().unwrap().unwrap();
+    let map2 = remote
+        .block_on(remote.pack_map("r", 2))
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let named2: BTreeSet<_> = map2.packs.iter().map(|p| p.pack).collect();
     let only1: Vec<_> = packs1.difference(&named2).copied().collect();
-    assert_eq!(only1.len(), 1, "one pack of step 1 holds only changed chunks");
+    assert_eq!(
+        only1.len(),
+        1,
+        "one pack of step 1 holds only changed chunks"
+    );
     assert_eq!(only1[0], map1.packs[0].pack);
     let all = pack_ids(&remote);
     assert_eq!(all.len(), 4);
@@ -378,8 +403,15 @@ fn collection_deletes_a_pack_only_when_no_checkpoint_references_it() {
 
     // Step 1 deleted: its pack map goes with its manifest.
     clock.set_ms(now_ms);
-    remote.block_on(remote.delete_checkpoint("r", 1)).unwrap().unwrap();
-    assert!(remote.block_on(remote.pack_map("r", 1)).unwrap().unwrap().is_none());
+    remote
+        .block_on(remote.delete_checkpoint("r", 1))
+        .unwrap()
+        .unwrap();
+    assert!(remote
+        .block_on(remote.pack_map("r", 1))
+        .unwrap()
+        .unwrap()
+        .is_none());
     // Within the grace the unreferenced pack stays.
     let g = remote.gc(grace, false).unwrap();
     assert_eq!((g.packs_deleted, g.packs_in_grace), (0, 1), "{g:?}");
@@ -401,7 +433,10 @@ fn collection_deletes_a_pack_only_when_no_checkpoint_references_it() {
     assert_same(&r, &t2);
 
     // Every checkpoint gone: every pack goes, past the grace.
-    remote.block_on(remote.delete_checkpoint("r", 2)).unwrap().unwrap();
+    remote
+        .block_on(remote.delete_checkpoint("r", 2))
+        .unwrap()
+        .unwrap();
     let g = remote.gc(grace, false).unwrap();
     assert_eq!(g.packs_deleted, 3, "{g:?}");
     assert!(pack_ids(&remote).is_empty());
@@ -440,7 +475,11 @@ fn an_uncommitted_pack_map_is_no_root_and_is_collected_past_the_grace() {
     let g = remote.gc(grace, false).unwrap();
     assert_eq!(g.packs_deleted, 1, "{g:?}");
     assert_eq!(g.leftovers_removed, 1, "the orphaned pack map");
-    assert!(remote.block_on(remote.pack_map("r", 1)).unwrap().unwrap().is_none());
+    assert!(remote
+        .block_on(remote.pack_map("r", 1))
+        .unwrap()
+        .unwrap()
+        .is_none());
     assert!(pack_ids(&remote).is_empty());
 }
 
@@ -453,7 +492,9 @@ fn the_local_tier_repairs_from_a_pack() {
     let t = tensors(&[40, 41, 42]);
     save(&store, 1, &t);
     let bucket = new_bucket("packs-repair");
-    store.upload_to(&open_remote(&bucket, packing()), "r", 1).unwrap();
+    store
+        .upload_to(&open_remote(&bucket, packing()), "r", 1)
+        .unwrap();
     let victim = store.manifest("r", 1).unwrap().distinct_chunks()[5].0;
     let file = dir
         .path()
@@ -465,7 +506,9 @@ fn the_local_tier_repairs_from_a_pack() {
     b[n - 10] ^= 1;
     std::fs::write(&file, b).unwrap();
     store.attach_remote(open_remote(&bucket, packing()));
-    let r = store.restore("r", StepSel::Latest, &TensorFilter::All).unwrap();
+    let r = store
+        .restore("r", StepSel::Latest, &TensorFilter::All)
+        .unwrap();
     assert_eq!(r.report.repaired, 1);
     assert_same(&r, &t);
 }

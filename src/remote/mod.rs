@@ -3,12 +3,15 @@
 //!
 //! ```text
 //! <prefix>/chunks/<2 hex>/<64 hex>              chunk objects (same bytes as local files)
+//! <prefix>/packs/<2 hex>/<64 hex>               packs of small chunk objects (see [`pack`])
+//! <prefix>/runs/<run>/<step:020>/packs.json      where a checkpoint's packed chunks are
 //! <prefix>/runs/<run>/<step:020>/manifest.cairn  the remote commit, put last with PutMode::Create
 //! ```
 //!
 //! A remote checkpoint exists exactly when its manifest object exists, and
-//! a manifest is only put after every chunk it references is present, so a
-//! listed remote checkpoint is always whole.
+//! a manifest is only put after every chunk it references is present (in
+//! its own object, or in a pack its pack map names), so a listed remote
+//! checkpoint is always whole.
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod fault;
@@ -75,7 +78,11 @@ pub struct RemoteOptions {
     /// (`4MiB`, `65536`, ...).
     pub pack_threshold: usize,
     /// Bytes of chunks (uncompressed) gathered into one pack at most; the
-    /// `--remote-option pack_size=SIZE` of the CLI. Default 64 MiB.
+    /// `--remote-option pack_size=SIZE` of the CLI. Default 16 MiB: with
+    /// the default read budget a restore fetches a whole pack in one
+    /// ranged GET (ranges are at most an eighth of the budget), and a
+    /// server that reads the whole object for every ranged GET (moto) reads
+    /// each pack once.
     pub pack_size: usize,
 }
 
@@ -175,7 +182,7 @@ impl Default for RemoteOptions {
             codec: CodecChoice::Zstd { level: 1 },
             compress_threads: 0,
             pack_threshold: 0,
-            pack_size: 64 << 20,
+            pack_size: 16 << 20,
         }
     }
 }

@@ -200,6 +200,14 @@ pub enum PackStored {
     Renewed,
 }
 
+/// Whether `e` says a chunk's pack is gone from the remote.
+fn is_pack_missing(e: &Error) -> bool {
+    matches!(e, Error::CorruptChunk { reason, .. } if reason.starts_with(PACK_MISSING))
+}
+
+/// How a missing pack is reported.
+const PACK_MISSING: &str = "pack missing from";
+
 /// The most bytes a stored object of a `len`-byte chunk can take.
 pub(crate) fn max_object_len(len: u64) -> u64 {
     MAX_PAYLOAD_OFFSET as u64 + (zstd::zstd_safe::compress_bound(len as usize) as u64).max(len)
@@ -514,7 +522,7 @@ impl RemoteStore {
             }) => Err(Error::CorruptChunk {
                 chunk: id.to_hex(),
                 path: self.packed_display(loc),
-                reason: format!("pack missing from {}", self.url),
+                reason: format!("{PACK_MISSING} {}", self.url),
                 tensors: Vec::new(),
             }),
             Err(e) => Err(e),
@@ -531,8 +539,24 @@ impl RemoteStore {
         len: u64,
     ) -> Result<(bytes::Bytes, PathBuf)> {
         if let Some(loc) = self.packed_location(id) {
-            let b = self.fetch_packed_object(id, &loc, len).await?;
-            return Ok((b, self.packed_display(&loc)));
+            match self.fetch_packed_object(id, &loc, len).await {
+                Ok(b) => return Ok((b, self.packed_display(&loc))),
+                // The pack is gone (collected after its last checkpoint
+                // was deleted): the chunk may live in another checkpoint's
+                // pack, or at chunks/.
+                Err(e @ Error::CorruptChunk { .. }) if is_pack_missing(&e) => {
+                    self.learn_all_pack_maps().await?;
+                    match self.packed_location(id) {
+                        Some(now) if now != loc => {
+                            let b = self.fetch_packed_object(id, &now, len).await?;
+                            return Ok((b, self.packed_display(&now)));
+                        }
+                        Some(_) => return Err(e),
+                        None => {}
+                    }
+                }
+                Err(e) => return Err(e),
+            }
         }
         match self.fetch_chunk_object(id, len).await {
             Ok(b) => Ok((b, PathBuf::from(self.chunk_path(id).to_string()))),
@@ -654,7 +678,7 @@ impl<'a> PackedReader<'a> {
                                 } => Error::CorruptChunk {
                                     chunk: id.to_hex(),
                                     path: self.store.packed_display(&loc),
-                                    reason: format!("pack missing from {}", self.store.url),
+                                    reason: format!("{PACK_MISSING} {}", self.store.url),
                                     tensors: Vec::new(),
                                 },
                                 e => e,
@@ -694,7 +718,9 @@ impl ChunkSource for PackedReader<'_> {
             };
             let extend = open
                 && segs.last().is_some_and(|s| {
-                    s.pack == loc.pack && s.end == loc.offset && loc.offset + loc.len - s.start <= cap
+                    s.pack == loc.pack
+                        && s.end == loc.offset
+                        && loc.offset + loc.len - s.start <= cap
                 });
             if extend {
                 let s = segs.last_mut().expect("open segment");
@@ -887,7 +913,8 @@ pub(crate) fn upload_packed(
     if from < to_pack.len() {
         batches.push(&to_pack[from..]);
     }
-    for batch in batches {
+    // Encoding the next batch overlaps the put of the previous pack.
+    let build = |batch: &[(ChunkId, u64)]| -> Result<(bytes::Bytes, Vec<(u64, u64)>)> {
         let objects: Vec<Mutex<Option<bytes::Bytes>>> =
             batch.iter().map(|_| Mutex::new(None)).collect();
         crate::parallel::try_for_each(
@@ -911,33 +938,64 @@ pub(crate) fn upload_packed(
             offsets.push((pack.len() as u64, object.len() as u64));
             pack.extend_from_slice(&object);
         }
-        let pack = bytes::Bytes::from(pack);
-        let n = pack.len() as u64;
-        let (pid, stored) = dst.block_on(dst.store_pack(pack.clone(), fresh))??;
-        crate::failpoint::hit("pack.after_put").map_err(|e| {
-            Error::io("fail point", PathBuf::from(dst.pack_path(&pid).to_string()), e)
-        })?;
-        match stored {
-            PackStored::Uploaded => out.bytes += n,
-            PackStored::Renewed => {
-                out.bytes += n;
-                out.renewed.push((pid, pack));
+        Ok((bytes::Bytes::from(pack), offsets))
+    };
+    type Put<'s> = std::thread::ScopedJoinHandle<'s, Result<(ChunkId, PackStored)>>;
+    std::thread::scope(|s| -> Result<()> {
+        let mut settle = |put: Put<'_>,
+                          pack: bytes::Bytes,
+                          batch: &[(ChunkId, u64)],
+                          offsets: Vec<(u64, u64)>|
+         -> Result<()> {
+            let (pid, stored) = put
+                .join()
+                .map_err(|_| Error::Internal("pack upload thread panicked".into()))??;
+            crate::failpoint::hit("pack.after_put").map_err(|e| {
+                Error::io(
+                    "fail point",
+                    PathBuf::from(dst.pack_path(&pid).to_string()),
+                    e,
+                )
+            })?;
+            let n = pack.len() as u64;
+            match stored {
+                PackStored::Uploaded => out.bytes += n,
+                PackStored::Renewed => {
+                    out.bytes += n;
+                    out.renewed.push((pid, pack));
+                }
+                PackStored::Present => {}
             }
-            PackStored::Present => {}
+            for (&(id, len), (offset, olen)) in batch.iter().zip(offsets) {
+                placed.push((
+                    id,
+                    PackLoc {
+                        pack: pid,
+                        offset,
+                        len: olen,
+                    },
+                ));
+                out.chunks_packed += 1;
+                progress(len);
+            }
+            Ok(())
+        };
+        let mut pending = None;
+        for batch in batches {
+            let (pack, offsets) = build(batch)?;
+            if let Some((put, pack, batch, offsets)) = pending.take() {
+                settle(put, pack, batch, offsets)?;
+            }
+            let body = pack.clone();
+            let put: Put<'_> =
+                s.spawn(move || dst.block_on(dst.store_pack(body, fresh)).and_then(|r| r));
+            pending = Some((put, pack, batch, offsets));
         }
-        for (&(id, len), (offset, olen)) in batch.iter().zip(offsets) {
-            placed.push((
-                id,
-                PackLoc {
-                    pack: pid,
-                    offset,
-                    len: olen,
-                },
-            ));
-            out.chunks_packed += 1;
-            progress(len);
+        if let Some((put, pack, batch, offsets)) = pending.take() {
+            settle(put, pack, batch, offsets)?;
         }
-    }
+        Ok(())
+    })?;
     // The map: packs in order of first use, chunks by offset.
     let mut map = PackMap::new(run, step);
     let mut index: HashMap<ChunkId, usize> = HashMap::new();

@@ -103,7 +103,10 @@ fn wait_for(what: &str, logs: &[PathBuf], mut cond: impl FnMut() -> bool) {
                 .iter()
                 .map(|l| std::fs::read_to_string(l).unwrap_or_default())
                 .collect();
-            panic!("timed out waiting for {what}; logs:\n{}", text.join("\n---\n"));
+            panic!(
+                "timed out waiting for {what}; logs:\n{}",
+                text.join("\n---\n")
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -151,7 +154,11 @@ fn a_daemon_killed_at_each_edge_of_a_packed_upload_leaves_nothing_listed_and_a_r
         let dir = tempfile::tempdir().unwrap();
         let local = dir.path().join("local");
         let store = Store::open(&local, opts()).unwrap();
-        store.save("d", 0, &state(0).view()).unwrap().wait().unwrap();
+        store
+            .save("d", 0, &state(0).view())
+            .unwrap()
+            .wait()
+            .unwrap();
         let url = format!("s3://{}/ckpt", s3::new_bucket("packd"));
         let remote = RemoteStore::open(&url, &s3::options(), remote_options()).unwrap();
 
@@ -164,7 +171,11 @@ fn a_daemon_killed_at_each_edge_of_a_packed_upload_leaves_nothing_listed_and_a_r
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         assert!(
-            remote.block_on(remote.steps("d")).unwrap().unwrap().is_empty(),
+            remote
+                .block_on(remote.steps("d"))
+                .unwrap()
+                .unwrap()
+                .is_empty(),
             "{pause}: a checkpoint is listed before its manifest"
         );
         let packs = remote.block_on(remote.list_packs()).unwrap().unwrap();
@@ -182,7 +193,9 @@ fn a_daemon_killed_at_each_edge_of_a_packed_upload_leaves_nothing_listed_and_a_r
         wait_for("the restarted upload", &logs, || {
             remote.block_on(remote.steps("d")).unwrap().unwrap() == vec![0]
         });
-        wait_for("the upload marker", &logs, || store.is_uploaded("d", 0, &url));
+        wait_for("the upload marker", &logs, || {
+            store.is_uploaded("d", 0, &url)
+        });
         sigterm(&mut child);
         assert_eq!(check_remote(&url, "d", pause), vec![0]);
         assert!(
@@ -191,7 +204,11 @@ fn a_daemon_killed_at_each_edge_of_a_packed_upload_leaves_nothing_listed_and_a_r
         );
         let ups = uploaded_packs(&logs);
         let distinct: HashSet<_> = ups.iter().collect();
-        assert_eq!(distinct.len(), ups.len(), "{pause}: a pack uploaded twice: {ups:?}");
+        assert_eq!(
+            distinct.len(),
+            ups.len(),
+            "{pause}: a pack uploaded twice: {ups:?}"
+        );
         if pause == "copy.before_commit" {
             assert!(
                 uploaded_packs(std::slice::from_ref(&second)).is_empty(),
