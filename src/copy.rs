@@ -127,7 +127,7 @@ pub fn copy_checkpoint(
     // A remote that packs takes its small chunks in packs (see
     // `remote::pack`); the others go one object each.
     let packing = dst.as_remote().filter(|r| r.options().pack_threshold > 0);
-    let (small, single): (Vec<(ChunkId, u64)>, Vec<(ChunkId, u64)>) = match packing {
+    let (small, single): (Vec<_>, Vec<_>) = match packing {
         Some(r) => {
             let t = r.options().pack_threshold as u64;
             chunks.iter().partition(|(_, len)| *len <= t)
@@ -196,17 +196,7 @@ pub fn copy_checkpoint(
                 modified_ms,
             })
         };
-        let up = crate::remote::pack::upload_packed(
-            src,
-            remote,
-            run,
-            step,
-            &small,
-            opts.verify_present,
-            opts.threads,
-            &fresh,
-            opts.progress,
-        )?;
+        let up = crate::remote::pack::upload_packed(src, remote, run, step, &small, opts, &fresh)?;
         copied.fetch_add(up.chunks_packed, Ordering::Relaxed);
         skipped.fetch_add(up.chunks_reused, Ordering::Relaxed);
         bytes_copied.fetch_add(up.bytes, Ordering::Relaxed);

@@ -799,7 +799,7 @@ pub(crate) struct PackUpload {
 /// (left by an interrupted upload, or already committed) or of the newest
 /// other committed step of the run lists is reused when that pack is
 /// `fresh` (the target's reuse rule, by its last-modified time) and, with
-/// `verify_present`, reads back whole; the rest are read from `src` (each
+/// `opts.verify_present`, reads back whole; the rest are read from `src` (each
 /// verified), encoded for the wire, and concatenated in order into packs
 /// of at most `pack_size` uncompressed bytes, each stored by
 /// [`RemoteStore::store_pack`]. The same chunks in the same order make the
@@ -810,11 +810,10 @@ pub(crate) fn upload_packed(
     run: &str,
     step: u64,
     small: &[(ChunkId, u64)],
-    verify_present: bool,
-    threads: usize,
+    opts: &crate::copy::CopyOptions<'_>,
     fresh: &(dyn Fn(i64) -> bool + Sync),
-    progress: &(dyn Fn(u64) + Sync),
 ) -> Result<PackUpload> {
+    let (verify_present, threads, progress) = (opts.verify_present, opts.threads, opts.progress);
     let mut out = PackUpload::default();
     if small.is_empty() {
         return Ok(out);

@@ -47,6 +47,29 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Whether the daemon listening on `port` has finished a cycle (so it
+/// handles SIGTERM).
+fn cycled(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if write!(s, "GET /status HTTP/1.1\r\nHost: x\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.split_once("\r\n\r\n")
+        .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(b).ok())
+        .is_some_and(|v| v["cycles"].as_u64() > Some(0))
+}
+
+/// The port a daemon started with `args` listens on.
+fn port_of(args: &[String]) -> u16 {
+    args.last().unwrap().rsplit(':').next().unwrap().parse().unwrap()
+}
+
 fn daemon_args(local: &Path, url: &str) -> Vec<String> {
     let mut args = vec![
         "daemon".to_string(),
@@ -188,8 +211,10 @@ fn a_daemon_killed_at_each_edge_of_a_packed_upload_leaves_nothing_listed_and_a_r
         );
 
         let second = dir.path().join("second.log");
-        let mut child = spawn(&daemon_args(&local, &url), &second, None);
+        let args = daemon_args(&local, &url);
+        let mut child = spawn(&args, &second, None);
         let logs = [first.clone(), second.clone()];
+        wait_for("a daemon cycle", &logs, || cycled(port_of(&args)));
         wait_for("the restarted upload", &logs, || {
             remote.block_on(remote.steps("d")).unwrap().unwrap() == vec![0]
         });
@@ -255,8 +280,10 @@ fn a_packing_daemon_sigkilled_at_random_never_exposes_a_partial_checkpoint() {
         check_remote(&url, "d", &format!("after kill {round}"));
     }
     let log = dir.path().join("daemon-final.log");
-    let mut child = spawn(&daemon_args(&local, &url), &log, None);
+    let args = daemon_args(&local, &url);
+    let mut child = spawn(&args, &log, None);
     logs.push(log);
+    wait_for("a daemon cycle", &logs, || cycled(port_of(&args)));
     let local_steps = store.steps("d").unwrap();
     let remote = RemoteStore::open(&url, &s3::options(), remote_options()).unwrap();
     wait_for("the daemon to drain", &logs, || {
