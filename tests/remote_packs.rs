@@ -512,3 +512,45 @@ fn the_local_tier_repairs_from_a_pack() {
     assert_eq!(r.report.repaired, 1);
     assert_same(&r, &t);
 }
+
+/// Packs older than half the grace are not relied on: a later step with
+/// the same chunks packs them again, which makes the same packs (the same
+/// chunks in the same order), so it puts them again over the old ones,
+/// renewing them, and counts them as renewed.
+#[test]
+fn packs_older_than_half_the_grace_are_renewed_not_relied_on() {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let clock = ManualClock::at_ms(now_ms);
+    let grace = Duration::from_secs(3600);
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_local(dir.path());
+    let t = tensors(&[60, 61, 62, 63, 64, 65]);
+    save(&store, 1, &t);
+    save(&store, 2, &t);
+    let bucket = new_bucket("packs-renew");
+    let opts = RemoteOptions {
+        gc_grace: grace,
+        ..packing()
+    };
+    let remote = open_remote(&bucket, opts.clone()).with_clock(Arc::new(clock.clone()));
+    let up1 = store.upload_to(&remote, "r", 1).unwrap();
+    let packs = pack_ids(&remote);
+    assert_eq!(packs.len(), 2);
+    // Young: step 2 relies on them.
+    let up2 = store.upload_to(&remote, "r", 2).unwrap();
+    assert_eq!((up2.chunks_skipped, up2.bytes_uploaded), (24, 0));
+    save(&store, 3, &t);
+    clock.advance(grace / 2 + Duration::from_secs(60));
+    let up3 = store.upload_to(&remote, "r", 3).unwrap();
+    assert_eq!(up3.chunks_skipped, 0, "stale packs are not relied on");
+    assert_eq!(up3.chunks_renewed, 2, "both packs put again");
+    assert_eq!(up3.bytes_uploaded, up1.bytes_uploaded);
+    assert_eq!(pack_ids(&remote), packs, "the same packs");
+    let r = open_remote(&bucket, opts)
+        .restore("r", StepSel::Step(3), &TensorFilter::All)
+        .unwrap();
+    assert_same(&r, &t);
+}

@@ -67,7 +67,13 @@ fn cycled(port: u16) -> bool {
 
 /// The port a daemon started with `args` listens on.
 fn port_of(args: &[String]) -> u16 {
-    args.last().unwrap().rsplit(':').next().unwrap().parse().unwrap()
+    args.last()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 fn daemon_args(local: &Path, url: &str) -> Vec<String> {
