@@ -554,3 +554,25 @@ fn packs_older_than_half_the_grace_are_renewed_not_relied_on() {
         .unwrap();
     assert_same(&r, &t);
 }
+
+/// `pack_threshold` and `pack_size` are remote options with sizes; a
+/// value that is not a size is refused naming the option.
+#[test]
+fn pack_options_parse_sizes_and_refuse_others() {
+    let bucket = new_bucket("packs-opts");
+    let url = format!("s3://{bucket}/ckpt");
+    let mut o = s3_options();
+    o.push(("pack_threshold".into(), "4MiB".into()));
+    o.push(("pack_size".into(), "32M".into()));
+    let r = RemoteStore::open(&url, &o, RemoteOptions::default()).unwrap();
+    assert_eq!(r.options().pack_threshold, 4 << 20);
+    assert_eq!(r.options().pack_size, 32 << 20);
+    assert_eq!(RemoteOptions::default().pack_threshold, 0, "off by default");
+    for (k, v) in [("pack_threshold", "4 parsecs"), ("pack_size", "0")] {
+        let mut o = s3_options();
+        o.push((k.into(), v.into()));
+        let e = RemoteStore::open(&url, &o, RemoteOptions::default()).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
+        assert!(e.to_string().contains(k), "{e}");
+    }
+}
