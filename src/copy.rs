@@ -188,6 +188,8 @@ pub fn copy_checkpoint(
         },
     )?;
     let mut renewed_packs = Vec::new();
+    let manifest_hash = ChunkId::of(&bytes);
+    let mut map_put = None;
     if let Some(remote) = packing {
         let fresh = |modified_ms: i64| {
             dst.is_fresh(&crate::tier::ChunkInfo {
@@ -196,16 +198,39 @@ pub fn copy_checkpoint(
                 modified_ms,
             })
         };
-        let up = crate::remote::pack::upload_packed(src, remote, run, step, &small, opts, &fresh)?;
+        let up = crate::remote::pack::upload_packed(
+            src,
+            remote,
+            run,
+            step,
+            &manifest_hash,
+            &small,
+            opts,
+            &fresh,
+        )?;
         copied.fetch_add(up.chunks_packed, Ordering::Relaxed);
         skipped.fetch_add(up.chunks_reused, Ordering::Relaxed);
         bytes_copied.fetch_add(up.bytes, Ordering::Relaxed);
         renewed_n.fetch_add(up.renewed.len() as u64, Ordering::Relaxed);
         renewed_packs = up.renewed;
         // The pack map goes before the manifest: the manifest stays the
-        // one commit point.
+        // one commit point. It is named by the manifest's hash, so it
+        // never replaces the map of another manifest of this step.
         if let Some(map) = up.map.filter(|m| !m.packs.is_empty()) {
-            remote.block_on(remote.put_pack_map(&map))??;
+            remote.block_on(remote.put_pack_map(&map, &manifest_hash))??;
+            map_put = Some(map);
+        }
+    }
+    if let (Some(remote), None) = (dst.as_remote(), &map_put) {
+        // No map for this manifest: one left by an interrupted packing
+        // upload of the same manifest would be trusted by readers over the
+        // chunk objects just put, so it goes before the commit.
+        if !remote.block_on(remote.has_manifest(run, step))??
+            && remote
+                .block_on(remote.head_pack_map(run, step, &manifest_hash))??
+                .is_some()
+        {
+            remote.block_on(remote.delete_pack_map(run, step, &manifest_hash))??;
         }
     }
     if let ReuseRule::Grace { commit_within, .. } = dst.reuse_rule() {
@@ -229,6 +254,23 @@ pub fn copy_checkpoint(
         if dst.chunk_info(&id)?.is_none() {
             tracing::warn!(chunk = %id, "renewed chunk vanished under collection; copying it again");
             put(&id, len)?;
+            restored_after += 1;
+        }
+    }
+    if let (Some(remote), Some(map)) = (packing, &map_put) {
+        // A collector may have removed an old map of this manifest (left by
+        // an interrupted upload) between its HEAD and this upload's put;
+        // the manifest now protects it, so it is put back.
+        if remote
+            .block_on(remote.head_pack_map(run, step, &manifest_hash))??
+            .is_none()
+        {
+            tracing::warn!(
+                run,
+                step,
+                "pack map vanished under collection; putting it again"
+            );
+            remote.block_on(remote.put_pack_map(map, &manifest_hash))??;
             restored_after += 1;
         }
     }

@@ -443,32 +443,59 @@ impl RemoteStore {
         let (mut referenced, checkpoints) = mark(tier)?;
         report.checkpoints = checkpoints;
         // A pack is live while the pack map of any committed checkpoint
-        // names it. Maps are read after the pack listing, so a pack put
-        // since is not a candidate; an unreadable map aborts.
+        // names it: the map named by the hash of the committed manifest's
+        // bytes. Maps are read after the pack listing, so a pack put since
+        // is not a candidate; an unreadable map aborts.
         let mut live_packs: HashSet<ChunkId> = HashSet::new();
-        let mut committed: HashSet<(String, u64)> = HashSet::new();
+        let mut committed: HashSet<(String, u64, ChunkId)> = HashSet::new();
         for run in tier.runs()? {
             for step in tier.steps(&run)? {
-                if let Some(m) = self.block_on(self.pack_map(&run, step))?? {
+                let path = self.manifest_path(&run, step);
+                let bytes = match self.block_on(self.get_manifest_object(&path))? {
+                    Ok(b) => b,
+                    // Deleted since the listing: no root.
+                    Err(Error::Remote {
+                        source: object_store::Error::NotFound { .. },
+                        ..
+                    }) => continue,
+                    Err(e) => return Err(e),
+                };
+                let hash = ChunkId::of(&bytes);
+                if let Some(m) = self.block_on(self.pack_map_of(&run, step, &hash))?? {
                     live_packs.extend(m.packs.iter().map(|p| p.pack));
                 }
-                committed.insert((run.clone(), step));
+                committed.insert((run.clone(), step, hash));
             }
         }
         report.referenced_packs = live_packs.len() as u64;
-        // Pack maps whose checkpoint never committed (an interrupted
-        // upload) or was deleted: removed past the grace, once a HEAD
-        // finds no manifest.
-        for (run, step, modified) in pack_maps {
-            if committed.contains(&(run.clone(), step)) || clock.since(modified) < grace {
+        // Pack maps of no committed manifest (an interrupted upload, one
+        // that lost the commit race to another manifest of its step, or a
+        // deleted checkpoint): removed past the grace, by the rule of chunk
+        // objects. An uploader puts its map (renewing one of the same
+        // manifest) within `grace / 4` of its commit, so a map still older
+        // than the grace at a HEAD just before the delete, within
+        // `grace / 4` of the marking, belongs to no manifest committed
+        // since; an uploader that put it between that HEAD and the delete
+        // puts it back after its commit.
+        for (run, step, hash, modified) in pack_maps {
+            if committed.contains(&(run.clone(), step, hash)) || clock.since(modified) < grace {
                 continue;
             }
-            if self.block_on(self.has_manifest(&run, step))?? {
-                continue;
+            match self.block_on(self.head_pack_map(&run, step, &hash))?? {
+                Some(now) if clock.since(now.last_modified.timestamp_millis()) >= grace => {}
+                _ => continue,
+            }
+            let took = clock.since(marked_at);
+            if took > grace / 4 {
+                return Err(Error::DeadlineExceeded {
+                    what: format!("remote collection of {}", tier.location()),
+                    took,
+                    limit: grace / 4,
+                });
             }
             report.leftovers_removed += 1;
             if !dry_run {
-                self.block_on(self.delete_pack_map(&run, step))??;
+                self.block_on(self.delete_pack_map(&run, step, &hash))??;
             }
         }
         // Remote parts (uploaded by each node of a sharded job) are roots,

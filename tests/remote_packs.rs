@@ -8,6 +8,7 @@
 
 use cairn::object_store::path::Path as ObjPath;
 use cairn::object_store::{ObjectStore, PutPayload};
+use cairn::testing::{FaultConfig, FaultyObjectStore, OpHook};
 use cairn::{
     ChunkTier, DType, Error, ErrorKind, ManualClock, RemoteOptions, RemoteStore, SaveState,
     StepSel, Store, StoreOptions, TensorFilter,
@@ -401,7 +402,8 @@ fn collection_deletes_a_pack_only_when_no_checkpoint_references_it() {
     assert_eq!(g.referenced_packs, 4);
     assert_eq!(pack_ids(&remote), all);
 
-    // Step 1 deleted: its pack map goes with its manifest.
+    // Step 1 deleted: its pack map is no longer that of a committed
+    // checkpoint (the map object stays until a collection past the grace).
     clock.set_ms(now_ms);
     remote
         .block_on(remote.delete_checkpoint("r", 1))
@@ -475,11 +477,7 @@ fn an_uncommitted_pack_map_is_no_root_and_is_collected_past_the_grace() {
     let g = remote.gc(grace, false).unwrap();
     assert_eq!(g.packs_deleted, 1, "{g:?}");
     assert_eq!(g.leftovers_removed, 1, "the orphaned pack map");
-    assert!(remote
-        .block_on(remote.pack_map("r", 1))
-        .unwrap()
-        .unwrap()
-        .is_none());
+    assert!(pack_map_objects(&remote).is_empty());
     assert!(pack_ids(&remote).is_empty());
 }
 
@@ -574,5 +572,368 @@ fn pack_options_parse_sizes_and_refuse_others() {
         let e = RemoteStore::open(&url, &o, RemoteOptions::default()).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
         assert!(e.to_string().contains(k), "{e}");
+    }
+}
+
+// ---- Races and leftovers around pack maps ----
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// Whether `path` is that of a pack map (`runs/<run>/<step>/packs…json`).
+fn is_pack_map(path: &ObjPath) -> bool {
+    path.filename()
+        .is_some_and(|f| f.starts_with("packs") && f.ends_with(".json"))
+}
+
+/// Every pack map object of run `r` step 1: path, bytes, last-modified
+/// (ms).
+fn pack_map_objects(remote: &RemoteStore) -> Vec<(ObjPath, Vec<u8>, i64)> {
+    let os = remote.object_store().clone();
+    remote
+        .block_on(async move {
+            let dir = ObjPath::from("ckpt/runs/r/00000000000000000001");
+            let listed = os.list_with_delimiter(Some(&dir)).await.unwrap();
+            let mut out = Vec::new();
+            for m in listed
+                .objects
+                .into_iter()
+                .filter(|m| is_pack_map(&m.location))
+            {
+                let b = os.get(&m.location).await.unwrap().bytes().await.unwrap();
+                out.push((m.location, b.to_vec(), m.last_modified.timestamp_millis()));
+            }
+            out
+        })
+        .unwrap()
+}
+
+fn delete_objects(remote: &RemoteStore, paths: Vec<ObjPath>) {
+    let os = remote.object_store().clone();
+    remote
+        .block_on(async move {
+            for p in paths {
+                os.delete(&p).await.unwrap();
+            }
+        })
+        .unwrap()
+}
+
+/// The S3 remote of `bucket` behind `hook` (no faults).
+fn hooked(bucket: &str, opts: RemoteOptions, hook: OpHook) -> RemoteStore {
+    let url = format!("s3://{bucket}/ckpt");
+    let base = RemoteStore::open(&url, &s3_options(), opts.clone()).unwrap();
+    let faulty = FaultyObjectStore::new(
+        base.object_store().clone(),
+        FaultConfig {
+            fail_before: 0.0,
+            fail_after: 0.0,
+            max_delay: Duration::ZERO,
+            seed: 1,
+        },
+    )
+    .with_hook(hook);
+    RemoteStore::new(Arc::new(faulty), ObjPath::from("ckpt"), &url, opts)
+}
+
+/// Two writers upload different checkpoints of the same run and step: the
+/// one that loses the commit race (its manifest put is refused) leaves the
+/// winner whole. The winner restores bit-exact from a fresh handle and
+/// verifies clean, also after a collection past the grace, which keeps
+/// every pack the winner's map names.
+#[test]
+fn a_writer_that_loses_the_commit_race_leaves_the_winners_checkpoint_whole() {
+    let clock = ManualClock::at_ms(now_ms());
+    let grace = Duration::from_secs(3600);
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = (open_local(da.path()), open_local(db.path()));
+    let ta = tensors(&[500, 501, 502, 503, 504, 505]);
+    let tb = tensors(&[600, 601, 602, 603, 604, 605]);
+    save(&a, 1, &ta);
+    save(&b, 1, &tb);
+    let bucket = new_bucket("packs-race");
+    let opts = RemoteOptions {
+        gc_grace: grace,
+        ..packing()
+    };
+    a.upload_to(&open_remote(&bucket, opts.clone()), "r", 1)
+        .unwrap();
+    let e = b
+        .upload_to(&open_remote(&bucket, opts.clone()), "r", 1)
+        .unwrap_err();
+    assert!(matches!(e, Error::AlreadyExists { .. }), "{e:?}");
+    let r = open_remote(&bucket, opts.clone())
+        .restore("r", StepSel::Step(1), &TensorFilter::All)
+        .unwrap();
+    assert_same(&r, &ta);
+    let v = verify(open_remote(&bucket, opts.clone()));
+    assert!(v.problems.is_empty(), "{v:?}");
+    // Past the grace, a collection keeps what the winner's map names.
+    clock.advance(grace * 2);
+    let gc = open_remote(&bucket, opts.clone()).with_clock(Arc::new(clock.clone()));
+    gc.gc(grace, false).unwrap();
+    let r = open_remote(&bucket, opts.clone())
+        .restore("r", StepSel::Step(1), &TensorFilter::All)
+        .unwrap();
+    assert_same(&r, &ta);
+}
+
+/// A packing upload stopped between its pack map and its manifest; its
+/// packs are collected; the same checkpoint is then uploaded without
+/// packing and commits. Reads do not trust the stale map over the chunk
+/// objects the later upload put: the checkpoint restores bit-exact and
+/// verifies clean, and still does when a map naming the missing packs is
+/// put back next to it (as a writer that does not know pack maps would
+/// leave it).
+#[test]
+fn a_stale_pack_map_is_not_trusted_over_the_chunk_objects_of_a_later_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_local(dir.path());
+    let t = tensors(&[700, 701, 702, 703]);
+    save(&store, 1, &t);
+    let bucket = new_bucket("packs-stale");
+    let remote = open_remote(&bucket, packing());
+    store.upload_to(&remote, "r", 1).unwrap();
+    // As if the upload stopped before its manifest, and a collection then
+    // removed its packs.
+    delete_objects(&remote, vec![remote.manifest_path("r", 1)]);
+    let maps = pack_map_objects(&remote);
+    assert_eq!(maps.len(), 1);
+    let packs: Vec<ObjPath> = pack_ids(&remote)
+        .iter()
+        .map(|id| remote.pack_path(id))
+        .collect();
+    assert!(!packs.is_empty());
+    delete_objects(&remote, packs);
+    // Uploaded again without packing: every chunk at chunks/.
+    store
+        .upload_to(&open_remote(&bucket, RemoteOptions::default()), "r", 1)
+        .unwrap();
+    let r = open_remote(&bucket, packing())
+        .restore("r", StepSel::Step(1), &TensorFilter::All)
+        .unwrap();
+    assert_same(&r, &t);
+    let v = verify(open_remote(&bucket, packing()));
+    assert!(v.problems.is_empty(), "{v:?}");
+    // The stale map back in place: reads fall back to chunks/.
+    let (path, bytes, _) = maps.into_iter().next().unwrap();
+    let os = remote.object_store().clone();
+    remote
+        .block_on(async move { os.put(&path, PutPayload::from(bytes)).await.unwrap() })
+        .unwrap();
+    let r = open_remote(&bucket, packing())
+        .restore("r", StepSel::Step(1), &TensorFilter::All)
+        .unwrap();
+    assert_same(&r, &t);
+    let v = verify(open_remote(&bucket, packing()));
+    assert!(v.problems.is_empty(), "{v:?}");
+}
+
+/// A collection finds an orphaned pack map older than the grace (an
+/// upload stopped before its manifest, long ago); before it deletes the
+/// map, the same checkpoint is uploaded again, which puts the map anew and
+/// commits. The collection leaves the renewed map alone, so the committed
+/// checkpoint restores bit-exact afterwards.
+#[test]
+fn collection_leaves_a_pack_map_that_an_upload_renewed_meanwhile() {
+    let grace = Duration::from_secs(3600);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(open_local(dir.path()));
+    let t = tensors(&[800, 801, 802, 803]);
+    save(&store, 1, &t);
+    let bucket = new_bucket("packs-map-race");
+    let opts = RemoteOptions {
+        gc_grace: grace,
+        ..packing()
+    };
+    let remote = open_remote(&bucket, opts.clone());
+    store.upload_to(&remote, "r", 1).unwrap();
+    delete_objects(&remote, vec![remote.manifest_path("r", 1)]);
+    let maps = pack_map_objects(&remote);
+    assert_eq!(maps.len(), 1);
+    let first_put = maps[0].2;
+    std::thread::sleep(Duration::from_secs(3));
+    // By this clock the orphaned map (and its packs) are just past the
+    // grace; anything put from now on is within it.
+    let clock = ManualClock::at_ms(first_put + grace.as_millis() as i64 + 1500);
+    let uploader = Arc::new(open_remote(&bucket, opts.clone()).with_clock(Arc::new(clock.clone())));
+    let fired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hook: OpHook = {
+        let (store, uploader, fired) = (store.clone(), uploader.clone(), fired.clone());
+        Arc::new(move |op: &'static str, path: &ObjPath| {
+            if (op == "get" || op == "delete")
+                && is_pack_map(path)
+                && !fired.swap(true, Ordering::SeqCst)
+            {
+                let (store, uploader) = (store.clone(), uploader.clone());
+                std::thread::spawn(move || store.upload_to(&uploader, "r", 1).unwrap())
+                    .join()
+                    .unwrap();
+            }
+        })
+    };
+    let gc = hooked(&bucket, opts.clone(), hook).with_clock(Arc::new(clock.clone()));
+    gc.gc(grace, false).unwrap();
+    assert!(
+        fired.load(Ordering::SeqCst),
+        "the collection looked at the map"
+    );
+    assert_eq!(ChunkTier::steps(&remote, "r").unwrap(), vec![1]);
+    assert!(remote
+        .block_on(remote.pack_map("r", 1))
+        .unwrap()
+        .unwrap()
+        .is_some());
+    let r = open_remote(&bucket, opts)
+        .restore("r", StepSel::Step(1), &TensorFilter::All)
+        .unwrap();
+    assert_same(&r, &t);
+}
+
+/// A collector removes the pack map between an upload's put of it and the
+/// upload's commit (it had found an old map of the same manifest and was
+/// stalled before its delete): the upload finds its map gone after the
+/// commit and puts it back, so the checkpoint restores bit-exact.
+#[test]
+fn an_upload_puts_back_a_pack_map_removed_before_its_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_local(dir.path());
+    let t = tensors(&[900, 901, 902, 903]);
+    save(&store, 1, &t);
+    let bucket = new_bucket("packs-map-back");
+    let plain = Arc::new(open_remote(&bucket, packing()));
+    let fired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hook: OpHook = {
+        let (plain, fired) = (plain.clone(), fired.clone());
+        Arc::new(move |op: &'static str, path: &ObjPath| {
+            if op == "put"
+                && path.filename() == Some("manifest.cairn")
+                && !fired.swap(true, Ordering::SeqCst)
+            {
+                let plain = plain.clone();
+                std::thread::spawn(move || {
+                    let maps = pack_map_objects(&plain);
+                    assert_eq!(maps.len(), 1);
+                    delete_objects(&plain, maps.into_iter().map(|m| m.0).collect());
+                })
+                .join()
+                .unwrap();
+            }
+        })
+    };
+    store
+        .upload_to(&hooked(&bucket, packing(), hook), "r", 1)
+        .unwrap();
+    assert!(fired.load(Ordering::SeqCst));
+    assert_eq!(pack_map_objects(&plain).len(), 1, "the map is back");
+    let r = open_remote(&bucket, packing())
+        .restore("r", StepSel::Step(1), &TensorFilter::All)
+        .unwrap();
+    assert_same(&r, &t);
+}
+
+/// A pack put that meets another object at the pack's name (another
+/// writer's put in flight, which may yet fail) does not count as stored
+/// unseen: the upload puts its own bytes there, and the checkpoint
+/// restores bit-exact.
+#[test]
+fn a_pack_put_does_not_rely_on_another_writers_object_at_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_local(dir.path());
+    let t = tensors(&[1000, 1001, 1002, 1003]);
+    save(&store, 1, &t);
+    let bucket = new_bucket("packs-put-race");
+    let plain = Arc::new(open_remote(&bucket, packing()));
+    let fired = Arc::new(AtomicU64::new(0));
+    let hook: OpHook = {
+        let (plain, fired) = (plain.clone(), fired.clone());
+        Arc::new(move |op: &'static str, path: &ObjPath| {
+            if op.starts_with("put") && path.as_ref().contains("/packs/") {
+                fired.fetch_add(1, Ordering::SeqCst);
+                let (plain, path) = (plain.clone(), path.clone());
+                std::thread::spawn(move || {
+                    let os = plain.object_store().clone();
+                    plain
+                        .block_on(async move {
+                            os.put(&path, PutPayload::from(vec![0u8; 4096]))
+                                .await
+                                .unwrap()
+                        })
+                        .unwrap();
+                })
+                .join()
+                .unwrap();
+            }
+        })
+    };
+    store
+        .upload_to(&hooked(&bucket, packing(), hook), "r", 1)
+        .unwrap();
+    assert!(fired.load(Ordering::SeqCst) > 0);
+    let r = open_remote(&bucket, packing())
+        .restore("r", StepSel::Step(1), &TensorFilter::All)
+        .unwrap();
+    assert_same(&r, &t);
+}
+
+/// Pack maps that cannot be used stop nothing: an unreadable map of the
+/// previous step only costs the next upload its reuse of packs (it still
+/// commits and restores bit-exact), and a stray map object under a name
+/// that is no valid run is passed over by collection.
+#[test]
+fn unreadable_or_stray_pack_maps_stop_neither_uploads_nor_collections() {
+    let clock = ManualClock::at_ms(now_ms());
+    let grace = Duration::from_secs(3600);
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_local(dir.path());
+    let t1 = tensors(&[1100, 1101, 1102, 1103]);
+    let t2 = tensors(&[1100, 1101, 1102, 1199]);
+    save(&store, 1, &t1);
+    save(&store, 2, &t2);
+    let bucket = new_bucket("packs-badmap");
+    let opts = RemoteOptions {
+        gc_grace: grace,
+        ..packing()
+    };
+    let remote = open_remote(&bucket, opts.clone()).with_clock(Arc::new(clock.clone()));
+    store.upload_to(&remote, "r", 1).unwrap();
+    let maps = pack_map_objects(&remote);
+    assert_eq!(maps.len(), 1);
+    let (path, good, _) = maps.into_iter().next().unwrap();
+    let put = |bytes: Vec<u8>, path: ObjPath| {
+        let os = remote.object_store().clone();
+        remote
+            .block_on(async move { os.put(&path, PutPayload::from(bytes)).await.unwrap() })
+            .unwrap();
+    };
+    put(b"{not a pack map".to_vec(), path.clone());
+    let up = store.upload_to(&remote, "r", 2).unwrap();
+    assert_eq!(
+        up.chunks_skipped, 0,
+        "nothing reused through an unreadable map"
+    );
+    let r = open_remote(&bucket, opts.clone())
+        .restore("r", StepSel::Step(2), &TensorFilter::All)
+        .unwrap();
+    assert_same(&r, &t2);
+    put(good, path);
+    put(
+        b"{}".to_vec(),
+        ObjPath::from(format!(
+            "ckpt/runs/bad+run/00000000000000000001/packs.{}.json",
+            "0".repeat(64)
+        )),
+    );
+    clock.advance(grace * 2);
+    remote.gc(grace, false).unwrap();
+    for (step, t) in [(1, &t1), (2, &t2)] {
+        let r = open_remote(&bucket, opts.clone())
+            .restore("r", StepSel::Step(step), &TensorFilter::All)
+            .unwrap();
+        assert_same(&r, t);
     }
 }

@@ -4,7 +4,8 @@
 //! ```text
 //! <prefix>/chunks/<2 hex>/<64 hex>              chunk objects (same bytes as local files)
 //! <prefix>/packs/<2 hex>/<64 hex>               packs of small chunk objects (see [`pack`])
-//! <prefix>/runs/<run>/<step:020>/packs.json      where a checkpoint's packed chunks are
+//! <prefix>/runs/<run>/<step:020>/packs.<hash>.json  where the packed chunks of the
+//!                                               manifest with that blake3 hash are
 //! <prefix>/runs/<run>/<step:020>/manifest.cairn  the remote commit, put last with PutMode::Create
 //! ```
 //!
@@ -986,8 +987,10 @@ impl RemoteStore {
                 format!("names run {} step {}, not its location", m.run, m.step),
             ));
         }
-        // Where its packed chunks live, for the reads that follow.
-        self.learn_pack_map(run, step).await?;
+        // Where its packed chunks live, for the reads that follow: the map
+        // named by the hash of these manifest bytes.
+        self.learn_pack_map(run, step, &crate::chunk_id::ChunkId::of(&bytes))
+            .await?;
         Ok(m)
     }
 
@@ -1065,8 +1068,9 @@ impl RemoteStore {
         }
     }
 
-    /// Delete the remote manifest of `(run, step)`, then its pack map (its
-    /// chunks and packs stay until garbage collection).
+    /// Delete the remote manifest of `(run, step)` (its chunks, packs and
+    /// pack map stay until garbage collection, which removes a pack map
+    /// left without its manifest once it is older than the grace).
     pub async fn delete_checkpoint(&self, run: &str, step: u64) -> Result<()> {
         validate_run_name(run)?;
         let path = self.manifest_path(run, step);
@@ -1076,8 +1080,7 @@ impl RemoteStore {
                 .await
                 .map_err(|e| Error::remote("delete manifest", &path, e))
         })
-        .await?;
-        self.delete_pack_map(run, step).await
+        .await
     }
 
     /// Every chunk object: id, last-modified time (ms since the epoch) and

@@ -5,19 +5,25 @@
 //! ```text
 //! <prefix>/packs/<2 hex>/<64 hex>                 a pack: chunk objects back to back,
 //!                                                 named by the blake3 hash of its bytes
-//! <prefix>/runs/<run>/<step:020>/packs.json       the checkpoint's pack map: where each
-//!                                                 of its packed chunks lives
+//! <prefix>/runs/<run>/<step:020>/packs.<64 hex>.json
+//!                                                 the pack map of the manifest whose
+//!                                                 bytes hash (blake3) to the 64 hex:
+//!                                                 where each of its packed chunks lives
 //! ```
 //!
 //! Every chunk object in a pack keeps its own header, so a chunk read with
 //! a ranged GET is decoded and verified on its own. The pack map is put
 //! before the manifest, so the manifest stays the one commit point: a
 //! listed checkpoint's packed chunks are all in packs that were present
-//! before it was listed. Chunks not in the pack map are read from
-//! `chunks/` as before, so remotes written without packs read as they
-//! are. A pack is live while the pack map of any committed checkpoint
-//! names it; collection deletes an unreferenced pack only past the grace
-//! period, after a HEAD, as it does a chunk object (`gc`).
+//! before it was listed. A map is named by the hash of the manifest it
+//! belongs to, so a writer that loses the commit race to another manifest
+//! of the same step never touches the winner's map, and readers find the
+//! map from the manifest bytes they read. Chunks not in the pack map (or
+//! in a pack that is gone) are read from `chunks/` as before, so remotes
+//! written without packs read as they are. A pack is live while the pack
+//! map of any committed checkpoint names it; collection deletes an
+//! unreferenced pack only past the grace period, after a HEAD, as it does
+//! a chunk object (`gc`).
 
 use super::RemoteStore;
 use crate::chunk_id::ChunkId;
@@ -29,7 +35,7 @@ use crate::restore::ChunkSource;
 use crate::tier::ChunkTier;
 use futures::TryStreamExt;
 use object_store::path::Path as ObjPath;
-use object_store::{ObjectMeta, PutMode, PutOptions, PutPayload};
+use object_store::ObjectMeta;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -37,8 +43,12 @@ use std::sync::{Condvar, Mutex, OnceLock, RwLock};
 
 /// Directory of the packs under a remote prefix.
 pub const PACKS_DIR: &str = "packs";
-/// File name of a checkpoint's pack map, next to its manifest.
-pub const PACK_MAP_FILE: &str = "packs.json";
+/// File names of pack maps, next to the manifest:
+/// `packs.<64 hex>.json`, the hex being the blake3 hash of the manifest's
+/// bytes.
+pub const PACK_MAP_PREFIX: &str = "packs.";
+/// See [`PACK_MAP_PREFIX`].
+pub const PACK_MAP_SUFFIX: &str = ".json";
 /// The `format` field of every pack map.
 pub const PACK_MAP_FORMAT: &str = "cairn-pack-map";
 /// The pack map version this build writes and reads.
@@ -83,7 +93,8 @@ pub struct PackEntry {
 }
 
 /// A checkpoint's pack map: which of its chunks are in which pack
-/// (`runs/<run>/<step:020>/packs.json`, JSON; see `docs/format.md`).
+/// (`runs/<run>/<step:020>/packs.<manifest hash>.json`, JSON; see
+/// `docs/format.md`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PackMap {
@@ -128,7 +139,9 @@ impl PackMap {
     }
 
     /// Parse and validate a stored map of `(run, step)`: the format and
-    /// version, the run and step it names, and every chunk inside its pack.
+    /// version, the run and step it names, every chunk inside its pack,
+    /// no chunk listed twice and no two chunk objects of a pack
+    /// overlapping.
     pub fn decode(bytes: &[u8], run: &str, step: u64, at: &str) -> Result<PackMap> {
         let bad = |reason: String| Error::manifest(PathBuf::from(at), reason);
         let m: PackMap =
@@ -150,7 +163,9 @@ impl PackMap {
                 m.run, m.step
             )));
         }
+        let mut seen = std::collections::HashSet::new();
         for p in &m.packs {
+            let mut spans: Vec<(u64, u64)> = Vec::with_capacity(p.chunks.len());
             for c in &p.chunks {
                 if c.len == 0 || c.offset.checked_add(c.len).is_none_or(|end| end > p.size) {
                     return Err(bad(format!(
@@ -158,6 +173,17 @@ impl PackMap {
                         c.id, c.offset, c.len, p.pack, p.size
                     )));
                 }
+                if !seen.insert(c.id) {
+                    return Err(bad(format!("pack map: chunk {} listed twice", c.id)));
+                }
+                spans.push((c.offset, c.offset + c.len));
+            }
+            spans.sort_unstable();
+            if let Some(w) = spans.windows(2).find(|w| w[1].0 < w[0].1) {
+                return Err(bad(format!(
+                    "pack map: chunk objects at {}..{} and {}..{} of pack {} overlap",
+                    w[0].0, w[0].1, w[1].0, w[1].1, p.pack
+                )));
             }
         }
         Ok(m)
@@ -222,20 +248,31 @@ impl RemoteStore {
             .child(id.to_hex())
     }
 
-    /// Path of the pack map of `(run, step)`, next to its manifest.
-    pub fn pack_map_path(&self, run: &str, step: u64) -> ObjPath {
+    /// Path of the pack map of the manifest of `(run, step)` whose bytes
+    /// hash to `manifest` ([`ChunkId::of`] of the manifest object), next
+    /// to it.
+    pub fn pack_map_path(&self, run: &str, step: u64, manifest: &ChunkId) -> ObjPath {
         self.prefix
             .child(RUNS_DIR)
             .child(run)
             .child(step_dir_name(step))
-            .child(PACK_MAP_FILE)
+            .child(format!(
+                "{PACK_MAP_PREFIX}{}{PACK_MAP_SUFFIX}",
+                manifest.to_hex()
+            ))
     }
 
-    /// The pack map of `(run, step)`, validated, or `None` when it has
-    /// none (a checkpoint without packed chunks, or written before packs).
-    pub async fn pack_map(&self, run: &str, step: u64) -> Result<Option<PackMap>> {
+    /// The pack map of the manifest of `(run, step)` whose bytes hash to
+    /// `manifest`, validated, or `None` when there is none (a checkpoint
+    /// without packed chunks, or written before packs).
+    pub async fn pack_map_of(
+        &self,
+        run: &str,
+        step: u64,
+        manifest: &ChunkId,
+    ) -> Result<Option<PackMap>> {
         validate_run_name(run)?;
-        let path = self.pack_map_path(run, step);
+        let path = self.pack_map_path(run, step, manifest);
         let at = path.to_string();
         let r = self
             .retry(|| async {
@@ -245,14 +282,29 @@ impl RemoteStore {
                     .get(&path)
                     .await
                     .map_err(|e| Error::remote(op, &path, e))?;
-                if r.meta.size > MAX_PACK_MAP_LEN {
-                    return Err(Error::manifest(
+                let too_large = || {
+                    Error::manifest(
                         PathBuf::from(&at),
                         format!("pack map larger than {MAX_PACK_MAP_LEN} bytes"),
-                    ));
+                    )
+                };
+                if r.meta.size > MAX_PACK_MAP_LEN {
+                    return Err(too_large());
                 }
-                let b = r.bytes().await.map_err(|e| Error::remote(op, &path, e))?;
-                Ok(b)
+                // The body is read up to the cap, whatever the listing said.
+                let mut body = Vec::new();
+                let mut stream = r.into_stream();
+                while let Some(part) = stream
+                    .try_next()
+                    .await
+                    .map_err(|e| Error::remote(op, &path, e))?
+                {
+                    if body.len() as u64 + part.len() as u64 > MAX_PACK_MAP_LEN {
+                        return Err(too_large());
+                    }
+                    body.extend_from_slice(&part);
+                }
+                Ok(body)
             })
             .await;
         match r {
@@ -265,22 +317,45 @@ impl RemoteStore {
         }
     }
 
-    /// Read the pack map of `(run, step)` and remember where its chunks
-    /// live, for reads that name only a chunk.
-    pub(crate) async fn learn_pack_map(&self, run: &str, step: u64) -> Result<Option<PackMap>> {
-        let m = self.pack_map(run, step).await?;
+    /// The pack map of the committed checkpoint `(run, step)`: its manifest
+    /// is read to name the map. `None` when the step has no manifest or
+    /// its manifest no map.
+    pub async fn pack_map(&self, run: &str, step: u64) -> Result<Option<PackMap>> {
+        validate_run_name(run)?;
+        let path = self.manifest_path(run, step);
+        match self.get_manifest_object(&path).await {
+            Ok(b) => self.pack_map_of(run, step, &ChunkId::of(&b)).await,
+            Err(Error::Remote {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Read the pack map of the manifest of `(run, step)` hashing to
+    /// `manifest` and remember where its chunks live, for reads that name
+    /// only a chunk.
+    pub(crate) async fn learn_pack_map(
+        &self,
+        run: &str,
+        step: u64,
+        manifest: &ChunkId,
+    ) -> Result<Option<PackMap>> {
+        let m = self.pack_map_of(run, step, manifest).await?;
         if let Some(m) = &m {
             self.packed.add(m);
         }
         Ok(m)
     }
 
-    /// Put the pack map of a checkpoint (before its manifest). A map left
-    /// by an interrupted upload of the same step is replaced: until the
-    /// manifest exists, nothing reads it.
-    pub async fn put_pack_map(&self, map: &PackMap) -> Result<()> {
+    /// Put the pack map of a checkpoint whose manifest bytes hash to
+    /// `manifest` (before that manifest). A map left by an interrupted
+    /// upload of the same manifest is replaced; the map of any other
+    /// manifest of the step is not touched.
+    pub async fn put_pack_map(&self, map: &PackMap, manifest: &ChunkId) -> Result<()> {
         validate_run_name(&map.run)?;
-        let path = self.pack_map_path(&map.run, map.step);
+        let path = self.pack_map_path(&map.run, map.step, manifest);
         let bytes = serde_json::to_vec(map)
             .map_err(|e| Error::Internal(format!("encode pack map: {e}")))?;
         self.put_object(&path, bytes::Bytes::from(bytes)).await?;
@@ -288,10 +363,39 @@ impl RemoteStore {
         Ok(())
     }
 
-    /// Delete the pack map of `(run, step)` (absent is fine).
-    pub async fn delete_pack_map(&self, run: &str, step: u64) -> Result<()> {
+    /// Metadata of the pack map of `(run, step)` for the manifest hashing
+    /// to `manifest`, or `None` if the remote does not hold it.
+    pub async fn head_pack_map(
+        &self,
+        run: &str,
+        step: u64,
+        manifest: &ChunkId,
+    ) -> Result<Option<ObjectMeta>> {
         validate_run_name(run)?;
-        let path = self.pack_map_path(run, step);
+        let path = self.pack_map_path(run, step, manifest);
+        let r = self
+            .retry(|| async {
+                self.inner
+                    .head(&path)
+                    .await
+                    .map_err(|e| Error::remote("head pack map", &path, e))
+            })
+            .await;
+        match r {
+            Ok(m) => Ok(Some(m)),
+            Err(Error::Remote {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Delete the pack map of `(run, step)` for the manifest hashing to
+    /// `manifest` (absent is fine).
+    pub async fn delete_pack_map(&self, run: &str, step: u64, manifest: &ChunkId) -> Result<()> {
+        validate_run_name(run)?;
+        let path = self.pack_map_path(run, step, manifest);
         self.retry(|| async {
             match self.inner.delete(&path).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
@@ -325,8 +429,10 @@ impl RemoteStore {
     /// Store pack `bytes` under the hash of its bytes. A HEAD first: a
     /// pack present and `fresh` (by its last-modified time, in ms) is left
     /// as it is; one present but stale is put again, renewing it; an
-    /// absent one is put create-only, and a refusal (another uploader put
-    /// the same bytes meanwhile) counts as success.
+    /// absent one is put. Puts are plain, as for chunk objects: the name is
+    /// the hash of the bytes, so overwriting another uploader's copy is
+    /// harmless, and a create-only put refused because another put is in
+    /// flight would say nothing about whether that one lands.
     pub async fn store_pack(
         &self,
         bytes: bytes::Bytes,
@@ -346,43 +452,7 @@ impl RemoteStore {
             }
             None => {}
         }
-        if n as usize > self.opts.multipart_threshold {
-            // Multipart uploads have no create-only mode everywhere; the
-            // name is the hash of the bytes, so overwriting is harmless.
-            self.put_object(&path, bytes).await?;
-        } else {
-            let r = self
-                .retry(|| {
-                    let bytes = bytes.clone();
-                    let path = &path;
-                    async move {
-                        self.metrics.add_put();
-                        self.inner
-                            .put_opts(
-                                path,
-                                PutPayload::from(bytes),
-                                PutOptions {
-                                    mode: PutMode::Create,
-                                    ..Default::default()
-                                },
-                            )
-                            .await
-                            .map(|_| ())
-                            .map_err(|e| Error::remote("put pack", path, e))
-                    }
-                })
-                .await;
-            match r {
-                Ok(())
-                | Err(Error::Remote {
-                    source:
-                        object_store::Error::AlreadyExists { .. }
-                        | object_store::Error::Precondition { .. },
-                    ..
-                }) => {}
-                Err(e) => return Err(e),
-            }
-        }
+        self.put_object(&path, bytes).await?;
         self.metrics.add_pack_upload(n);
         tracing::debug!(pack = %id, bytes = n, "uploaded pack");
         Ok((id, PackStored::Uploaded))
@@ -419,10 +489,12 @@ impl RemoteStore {
             .collect())
     }
 
-    /// Every pack map object under `runs/`: run, step, last-modified time
-    /// (ms since the epoch). Listed by collection to find maps whose
-    /// checkpoint is gone.
-    pub async fn list_pack_maps(&self) -> Result<Vec<(String, u64, i64)>> {
+    /// Every pack map object under `runs/`: run, step, the hash of the
+    /// manifest it belongs to, last-modified time (ms since the epoch).
+    /// Listed by collection to find maps whose checkpoint is gone. Objects
+    /// that are not at the path of a pack map of a valid run name are
+    /// skipped.
+    pub async fn list_pack_maps(&self) -> Result<Vec<(String, u64, ChunkId, i64)>> {
         let base = self.prefix.child(RUNS_DIR);
         let metas: Vec<ObjectMeta> = self
             .retry(|| async {
@@ -437,14 +509,22 @@ impl RemoteStore {
             .into_iter()
             .filter_map(|m| {
                 let parts: Vec<_> = m.location.prefix_match(&base)?.collect();
-                match parts.as_slice() {
-                    [run, step, file] if file.as_ref() == PACK_MAP_FILE => Some((
-                        run.as_ref().to_string(),
-                        crate::layout::parse_step_dir_name(step.as_ref())?,
-                        m.last_modified.timestamp_millis(),
-                    )),
-                    _ => None,
-                }
+                let [run, step, file] = parts.as_slice() else {
+                    return None;
+                };
+                validate_run_name(run.as_ref()).ok()?;
+                let hash: ChunkId = file
+                    .as_ref()
+                    .strip_prefix(PACK_MAP_PREFIX)?
+                    .strip_suffix(PACK_MAP_SUFFIX)?
+                    .parse()
+                    .ok()?;
+                Some((
+                    run.as_ref().to_string(),
+                    crate::layout::parse_step_dir_name(step.as_ref())?,
+                    hash,
+                    m.last_modified.timestamp_millis(),
+                ))
             })
             .collect())
     }
@@ -472,7 +552,18 @@ impl RemoteStore {
     pub(crate) async fn learn_all_pack_maps(&self) -> Result<()> {
         for run in self.runs().await? {
             for step in self.steps(&run).await? {
-                self.learn_pack_map(&run, step).await?;
+                let path = self.manifest_path(&run, step);
+                let bytes = match self.get_manifest_object(&path).await {
+                    Ok(b) => b,
+                    // Deleted since the listing.
+                    Err(Error::Remote {
+                        source: object_store::Error::NotFound { .. },
+                        ..
+                    }) => continue,
+                    Err(e) => return Err(e),
+                };
+                self.learn_pack_map(&run, step, &ChunkId::of(&bytes))
+                    .await?;
             }
         }
         Ok(())
@@ -530,9 +621,11 @@ impl RemoteStore {
     }
 
     /// Fetch chunk object `id` wherever it lives: in a pack a map read by
-    /// this store lists, else at `chunks/`; a chunk missing there is looked
-    /// up in the pack maps of every committed checkpoint once more. Returns
-    /// the object (not yet verified) and where it was read, for messages.
+    /// this store lists, else (or when that pack is gone and no other map
+    /// lists the chunk elsewhere) at `chunks/`; a chunk missing there is
+    /// looked up in the pack maps of every committed checkpoint once more.
+    /// Returns the object (not yet verified) and where it was read, for
+    /// messages.
     pub(crate) async fn fetch_any_object(
         &self,
         id: &ChunkId,
@@ -548,12 +641,28 @@ impl RemoteStore {
                     self.learn_all_pack_maps().await?;
                     match self.packed_location(id) {
                         Some(now) if now != loc => {
-                            let b = self.fetch_packed_object(id, &now, len).await?;
-                            return Ok((b, self.packed_display(&now)));
+                            match self.fetch_packed_object(id, &now, len).await {
+                                Ok(b) => return Ok((b, self.packed_display(&now))),
+                                Err(e) if is_pack_missing(&e) => {}
+                                Err(e) => return Err(e),
+                            }
                         }
-                        Some(_) => return Err(e),
-                        None => {}
+                        // A map naming a pack that is gone (one left by an
+                        // interrupted upload, committed with a later one that
+                        // put every chunk at chunks/): read chunks/.
+                        _ => {}
                     }
+                    return match self.fetch_chunk_object(id, len).await {
+                        Ok(b) => Ok((b, PathBuf::from(self.chunk_path(id).to_string()))),
+                        Err(c @ Error::CorruptChunk { .. }) => {
+                            if self.head_chunk(id).await?.is_some() {
+                                Err(c)
+                            } else {
+                                Err(e)
+                            }
+                        }
+                        Err(c) => Err(c),
+                    };
                 }
                 Err(e) => return Err(e),
             }
@@ -568,10 +677,11 @@ impl RemoteStore {
                 }
                 self.learn_all_pack_maps().await?;
                 match self.packed_location(id) {
-                    Some(loc) => {
-                        let b = self.fetch_packed_object(id, &loc, len).await?;
-                        Ok((b, self.packed_display(&loc)))
-                    }
+                    Some(loc) => match self.fetch_packed_object(id, &loc, len).await {
+                        Ok(b) => Ok((b, self.packed_display(&loc))),
+                        Err(p) if is_pack_missing(&p) => Err(e),
+                        Err(p) => Err(p),
+                    },
                     None => Err(e),
                 }
             }
@@ -603,6 +713,8 @@ enum SegState<'a> {
     },
     /// Every chunk taken, or the fetch failed: read chunk by chunk.
     Gone,
+    /// The pack is gone: its chunks are read from `chunks/`.
+    Missing,
 }
 
 /// The segments of one restore and, per chunk, its segment and location.
@@ -668,21 +780,17 @@ impl<'a> PackedReader<'a> {
                             };
                             seg.ready.notify_all();
                         }
+                        Err(Error::Remote {
+                            source: object_store::Error::NotFound { .. },
+                            ..
+                        }) => {
+                            *st = SegState::Missing;
+                            seg.ready.notify_all();
+                        }
                         Err(e) => {
                             *st = SegState::Gone;
                             seg.ready.notify_all();
-                            return Err(match e {
-                                Error::Remote {
-                                    source: object_store::Error::NotFound { .. },
-                                    ..
-                                } => Error::CorruptChunk {
-                                    chunk: id.to_hex(),
-                                    path: self.store.packed_display(&loc),
-                                    reason: format!("{PACK_MISSING} {}", self.store.url),
-                                    tensors: Vec::new(),
-                                },
-                                e => e,
-                            });
+                            return Err(e);
                         }
                     }
                 }
@@ -700,6 +808,14 @@ impl<'a> PackedReader<'a> {
                     return Ok(Some((object, loc)));
                 }
                 SegState::Gone => return Ok(None),
+                SegState::Missing => {
+                    return Err(Error::CorruptChunk {
+                        chunk: id.to_hex(),
+                        path: self.store.packed_display(&loc),
+                        reason: format!("{PACK_MISSING} {}", self.store.url),
+                        tensors: Vec::new(),
+                    })
+                }
             }
         }
     }
@@ -711,8 +827,14 @@ impl ChunkSource for PackedReader<'_> {
         let mut segs: Vec<Segment<'_>> = Vec::new();
         let mut by_id = HashMap::new();
         let mut open = false;
-        for (id, _) in chunks {
-            let Some(loc) = self.store.packed_location(id) else {
+        for &(ref id, chunk_len) in chunks {
+            // An entry larger than its chunk can take is read on its own,
+            // and refused there before any budget is taken.
+            let Some(loc) = self
+                .store
+                .packed_location(id)
+                .filter(|l| l.len <= max_object_len(chunk_len))
+            else {
                 open = false;
                 continue;
             };
@@ -751,8 +873,40 @@ impl ChunkSource for PackedReader<'_> {
         scratch: &mut Vec<u8>,
         decoder: &mut Decoder,
     ) -> Result<u64> {
-        let Some((object, loc)) = self.take(id)? else {
-            return ChunkTier::read_chunk(self.store, id, len, out, buf, scratch, decoder);
+        let (object, loc) = match self.take(id) {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                return ChunkTier::read_chunk(self.store, id, len, out, buf, scratch, decoder)
+            }
+            // The map names a pack that is gone (one left by an interrupted
+            // upload, committed with a later upload that put every chunk at
+            // chunks/): read the chunk object there.
+            Err(e) if is_pack_missing(&e) => {
+                let _budget = self.store.take_read_budget(len);
+                let object = match self
+                    .store
+                    .block_on(self.store.fetch_chunk_object(id, len))?
+                {
+                    Ok(b) => b,
+                    Err(Error::CorruptChunk { .. })
+                        if self.store.block_on(self.store.head_chunk(id))??.is_none() =>
+                    {
+                        return Err(e)
+                    }
+                    Err(c) => return Err(c),
+                };
+                let target = match out {
+                    Some(o) => o,
+                    None => {
+                        buf.resize(len as usize, 0);
+                        &mut buf[..]
+                    }
+                };
+                let at = PathBuf::from(self.store.chunk_path(id).to_string());
+                decode_chunk_object(&object, id, target, decoder, &at)?;
+                return Ok(object.len() as u64);
+            }
+            Err(e) => return Err(e),
         };
         let at = self.store.packed_display(&loc);
         if loc.len > max_object_len(len) {
@@ -794,10 +948,12 @@ pub(crate) struct PackUpload {
 }
 
 /// Upload chunks `small` (id, uncompressed length) of checkpoint
-/// `(run, step)` from `src` into packs of `dst`, and build the pack map
-/// that locates them. A chunk found in a pack that the map of this step
-/// (left by an interrupted upload, or already committed) or of the newest
-/// other committed step of the run lists is reused when that pack is
+/// `(run, step)`, whose manifest bytes hash to `manifest`, from `src` into
+/// packs of `dst`, and build the pack map that locates them. A chunk found
+/// in a pack that the map of this manifest (left by an interrupted upload,
+/// or already committed) or of the newest other committed step of the run
+/// lists (maps that cannot be read are passed over with a warning) is
+/// reused when that pack is
 /// `fresh` (the target's reuse rule, by its last-modified time) and, with
 /// `opts.verify_present`, reads back whole; the rest are read from `src` (each
 /// verified), encoded for the wire, and concatenated in order into packs
@@ -809,6 +965,7 @@ pub(crate) fn upload_packed(
     dst: &RemoteStore,
     run: &str,
     step: u64,
+    manifest: &ChunkId,
     small: &[(ChunkId, u64)],
     opts: &crate::copy::CopyOptions<'_>,
     fresh: &(dyn Fn(i64) -> bool + Sync),
@@ -820,18 +977,31 @@ pub(crate) fn upload_packed(
     }
     // Packs a checkpoint of this run already relies on.
     let mut known: HashMap<ChunkId, PackLoc> = HashMap::new();
-    let steps = dst.block_on(dst.steps(run))??;
-    let previous = steps
-        .iter()
-        .rev()
-        .find(|&&s| s < step)
-        .or_else(|| steps.iter().rev().find(|&&s| s != step));
-    let mut sources = vec![step];
-    sources.extend(previous);
-    for s in sources {
-        if let Some(m) = dst.block_on(dst.pack_map(run, s))?? {
-            for (id, loc) in m.locations() {
-                known.entry(id).or_insert(loc);
+    // Reading them is only an optimisation: a map that cannot be read is
+    // passed over.
+    let own = dst.block_on(dst.pack_map_of(run, step, manifest))?;
+    let previous = dst.block_on(async {
+        let steps = dst.steps(run).await?;
+        let previous = steps
+            .iter()
+            .rev()
+            .find(|&&s| s < step)
+            .or_else(|| steps.iter().rev().find(|&&s| s != step));
+        match previous {
+            Some(&s) => dst.pack_map(run, s).await,
+            None => Ok(None),
+        }
+    })?;
+    for m in [own, previous] {
+        match m {
+            Ok(Some(m)) => {
+                for (id, loc) in m.locations() {
+                    known.entry(id).or_insert(loc);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(run, step, error = %e, "a pack map to reuse packs from is unreadable; packing without it")
             }
         }
     }
