@@ -937,3 +937,82 @@ fn unreadable_or_stray_pack_maps_stop_neither_uploads_nor_collections() {
         assert_same(&r, t);
     }
 }
+
+/// A pack shorter than its map says (bytes lost at the end) is a
+/// `CorruptChunk` naming the chunk and the pack, found at once, not a
+/// transient error retried until the budget runs out.
+#[test]
+fn a_pack_shorter_than_its_map_is_a_corrupt_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_local(dir.path());
+    let t = tensors(&[1200, 1201, 1202, 1203]);
+    save(&store, 1, &t);
+    let bucket = new_bucket("packs-short");
+    let remote = open_remote(&bucket, packing());
+    store.upload_to(&remote, "r", 1).unwrap();
+    let ids = pack_ids(&remote);
+    assert_eq!(ids.len(), 1);
+    let path = remote.pack_path(ids.iter().next().unwrap());
+    let os = remote.object_store().clone();
+    remote
+        .block_on(async move {
+            let b = os.get(&path).await.unwrap().bytes().await.unwrap();
+            let half = b.slice(..b.len() / 2);
+            os.put(&path, PutPayload::from(half)).await.unwrap();
+        })
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let e = open_remote(&bucket, packing())
+        .restore("r", StepSel::Step(1), &TensorFilter::All)
+        .unwrap_err();
+    match &e {
+        Error::CorruptChunk { reason, path, .. } => {
+            assert!(reason.contains("shorter than its pack map"), "{e:?}");
+            assert!(path.to_string_lossy().contains("packs/"), "{e:?}");
+        }
+        e => panic!("not a CorruptChunk: {e:?}"),
+    }
+    assert_eq!(e.kind(), ErrorKind::Data);
+    eprintln!("short pack found in {:?}", t0.elapsed());
+}
+
+/// `copy_checkpoint` with `verify_present` (what `restore --to` sets)
+/// does not rely on a pack of the same name that is already there but
+/// does not read back whole: it puts the pack again, so the copy repairs
+/// it.
+#[test]
+fn a_verifying_copy_repairs_a_corrupt_pack_already_present() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_local(dir.path());
+    let t = tensors(&[1300, 1301, 1302, 1303]);
+    save(&store, 1, &t);
+    let bucket = new_bucket("packs-verify");
+    let remote = open_remote(&bucket, packing());
+    store.upload_to(&remote, "r", 1).unwrap();
+    let ids = pack_ids(&remote);
+    let path = remote.pack_path(ids.iter().next().unwrap());
+    let os = remote.object_store().clone();
+    remote
+        .block_on(async move {
+            let mut b = os.get(&path).await.unwrap().bytes().await.unwrap().to_vec();
+            let n = b.len();
+            b[n - 100] ^= 1;
+            os.put(&path, PutPayload::from(b)).await.unwrap();
+        })
+        .unwrap();
+    // Deleted remotely with its map, copied again with verification: the
+    // same chunks make the same pack, found present.
+    let mut gone = vec![remote.manifest_path("r", 1)];
+    gone.extend(pack_map_objects(&remote).into_iter().map(|m| m.0));
+    delete_objects(&remote, gone);
+    let opts = cairn::CopyOptions {
+        verify_present: true,
+        ..Default::default()
+    };
+    let target = open_remote(&bucket, packing());
+    cairn::copy_checkpoint(&store, &target, "r", 1, &opts).unwrap();
+    let r = open_remote(&bucket, packing())
+        .restore("r", StepSel::Step(1), &TensorFilter::All)
+        .unwrap();
+    assert_same(&r, &t);
+}

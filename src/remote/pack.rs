@@ -432,18 +432,36 @@ impl RemoteStore {
     /// absent one is put. Puts are plain, as for chunk objects: the name is
     /// the hash of the bytes, so overwriting another uploader's copy is
     /// harmless, and a create-only put refused because another put is in
-    /// flight would say nothing about whether that one lands.
+    /// flight would say nothing about whether that one lands. With
+    /// `verify_present`, a fresh pack found present is read back and
+    /// hashed first, and put again unless it matches.
     pub async fn store_pack(
         &self,
         bytes: bytes::Bytes,
         fresh: &(dyn Fn(i64) -> bool + Sync),
+        verify_present: bool,
     ) -> Result<(ChunkId, PackStored)> {
         let id = ChunkId::of(&bytes);
         let path = self.pack_path(&id);
         let n = bytes.len() as u64;
         match self.head_pack(&id).await? {
             Some(m) if fresh(m.last_modified.timestamp_millis()) => {
-                return Ok((id, PackStored::Present))
+                // With verify_present, a present pack is relied on only
+                // once it reads back with its own hash; otherwise it is put
+                // again over the bad copy.
+                let good = !verify_present
+                    || match self.get_object(&path, "get pack").await {
+                        Ok(b) => ChunkId::of(&b) == id,
+                        Err(Error::Remote {
+                            source: object_store::Error::NotFound { .. },
+                            ..
+                        }) => false,
+                        Err(e) => return Err(e),
+                    };
+                if good {
+                    return Ok((id, PackStored::Present));
+                }
+                tracing::warn!(pack = %id, "pack at the target does not read back whole; putting it again");
             }
             Some(_) => {
                 self.put_object(&path, bytes).await?;
@@ -579,6 +597,62 @@ impl RemoteStore {
         ))
     }
 
+    /// Bytes `range` of pack `pack`, read for chunk `id` at `loc` (for
+    /// messages). A pack that ends before the range (a map that says more
+    /// than the pack holds, answered with a short body or a refusal) is a
+    /// [`Error::CorruptChunk`] naming the chunk, found by a HEAD of the
+    /// pack, not retried.
+    pub(crate) async fn get_pack_range(
+        &self,
+        id: &ChunkId,
+        loc: &PackLoc,
+        pack: &ChunkId,
+        range: std::ops::Range<u64>,
+    ) -> Result<bytes::Bytes> {
+        let path = self.pack_path(pack);
+        let want = range.end - range.start;
+        let r = self
+            .retry(|| {
+                let range = range.clone();
+                let path = &path;
+                async move {
+                    self.metrics.add_get();
+                    self.inner
+                        .get_range(path, range)
+                        .await
+                        .map_err(|e| Error::remote("get range", path, e))
+                }
+            })
+            .await;
+        let short = match &r {
+            Ok(b) if b.len() as u64 == want => None,
+            Ok(b) => Some(b.len() as u64),
+            Err(Error::Remote {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => None,
+            Err(_) => Some(0),
+        };
+        if short.is_some() {
+            if let Some(meta) = self.head_pack(pack).await? {
+                if meta.size < range.end {
+                    return Err(Error::CorruptChunk {
+                        chunk: id.to_hex(),
+                        path: self.packed_display(loc),
+                        reason: format!(
+                            "the pack is {} bytes, shorter than its pack map says (bytes {}..{})",
+                            meta.size, range.start, range.end
+                        ),
+                        tensors: Vec::new(),
+                    });
+                }
+            }
+        }
+        let b = r?;
+        super::check_body_len(&path, "get range", b.len() as u64, want)?;
+        Ok(b)
+    }
+
     /// Fetch the object of chunk `id` (`len` bytes uncompressed) from its
     /// pack with one ranged GET; not yet verified.
     pub async fn fetch_packed_object(
@@ -598,9 +672,8 @@ impl RemoteStore {
                 tensors: Vec::new(),
             });
         }
-        let path = self.pack_path(&loc.pack);
         match self
-            .get_range(&path, loc.offset..loc.offset + loc.len)
+            .get_pack_range(id, loc, &loc.pack, loc.offset..loc.offset + loc.len)
             .await
         {
             Ok(b) => {
@@ -765,10 +838,14 @@ impl<'a> PackedReader<'a> {
                     *st = SegState::Fetching;
                     drop(st);
                     let budget = self.store.take_read_budget(seg.end - seg.start);
-                    let path = self.store.pack_path(&seg.pack);
                     let r = self
                         .store
-                        .block_on(self.store.get_range(&path, seg.start..seg.end))
+                        .block_on(self.store.get_pack_range(
+                            id,
+                            &loc,
+                            &seg.pack,
+                            seg.start..seg.end,
+                        ))
                         .and_then(|r| r);
                     st = lock(&seg.state);
                     match r {
@@ -1156,8 +1233,10 @@ pub(crate) fn upload_packed(
                 settle(put, pack, batch, offsets)?;
             }
             let body = pack.clone();
-            let put: Put<'_> =
-                s.spawn(move || dst.block_on(dst.store_pack(body, fresh)).and_then(|r| r));
+            let put: Put<'_> = s.spawn(move || {
+                dst.block_on(dst.store_pack(body, fresh, verify_present))
+                    .and_then(|r| r)
+            });
             pending = Some((put, pack, batch, offsets));
         }
         if let Some((put, pack, batch, offsets)) = pending.take() {
