@@ -225,10 +225,10 @@ pub fn copy_checkpoint(
         // No map for this manifest: one left by an interrupted packing
         // upload of the same manifest would be trusted by readers over the
         // chunk objects just put, so it goes before the commit.
-        if !remote.block_on(remote.has_manifest(run, step))??
-            && remote
-                .block_on(remote.head_pack_map(run, step, &manifest_hash))??
-                .is_some()
+        if remote
+            .block_on(remote.head_pack_map(run, step, &manifest_hash))??
+            .is_some()
+            && !remote.block_on(remote.has_manifest(run, step))??
         {
             remote.block_on(remote.delete_pack_map(run, step, &manifest_hash))??;
         }

@@ -1037,6 +1037,7 @@ pub(crate) struct PackUpload {
 /// of at most `pack_size` uncompressed bytes, each stored by
 /// [`RemoteStore::store_pack`]. The same chunks in the same order make the
 /// same packs, so an upload run again after a kill finds its packs there.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn upload_packed(
     src: &dyn ChunkTier,
     dst: &RemoteStore,
