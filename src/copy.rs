@@ -90,7 +90,13 @@ enum Found {
 ///   manifest is committed only within `commit_within` of the first look;
 ///   and renewed chunks are checked once more after the commit, since a
 ///   collector may have deleted one on its old age just before the renewal
-///   landed (the manifest now protects it, so it is put back).
+///   landed (the manifest now protects it, so it is put back);
+/// - on a remote with `pack_threshold` set, chunks up to that size go into
+///   packs under the same rules (a chunk in a pack of an earlier
+///   checkpoint is reused only while that pack is younger than
+///   `refresh_after`, else packed again; renewed packs are checked after
+///   the commit), and the checkpoint's pack map is put before its
+///   manifest.
 pub fn copy_checkpoint(
     src: &dyn ChunkTier,
     dst: &dyn ChunkTier,
@@ -118,6 +124,16 @@ pub fn copy_checkpoint(
         }
     };
     let chunks: Vec<(ChunkId, u64)> = manifest.distinct_chunks();
+    // A remote that packs takes its small chunks in packs (see
+    // `remote::pack`); the others go one object each.
+    let packing = dst.as_remote().filter(|r| r.options().pack_threshold > 0);
+    let (small, single): (Vec<_>, Vec<_>) = match packing {
+        Some(r) => {
+            let t = r.options().pack_threshold as u64;
+            chunks.iter().partition(|(_, len)| *len <= t)
+        }
+        None => (Vec::new(), chunks.clone()),
+    };
     let copied = AtomicU64::new(0);
     let skipped = AtomicU64::new(0);
     let renewed_n = AtomicU64::new(0);
@@ -132,7 +148,7 @@ pub fn copy_checkpoint(
         Ok(())
     };
     try_for_each(
-        chunks.iter().copied(),
+        single.iter().copied(),
         opts.threads,
         || Ok(()),
         |_, (id, len)| {
@@ -171,6 +187,52 @@ pub fn copy_checkpoint(
             Ok(())
         },
     )?;
+    let mut renewed_packs = Vec::new();
+    let manifest_hash = ChunkId::of(&bytes);
+    let mut map_put = None;
+    if let Some(remote) = packing {
+        let fresh = |modified_ms: i64| {
+            dst.is_fresh(&crate::tier::ChunkInfo {
+                id: ChunkId::of(b""),
+                size: 0,
+                modified_ms,
+            })
+        };
+        let up = crate::remote::pack::upload_packed(
+            src,
+            remote,
+            run,
+            step,
+            &manifest_hash,
+            &small,
+            opts,
+            &fresh,
+        )?;
+        copied.fetch_add(up.chunks_packed, Ordering::Relaxed);
+        skipped.fetch_add(up.chunks_reused, Ordering::Relaxed);
+        bytes_copied.fetch_add(up.bytes, Ordering::Relaxed);
+        renewed_n.fetch_add(up.renewed.len() as u64, Ordering::Relaxed);
+        renewed_packs = up.renewed;
+        // The pack map goes before the manifest: the manifest stays the
+        // one commit point. It is named by the manifest's hash, so it
+        // never replaces the map of another manifest of this step.
+        if let Some(map) = up.map.filter(|m| !m.packs.is_empty()) {
+            remote.block_on(remote.put_pack_map(&map, &manifest_hash))??;
+            map_put = Some(map);
+        }
+    }
+    if let (Some(remote), None) = (dst.as_remote(), &map_put) {
+        // No map for this manifest: one left by an interrupted packing
+        // upload of the same manifest would be trusted by readers over the
+        // chunk objects just put, so it goes before the commit.
+        if remote
+            .block_on(remote.head_pack_map(run, step, &manifest_hash))??
+            .is_some()
+            && !remote.block_on(remote.has_manifest(run, step))??
+        {
+            remote.block_on(remote.delete_pack_map(run, step, &manifest_hash))??;
+        }
+    }
     if let ReuseRule::Grace { commit_within, .. } = dst.reuse_rule() {
         // A chunk found present was young enough to be safe from
         // collection for commit_within after the first look; publish
@@ -193,6 +255,32 @@ pub fn copy_checkpoint(
             tracing::warn!(chunk = %id, "renewed chunk vanished under collection; copying it again");
             put(&id, len)?;
             restored_after += 1;
+        }
+    }
+    if let (Some(remote), Some(map)) = (packing, &map_put) {
+        // A collector may have removed an old map of this manifest (left by
+        // an interrupted upload) between its HEAD and this upload's put;
+        // the manifest now protects it, so it is put back.
+        if remote
+            .block_on(remote.head_pack_map(run, step, &manifest_hash))??
+            .is_none()
+        {
+            tracing::warn!(
+                run,
+                step,
+                "pack map vanished under collection; putting it again"
+            );
+            remote.block_on(remote.put_pack_map(map, &manifest_hash))??;
+            restored_after += 1;
+        }
+    }
+    if let Some(remote) = packing {
+        for (id, pack) in renewed_packs {
+            if remote.block_on(remote.head_pack(&id))??.is_none() {
+                tracing::warn!(pack = %id, "renewed pack vanished under collection; putting it again");
+                remote.block_on(remote.put_pack_again(&id, pack))??;
+                restored_after += 1;
+            }
         }
     }
     Ok(CopyReport {

@@ -20,6 +20,7 @@
 //! | `publish.after_link` | after the link, before the directory fsync |
 //! | `publish.after_dir_sync` | after the directory fsync: the publication is durable |
 //! | `copy.before_commit` | a copy between tiers, every chunk at the target, before the manifest commit |
+//! | `pack.after_put` | a copy to a remote that packs, after each pack is stored (before the pack map) |
 //! | `remote.after_manifest_put` | a remote manifest put that succeeded, before its caller learns of it |
 //! | `remote_commit.before_record` | a remote commit of a sharded step (`RemoteStore::commit`, the flush daemon's), every part read and checked, before the record is put |
 //! | `upload.before_marker` | an upload (the flush daemon's), after the remote commit, before the local upload marker |
@@ -33,6 +34,7 @@ pub const NAMES: &[&str] = &[
     "publish.after_link",
     "publish.after_dir_sync",
     "copy.before_commit",
+    "pack.after_put",
     "remote.after_manifest_put",
     "remote_commit.before_record",
     "upload.before_marker",

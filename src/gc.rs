@@ -22,7 +22,9 @@
 //! uploader looked, by which time the uploader has either published its
 //! manifest (which the collection's manifest listing, made within `grace / 4`
 //! of its deletes, will see) or given up. The argument assumes clocks
-//! agree to within `grace / 8`; the default grace is 24 hours.
+//! agree to within `grace / 8`; the default grace is 24 hours. Packs of
+//! small chunks follow the same rule, a pack being referenced while the
+//! pack map of any committed checkpoint names it (see `remote::pack`).
 
 use crate::chunk_id::ChunkId;
 use crate::clock::Clock;
@@ -58,6 +60,15 @@ pub struct GcReport {
     /// (at least [`crate::PENDING_PART_MIN_GRACE`]), and those of a
     /// committed step saved for another world size, as old.
     pub parts_removed: u64,
+    /// Packs referenced by the pack maps of the checkpoints read (remote
+    /// tier).
+    pub referenced_packs: u64,
+    /// Unreferenced packs removed (or, in a dry run, that would be); their
+    /// bytes count in `bytes_reclaimed`.
+    pub packs_deleted: u64,
+    /// Unreferenced packs kept because they are younger than the grace
+    /// period.
+    pub packs_in_grace: u64,
     /// Nothing was deleted.
     pub dry_run: bool,
 }
@@ -404,8 +415,9 @@ impl Store {
 }
 
 impl RemoteStore {
-    /// Collect unreferenced chunk objects older than `grace` (see the
-    /// module documentation for why this is safe with concurrent uploads).
+    /// Collect unreferenced chunk objects and packs older than `grace` (see
+    /// the module documentation for why this is safe with concurrent
+    /// uploads), and pack maps left without a checkpoint as old.
     /// A zero `grace` is refused (`InvalidInput`): it would let the
     /// collection delete chunks an upload is relying on right now.
     /// Blocking; call it from a plain thread or `spawn_blocking`.
@@ -425,9 +437,67 @@ impl RemoteStore {
         // Chunks are listed before the roots: a chunk uploaded after this
         // listing is not a candidate at all.
         let chunks = tier.list_chunks()?;
+        let packs = self.block_on(self.list_packs())??;
+        let pack_maps = self.block_on(self.list_pack_maps())??;
         let marked_at = clock.now_ms();
         let (mut referenced, checkpoints) = mark(tier)?;
         report.checkpoints = checkpoints;
+        // A pack is live while the pack map of any committed checkpoint
+        // names it: the map named by the hash of the committed manifest's
+        // bytes. Maps are read after the pack listing, so a pack put since
+        // is not a candidate; an unreadable map aborts.
+        let mut live_packs: HashSet<ChunkId> = HashSet::new();
+        let mut committed: HashSet<(String, u64, ChunkId)> = HashSet::new();
+        for run in tier.runs()? {
+            for step in tier.steps(&run)? {
+                let path = self.manifest_path(&run, step);
+                let bytes = match self.block_on(self.get_manifest_object(&path))? {
+                    Ok(b) => b,
+                    // Deleted since the listing: no root.
+                    Err(Error::Remote {
+                        source: object_store::Error::NotFound { .. },
+                        ..
+                    }) => continue,
+                    Err(e) => return Err(e),
+                };
+                let hash = ChunkId::of(&bytes);
+                if let Some(m) = self.block_on(self.pack_map_of(&run, step, &hash))?? {
+                    live_packs.extend(m.packs.iter().map(|p| p.pack));
+                }
+                committed.insert((run.clone(), step, hash));
+            }
+        }
+        report.referenced_packs = live_packs.len() as u64;
+        // Pack maps of no committed manifest (an interrupted upload, one
+        // that lost the commit race to another manifest of its step, or a
+        // deleted checkpoint): removed past the grace, by the rule of chunk
+        // objects. An uploader puts its map (renewing one of the same
+        // manifest) within `grace / 4` of its commit, so a map still older
+        // than the grace at a HEAD just before the delete, within
+        // `grace / 4` of the marking, belongs to no manifest committed
+        // since; an uploader that put it between that HEAD and the delete
+        // puts it back after its commit.
+        for (run, step, hash, modified) in pack_maps {
+            if committed.contains(&(run.clone(), step, hash)) || clock.since(modified) < grace {
+                continue;
+            }
+            match self.block_on(self.head_pack_map(&run, step, &hash))?? {
+                Some(now) if clock.since(now.last_modified.timestamp_millis()) >= grace => {}
+                _ => continue,
+            }
+            let took = clock.since(marked_at);
+            if took > grace / 4 {
+                return Err(Error::DeadlineExceeded {
+                    what: format!("remote collection of {}", tier.location()),
+                    took,
+                    limit: grace / 4,
+                });
+            }
+            report.leftovers_removed += 1;
+            if !dry_run {
+                self.block_on(self.delete_pack_map(&run, step, &hash))??;
+            }
+        }
         // Remote parts (uploaded by each node of a sharded job) are roots,
         // until those of a step without a record all pass the grace.
         let part_grace = grace.max(crate::shard::PENDING_PART_MIN_GRACE);
@@ -483,6 +553,37 @@ impl RemoteStore {
             report.bytes_reclaimed += c.size;
             if !dry_run {
                 tier.delete_chunk(&c.id)?;
+            }
+        }
+        // Packs, by the same rule as chunk objects: unreferenced, older
+        // than the grace, and still so at a HEAD just before the delete.
+        for (id, modified, size) in packs {
+            if live_packs.contains(&id) {
+                continue;
+            }
+            if clock.since(modified) < grace {
+                report.packs_in_grace += 1;
+                continue;
+            }
+            match self.block_on(self.head_pack(&id))?? {
+                Some(now) if clock.since(now.last_modified.timestamp_millis()) >= grace => {}
+                _ => {
+                    report.packs_in_grace += 1;
+                    continue;
+                }
+            }
+            let took = clock.since(marked_at);
+            if took > grace / 4 {
+                return Err(Error::DeadlineExceeded {
+                    what: format!("remote collection of {}", tier.location()),
+                    took,
+                    limit: grace / 4,
+                });
+            }
+            report.packs_deleted += 1;
+            report.bytes_reclaimed += size;
+            if !dry_run {
+                self.block_on(self.delete_pack(&id))??;
             }
         }
         Ok(report)

@@ -297,6 +297,8 @@ pub(crate) fn execute(
     threads: usize,
 ) -> Result<RestoreReport> {
     let chunks = plan.tasks.len() as u64;
+    let order: Vec<(ChunkId, u64)> = plan.tasks.iter().map(|t| (t.id, t.chunk_len)).collect();
+    source.prepare(&order);
     let bytes_read = AtomicU64::new(0);
     crate::parallel::try_for_each(
         plan.tasks.into_iter(),
@@ -524,6 +526,11 @@ pub trait ChunkSource: Sync {
     fn repaired(&self) -> u64 {
         0
     }
+
+    /// Called once before the reads with every chunk to be read, in the
+    /// order they are handed out (a remote source plans ranged reads of
+    /// packs from it). Nothing by default.
+    fn prepare(&self, _chunks: &[(ChunkId, u64)]) {}
 }
 
 /// Every tier reads its own chunks, verified.
@@ -618,13 +625,15 @@ impl ChunkSource for TieredSource<'_> {
 impl RemoteStore {
     /// Restore a checkpoint straight from the remote, with no local copy:
     /// [`RemoteStore::restore_readers`] chunks in flight at once, within the
-    /// store's read budget, each decoded and verified as it arrives.
+    /// store's read budget, each decoded and verified as it arrives;
+    /// neighbouring chunks of one pack come in one ranged GET.
     /// Blocking; call it from a plain thread or `spawn_blocking`.
     pub fn restore(&self, run: &str, step: StepSel, filter: &TensorFilter) -> Result<Restored> {
         let t0 = Instant::now();
         let step = ChunkTier::resolve(self, run, step)?;
         let manifest = ChunkTier::manifest(self, run, step)?;
-        let mut r = restore_manifest(manifest, filter, self, self.restore_readers())?;
+        let source = crate::remote::pack::PackedReader::new(self);
+        let mut r = restore_manifest(manifest, filter, &source, self.restore_readers())?;
         r.report.elapsed = t0.elapsed();
         Ok(r)
     }

@@ -333,7 +333,8 @@ impl RemoteStore {
     ) -> Result<RestoreReport> {
         let step = ChunkTier::resolve(self, run, step)?;
         let manifest = ChunkTier::manifest(self, run, step)?;
-        restore_regions_from(&manifest, targets, self, self.options().concurrency)
+        let source = crate::remote::pack::PackedReader::new(self);
+        restore_regions_from(&manifest, targets, &source, self.options().concurrency)
     }
 }
 

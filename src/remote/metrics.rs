@@ -16,6 +16,8 @@ pub struct RemoteMetrics {
     manifests_uploaded: AtomicU64,
     retries: AtomicU64,
     errors: AtomicU64,
+    put_requests: AtomicU64,
+    packs_uploaded: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -39,6 +41,11 @@ pub struct RemoteMetricsSnapshot {
     pub retries: u64,
     /// Operations that failed for good.
     pub errors: u64,
+    /// Objects put (chunk objects, packs, pack maps, manifests; a
+    /// multipart upload counts once, a retried put once per attempt).
+    pub put_requests: u64,
+    /// Pack objects uploaded (each also counted in `bytes_uploaded`).
+    pub packs_uploaded: u64,
 }
 
 impl RemoteMetrics {
@@ -58,6 +65,13 @@ impl RemoteMetrics {
     }
     pub(crate) fn add_manifest(&self) {
         self.manifests_uploaded.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn add_put(&self) {
+        self.put_requests.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn add_pack_upload(&self, bytes: u64) {
+        self.bytes_uploaded.fetch_add(bytes, Ordering::Relaxed);
+        self.packs_uploaded.fetch_add(1, Ordering::Relaxed);
     }
     pub(crate) fn add_retry(&self) {
         self.retries.fetch_add(1, Ordering::Relaxed);
@@ -79,6 +93,8 @@ impl RemoteMetrics {
             manifests_uploaded: l(&self.manifests_uploaded),
             retries: l(&self.retries),
             errors: l(&self.errors),
+            put_requests: l(&self.put_requests),
+            packs_uploaded: l(&self.packs_uploaded),
         }
     }
 }

@@ -3,17 +3,22 @@
 //!
 //! ```text
 //! <prefix>/chunks/<2 hex>/<64 hex>              chunk objects (same bytes as local files)
+//! <prefix>/packs/<2 hex>/<64 hex>               packs of small chunk objects (see [`pack`])
+//! <prefix>/runs/<run>/<step:020>/packs.<hash>.json  where the packed chunks of the
+//!                                               manifest with that blake3 hash are
 //! <prefix>/runs/<run>/<step:020>/manifest.cairn  the remote commit, put last with PutMode::Create
 //! ```
 //!
 //! A remote checkpoint exists exactly when its manifest object exists, and
-//! a manifest is only put after every chunk it references is present, so a
-//! listed remote checkpoint is always whole.
+//! a manifest is only put after every chunk it references is present (in
+//! its own object, or in a pack its pack map names), so a listed remote
+//! checkpoint is always whole.
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod fault;
 pub mod fetch;
 pub mod metrics;
+pub mod pack;
 pub mod retry;
 pub mod upload;
 
@@ -66,6 +71,20 @@ pub struct RemoteOptions {
     /// Chunks compressed at once by one store's uploaders (0: one per
     /// core); the `--remote-option compress_threads=N` of the CLI.
     pub compress_threads: usize,
+    /// Chunks of at most this many bytes (uncompressed) are uploaded packed
+    /// together into pack objects of about [`RemoteOptions::pack_size`]
+    /// instead of one object each, located through the checkpoint's pack
+    /// map (see [`pack`]); 0 (the default) uploads every chunk as its own
+    /// object. The `--remote-option pack_threshold=SIZE` of the CLI
+    /// (`4MiB`, `65536`, ...).
+    pub pack_threshold: usize,
+    /// Bytes of chunks (uncompressed) gathered into one pack at most; the
+    /// `--remote-option pack_size=SIZE` of the CLI. Default 16 MiB: with
+    /// the default read budget a restore fetches a whole pack in one
+    /// ranged GET (ranges are at most an eighth of the budget), and a
+    /// server that reads the whole object for every ranged GET (moto) reads
+    /// each pack once.
+    pub pack_size: usize,
 }
 
 /// [`CodecChoice`] as the strings `raw`, `zstd`, `zstd:LEVEL`.
@@ -84,7 +103,8 @@ mod codec_string {
 }
 
 /// Apply the tuning keys among `options` (`codec`, `compress_threads`,
-/// `concurrency`) to `opts`; return the others, for the object store.
+/// `concurrency`, `pack_threshold`, `pack_size`) to `opts`; return the
+/// others, for the object store.
 fn split_tuning(
     options: &[(String, String)],
     opts: &mut RemoteOptions,
@@ -101,6 +121,16 @@ fn split_tuning(
         };
         match k.as_str() {
             "codec" => opts.codec = v.parse()?,
+            "pack_threshold" => opts.pack_threshold = parse_size(k, v)?,
+            "pack_size" => match parse_size(k, v)? {
+                0 => {
+                    return Err(Error::invalid(
+                        "remote option pack_size",
+                        "must be at least 1 byte",
+                    ))
+                }
+                n => opts.pack_size = n,
+            },
             "compress_threads" => opts.compress_threads = count(k)?,
             "concurrency" => match count(k)? {
                 0 => {
@@ -117,6 +147,31 @@ fn split_tuning(
     Ok(rest)
 }
 
+/// A size given as a remote option: bytes, or a number with a binary
+/// unit (`KiB`, `MiB`, `GiB`; `K`, `M`, `G` alike).
+fn parse_size(key: &str, v: &str) -> Result<usize> {
+    let t = v.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => 0,
+    };
+    num.parse::<usize>()
+        .ok()
+        .filter(|_| mult > 0)
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| {
+            Error::invalid(
+                format!("remote option {key}"),
+                format!("{v:?} is not a size (bytes, or with KiB, MiB, GiB)"),
+            )
+        })
+}
+
 impl Default for RemoteOptions {
     fn default() -> Self {
         RemoteOptions {
@@ -127,6 +182,8 @@ impl Default for RemoteOptions {
             gc_grace: std::time::Duration::from_secs(24 * 3600),
             codec: CodecChoice::Zstd { level: 1 },
             compress_threads: 0,
+            pack_threshold: 0,
+            pack_size: 16 << 20,
         }
     }
 }
@@ -196,6 +253,7 @@ pub struct RemoteStore {
     clock: SharedClock,
     encoders: Arc<EncoderPool>,
     in_flight: Arc<ByteBudget>,
+    packed: Arc<pack::PackIndex>,
 }
 
 /// Bytes of chunks being read at once, across the threads of one store:
@@ -260,9 +318,10 @@ impl RemoteStore {
     /// configuration keys, e.g. `endpoint`, `region`, `access_key_id`,
     /// `secret_access_key`, `allow_http`), which win. An `http://` endpoint
     /// without `allow_http`, an unknown key or a value that does not parse
-    /// is an [`Error::InvalidInput`] naming it. Three keys tune cairn's
+    /// is an [`Error::InvalidInput`] naming it. Five keys tune cairn's
     /// remote tier instead and override `opts`: `codec` (`raw`, `zstd`,
-    /// `zstd:LEVEL`), `compress_threads` and `concurrency`.
+    /// `zstd:LEVEL`), `compress_threads`, `concurrency`, `pack_threshold`
+    /// and `pack_size`.
     ///
     /// A `file://` directory is created if missing; see
     /// [`RemoteStore::open_existing`] to read a store without creating it.
@@ -472,6 +531,7 @@ impl RemoteStore {
             clock: system_clock(),
             encoders,
             in_flight,
+            packed: Arc::default(),
         }
     }
 
@@ -720,6 +780,7 @@ impl RemoteStore {
         self.retry(|| {
             let bytes = bytes.clone();
             async move {
+                self.metrics.add_put();
                 if len <= self.opts.multipart_threshold {
                     self.inner
                         .put(path, PutPayload::from(bytes))
@@ -783,6 +844,7 @@ impl RemoteStore {
                     let bytes = bytes.clone();
                     let path = &path;
                     async move {
+                        self.metrics.add_put();
                         self.inner
                             .put_opts(
                                 path,
@@ -925,6 +987,10 @@ impl RemoteStore {
                 format!("names run {} step {}, not its location", m.run, m.step),
             ));
         }
+        // Where its packed chunks live, for the reads that follow: the map
+        // named by the hash of these manifest bytes.
+        self.learn_pack_map(run, step, &crate::chunk_id::ChunkId::of(&bytes))
+            .await?;
         Ok(m)
     }
 
@@ -1002,8 +1068,9 @@ impl RemoteStore {
         }
     }
 
-    /// Delete the remote manifest of `(run, step)` (its chunks stay until
-    /// garbage collection).
+    /// Delete the remote manifest of `(run, step)` (its chunks, packs and
+    /// pack map stay until garbage collection, which removes a pack map
+    /// left without its manifest once it is older than the grace).
     pub async fn delete_checkpoint(&self, run: &str, step: u64) -> Result<()> {
         validate_run_name(run)?;
         let path = self.manifest_path(run, step);

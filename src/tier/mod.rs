@@ -129,6 +129,12 @@ pub trait ChunkTier: Sync {
     /// manifest commits (the shared collection lock, on the local tier).
     fn write_guard(&self) -> Result<Option<GcLock>>;
 
+    /// The remote store behind this tier, if it is one (copies pack small
+    /// chunks into a remote that packs them).
+    fn as_remote(&self) -> Option<&crate::remote::RemoteStore> {
+        None
+    }
+
     /// Resolve a step selection to a committed step.
     fn resolve(&self, run: &str, sel: StepSel) -> Result<u64> {
         let steps = self.steps(run)?;

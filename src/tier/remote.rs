@@ -96,7 +96,7 @@ impl ChunkTier for RemoteStore {
         decoder: &mut Decoder,
     ) -> Result<u64> {
         let _budget = self.take_read_budget(len);
-        let object = self.block_on(self.fetch_chunk_object(id, len))??;
+        let (object, at) = self.block_on(self.fetch_any_object(id, len))??;
         let target = match out {
             Some(o) => o,
             None => {
@@ -104,21 +104,15 @@ impl ChunkTier for RemoteStore {
                 &mut buf[..]
             }
         };
-        decode_chunk_object(&object, id, target, decoder, &self.chunk_location(id))?;
+        decode_chunk_object(&object, id, target, decoder, &at)?;
         Ok(object.len() as u64)
     }
 
     fn read_chunk_object(&self, id: &ChunkId, len: u64) -> Result<bytes::Bytes> {
         let _budget = self.take_read_budget(len);
-        let object = self.block_on(self.fetch_chunk_object(id, len))??;
+        let (object, at) = self.block_on(self.fetch_any_object(id, len))??;
         let mut out = vec![0u8; len as usize];
-        decode_chunk_object(
-            &object,
-            id,
-            &mut out,
-            &mut Decoder::new()?,
-            &self.chunk_location(id),
-        )?;
+        decode_chunk_object(&object, id, &mut out, &mut Decoder::new()?, &at)?;
         Ok(object)
     }
 
@@ -149,5 +143,9 @@ impl ChunkTier for RemoteStore {
 
     fn write_guard(&self) -> Result<Option<GcLock>> {
         Ok(None)
+    }
+
+    fn as_remote(&self) -> Option<&RemoteStore> {
+        Some(self)
     }
 }

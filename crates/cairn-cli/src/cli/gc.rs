@@ -36,6 +36,15 @@ pub fn run(
             report.referenced_chunks,
             report.checkpoints
         );
+        if report.referenced_packs + report.packs_deleted + report.packs_in_grace > 0 {
+            outln!(
+                "{} {} unreferenced packs (counted in the bytes above); kept {} younger than the grace; {} packs referenced",
+                if dry_run { "would reclaim" } else { "reclaimed" },
+                report.packs_deleted,
+                report.packs_in_grace,
+                report.referenced_packs
+            );
+        }
     }
     Ok(0)
 }
