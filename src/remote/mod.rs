@@ -74,7 +74,7 @@ pub struct RemoteOptions {
     /// Chunks of at most this many bytes (uncompressed) are uploaded packed
     /// together into pack objects of about [`RemoteOptions::pack_size`]
     /// instead of one object each, located through the checkpoint's pack
-    /// map (see [`pack`]); 0 (the default) uploads every chunk as its own
+    /// map (see "Packs" in `docs/architecture.md`); 0 (the default) uploads every chunk as its own
     /// object. The `--remote-option pack_threshold=SIZE` of the CLI
     /// (`4MiB`, `65536`, ...).
     pub pack_threshold: usize,
