@@ -755,13 +755,22 @@ impl RemoteStore {
 
     /// Metadata of chunk `id`, or `None` if the remote does not hold it.
     pub async fn head_chunk(&self, id: &ChunkId) -> Result<Option<ObjectMeta>> {
-        let path = self.chunk_path(id);
+        self.head_object("head chunk", &self.chunk_path(id)).await
+    }
+
+    /// Metadata of the object at `path`, or `None` if there is none;
+    /// retried, errors naming `op`.
+    pub(crate) async fn head_object(
+        &self,
+        op: &'static str,
+        path: &ObjPath,
+    ) -> Result<Option<ObjectMeta>> {
         let r = self
             .retry(|| async {
                 self.inner
-                    .head(&path)
+                    .head(path)
                     .await
-                    .map_err(|e| Error::remote("head chunk", &path, e))
+                    .map_err(|e| Error::remote(op, path, e))
             })
             .await;
         match r {
@@ -1049,23 +1058,10 @@ impl RemoteStore {
     /// Whether the manifest of `(run, step)` exists remotely (one HEAD).
     pub async fn has_manifest(&self, run: &str, step: u64) -> Result<bool> {
         validate_run_name(run)?;
-        let path = self.manifest_path(run, step);
-        let r = self
-            .retry(|| async {
-                self.inner
-                    .head(&path)
-                    .await
-                    .map_err(|e| Error::remote("head manifest", &path, e))
-            })
-            .await;
-        match r {
-            Ok(_) => Ok(true),
-            Err(Error::Remote {
-                source: object_store::Error::NotFound { .. },
-                ..
-            }) => Ok(false),
-            Err(e) => Err(e),
-        }
+        Ok(self
+            .head_object("head manifest", &self.manifest_path(run, step))
+            .await?
+            .is_some())
     }
 
     /// Delete the remote manifest of `(run, step)` (its chunks, packs and

@@ -372,23 +372,8 @@ impl RemoteStore {
         manifest: &ChunkId,
     ) -> Result<Option<ObjectMeta>> {
         validate_run_name(run)?;
-        let path = self.pack_map_path(run, step, manifest);
-        let r = self
-            .retry(|| async {
-                self.inner
-                    .head(&path)
-                    .await
-                    .map_err(|e| Error::remote("head pack map", &path, e))
-            })
-            .await;
-        match r {
-            Ok(m) => Ok(Some(m)),
-            Err(Error::Remote {
-                source: object_store::Error::NotFound { .. },
-                ..
-            }) => Ok(None),
-            Err(e) => Err(e),
-        }
+        self.head_object("head pack map", &self.pack_map_path(run, step, manifest))
+            .await
     }
 
     /// Delete the pack map of `(run, step)` for the manifest hashing to
@@ -407,23 +392,7 @@ impl RemoteStore {
 
     /// Metadata of pack `id`, or `None` if the remote does not hold it.
     pub async fn head_pack(&self, id: &ChunkId) -> Result<Option<ObjectMeta>> {
-        let path = self.pack_path(id);
-        let r = self
-            .retry(|| async {
-                self.inner
-                    .head(&path)
-                    .await
-                    .map_err(|e| Error::remote("head pack", &path, e))
-            })
-            .await;
-        match r {
-            Ok(m) => Ok(Some(m)),
-            Err(Error::Remote {
-                source: object_store::Error::NotFound { .. },
-                ..
-            }) => Ok(None),
-            Err(e) => Err(e),
-        }
+        self.head_object("head pack", &self.pack_path(id)).await
     }
 
     /// Store pack `bytes` under the hash of its bytes. A HEAD first: a
