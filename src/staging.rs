@@ -106,10 +106,14 @@ impl StagingPool {
         }
         let mut map = MmapOptions::new()
             .len(cap)
-            .populate()
             .map_anon()
             .map_err(|e| Error::io("map staging pool", "<anonymous>", e))?;
-        // MAP_POPULATE is a hint; touch every page so none faults later.
+        // Huge pages where the kernel offers them (transparent huge pages
+        // in `madvise` mode): fewer TLB misses for the staging copy, and
+        // fewer pages for O_DIRECT writes to pin. Only a hint: without
+        // them the pool works the same.
+        let _ = map.advise(memmap2::Advice::HugePage);
+        // Touch every page so none faults later.
         for page in map.chunks_mut(ALIGN) {
             page[0] = 0;
         }

@@ -30,7 +30,9 @@ pub struct StoreOptions {
     pub codec: CodecChoice,
     /// Hash/encode/write threads (0: one per core).
     pub workers: usize,
-    /// Threads that fsync and publish chunk files.
+    /// Threads that write, fsync and publish chunk files (default 8). Each
+    /// spends part of its time waiting in `fdatasync`, so there are more of
+    /// them than the writes a disk needs in flight.
     pub sync_threads: usize,
     /// Threads that copy a state into the staging pool during `save` (0:
     /// one per core, at most four; a state under 32 MiB is copied on the
@@ -38,7 +40,9 @@ pub struct StoreOptions {
     /// the part of a save the caller waits for; a single thread reaches
     /// only about half the memory bandwidth of two.
     pub copy_threads: usize,
-    /// Threads that read chunks during restore and verify.
+    /// Threads that read chunks during restore and verify (default 8): each
+    /// hashes what it read before its next read, so there are more of them
+    /// than the reads a disk needs in flight.
     pub read_threads: usize,
     /// Write raw chunks with O_DIRECT from the staging pool, skipping the
     /// page cache, where the file system supports it.
@@ -48,6 +52,14 @@ pub struct StoreOptions {
     /// enough on the trainer's save path). A chunk that fails is written
     /// again. `cairn import` turns this on.
     pub verify_reused_chunks: bool,
+    /// Make chunk files written with O_DIRECT durable in batches (off by
+    /// default): one `syncfs` of the store's file system for every run of
+    /// files written, instead of an `fdatasync` each, before they are
+    /// renamed to their final names (the commit rule is unchanged: a chunk
+    /// is at its final name only once durable). For disks where each cache
+    /// flush is costly; on the development machine's virtual disk it gave
+    /// no gain. It also syncs whatever else is dirty on that file system.
+    pub batch_sync: bool,
 }
 
 /// Staging copy threads for a `copy_threads` setting (0: one per core,
@@ -66,11 +78,12 @@ impl Default for StoreOptions {
             staging_bytes: 512 << 20,
             codec: CodecChoice::Raw,
             workers: 0,
-            sync_threads: 4,
+            sync_threads: 8,
             copy_threads: 0,
-            read_threads: 4,
+            read_threads: 8,
             direct_io: true,
             verify_reused_chunks: false,
+            batch_sync: false,
         }
     }
 }
@@ -203,6 +216,7 @@ impl Store {
             opts.sync_threads,
             opts.verify_reused_chunks,
             copy_threads(opts.copy_threads),
+            opts.batch_sync,
         )?;
         Ok(Store {
             layout,

@@ -2,15 +2,24 @@
 //!
 //! ```text
 //! save() --Chunk--> workers (hash, dedup, encode, write tmp file, release staging)
-//!                      |--Sync--> syncers (fdatasync, rename into chunks/)
+//!                      |--Sync--> syncers (O_DIRECT write; fdatasync, rename into chunks/)
+//!                      |             '--Barrier--> barrier (one syncfs per batch,
+//!                      |                           rename the batch into chunks/)
 //!                      '--------> committer (wait for shared chunks, fsync dirs,
 //!                                            publish the manifest)
 //! ```
 //!
-//! Workers are CPU-bound (one per core); syncers block in fsync, so there
-//! are several to keep the disk queue full; a single committer publishes
-//! manifests. A save commits once all its chunks are durable, including
-//! chunks it shares with a concurrent save that is still writing them.
+//! Workers are CPU-bound (one per core); syncers block in writes and
+//! fsync, so there are several to keep the disk queue full; a single
+//! committer publishes manifests. With batched syncs
+//! (`StoreOptions::batch_sync`, for chunks written with O_DIRECT), a
+//! syncer hands each chunk file it wrote to the barrier thread instead of
+//! `fdatasync`ing it: the barrier gathers the files handed to it until no
+//! write is in progress, makes them durable with one `syncfs` of the
+//! store's file system, and only then renames them to their final names,
+//! while the syncers go on writing the next batch. A save commits once all
+//! its chunks are durable, including chunks it shares with a concurrent
+//! save that is still writing them.
 
 use super::ctx::{Counters, Inflight, SaveCtx};
 use super::handle::SaveReport;
@@ -25,6 +34,7 @@ use crate::local::{LocalChunkStore, PendingChunk};
 use crate::staging::StagingBuf;
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -49,6 +59,16 @@ enum WriteKind {
     },
 }
 
+/// A chunk file written by an I/O thread, for the barrier to make durable
+/// and publish.
+struct BarrierJob {
+    ctx: Arc<SaveCtx>,
+    id: ChunkId,
+    len: u64,
+    pending: PendingChunk,
+    inflight: Arc<Inflight>,
+}
+
 /// A chunk for the I/O threads.
 struct SyncJob {
     ctx: Arc<SaveCtx>,
@@ -60,6 +80,9 @@ struct SyncJob {
 
 struct Shared {
     chunks: LocalChunkStore,
+    /// O_DIRECT writes in progress on the I/O threads (the barrier waits
+    /// for them to fill its batch).
+    writing: AtomicUsize,
     /// Re-hash a stored chunk before reusing it (not only its header).
     verify_reused: bool,
     inflight: Mutex<HashMap<ChunkId, Arc<Inflight>>>,
@@ -158,11 +181,16 @@ impl Pipeline {
         syncers: usize,
         verify_reused: bool,
         copy_threads: usize,
+        batch_sync: bool,
     ) -> Result<Self> {
         let (tx, rx) = unbounded::<ChunkJob>();
         let (sync_tx, sync_rx) = unbounded::<SyncJob>();
+        // Only O_DIRECT writes are batched: their data is on the device
+        // when the write returns, so one syncfs covers them.
+        let batch_sync = batch_sync && chunks.direct_io();
         let (commit_tx, commit_rx) = unbounded::<Arc<SaveCtx>>();
         let shared = Arc::new(Shared {
+            writing: AtomicUsize::new(0),
             chunks,
             verify_reused,
             inflight: Mutex::new(HashMap::new()),
@@ -184,11 +212,22 @@ impl Pipeline {
             )?);
         }
         drop(sync_tx);
+        let (barrier_tx, barrier_rx) = unbounded::<BarrierJob>();
         for i in 0..syncers.max(1) {
             let (rx, shared) = (sync_rx.clone(), shared.clone());
+            let barrier = batch_sync.then(|| barrier_tx.clone());
             threads.push(spawn(
                 format!("cairn-sync-{i}"),
-                Box::new(move || sync_loop(rx, shared)),
+                Box::new(move || sync_loop(rx, shared, barrier)),
+            )?);
+        }
+        // The syncers hold the only senders: the barrier ends after them.
+        drop(barrier_tx);
+        if batch_sync {
+            let (shared, queued) = (shared.clone(), sync_rx.clone());
+            threads.push(spawn(
+                "cairn-barrier".into(),
+                Box::new(move || barrier_loop(barrier_rx, queued, shared)),
             )?);
         }
         let committer = spawn(
@@ -407,7 +446,7 @@ fn process_chunk(
     }
 }
 
-fn sync_loop(rx: Receiver<SyncJob>, shared: Arc<Shared>) {
+fn sync_loop(rx: Receiver<SyncJob>, shared: Arc<Shared>, barrier: Option<Sender<BarrierJob>>) {
     for job in rx {
         let mut guard = PanicGuard {
             shared: &shared,
@@ -415,50 +454,193 @@ fn sync_loop(rx: Receiver<SyncJob>, shared: Arc<Shared>) {
             claimed: Some((job.id, job.inflight.clone())),
         };
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            process_sync(job, &shared, &mut guard)
+            process_sync(job, &shared, barrier.as_ref(), &mut guard)
         }));
     }
 }
 
-fn process_sync(job: SyncJob, shared: &Shared, guard: &mut PanicGuard<'_>) {
-    {
-        let SyncJob {
-            ctx,
-            id,
-            len,
-            write,
-            inflight,
-        } = job;
-        let c = &ctx.counters;
-        let pending = match write {
-            WriteKind::Pending(p) => Ok(p),
-            WriteKind::Direct { header, mut buf } => {
-                let t = Instant::now();
-                let res = shared.chunks.write_direct(&header, &mut buf);
-                Counters::add_time(&c.write_ns, t);
-                res
-            }
-        };
-        let t = Instant::now();
-        let res = pending.and_then(|p| {
-            let stored = p.stored_bytes;
-            p.finish().map(|()| stored)
-        });
-        Counters::add_time(&c.sync_ns, t);
-        guard.disarm();
-        match res {
-            Ok(stored) => {
-                Counters::add(&c.chunks_written, 1);
-                Counters::add(&c.bytes_written, stored);
-                Counters::add(&c.bytes_written_uncompressed, len);
-                shared.release(&id, &inflight, Ok(()));
-            }
-            Err(e) => {
-                shared.release(&id, &inflight, Err(&e));
-                ctx.fail(e);
+fn process_sync(
+    job: SyncJob,
+    shared: &Shared,
+    barrier: Option<&Sender<BarrierJob>>,
+    guard: &mut PanicGuard<'_>,
+) {
+    let SyncJob {
+        ctx,
+        id,
+        len,
+        write,
+        inflight,
+    } = job;
+    let c = &ctx.counters;
+    let (pending, direct) = match write {
+        WriteKind::Pending(p) => (Ok(p), false),
+        WriteKind::Direct { header, mut buf } => {
+            let t = Instant::now();
+            let res = {
+                let _writing = Writing::start(&shared.writing);
+                shared.chunks.write_direct(&header, &mut buf)
+            };
+            Counters::add_time(&c.write_ns, t);
+            (res, true)
+        }
+    };
+    let pending = match (pending, barrier) {
+        // Written with O_DIRECT: the barrier makes it durable with the
+        // rest of its batch and publishes it.
+        (Ok(p), Some(barrier)) if direct => {
+            guard.disarm();
+            let job = BarrierJob {
+                ctx: ctx.clone(),
+                id,
+                len,
+                pending: p,
+                inflight: inflight.clone(),
+            };
+            match barrier.send(job) {
+                Ok(()) => return,
+                Err(e) => {
+                    e.0.pending.abandon();
+                    Err(Error::Closed)
+                }
             }
         }
-        shared.finish_one(ctx);
+        (p, _) => p,
+    };
+    let t = Instant::now();
+    let res = pending.and_then(|p| {
+        let stored = p.stored_bytes;
+        p.finish().map(|()| stored)
+    });
+    Counters::add_time(&c.sync_ns, t);
+    guard.disarm();
+    settle(shared, ctx, id, len, &inflight, res);
+}
+
+/// Account for chunk `id` of `ctx` (`len` bytes uncompressed) once it is
+/// durable under its final name (`Ok` with its stored bytes) or has
+/// failed, and count the chunk's work item done.
+fn settle(
+    shared: &Shared,
+    ctx: Arc<SaveCtx>,
+    id: ChunkId,
+    len: u64,
+    inflight: &Inflight,
+    res: Result<u64>,
+) {
+    let c = &ctx.counters;
+    match res {
+        Ok(stored) => {
+            Counters::add(&c.chunks_written, 1);
+            Counters::add(&c.bytes_written, stored);
+            Counters::add(&c.bytes_written_uncompressed, len);
+            shared.release(&id, inflight, Ok(()));
+        }
+        Err(e) => {
+            shared.release(&id, inflight, Err(&e));
+            ctx.fail(e);
+        }
+    }
+    shared.finish_one(ctx);
+}
+
+/// Counts an O_DIRECT write in progress while alive.
+struct Writing<'a>(&'a AtomicUsize);
+
+impl<'a> Writing<'a> {
+    fn start(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::AcqRel);
+        Writing(n)
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The most uncompressed bytes one barrier sync covers: a larger batch
+/// waits for no more writes.
+const MAX_BATCH_BYTES: u64 = 512 << 20;
+
+/// How long the barrier waits for the next written file of a batch while
+/// writes are in progress, at most.
+const BATCH_WAIT: Duration = Duration::from_millis(250);
+
+/// The barrier: gathers the chunk files handed to it until no write is in
+/// progress or queued for the I/O threads (or the batch holds
+/// [`MAX_BATCH_BYTES`]), makes them all durable with one `syncfs`, then
+/// renames each to its final name. Each sync is a journal commit and a
+/// cache flush that stalls the disk's queue, so one sync per run of
+/// writes, not one per file. A chunk reaches its final name only after a
+/// sync that began after its write returned; if the sync fails, every
+/// chunk of the batch fails and its temporary file is removed.
+fn barrier_loop(rx: Receiver<BarrierJob>, queued: Receiver<SyncJob>, shared: Arc<Shared>) {
+    while let Ok(first) = rx.recv() {
+        let mut bytes = first.len;
+        let mut batch = vec![first];
+        loop {
+            for j in rx.try_iter() {
+                bytes += j.len;
+                batch.push(j);
+            }
+            let idle = queued.is_empty() && shared.writing.load(Ordering::Acquire) == 0;
+            if idle || bytes >= MAX_BATCH_BYTES {
+                break;
+            }
+            match rx.recv_timeout(BATCH_WAIT) {
+                Ok(j) => {
+                    bytes += j.len;
+                    batch.push(j);
+                }
+                Err(_) => break,
+            }
+        }
+        let t = Instant::now();
+        let synced = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            crate::failpoint::hit("chunk.batch_sync")?;
+            shared.chunks.sync_filesystem()
+        }))
+        .unwrap_or_else(|_| Err(std::io::Error::other("syncfs panicked")));
+        // The sync's time, shared among the chunks it made durable.
+        let share = t.elapsed().as_nanos() as u64 / batch.len() as u64;
+        for job in batch {
+            let mut guard = PanicGuard {
+                shared: &shared,
+                ctx: Some(job.ctx.clone()),
+                claimed: Some((job.id, job.inflight.clone())),
+            };
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let BarrierJob {
+                    ctx,
+                    id,
+                    len,
+                    pending,
+                    inflight,
+                } = job;
+                Counters::add(&ctx.counters.sync_ns, share);
+                let stored = pending.stored_bytes;
+                let res = match &synced {
+                    Ok(()) => pending.publish_synced().map(|()| stored),
+                    Err(e) => {
+                        let err = Error::io("syncfs chunk", pending.tmp_path(), copy_io_error(e));
+                        pending.abandon();
+                        Err(err)
+                    }
+                };
+                guard.disarm();
+                settle(&shared, ctx, id, len, &inflight, res);
+            }));
+        }
+    }
+}
+
+/// The same error again, for each chunk a failed sync fails.
+fn copy_io_error(e: &std::io::Error) -> std::io::Error {
+    match e.raw_os_error() {
+        Some(code) => std::io::Error::from_raw_os_error(code),
+        None => std::io::Error::new(e.kind(), e.to_string()),
     }
 }
 

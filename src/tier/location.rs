@@ -114,4 +114,19 @@ impl Tier {
             .map(|c| (c.id, c.size))
             .collect())
     }
+
+    /// Stored size of every chunk of the committed checkpoint `(run,
+    /// step)` that lives in a pack (its object's length there), from the
+    /// checkpoint's pack map. Empty for a local store and for a remote
+    /// checkpoint without packed chunks; [`Self::chunk_sizes`] lists only
+    /// the plain chunk objects.
+    pub fn packed_chunk_sizes(&self, run: &str, step: u64) -> Result<HashMap<ChunkId, u64>> {
+        match self {
+            Tier::Local(_) => Ok(HashMap::new()),
+            Tier::Remote(r) => Ok(r
+                .block_on(r.pack_map(run, step))??
+                .map(|m| m.locations().map(|(id, loc)| (id, loc.len)).collect())
+                .unwrap_or_default()),
+        }
+    }
 }

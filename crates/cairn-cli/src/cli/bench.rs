@@ -39,6 +39,11 @@ pub struct BenchArgs {
     /// default).
     #[arg(long)]
     read_threads: Option<usize>,
+    /// Make chunk files durable with one `syncfs` per run of files written
+    /// with O_DIRECT, instead of an `fdatasync` each (the store's
+    /// `batch_sync`).
+    #[arg(long)]
+    batch_sync: bool,
     /// Local-tier codec: raw, zstd or zstd:LEVEL.
     #[arg(long, default_value = "raw")]
     codec: CodecChoice,
@@ -174,6 +179,7 @@ pub fn run(a: BenchArgs, remote_options: &[String]) -> cairn::Result<i32> {
             sync_threads: a.sync_threads.unwrap_or(defaults.sync_threads),
             read_threads: a.read_threads.unwrap_or(defaults.read_threads),
             codec: a.codec,
+            batch_sync: a.batch_sync,
             ..defaults
         },
     };

@@ -75,7 +75,7 @@ pub fn run(
     raw_opts: &[String],
 ) -> cairn::Result<i32> {
     let tier = open(location, raw_opts)?;
-    let sizes = tier.chunk_sizes()?;
+    let mut sizes = tier.chunk_sizes()?;
     let mut out = Vec::new();
     let mut bad = Vec::new();
     // (is_bad, index) in listing order, for the JSON output.
@@ -126,6 +126,26 @@ pub fn run(
                 }
             };
             let chunks = m.distinct_chunks();
+            // Packed chunks of a remote checkpoint are not chunk objects:
+            // their stored sizes are in the checkpoint's pack map.
+            if chunks.iter().any(|c| !sizes.contains_key(&c.0)) {
+                match tier.packed_chunk_sizes(&run, step) {
+                    Ok(packed) => {
+                        for (id, len) in packed {
+                            sizes.entry(id).or_insert(len);
+                        }
+                    }
+                    Err(e) => {
+                        order.push((true, bad.len()));
+                        bad.push(Bad {
+                            run: run.clone(),
+                            step: Some(step),
+                            error: e.to_string(),
+                        });
+                        continue;
+                    }
+                }
+            }
             let unique: u64 = chunks.iter().map(|c| c.1).sum();
             let stored: u64 = chunks
                 .iter()

@@ -1,0 +1,243 @@
+//! Batched syncs (`StoreOptions::batch_sync`, for chunks written with O_DIRECT):
+//! chunk files written with O_DIRECT are made durable by one `syncfs` per
+//! batch and only then renamed to their final names. Held at the fail
+//! point before that sync, a save has no chunk at a final name; a failed
+//! sync fails the save, publishes none of its chunks, leaves no temporary
+//! file and loses nothing committed before; batched and per-file syncs
+//! store the same files.
+//!
+//! Stores live under the build's temporary directory, a real disk where
+//! O_DIRECT works.
+
+use cairn::testing::failpoints;
+use cairn::{DType, SaveState, StepSel, Store, StoreOptions, TensorFilter};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+const POINT: &str = "chunk.batch_sync";
+
+/// Fail points are process-wide: one test at a time.
+fn serial() -> MutexGuard<'static, ()> {
+    static M: Mutex<()> = Mutex::new(());
+    let g = M.lock().unwrap_or_else(|p| p.into_inner());
+    failpoints::reset();
+    g
+}
+
+/// A fresh directory on the build's disk (not tmpfs: O_DIRECT needs a
+/// real file system).
+fn disk_dir() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temporary directory")
+}
+
+fn opts(batch_sync: bool) -> StoreOptions {
+    StoreOptions {
+        chunk_size: 1 << 20,
+        staging_bytes: 32 << 20,
+        direct_io: true,
+        batch_sync,
+        ..StoreOptions::default()
+    }
+}
+
+/// Named byte tensors: `n` of 1.5 MiB (two chunks each), from `seed`.
+struct State(Vec<(String, Vec<u8>)>);
+
+impl State {
+    fn new(seed: u64, n: usize) -> Self {
+        let mut x = seed;
+        State(
+            (0..n)
+                .map(|i| {
+                    let data = (0..(3 << 19) / 8)
+                        .flat_map(|_| {
+                            x = x.wrapping_add(0x9E3779B97F4A7C15);
+                            let mut z = x;
+                            z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+                            z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+                            (z ^ (z >> 31)).to_le_bytes()
+                        })
+                        .collect();
+                    (format!("layers.{i}.weight"), data)
+                })
+                .collect(),
+        )
+    }
+
+    fn save_state(&self) -> SaveState<'_> {
+        let mut s = SaveState::new();
+        for (name, data) in &self.0 {
+            s = s.tensor(name.clone(), DType::U8, &[data.len() as u64], data);
+        }
+        s
+    }
+
+    fn assert_restores(&self, store: &Store, run: &str, step: u64) {
+        let got = store
+            .restore(run, StepSel::Step(step), &TensorFilter::All)
+            .unwrap_or_else(|e| panic!("{run}/{step} does not restore: {e}"));
+        assert_eq!(got.tensors.len(), self.0.len());
+        for (name, data) in &self.0 {
+            let t = got.tensor(name).unwrap_or_else(|| panic!("{name} missing"));
+            assert!(t.data == *data, "bytes of {name} differ");
+        }
+    }
+}
+
+/// Every file under `root/<sub>`, one level of directories down or not.
+fn files_under(root: &Path, sub: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(root.join(sub)) else {
+        return out;
+    };
+    for d in rd.flatten() {
+        let p = d.path();
+        if p.is_dir() {
+            out.extend(std::fs::read_dir(&p).unwrap().flatten().map(|f| f.path()));
+        } else {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Chunk temporary files (named after a 64-hex chunk id) in `root/tmp`.
+fn chunk_tmp_files(root: &Path) -> Vec<PathBuf> {
+    files_under(root, "tmp")
+        .into_iter()
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            name.len() > 64 && name[..64].bytes().all(|b| b.is_ascii_hexdigit())
+        })
+        .collect()
+}
+
+fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    let t = Instant::now();
+    while !cond() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn chunks_reach_their_final_names_only_after_the_batch_sync() {
+    let _g = serial();
+    let dir = disk_dir();
+    let store = Store::open(dir.path(), opts(true)).unwrap();
+    let state = State::new(1, 6);
+    // The first batch's sync waits until the test has looked.
+    let release = Arc::new(AtomicBool::new(false));
+    let r = release.clone();
+    failpoints::set(POINT, move || {
+        while !r.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        None
+    });
+    let handle = store.save("job", 1, &state.save_state()).unwrap();
+    wait_for("the batch sync", || failpoints::hits(POINT) >= 1);
+    // Give the writers time to write (and wrongly publish) the rest.
+    wait_for("every chunk written", || {
+        chunk_tmp_files(dir.path()).len() == 12
+    });
+    assert_eq!(
+        files_under(dir.path(), "chunks"),
+        Vec::<PathBuf>::new(),
+        "a chunk reached its final name before the sync that makes it durable"
+    );
+    release.store(true, Ordering::Release);
+    handle.wait().unwrap();
+    failpoints::reset();
+    assert_eq!(files_under(dir.path(), "chunks").len(), 12);
+    assert_eq!(chunk_tmp_files(dir.path()), Vec::<PathBuf>::new());
+    state.assert_restores(&store, "job", 1);
+}
+
+#[test]
+fn a_failed_batch_sync_fails_the_save_and_loses_nothing_committed() {
+    let _g = serial();
+    let dir = disk_dir();
+    let store = Store::open(dir.path(), opts(true)).unwrap();
+    let first = State::new(2, 4);
+    store
+        .save("job", 1, &first.save_state())
+        .unwrap()
+        .wait()
+        .unwrap();
+    let before = files_under(dir.path(), "chunks");
+    assert_eq!(before.len(), 8);
+
+    failpoints::set(POINT, || Some(std::io::Error::from_raw_os_error(libc::EIO)));
+    let second = State::new(3, 4);
+    let err = store
+        .save("job", 2, &second.save_state())
+        .unwrap()
+        .wait()
+        .expect_err("a save whose chunk files could not be made durable committed");
+    let msg = err.to_string();
+    assert!(msg.contains("syncfs"), "the error names the sync: {msg}");
+    assert!(failpoints::hits(POINT) >= 1);
+    failpoints::reset();
+    assert_eq!(
+        files_under(dir.path(), "chunks"),
+        before,
+        "a chunk of the failed save was published"
+    );
+    assert_eq!(chunk_tmp_files(dir.path()), Vec::<PathBuf>::new());
+    assert_eq!(store.steps("job").unwrap(), vec![1]);
+    first.assert_restores(&store, "job", 1);
+
+    // The same save again, once the sync works, commits.
+    store
+        .save("job", 2, &second.save_state())
+        .unwrap()
+        .wait()
+        .unwrap();
+    second.assert_restores(&store, "job", 2);
+    first.assert_restores(&store, "job", 1);
+}
+
+#[test]
+fn batched_and_per_file_syncs_store_the_same_files() {
+    let _g = serial();
+    let state = State::new(4, 5);
+    let mut stored = Vec::new();
+    for batch in [true, false] {
+        let dir = disk_dir();
+        let store = Store::open(dir.path(), opts(batch)).unwrap();
+        store
+            .save("job", 1, &state.save_state())
+            .unwrap()
+            .wait()
+            .unwrap();
+        assert_eq!(
+            failpoints::hits(POINT) > 0,
+            batch,
+            "batch_sync {batch}: the barrier's sync ran or not"
+        );
+        failpoints::reset();
+        let files: Vec<(String, Vec<u8>)> = files_under(dir.path(), "chunks")
+            .into_iter()
+            .map(|p| {
+                (
+                    p.file_name().unwrap().to_string_lossy().to_string(),
+                    std::fs::read(&p).unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(files.len(), 10);
+        state.assert_restores(&store, "job", 1);
+        stored.push(files);
+    }
+    assert!(
+        stored[0] == stored[1],
+        "batched and per-file syncs stored different files"
+    );
+}
