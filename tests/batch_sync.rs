@@ -126,6 +126,15 @@ fn wait_for(what: &str, cond: impl Fn() -> bool) {
     }
 }
 
+/// Sets its flag when dropped.
+struct ReleaseOnDrop(Arc<AtomicBool>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
 #[test]
 fn chunks_reach_their_final_names_only_after_the_batch_sync() {
     let _g = serial();
@@ -134,6 +143,9 @@ fn chunks_reach_their_final_names_only_after_the_batch_sync() {
     let state = State::new(1, 6);
     // The first batch's sync waits until the test has looked.
     let release = Arc::new(AtomicBool::new(false));
+    // Declared after the store, so dropped before it: a failed assertion
+    // lets the held sync go before the store's threads are joined.
+    let _release_on_unwind = ReleaseOnDrop(release.clone());
     let r = release.clone();
     failpoints::set(POINT, move || {
         while !r.load(Ordering::Acquire) {
