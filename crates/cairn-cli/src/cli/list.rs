@@ -112,9 +112,20 @@ pub fn run(
             }
         };
         for step in steps {
-            // One unreadable checkpoint does not hide the others.
-            let m = match tier.manifest(&run, step) {
-                Ok(m) => m,
+            // One unreadable checkpoint does not hide the others. Packed
+            // chunks of a remote checkpoint are not chunk objects: their
+            // stored sizes are in the checkpoint's pack map.
+            let read = tier.manifest(&run, step).and_then(|m| {
+                let chunks = m.distinct_chunks();
+                if chunks.iter().any(|c| !sizes.contains_key(&c.0)) {
+                    for (id, len) in tier.packed_chunk_sizes(&run, step)? {
+                        sizes.entry(id).or_insert(len);
+                    }
+                }
+                Ok((m, chunks))
+            });
+            let (m, chunks) = match read {
+                Ok(r) => r,
                 Err(e) => {
                     order.push((true, bad.len()));
                     bad.push(Bad {
@@ -125,27 +136,6 @@ pub fn run(
                     continue;
                 }
             };
-            let chunks = m.distinct_chunks();
-            // Packed chunks of a remote checkpoint are not chunk objects:
-            // their stored sizes are in the checkpoint's pack map.
-            if chunks.iter().any(|c| !sizes.contains_key(&c.0)) {
-                match tier.packed_chunk_sizes(&run, step) {
-                    Ok(packed) => {
-                        for (id, len) in packed {
-                            sizes.entry(id).or_insert(len);
-                        }
-                    }
-                    Err(e) => {
-                        order.push((true, bad.len()));
-                        bad.push(Bad {
-                            run: run.clone(),
-                            step: Some(step),
-                            error: e.to_string(),
-                        });
-                        continue;
-                    }
-                }
-            }
             let unique: u64 = chunks.iter().map(|c| c.1).sum();
             let stored: u64 = chunks
                 .iter()
