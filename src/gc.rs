@@ -57,9 +57,16 @@ pub struct GcReport {
     pub leftovers_removed: u64,
     /// Part manifests removed (or, in a dry run, that would be): those of
     /// steps never committed, once the newest is older than the grace
-    /// (at least [`crate::PENDING_PART_MIN_GRACE`]), and those of a
-    /// committed step saved for another world size, as old.
+    /// (at least [`crate::PENDING_PART_MIN_GRACE`]) and, on the local
+    /// tier, the step is recorded as uploaded or a newer step of its run
+    /// is complete; and those of a committed step saved for another world
+    /// size, as old.
     pub parts_removed: u64,
+    /// Part manifests of steps without a record kept although older than
+    /// the grace: the step is not recorded as uploaded and no newer step
+    /// of its run is complete, so they may be the only copy of a save
+    /// still to be drained to the remote tier.
+    pub pending_parts_kept: u64,
     /// Packs referenced by the pack maps of the checkpoints read (remote
     /// tier).
     pub referenced_packs: u64,
@@ -125,6 +132,7 @@ impl Store {
         let parts = self.scan_parts(clock, part_grace)?;
         referenced.extend(parts.roots);
         report.parts_removed = parts.expired_files;
+        report.pending_parts_kept = parts.kept_undrained;
         if !dry_run {
             for dir in &parts.expired_steps {
                 self.layout
@@ -330,6 +338,9 @@ struct PartScan {
     expired_parts: Vec<std::path::PathBuf>,
     /// Part files in either.
     expired_files: u64,
+    /// Part files of steps without a record past the grace, kept because
+    /// nothing shows they were drained.
+    kept_undrained: u64,
 }
 
 impl Store {
@@ -340,6 +351,7 @@ impl Store {
             expired_steps: Vec::new(),
             expired_parts: Vec::new(),
             expired_files: 0,
+            kept_undrained: 0,
         };
         let runs_dir = self.layout.runs_dir();
         if !check_store_dir(&runs_dir)? {
@@ -360,12 +372,23 @@ impl Store {
             if !check_store_dir(&run_dir)? {
                 continue;
             }
-            let steps = std::fs::read_dir(&run_dir)
-                .map_err(|e| Error::io("list directory", &run_dir, e))?;
-            for st in steps.flatten() {
-                let Some(step) = st.file_name().to_str().and_then(parse_step_dir_name) else {
-                    continue;
-                };
+            let steps: Vec<u64> = std::fs::read_dir(&run_dir)
+                .map_err(|e| Error::io("list directory", &run_dir, e))?
+                .flatten()
+                .filter_map(|st| st.file_name().to_str().and_then(parse_step_dir_name))
+                .collect();
+            // The newest step of the run that is complete: recorded here,
+            // or recorded as uploaded (the remote holds its record).
+            let newest_complete = steps
+                .iter()
+                .copied()
+                .filter(|&s| {
+                    std::fs::symlink_metadata(self.layout.manifest_path(&run, s))
+                        .is_ok_and(|m| m.is_file())
+                        || self.uploaded_to(&run, s).is_some()
+                })
+                .max();
+            for step in steps {
                 let parts = self.parts(&run, step)?;
                 if parts.is_empty() {
                     continue;
@@ -384,9 +407,19 @@ impl Store {
                 let keep: Vec<&crate::shard::PartListing> = match &record {
                     None => {
                         if parts.iter().all(|p| file_age(&p.file) >= grace) {
-                            scan.expired_steps.push(self.layout.step_dir(&run, step));
-                            scan.expired_files += parts.len() as u64;
-                            continue;
+                            // Past the grace, the parts may still be the
+                            // only copy of ranks whose upload waits on an
+                            // unreachable remote: they go only once the
+                            // step is recorded as uploaded, or a newer step
+                            // of the run is complete.
+                            let drained = self.uploaded_to(&run, step).is_some()
+                                || newest_complete.is_some_and(|c| c > step);
+                            if drained {
+                                scan.expired_steps.push(self.layout.step_dir(&run, step));
+                                scan.expired_files += parts.len() as u64;
+                                continue;
+                            }
+                            scan.kept_undrained += parts.len() as u64;
                         }
                         parts.iter().collect()
                     }

@@ -1189,6 +1189,13 @@ fn gc_keeps_pending_parts_and_collects_orphans_after_the_grace() {
     assert_eq!(g.parts_removed, 0, "younger than the grace");
     assert_eq!(store.pending_steps("r").unwrap(), vec![2]);
     clock.advance(Duration::from_secs(2 * 3600));
+    // Past the grace, but the newest step of the run and not recorded as
+    // uploaded: it may be a save still waiting to be drained, so it stays.
+    let g = store.gc(grace, false).unwrap();
+    assert_eq!((g.parts_removed, g.pending_parts_kept), (0, 1), "{g:?}");
+    // Step 4 completes: the orphan is superseded.
+    save_ranks(&store, "r", 4, 8, &model);
+    store.commit("r", 4, 8).unwrap();
     let dry = store.gc(grace, true).unwrap();
     assert_eq!(dry.parts_removed, 1);
     assert_eq!(store.pending_steps("r").unwrap(), vec![2]);
@@ -1217,6 +1224,88 @@ fn gc_keeps_pending_parts_and_collects_orphans_after_the_grace() {
 }
 
 // ---- the loopback S3 server (copied from tests/common/s3.rs) ----
+
+/// A node saves its ranks' parts (ranks 0..4 of 8) and its daemon cannot
+/// reach the object store: past the grace, those parts are still the only
+/// copy of those ranks' state. A collection keeps them until the step is
+/// recorded uploaded, or a newer step of the run is complete; then they
+/// go, with the chunks only they referenced.
+#[test]
+fn gc_keeps_undrained_pending_parts_past_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = new_store(dir.path());
+    let clock = ManualClock::new();
+    store.set_clock(Arc::new(clock.clone()));
+    let model = model();
+    let save_node_a = |step: u64| {
+        for r in 0..4u32 {
+            let st = rank_state(&model, r);
+            store
+                .save_part("r", step, r, 8, &st.view())
+                .unwrap()
+                .wait()
+                .unwrap();
+        }
+    };
+    save_node_a(5);
+    save_node_a(6);
+    let grace = Duration::from_secs(2 * 3600);
+    clock.advance(Duration::from_secs(3 * 3600));
+    let g = store.gc(grace, false).unwrap();
+    assert_eq!((g.parts_removed, g.chunks_deleted), (0, 0), "{g:?}");
+    assert_eq!(g.pending_parts_kept, 8, "{g:?}");
+    assert_eq!(store.pending_steps("r").unwrap(), vec![5, 6]);
+    // A dry run says the same.
+    let dry = store.gc(grace, true).unwrap();
+    assert_eq!((dry.parts_removed, dry.pending_parts_kept), (0, 8));
+
+    // Step 5 recorded as uploaded (the remote holds its record): the
+    // parts here are redundant and go once past the grace.
+    store.mark_uploaded("r", 5, "s3://bucket/ckpt").unwrap();
+    let g = store.gc(grace, false).unwrap();
+    assert_eq!((g.parts_removed, g.pending_parts_kept), (4, 4), "{g:?}");
+    assert_eq!(store.pending_steps("r").unwrap(), vec![6]);
+
+    // Step 6 was kept whole: the other node's ranks arrive, the commit
+    // succeeds, and every tensor restores bit-exact.
+    for r in 4..8u32 {
+        let st = rank_state(&model, r);
+        store
+            .save_part("r", 6, r, 8, &st.view())
+            .unwrap()
+            .wait()
+            .unwrap();
+    }
+    store.commit("r", 6, 8).unwrap();
+    let all = store
+        .restore("r", StepSel::Step(6), &TensorFilter::All)
+        .unwrap();
+    for g in &model {
+        assert!(all.tensor(g.name).unwrap().data == g.data, "{}", g.name);
+    }
+
+    // Step 7: node A's parts only, past the grace, the newest step: kept.
+    save_node_a(7);
+    clock.advance(Duration::from_secs(3 * 3600));
+    let g = store.gc(grace, false).unwrap();
+    assert_eq!((g.parts_removed, g.pending_parts_kept), (0, 4), "{g:?}");
+    // Step 8 completes: step 7 is superseded and goes; 6 and 8 stay whole.
+    save_ranks(&store, "r", 8, 8, &model);
+    store.commit("r", 8, 8).unwrap();
+    let g = store.gc(grace, false).unwrap();
+    assert_eq!((g.parts_removed, g.pending_parts_kept), (4, 0), "{g:?}");
+    assert!(store.pending_steps("r").unwrap().is_empty());
+    let v = store.verify(None, None).unwrap();
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+    for step in [6, 8] {
+        let all = store
+            .restore("r", StepSel::Step(step), &TensorFilter::All)
+            .unwrap();
+        for g in &model {
+            assert!(all.tensor(g.name).unwrap().data == g.data, "{}", g.name);
+        }
+    }
+}
 
 fn s3_options() -> Vec<(String, String)> {
     let ep = std::env::var("CAIRN_TEST_S3_ENDPOINT").expect("CAIRN_TEST_S3_ENDPOINT");

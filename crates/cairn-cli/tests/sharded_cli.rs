@@ -115,6 +115,64 @@ fn ls_shows_world_size_and_parts_committed_or_pending() {
     );
 }
 
+/// Set the modification time of every part file of `(r, step)` to
+/// `hours` ago, as if saved then.
+fn age_parts(dir: &Path, step: u64, hours: u64) {
+    let parts = dir.join(format!("runs/r/{step:020}/parts"));
+    let then = std::time::SystemTime::now() - std::time::Duration::from_secs(hours * 3600);
+    for e in std::fs::read_dir(&parts).unwrap() {
+        let f = std::fs::File::options()
+            .write(true)
+            .open(e.unwrap().path())
+            .unwrap();
+        f.set_modified(then).unwrap();
+    }
+}
+
+#[test]
+fn gc_keeps_undrained_pending_parts_until_a_newer_step_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = setup(dir.path());
+    let s = dir.path().to_str().unwrap();
+    // Step 2's two parts, two days old: past the grace, but the newest step
+    // of the run and never uploaded, so they stay.
+    age_parts(dir.path(), 2, 48);
+    let o = cairn(&["gc", s, "--grace", "1h"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = stdout(&o);
+    assert!(
+        text.contains("removed 0 part manifests of uncommitted steps; kept 2 older than the grace"),
+        "{text}"
+    );
+    let o = cairn(&["ls", s]);
+    assert!(
+        stdout(&o).contains("PENDING  run r step 2: world 4: 2 of 4 parts"),
+        "{}",
+        stdout(&o)
+    );
+    // Step 3 completes: step 2 is superseded and its parts go.
+    for r in 0..4 {
+        save_rank(&store, 3, r);
+    }
+    store.commit("r", 3, 4).unwrap();
+    let o = cairn(&["gc", s, "--grace", "1h", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let g: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(g["parts_removed"], 2, "{g}");
+    assert_eq!(g["pending_parts_kept"], 0, "{g}");
+    let o = cairn(&["ls", s, "--json"]);
+    let rows: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let steps: Vec<u64> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, vec![1, 3]);
+    let o = cairn(&["verify", s]);
+    assert!(o.status.success(), "{}", stdout(&o));
+}
+
 #[test]
 fn inspect_shows_each_tensors_shards() {
     let dir = tempfile::tempdir().unwrap();

@@ -36,6 +36,14 @@ pub fn run(
             report.referenced_chunks,
             report.checkpoints
         );
+        if report.parts_removed + report.pending_parts_kept > 0 {
+            outln!(
+                "{} {} part manifests of uncommitted steps; kept {} older than the grace that are not known to be drained (step not recorded as uploaded, no newer complete step)",
+                if dry_run { "would remove" } else { "removed" },
+                report.parts_removed,
+                report.pending_parts_kept
+            );
+        }
         if report.referenced_packs + report.packs_deleted + report.packs_in_grace > 0 {
             outln!(
                 "{} {} unreferenced packs (counted in the bytes above); kept {} younger than the grace; {} packs referenced",
