@@ -19,6 +19,7 @@
 //! | `publish.before_link` | just before the hard link into place |
 //! | `publish.after_link` | after the link, before the directory fsync |
 //! | `publish.after_dir_sync` | after the directory fsync: the publication is durable |
+//! | `chunk.batch_dirty` | the barrier's check of the machine's dirty page cache before a batch sync: an error makes it take the machine as holding too much, and the batch is made durable file by file (`fdatasync` each) instead of by `syncfs` |
 //! | `chunk.batch_sync` | a batch of chunk files written with O_DIRECT, before the `syncfs` that makes them durable (they are renamed to their final names only after it) |
 //! | `copy.before_commit` | a copy between tiers, every chunk at the target, before the manifest commit |
 //! | `pack.after_put` | a copy to a remote that packs, after each pack is stored (before the pack map) |
@@ -34,6 +35,7 @@ pub const NAMES: &[&str] = &[
     "publish.before_link",
     "publish.after_link",
     "publish.after_dir_sync",
+    "chunk.batch_dirty",
     "chunk.batch_sync",
     "copy.before_commit",
     "pack.after_put",

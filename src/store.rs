@@ -58,7 +58,9 @@ pub struct StoreOptions {
     /// renamed to their final names (the commit rule is unchanged: a chunk
     /// is at its final name only once durable). For disks where each cache
     /// flush is costly; on the development machine's virtual disk it gave
-    /// no gain. It also syncs whatever else is dirty on that file system.
+    /// no steady gain. `syncfs` also writes back whatever else is dirty on
+    /// that file system, so with more than 256 MiB of dirty page cache on
+    /// the machine a batch is synced file by file instead.
     pub batch_sync: bool,
 }
 
@@ -186,6 +188,17 @@ impl Store {
         fs: std::sync::Arc<dyn crate::local::fs::Fs>,
     ) -> Result<Store> {
         Self::open_layout(Layout::with_fs(root.as_ref(), fs), opts)
+    }
+
+    /// Whether this handle's save pipeline has listed the chunk files
+    /// (it does so once, in the background, when the store opens; from
+    /// then on a chunk absent from the listing and from its own writes is
+    /// written without a lookup).
+    #[cfg(feature = "test-util")]
+    pub fn chunk_listing_done(&self) -> bool {
+        self.writer
+            .as_ref()
+            .is_some_and(|w| w.pipeline.chunks_listed())
     }
 
     fn open_layout(layout: Layout, opts: StoreOptions) -> Result<Store> {

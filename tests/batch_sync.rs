@@ -253,3 +253,29 @@ fn batched_and_per_file_syncs_store_the_same_files() {
         "batched and per-file syncs stored different files"
     );
 }
+
+/// With the machine holding much dirty page cache (forced here at the
+/// barrier's check), `syncfs` would write it all back at the save's
+/// expense: the batch is made durable file by file instead, and the save
+/// still stores every chunk whole, with no temporary file left.
+#[test]
+fn with_much_dirty_data_a_batch_is_synced_file_by_file() {
+    let _g = serial();
+    let dir = disk_dir();
+    let store = Store::open(dir.path(), opts(true)).unwrap();
+    failpoints::set("chunk.batch_dirty", || {
+        Some(std::io::Error::other("much dirty data"))
+    });
+    let state = State::new(5, 6);
+    store
+        .save("job", 1, &state.save_state())
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert!(failpoints::hits("chunk.batch_dirty") >= 1);
+    assert_eq!(failpoints::hits(POINT), 0, "syncfs ran");
+    failpoints::reset();
+    assert_eq!(files_under(dir.path(), "chunks").len(), 12);
+    assert_eq!(chunk_tmp_files(dir.path()), Vec::<PathBuf>::new());
+    state.assert_restores(&store, "job", 1);
+}

@@ -311,6 +311,32 @@ impl LocalChunkStore {
         out
     }
 
+    /// The ids of every chunk file, from the names in the fan-out
+    /// directories alone (no file is opened or examined). `None` if a
+    /// directory cannot be read or there are more than `max` names.
+    pub fn list_ids(&self, max: usize) -> Option<std::collections::HashSet<ChunkId>> {
+        let mut out = std::collections::HashSet::new();
+        for p in 0..=255u8 {
+            let rd = std::fs::read_dir(self.layout.chunk_dir_for_prefix(p)).ok()?;
+            for e in rd {
+                let e = e.ok()?;
+                if let Some(id) = e
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<ChunkId>().ok())
+                {
+                    if id.0[0] == p {
+                        out.insert(id);
+                    }
+                }
+                if out.len() > max {
+                    return None;
+                }
+            }
+        }
+        Some(out)
+    }
+
     /// fsync the fan-out directory holding chunks with this first byte.
     pub fn sync_prefix_dir(&self, prefix: u8) -> Result<()> {
         fsync_dir_on(self.layout.fs(), &self.layout.chunk_dir_for_prefix(prefix))

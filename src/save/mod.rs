@@ -3,6 +3,7 @@
 
 mod ctx;
 mod handle;
+mod known;
 mod pipeline;
 mod stage;
 mod state;
