@@ -59,9 +59,15 @@ pub struct StoreOptions {
     /// is at its final name only once durable). For disks where each cache
     /// flush is costly; on the development machine's virtual disk it gave
     /// no steady gain. `syncfs` also writes back whatever else is dirty on
-    /// that file system, so with more than 256 MiB of dirty page cache on
-    /// the machine a batch is synced file by file instead.
+    /// that file system, so with more than `batch_sync_max_dirty` of dirty
+    /// page cache on the machine a batch is synced file by file instead.
     pub batch_sync: bool,
+    /// With `batch_sync`, the most dirty page-cache bytes on the machine
+    /// (dirty or under writeback, from `/proc/meminfo`) with which a batch
+    /// is still made durable by one `syncfs`, which writes them back too;
+    /// above it, or when it cannot be read, the batch is synced file by
+    /// file. Default 256 MiB.
+    pub batch_sync_max_dirty: u64,
 }
 
 /// Staging copy threads for a `copy_threads` setting (0: one per core,
@@ -86,6 +92,7 @@ impl Default for StoreOptions {
             direct_io: true,
             verify_reused_chunks: false,
             batch_sync: false,
+            batch_sync_max_dirty: 256 << 20,
         }
     }
 }
@@ -229,7 +236,7 @@ impl Store {
             opts.sync_threads,
             opts.verify_reused_chunks,
             copy_threads(opts.copy_threads),
-            opts.batch_sync,
+            opts.batch_sync.then_some(opts.batch_sync_max_dirty),
         )?;
         Ok(Store {
             layout,

@@ -82,9 +82,10 @@ impl LocalChunkStore {
     }
 
     /// Make everything written so far to the store's file system durable,
-    /// data and metadata: `syncfs(2)` on the store's root, one journal
-    /// commit and one cache flush for every chunk file written before the
-    /// call, where an `fdatasync` each would cost one per file.
+    /// data and metadata: `syncfs(2)` on the store's root, one metadata
+    /// write-out (a journal commit, or the inode writes without a journal)
+    /// and one cache flush for every chunk file written before the call,
+    /// where an `fdatasync` each would cost one per file.
     pub fn sync_filesystem(&self) -> std::io::Result<()> {
         use std::os::fd::AsRawFd;
         let root = std::fs::File::open(self.layout.root())?;

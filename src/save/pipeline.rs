@@ -187,13 +187,13 @@ impl Pipeline {
         syncers: usize,
         verify_reused: bool,
         copy_threads: usize,
-        batch_sync: bool,
+        batch_sync: Option<u64>,
     ) -> Result<Self> {
         let (tx, rx) = unbounded::<ChunkJob>();
         let (sync_tx, sync_rx) = unbounded::<SyncJob>();
         // Only O_DIRECT writes are batched: their data is on the device
         // when the write returns, so one syncfs covers them.
-        let batch_sync = batch_sync && chunks.direct_io();
+        let batch_sync = batch_sync.filter(|_| chunks.direct_io());
         let (commit_tx, commit_rx) = unbounded::<Arc<SaveCtx>>();
         let known = Arc::new(KnownChunks::default());
         let shared = Arc::new(Shared {
@@ -227,7 +227,7 @@ impl Pipeline {
         let (barrier_tx, barrier_rx) = unbounded::<BarrierJob>();
         for i in 0..syncers.max(1) {
             let (rx, shared) = (sync_rx.clone(), shared.clone());
-            let barrier = batch_sync.then(|| barrier_tx.clone());
+            let barrier = batch_sync.map(|_| barrier_tx.clone());
             threads.push(spawn(
                 format!("cairn-sync-{i}"),
                 Box::new(move || sync_loop(rx, shared, barrier)),
@@ -235,11 +235,11 @@ impl Pipeline {
         }
         // The syncers hold the only senders: the barrier ends after them.
         drop(barrier_tx);
-        if batch_sync {
+        if let Some(max_dirty) = batch_sync {
             let (shared, queued) = (shared.clone(), sync_rx.clone());
             threads.push(spawn(
                 "cairn-barrier".into(),
-                Box::new(move || barrier_loop(barrier_rx, queued, shared)),
+                Box::new(move || barrier_loop(barrier_rx, queued, shared, max_dirty)),
             )?);
         }
         let committer = spawn(
@@ -614,12 +614,21 @@ const BATCH_WAIT: Duration = Duration::from_millis(250);
 /// The barrier: gathers the chunk files handed to it until no write is in
 /// progress or queued for the I/O threads (or the batch holds
 /// [`MAX_BATCH_BYTES`]), makes them all durable with one `syncfs`, then
-/// renames each to its final name. Each sync is a journal commit and a
-/// cache flush that stalls the disk's queue, so one sync per run of
-/// writes, not one per file. A chunk reaches its final name only after a
-/// sync that began after its write returned; if the sync fails, every
-/// chunk of the batch fails and its temporary file is removed.
-fn barrier_loop(rx: Receiver<BarrierJob>, queued: Receiver<SyncJob>, shared: Arc<Shared>) {
+/// renames each to its final name. Each sync is a metadata write-out (a
+/// journal commit, or the inode writes on a file system without one) and
+/// a cache flush that stalls the disk's queue, so one sync per run of
+/// writes, not one per file. With more than `max_dirty` bytes of dirty
+/// page cache on the machine, which `syncfs` would write back too, the
+/// batch is made durable file by file instead. A chunk reaches its final
+/// name only after a sync that began after its write returned; if the
+/// sync fails, every chunk of the batch fails and its temporary file is
+/// removed.
+fn barrier_loop(
+    rx: Receiver<BarrierJob>,
+    queued: Receiver<SyncJob>,
+    shared: Arc<Shared>,
+    max_dirty: u64,
+) {
     while let Ok(first) = rx.recv() {
         let mut bytes = first.len;
         let mut batch = vec![first];
@@ -645,7 +654,7 @@ fn barrier_loop(rx: Receiver<BarrierJob>, queued: Receiver<SyncJob>, shared: Arc
         // this batch: with much dirty data on the machine (a data loader's
         // cache, logs), the batch is made durable file by file instead.
         let whole_fs = crate::failpoint::hit("chunk.batch_dirty").is_ok()
-            && page_cache_dirty_bytes().is_some_and(|d| d <= SYNCFS_MAX_DIRTY);
+            && page_cache_dirty_bytes().is_some_and(|d| d <= max_dirty);
         let synced = if whole_fs {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 crate::failpoint::hit("chunk.batch_sync")?;
@@ -693,11 +702,6 @@ fn barrier_loop(rx: Receiver<BarrierJob>, queued: Receiver<SyncJob>, shared: Arc
         }
     }
 }
-
-/// The most dirty page-cache bytes (dirty or under writeback, machine
-/// wide) with which the barrier still uses one `syncfs` for a batch: it
-/// would write them back too, at the save's expense.
-const SYNCFS_MAX_DIRTY: u64 = 256 << 20;
 
 /// Dirty and under-writeback bytes in the page cache, from
 /// `/proc/meminfo`; `None` if it cannot be read.
