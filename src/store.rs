@@ -376,9 +376,7 @@ impl Store {
         }
         let dirs: std::collections::BTreeSet<u8> =
             m.distinct_chunks().iter().map(|(id, _)| id.0[0]).collect();
-        for p in dirs {
-            self.chunks.sync_prefix_dir(p)?;
-        }
+        self.chunks.sync_prefix_dirs(dirs)?;
         self.layout.check_dirs(Some(run), Some(step))?;
         let fs = self.layout.fs();
         create_dir_chain_durable_on(
