@@ -31,6 +31,10 @@ pub struct BenchArgs {
     /// at most four).
     #[arg(long, default_value_t = 0)]
     copy_threads: usize,
+    /// Threads that hash (and encode) staged chunks (default: one per
+    /// core).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
     /// Threads that write, fsync and publish chunk files: the write queue
     /// depth (default: the store's default).
     #[arg(long)]
@@ -176,6 +180,7 @@ pub fn run(a: BenchArgs, remote_options: &[String]) -> cairn::Result<i32> {
             chunk_size: a.chunk_size as usize,
             staging_bytes: a.staging.map_or(0, |st| st.bytes(a.size)) as usize,
             copy_threads: a.copy_threads,
+            workers: a.workers,
             sync_threads: a.sync_threads.unwrap_or(defaults.sync_threads),
             read_threads: a.read_threads.unwrap_or(defaults.read_threads),
             codec: a.codec,
