@@ -20,7 +20,17 @@ use std::path::{Path, PathBuf};
 /// How many fan-out directory fsyncs [`LocalChunkStore::sync_prefix_dirs`]
 /// runs at once. A save touches up to 256 directories; one after the
 /// other their cache flushes add up to tens of milliseconds at commit.
-pub const PREFIX_SYNC_THREADS: usize = 8;
+const PREFIX_SYNC_THREADS: usize = 8;
+
+/// [`LocalChunkStore::sync_prefix_dirs`] for the store laid out at
+/// `layout`, for callers holding only the layout (the save's commit).
+pub fn sync_prefix_dirs_of(layout: &Layout, prefixes: impl IntoIterator<Item = u8>) -> Result<()> {
+    let dirs: Vec<PathBuf> = prefixes
+        .into_iter()
+        .map(|p| layout.chunk_dir_for_prefix(p))
+        .collect();
+    fsync_dirs_on(layout.fs(), &dirs, PREFIX_SYNC_THREADS)
+}
 
 /// The chunk files of one local store.
 #[derive(Debug, Clone)]
@@ -353,11 +363,7 @@ impl LocalChunkStore {
     /// them become durable. Returns after all of them, or with the first
     /// error.
     pub fn sync_prefix_dirs(&self, prefixes: impl IntoIterator<Item = u8>) -> Result<()> {
-        let dirs: Vec<PathBuf> = prefixes
-            .into_iter()
-            .map(|p| self.layout.chunk_dir_for_prefix(p))
-            .collect();
-        fsync_dirs_on(self.layout.fs(), &dirs, PREFIX_SYNC_THREADS)
+        sync_prefix_dirs_of(&self.layout, prefixes)
     }
 
     /// Open chunk `id` and validate its header against the expected

@@ -30,8 +30,8 @@ use crate::error::{Error, Result};
 use crate::format::chunk::{ChunkHeader, Codec, HEADER_LEN};
 use crate::format::manifest::{encode_manifest, BlobEntry, ChunkRef, Manifest, TensorEntry};
 use crate::format::FORMAT_VERSION;
-use crate::local::chunk_store::PREFIX_SYNC_THREADS;
-use crate::local::durable::{create_dir_chain_durable_on, fsync_dirs_on, publish_new_on};
+use crate::local::chunk_store::sync_prefix_dirs_of;
+use crate::local::durable::{create_dir_chain_durable_on, publish_new_on};
 use crate::local::{LocalChunkStore, PendingChunk};
 use crate::staging::StagingBuf;
 use crossbeam_channel::{unbounded, Receiver, Sender};
@@ -759,12 +759,7 @@ fn commit(ctx: &SaveCtx) -> Result<SaveReport> {
     // Every fan-out directory holding a chunk of this save, reused ones
     // included (their names may not be durable yet if another writer
     // has not committed), before the manifest names them.
-    let dirs: Vec<std::path::PathBuf> = ctx
-        .touched_prefixes()
-        .into_iter()
-        .map(|p| layout_root.chunk_dir_for_prefix(p))
-        .collect();
-    fsync_dirs_on(fs, &dirs, PREFIX_SYNC_THREADS)?;
+    sync_prefix_dirs_of(layout_root, ctx.touched_prefixes())?;
     let manifest = build_manifest(ctx)?;
     let bytes = encode_manifest(&manifest)?;
     let step_dir = layout_root.step_dir(&ctx.run, ctx.step);
