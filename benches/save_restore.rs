@@ -46,6 +46,7 @@ fn main() {
             run: "bench".into(),
             size,
             iterations,
+            warmup: false,
             precision: Default::default(),
             options: StoreOptions {
                 chunk_size: chunk,

@@ -36,6 +36,7 @@ fn bench_then_ls_then_verify() {
         "--chunk-size",
         "1MiB",
         "--json",
+        "--warmup",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let r: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("bench --json is JSON");
@@ -62,8 +63,12 @@ fn bench_then_ls_then_verify() {
     }
     let dedup = r["dedup_written_fraction"].as_f64().unwrap();
     assert!(dedup < 0.5, "a 10% change wrote {dedup} of the bytes");
+    let first = r["first_save_durable_s"]
+        .as_f64()
+        .expect("warm-up save timed");
+    assert!(first.is_finite() && first > 0.0, "first save {first}");
 
-    // A second run adds new steps.
+    // A second run adds new steps; without the warm-up save, two.
     let o = cairn(&[
         "bench",
         s,
@@ -76,6 +81,7 @@ fn bench_then_ls_then_verify() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("stall/memcpy"));
+    assert!(!stdout(&o).contains("first save"), "{}", stdout(&o));
 
     let o = cairn(&["ls", s, "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -86,7 +92,9 @@ fn bench_then_ls_then_verify() {
         .iter()
         .map(|e| e["step"].as_u64().unwrap())
         .collect();
-    assert_eq!(steps, vec![0, 1, 2, 3]);
+    // First run: the warm-up (0), the full save (1), the ~10% changed
+    // one (2); the second run: 3 and 4.
+    assert_eq!(steps, vec![0, 1, 2, 3, 4]);
     assert_eq!(l[0]["run"], "bench");
     assert!(l[0]["tensors"].as_u64().unwrap() > 30);
 
@@ -97,7 +105,7 @@ fn bench_then_ls_then_verify() {
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     assert!(stdout(&o).contains("all verified"));
 
-    // Corrupt one chunk of step 3: verify names it and exits 1.
+    // Corrupt one chunk: verify names it and exits 1.
     let chunk = common::chunk_files(&store)
         .into_iter()
         .find(|p| std::fs::metadata(p).unwrap().len() > 1000)

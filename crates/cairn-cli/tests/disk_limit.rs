@@ -138,6 +138,33 @@ fn bench_names_the_winning_limit_shapes_and_leaves_no_limit_files() {
         );
         assert!(shape["block"].as_u64().unwrap() > 0 && shape["depth"].as_u64().unwrap() > 0);
     }
+    // Each iteration times every shape the sweep kept (its best one-file
+    // and best many-file shape) and takes one of them as its limit.
+    let kept = r["limit_write_shapes"]
+        .as_array()
+        .expect("limit_write_shapes");
+    assert!(!kept.is_empty() && kept.len() <= 2, "{kept:?}");
+    assert!(kept.contains(&r["limit_write_shape"]), "{r}");
+    for it in r["iterations"].as_array().expect("iterations") {
+        for (times, limit, shapes) in [
+            (
+                "limit_write_shapes_s",
+                "limit_write_s",
+                "limit_write_shapes",
+            ),
+            ("limit_read_shapes_s", "limit_read_s", "limit_read_shapes"),
+        ] {
+            let t: Vec<f64> = it[times]
+                .as_array()
+                .unwrap_or_else(|| panic!("{times}: {it}"))
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            assert_eq!(t.len(), r[shapes].as_array().unwrap().len(), "{it}");
+            let l = it[limit].as_f64().unwrap();
+            assert!(t.contains(&l), "{limit} {l} is one of {t:?}");
+        }
+    }
     for key in ["hash_busy_s", "write_busy_s", "sync_busy_s", "commit_s"] {
         let v = r[key].as_f64().unwrap_or_else(|| panic!("{key}: {r}"));
         assert!(v.is_finite() && v >= 0.0, "{key} = {v}");

@@ -74,6 +74,10 @@ pub struct BenchConfig {
     pub size: u64,
     /// Measured iterations (each saves two new steps).
     pub iterations: usize,
+    /// Save the state once before the measured iterations, untimed against
+    /// the limits (its time is reported as `first_save_durable_s`): the
+    /// first save into a new store runs slower than the ones after it.
+    pub warmup: bool,
     /// Store settings; `staging_bytes` of 0 means "enough for the state".
     pub options: StoreOptions,
     /// Precision of the synthetic state.
@@ -100,15 +104,23 @@ pub struct BenchIteration {
     /// Cold sequential read of the same bytes.
     pub raw_cold_read_s: f64,
     /// The disk's limit: O_DIRECT write of as many bytes, made durable,
-    /// in the faster of the sweep's best one-file and many-file shapes.
+    /// in `limit_write_shape`, timed in this iteration.
     pub limit_write_s: f64,
-    /// The disk's limit: cold O_DIRECT read of those bytes, the faster of
-    /// the sweep's best one-file and many-file shapes.
+    /// The disk's limit: cold O_DIRECT read of those bytes in
+    /// `limit_read_shape`, timed in this iteration.
     pub limit_read_s: f64,
-    /// The shape that gave `limit_write_s`.
+    /// The limit's write shape for this iteration: of the sweep's best
+    /// one-file and many-file shapes, the one faster on average in the
+    /// *other* iterations (see [`limit_pick`]).
     pub limit_write_shape: raw::IoShape,
-    /// The shape that gave `limit_read_s`.
+    /// The limit's read shape for this iteration, picked the same way.
     pub limit_read_shape: raw::IoShape,
+    /// Seconds of each write shape timed in this iteration, in the order
+    /// of the report's `limit_write_shapes` (the sweep's fastest first).
+    pub limit_write_shapes_s: Vec<f64>,
+    /// Seconds of each read shape timed in this iteration, in the order
+    /// of the report's `limit_read_shapes`.
+    pub limit_read_shapes_s: Vec<f64>,
     /// Bytes cairn wrote for the full save (headers included).
     pub bytes_written: u64,
     /// Busy seconds of the full save's stages, summed over threads:
@@ -188,10 +200,19 @@ pub struct BenchReport {
     /// Median of cairn's restore throughput / the raw cold read's.
     pub restore_ratio: f64,
     /// The O_DIRECT write shape (block, depth, and the size of each
-    /// file, 0 for one file) that was fastest in most iterations.
+    /// file, 0 for one file) that was the limit in most iterations.
     pub limit_write_shape: raw::IoShape,
-    /// The O_DIRECT read shape that was fastest in most iterations.
+    /// The O_DIRECT read shape that was the limit in most iterations.
     pub limit_read_shape: raw::IoShape,
+    /// The write shapes timed in each iteration: the sweep's best
+    /// one-file and best many-file shape, its fastest first.
+    pub limit_write_shapes: Vec<raw::IoShape>,
+    /// The read shapes timed in each iteration, as for writes.
+    pub limit_read_shapes: Vec<raw::IoShape>,
+    /// Seconds from `save` to local durability of the warm-up save (the
+    /// first of this bench, untimed against the limits); `None` without
+    /// one.
+    pub first_save_durable_s: Option<f64>,
     /// Median seconds of the disk's best write of the state's bytes.
     pub limit_write_s: f64,
     /// Median seconds of the disk's best cold read of them.
@@ -295,7 +316,6 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
     let first_step = store.latest(&cfg.run)?.map_or(0, |s| s + 1);
     let mut dest = raw::prefaulted(total)?;
     let compression = probe_compression(&probe_state);
-    drop(probe_state);
     let tmp = store.root().join("tmp");
     progress("sweeping O_DIRECT block sizes and queue depths for the disk's limits");
     let sweep_path = tmp.join(format!("bench-sweep.{}.tmp", std::process::id()));
@@ -306,6 +326,23 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
     )?;
     let write_shapes: Vec<raw::IoShape> = write_best.iter().map(|b| b.0).collect();
     let read_shapes: Vec<raw::IoShape> = read_best.iter().map(|b| b.0).collect();
+    // The first save into a new store is slower than the ones after it.
+    // With `warmup` the iterations measure only saves into a store that
+    // has been saved to before, as a training job's saves every few
+    // minutes are. The warm-up saves the probe state, whose bytes no
+    // iteration repeats.
+    let first_save_durable_s = if cfg.warmup {
+        progress(&format!("warm-up save: step {first_step}"));
+        let t = Instant::now();
+        store
+            .save(&cfg.run, first_step, &probe_state.as_save_state())?
+            .wait()?;
+        Some(t.elapsed().as_secs_f64())
+    } else {
+        None
+    };
+    drop(probe_state);
+    let first_step = first_step + u64::from(cfg.warmup);
     let mut iters = Vec::new();
     let mut stored_total = 0u64;
     let mut logical_total = 0u64;
@@ -339,18 +376,16 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
         // other's bytes.
         let limit_first = i % 2 == 1;
         let limit_path = tmp.join(format!("bench-limit.{}.tmp", std::process::id()));
-        // The limit is the faster of the sweep's best one-file shape and
-        // its best many-file shape, each measured here on the state's size.
-        let write_limit = || -> Result<(f64, raw::IoShape)> {
-            let mut best: Option<(f64, raw::IoShape)> = None;
+        // The sweep's best one-file shape and its best many-file shape,
+        // each timed here on the state's size; which of them is the limit
+        // is settled after the last iteration (`limit_pick`).
+        let write_limit = || -> Result<Vec<f64>> {
+            let mut times = Vec::with_capacity(write_shapes.len());
             for &shape in &write_shapes {
                 raw::remove_limit(&limit_path);
-                let s = raw::limit_write(&limit_path, total, shape)?.as_secs_f64();
-                if best.is_none_or(|(b, _)| s < b) {
-                    best = Some((s, shape));
-                }
+                times.push(raw::limit_write(&limit_path, total, shape)?.as_secs_f64());
             }
-            best.ok_or_else(|| Error::Internal("no limit shape".into()))
+            Ok(times)
         };
         let mut limit_write = if limit_first {
             Some(write_limit()?)
@@ -367,7 +402,7 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
         if !limit_first {
             limit_write = Some(write_limit()?);
         }
-        let (limit_write_s, limit_write_shape) =
+        let limit_write_shapes_s =
             limit_write.ok_or_else(|| Error::Internal("limit write not measured".into()))?;
 
         let raw_path = tmp.join(format!("bench-raw.{}.tmp", std::process::id()));
@@ -379,8 +414,8 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
         let chunk_files = chunk_paths(&store, &cfg.run, step)?;
         let mut files: Vec<&Path> = chunk_files.iter().map(PathBuf::as_path).collect();
         files.push(&direct_path);
-        let read_limit = || -> Result<(f64, raw::IoShape)> {
-            let mut best: Option<(f64, raw::IoShape)> = None;
+        let read_limit = || -> Result<Vec<f64>> {
+            let mut times = Vec::with_capacity(read_shapes.len());
             for &shape in &read_shapes {
                 if (shape.file_bytes > 0) != limit_path.is_dir() {
                     // This shape reads the other layout: write it so.
@@ -397,12 +432,9 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
                         "O_DIRECT read returned {n} of {total} bytes"
                     )));
                 }
-                let s = t.as_secs_f64();
-                if best.is_none_or(|(b, _)| s < b) {
-                    best = Some((s, shape));
-                }
+                times.push(t.as_secs_f64());
             }
-            best.ok_or_else(|| Error::Internal("no limit shape".into()))
+            Ok(times)
         };
         let mut limit_read = if limit_first {
             Some(read_limit()?)
@@ -439,7 +471,7 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
         if !limit_first {
             limit_read = Some(read_limit()?);
         }
-        let (limit_read_s, limit_read_shape) =
+        let limit_read_shapes_s =
             limit_read.ok_or_else(|| Error::Internal("limit read not measured".into()))?;
         raw::remove_limit(&limit_path);
         raw::drop_caches(&files);
@@ -467,10 +499,12 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
             raw_direct_write_s,
             restore_s,
             raw_cold_read_s,
-            limit_write_s,
-            limit_read_s,
-            limit_write_shape,
-            limit_read_shape,
+            limit_write_s: f64::NAN,
+            limit_read_s: f64::NAN,
+            limit_write_shape: write_shapes[0],
+            limit_read_shape: read_shapes[0],
+            limit_write_shapes_s,
+            limit_read_shapes_s,
             bytes_written: rep.bytes_written,
             hash_busy_s: rep.hash_busy.as_secs_f64(),
             write_busy_s: rep.write_busy.as_secs_f64(),
@@ -480,6 +514,22 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
             dedup_changed_fraction: changed as f64 / total as f64,
             dedup_written_fraction: rep2.bytes_written_uncompressed as f64 / total as f64,
         });
+    }
+    let write_times: Vec<Vec<f64>> = iters
+        .iter()
+        .map(|i| i.limit_write_shapes_s.clone())
+        .collect();
+    let read_times: Vec<Vec<f64>> = iters
+        .iter()
+        .map(|i| i.limit_read_shapes_s.clone())
+        .collect();
+    for (k, it) in iters.iter_mut().enumerate() {
+        let w = limit_pick(&write_times, k);
+        it.limit_write_shape = write_shapes[w];
+        it.limit_write_s = write_times[k][w];
+        let r = limit_pick(&read_times, k);
+        it.limit_read_shape = read_shapes[r];
+        it.limit_read_s = read_times[k][r];
     }
     let m = |f: &dyn Fn(&BenchIteration) -> f64| median(iters.iter().map(f).collect());
     let gb = total as f64 / 1e9;
@@ -506,6 +556,9 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
         restore_s: m(&|i| i.restore_s),
         raw_cold_read_s: m(&|i| i.raw_cold_read_s),
         restore_ratio: m(&|i| i.raw_cold_read_s / i.restore_s),
+        limit_write_shapes: write_shapes.clone(),
+        limit_read_shapes: read_shapes.clone(),
+        first_save_durable_s,
         limit_write_shape: most_often(iters.iter().map(|i| i.limit_write_shape)),
         limit_read_shape: most_often(iters.iter().map(|i| i.limit_read_shape)),
         limit_write_s: m(&|i| i.limit_write_s),
@@ -531,6 +584,39 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
         compression,
         iterations: iters,
     })
+}
+
+/// Which limit shape stands for the disk in iteration `k`, given every
+/// iteration's time for each shape (`times[iteration][shape]`, shapes in
+/// the sweep's order): the shape with the least mean time over the
+/// *other* iterations, or the sweep's fastest (0) when there are none.
+///
+/// Iteration `k`'s own times take no part in the choice. Taking, in each
+/// iteration, the faster of the shapes' own times would pick whichever
+/// shape had the luckier run: with two shapes about as fast as each other
+/// and run-to-run noise of a few percent, that minimum is a few percent
+/// below what either shape gives, and the ratio against cairn's single
+/// save is biased by as much.
+pub fn limit_pick(times: &[Vec<f64>], k: usize) -> usize {
+    let shapes = times.get(k).map_or(0, Vec::len);
+    let mean = |s: usize| {
+        let v: Vec<f64> = times
+            .iter()
+            .enumerate()
+            .filter(|&(j, t)| j != k && s < t.len())
+            .map(|(_, t)| t[s])
+            .collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
+    let mut best: Option<(usize, f64)> = None;
+    for s in 0..shapes {
+        if let Some(m) = mean(s) {
+            if best.is_none_or(|(_, b)| m < b) {
+                best = Some((s, m));
+            }
+        }
+    }
+    best.map_or(0, |(s, _)| s)
 }
 
 /// The shape that occurs most often (the first of those on a tie).
@@ -588,5 +674,32 @@ fn probe_compression(state: &SyntheticState) -> CompressionProbe {
         zstd1_grouped_ratio,
         zstd1_grouped_gbps,
         blake3_gbps,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::limit_pick;
+
+    #[test]
+    fn limit_pick_ignores_the_iterations_own_times() {
+        // Shape 0 is faster in iterations 1 and 2; iteration 0's lucky
+        // run of shape 1 must not make shape 1 its limit.
+        let times = vec![vec![2.0, 1.5], vec![1.8, 2.4], vec![1.9, 2.5]];
+        assert_eq!(limit_pick(&times, 0), 0);
+        // For iteration 1, iterations 0 and 2 average 1.95 (shape 0)
+        // against 2.0 (shape 1).
+        assert_eq!(limit_pick(&times, 1), 0);
+        // Shape 1 wins on average in the others: it is the limit there.
+        let times = vec![vec![1.0, 2.0], vec![2.0, 1.5], vec![2.2, 1.6]];
+        assert_eq!(limit_pick(&times, 0), 1);
+        assert_eq!(limit_pick(&times, 1), 0);
+    }
+
+    #[test]
+    fn limit_pick_falls_back_to_the_sweeps_order() {
+        assert_eq!(limit_pick(&[vec![2.0, 1.0]], 0), 0);
+        assert_eq!(limit_pick(&[], 0), 0);
+        assert_eq!(limit_pick(&[vec![], vec![]], 1), 0);
     }
 }

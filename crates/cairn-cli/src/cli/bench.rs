@@ -20,6 +20,11 @@ pub struct BenchArgs {
     /// Measured iterations (at least 1); medians are reported.
     #[arg(long, default_value_t = 3, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     iterations: usize,
+    /// Save the state once before the measured iterations and report its
+    /// time apart (`first_save_durable_s`): the first save into a new
+    /// store is slower than the ones after it.
+    #[arg(long)]
+    warmup: bool,
     /// Chunk size (4 KiB to 1 GiB).
     #[arg(long, default_value = "16MiB", value_parser = parse_chunk_size)]
     chunk_size: u64,
@@ -175,6 +180,7 @@ pub fn run(a: BenchArgs, remote_options: &[String]) -> cairn::Result<i32> {
         run: a.run,
         size: a.size,
         iterations: a.iterations,
+        warmup: a.warmup,
         precision: a.dtype,
         options: StoreOptions {
             chunk_size: a.chunk_size as usize,
@@ -294,6 +300,13 @@ fn print_human(r: &BenchReport) -> cairn::Result<()> {
         r.durable_vs_limit,
         r.restore_vs_limit
     );
+    if let Some(first) = r.first_save_durable_s {
+        outln!(
+            "first save        {:>8.3} s  ({:.2} GB/s)   the warm-up save into the store, not in the medians",
+            first,
+            gb / first
+        );
+    }
     outln!(
         "save busy         hash {:.3} s   write {:.3} s   fdatasync+rename {:.3} s   commit {:.3} s (summed over threads)",
         r.hash_busy_s,
