@@ -316,6 +316,8 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
     let first_step = store.latest(&cfg.run)?.map_or(0, |s| s + 1);
     let mut dest = raw::prefaulted(total)?;
     let compression = probe_compression(&probe_state);
+    // Kept through the sweep only for the warm-up save.
+    let warmup_state = cfg.warmup.then_some(probe_state);
     let tmp = store.root().join("tmp");
     progress("sweeping O_DIRECT block sizes and queue depths for the disk's limits");
     let sweep_path = tmp.join(format!("bench-sweep.{}.tmp", std::process::id()));
@@ -331,17 +333,17 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
     // has been saved to before, as a training job's saves every few
     // minutes are. The warm-up saves the probe state, whose bytes no
     // iteration repeats.
-    let first_save_durable_s = if cfg.warmup {
-        progress(&format!("warm-up save: step {first_step}"));
-        let t = Instant::now();
-        store
-            .save(&cfg.run, first_step, &probe_state.as_save_state())?
-            .wait()?;
-        Some(t.elapsed().as_secs_f64())
-    } else {
-        None
+    let first_save_durable_s = match warmup_state {
+        Some(state) => {
+            progress(&format!("warm-up save: step {first_step}"));
+            let t = Instant::now();
+            store
+                .save(&cfg.run, first_step, &state.as_save_state())?
+                .wait()?;
+            Some(t.elapsed().as_secs_f64())
+        }
+        None => None,
     };
-    drop(probe_state);
     let first_step = first_step + u64::from(cfg.warmup);
     let mut iters = Vec::new();
     let mut stored_total = 0u64;
