@@ -128,6 +128,40 @@ fn bench_then_ls_then_verify() {
 }
 
 #[test]
+fn bench_warmup_writes_a_whole_state_into_a_used_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let s = store.to_str().unwrap();
+    let args = [
+        "bench",
+        s,
+        "--size",
+        "8MiB",
+        "--iterations",
+        "1",
+        "--chunk-size",
+        "1MiB",
+        "--warmup",
+    ];
+    // Each run saves three whole-or-changed states: the warm-up, the
+    // full save and the ~10%-changed one. The second run's warm-up goes
+    // into a store already holding the first run's, and must still
+    // write a state of its own, or the time it reports is of a save
+    // that wrote almost nothing.
+    let mut counts = Vec::new();
+    for _ in 0..2 {
+        let o = cairn(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        counts.push(common::chunk_files(&store).len());
+    }
+    let (first, added) = (counts[0], counts[1] - counts[0]);
+    assert!(
+        added * 10 >= first * 9,
+        "the second run added {added} chunks, the first {first}"
+    );
+}
+
+#[test]
 fn errors_and_exit_codes() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope");

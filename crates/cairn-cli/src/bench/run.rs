@@ -316,8 +316,22 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
     let first_step = store.latest(&cfg.run)?.map_or(0, |s| s + 1);
     let mut dest = raw::prefaulted(total)?;
     let compression = probe_compression(&probe_state);
-    // Kept through the sweep only for the warm-up save.
-    let warmup_state = cfg.warmup.then_some(probe_state);
+    // The warm-up saves the state of its own step, as the iterations do,
+    // so that in a store already holding the probe state's bytes (a
+    // second bench) it still writes a whole state: the probe state where
+    // that is the same one (step 0), kept through the sweep only for it.
+    let warmup_state = match (cfg.warmup, first_step) {
+        (false, _) => None,
+        (true, 0) => Some(probe_state),
+        (true, step) => {
+            drop(probe_state);
+            Some(SyntheticState::generate_with(
+                cfg.size,
+                BASE_SEED ^ step,
+                cfg.precision,
+            ))
+        }
+    };
     let tmp = store.root().join("tmp");
     progress("sweeping O_DIRECT block sizes and queue depths for the disk's limits");
     let sweep_path = tmp.join(format!("bench-sweep.{}.tmp", std::process::id()));
@@ -331,8 +345,7 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
     // The first save into a new store is slower than the ones after it.
     // With `warmup` the iterations measure only saves into a store that
     // has been saved to before, as a training job's saves every few
-    // minutes are. The warm-up saves the probe state, whose bytes no
-    // iteration repeats.
+    // minutes are.
     let first_save_durable_s = match warmup_state {
         Some(state) => {
             progress(&format!("warm-up save: step {first_step}"));
