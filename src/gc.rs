@@ -55,6 +55,10 @@ pub struct GcReport {
     pub chunks_in_grace: u64,
     /// Leftover temporary files and uncommitted step directories removed.
     pub leftovers_removed: u64,
+    /// Entries of a local `tmp/` kept because they are younger than
+    /// [`TMP_MIN_AGE`] (or the grace, where that is longer): a save, copy
+    /// or repair may still be writing them.
+    pub temporaries_in_grace: u64,
     /// Part manifests removed (or, in a dry run, that would be): those of
     /// steps never committed, once the newest is older than the grace
     /// (at least [`crate::PENDING_PART_MIN_GRACE`]) and, on the local
@@ -79,6 +83,11 @@ pub struct GcReport {
     /// Nothing was deleted.
     pub dry_run: bool,
 }
+
+/// The least age of an entry of a local `tmp/` that a collection removes,
+/// whatever its grace: a restore's repair of a chunk and a copy into the
+/// store write there without the collection lock.
+pub const TMP_MIN_AGE: Duration = Duration::from_secs(600);
 
 /// How old a file is by `clock` (zero if its time is unknown or ahead).
 fn age(clock: &dyn Clock, meta: &std::fs::Metadata) -> Duration {
@@ -192,10 +201,12 @@ impl Store {
                 fsync_dir_on(self.layout.fs(), &dir)?;
             }
         }
-        // Leftovers of interrupted saves.
+        // Leftovers of interrupted saves, copies and benches: files, and
+        // directories (a bench's many-file sweep) removed whole.
         // Temporary files may belong to a repair or copy that does not
-        // hold the lock; leave them at least ten minutes whatever the grace.
-        let tmp_grace = grace.max(Duration::from_secs(600));
+        // hold the lock; leave them at least `TMP_MIN_AGE` whatever the
+        // grace.
+        let tmp_grace = grace.max(TMP_MIN_AGE);
         let tmp_dir = self.layout.tmp_dir();
         let tmp_entries = if check_store_dir(&tmp_dir)? {
             std::fs::read_dir(&tmp_dir).ok()
@@ -204,12 +215,27 @@ impl Store {
         };
         if let Some(rd) = tmp_entries {
             for ent in rd.flatten() {
-                // Removing a link removes the link, never its target.
-                if ent.metadata().is_ok_and(|m| age(clock, &m) >= tmp_grace) {
+                // Never followed: a link is removed, never its target.
+                let Ok(meta) = std::fs::symlink_metadata(ent.path()) else {
+                    continue;
+                };
+                if age(clock, &meta) < tmp_grace {
+                    report.temporaries_in_grace += 1;
+                    continue;
+                }
+                if dry_run {
                     report.leftovers_removed += 1;
-                    if !dry_run {
-                        let _ = self.layout.fs().remove_file(&ent.path());
-                    }
+                    continue;
+                }
+                let fs = self.layout.fs();
+                let removed = if meta.is_dir() {
+                    fs.remove_dir_all(&ent.path())
+                } else {
+                    fs.remove_file(&ent.path())
+                };
+                // One that vanished meanwhile was removed by its writer.
+                if removed.is_ok() {
+                    report.leftovers_removed += 1;
                 }
             }
         }

@@ -78,7 +78,7 @@ pub use error::{Error, ErrorKind, Region, Result};
 pub use format::manifest::{
     BlobEntry, ChunkRef, EntryRef, Manifest, PartInfo, Shard, ShardInfo, ShardedTensor, TensorEntry,
 };
-pub use gc::GcReport;
+pub use gc::{GcReport, TMP_MIN_AGE};
 pub use layout::validate_run_name;
 pub use lease::{Lease, LeasedSave, LeasedTensor, NextLease, Segment};
 pub use metrics::{

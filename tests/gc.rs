@@ -224,3 +224,49 @@ fn remote_retention_and_gc_with_concurrent_uploads() {
         assert_restored_eq(&got, &rolling_state(step));
     }
 }
+
+/// Leftovers in `tmp/`: a killed save's temporary chunk file and a killed
+/// bench's sweep directory stay while younger than `TMP_MIN_AGE` (counted
+/// as kept, whatever the grace), then go, the directory with its files; a
+/// link there is removed without touching its target; committed
+/// checkpoints stay readable throughout.
+#[test]
+fn gc_reports_young_temporaries_and_removes_old_ones_directories_included() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path(), opts()).unwrap();
+    let clock = cairn::ManualClock::new();
+    store.set_clock(std::sync::Arc::new(clock.clone()));
+    let state = rolling_state(3);
+    store.save("t", 0, &state.view()).unwrap().wait().unwrap();
+    let tmp = dir.path().join("tmp");
+    std::fs::write(tmp.join("chunk.1234.tmp"), b"half a chunk").unwrap();
+    let sweep = tmp.join("bench-sweep.99.tmp");
+    std::fs::create_dir(&sweep).unwrap();
+    for i in 0..3 {
+        std::fs::write(sweep.join(format!("part.{i}")), vec![7u8; 4096]).unwrap();
+    }
+    let outside = tempfile::tempdir().unwrap();
+    let target = outside.path().join("precious");
+    std::fs::write(&target, b"not the store's").unwrap();
+    std::os::unix::fs::symlink(&target, tmp.join("link.tmp")).unwrap();
+
+    let young = store.gc(Duration::ZERO, false).unwrap();
+    assert_eq!(young.temporaries_in_grace, 3, "{young:?}");
+    assert_eq!(young.leftovers_removed, 0, "{young:?}");
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 3);
+
+    clock.advance(cairn::TMP_MIN_AGE + Duration::from_secs(1));
+    let dry = store.gc(Duration::ZERO, true).unwrap();
+    assert_eq!((dry.leftovers_removed, dry.temporaries_in_grace), (3, 0));
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 3);
+    let old = store.gc(Duration::ZERO, false).unwrap();
+    assert_eq!((old.leftovers_removed, old.temporaries_in_grace), (3, 0));
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "tmp/ emptied");
+    assert_eq!(std::fs::read(&target).unwrap(), b"not the store's");
+
+    let restored = store
+        .restore("t", StepSel::Step(0), &TensorFilter::All)
+        .unwrap();
+    assert_restored_eq(&restored, &state);
+    assert!(store.verify(None, None).unwrap().ok());
+}

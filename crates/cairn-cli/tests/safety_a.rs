@@ -330,6 +330,35 @@ fn p06_gc_never_follows_symlinks() {
     std::fs::remove_file(&fan).unwrap();
     std::fs::rename(&real_fan, &fan).unwrap();
 
+    // Inside tmp/: an old directory (a killed bench's sweep) holding a
+    // link out of the store goes whole, the link's target stays; a young
+    // temporary file stays and is reported as kept.
+    let victim_in = dir.path().join("victim-in");
+    std::fs::create_dir(&victim_in).unwrap();
+    std::fs::write(victim_in.join("precious"), b"x").unwrap();
+    let sweep = tmp.join("bench-sweep.1.tmp");
+    std::fs::create_dir(&sweep).unwrap();
+    std::fs::write(sweep.join("0"), b"part of a limit write").unwrap();
+    std::os::unix::fs::symlink(&victim_in, sweep.join("out")).unwrap();
+    old(&sweep.join("0"));
+    old(&sweep.join("out"));
+    old(&sweep);
+    std::fs::write(tmp.join("chunk.young.tmp"), b"still being written").unwrap();
+    let o = cairn(&["gc", s, "--grace", "0s"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{err}");
+    assert!(!sweep.exists(), "old directory in tmp/ left: {out}");
+    assert!(
+        victim_in.join("precious").exists(),
+        "gc deleted through tmp/bench-sweep.1.tmp/out"
+    );
+    assert!(tmp.join("chunk.young.tmp").exists());
+    assert!(
+        out.contains("kept 1 entries of tmp/ younger than 10m"),
+        "{out}"
+    );
+    std::fs::remove_file(tmp.join("chunk.young.tmp")).unwrap();
+
     // Without links, the store collects normally and is intact.
     let o = cairn(&["gc", s, "--grace", "0s"]);
     assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));

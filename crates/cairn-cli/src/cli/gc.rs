@@ -36,6 +36,13 @@ pub fn run(
             report.referenced_chunks,
             report.checkpoints
         );
+        if report.temporaries_in_grace > 0 {
+            outln!(
+                "kept {} entries of tmp/ younger than {}: a save, copy or repair may still be writing them",
+                report.temporaries_in_grace,
+                humantime::format_duration(grace.max(cairn::TMP_MIN_AGE))
+            );
+        }
         if report.parts_removed + report.pending_parts_kept > 0 {
             outln!(
                 "{} {} part manifests of uncommitted steps; kept {} older than the grace that are not known to be drained (step not recorded as uploaded, no newer complete step)",
