@@ -10,7 +10,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Block size for the raw write and read baselines.
@@ -212,6 +212,7 @@ pub fn limit_write(path: &Path, len: usize, shape: IoShape) -> Result<Duration> 
         if b >= blocks {
             return Ok(());
         }
+        scramble(buf, b as u64);
         f.write_all_at(&buf[..], (b * block) as u64)
             .map_err(|e| Error::io("write (O_DIRECT)", path, e))?;
     })?;
@@ -258,6 +259,7 @@ fn limit_write_files(dir: &Path, len: usize, shape: IoShape) -> Result<Duration>
         let mut off = 0;
         while off < this {
             let n = buf.len().min(this - off);
+            scramble(&mut buf[..n], ((i as u64) << 32) | (off / block) as u64);
             f.write_all_at(&buf[..n], off as u64)
                 .map_err(|e| Error::io("write (O_DIRECT)", &path, e))?;
             off += n;
@@ -436,6 +438,32 @@ fn run_threads<T: Send>(
     res.into_iter().collect()
 }
 
+/// A number no other write of this process uses, for [`scramble`].
+static WRITE_TAG: AtomicU64 = AtomicU64::new(0);
+
+/// Make the next write of `buf` unlike any other block the limit writes:
+/// the first 8 bytes of each 4 KiB sector become a tag unique to this write
+/// (from `block`, the write's place in its file, and a process-wide
+/// count) mixed with the sector's index, as fio's `scramble_buffers` does.
+/// Each limit thread writes its one pre-filled buffer again and again, and
+/// storage that deduplicates or caches by content (a virtual machine's
+/// disk on a deduplicating host) takes such repeated blocks faster than
+/// the unique bytes of a checkpoint. On one virtual machine's disk, a
+/// 1 GiB O_DIRECT file of one 16 MiB buffer repeated wrote in a median
+/// 3.1 s against 3.7 s for unique random bytes (six alternating runs).
+fn scramble(buf: &mut [u8], block: u64) {
+    let tag = WRITE_TAG
+        .fetch_add(1, Ordering::Relaxed)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ block.rotate_left(17)
+        ^ u64::from(std::process::id()) << 40;
+    for (i, sector) in buf.chunks_mut(4096).enumerate() {
+        let v = (tag ^ (i as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93)).to_le_bytes();
+        let n = sector.len().min(v.len());
+        sector[..n].copy_from_slice(&v[..n]);
+    }
+}
+
 /// Fill `buf` with bytes that neither compress nor repeat across buffers.
 fn fill_pattern(buf: &mut [u8], seed: u64) {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -516,6 +544,27 @@ fn evict_from_cache(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scrambled_writes_repeat_no_sector() {
+        // One thread's buffer written three times, as the limit does: no
+        // 4 KiB sector may be written twice with the same bytes.
+        let mut buf = vec![0u8; 64 << 10];
+        fill_pattern(&mut buf, 3);
+        let mut seen = std::collections::HashSet::new();
+        for block in 0..3 {
+            scramble(&mut buf, block);
+            for sector in buf.chunks(4096) {
+                assert!(seen.insert(sector.to_vec()), "sector repeated");
+            }
+        }
+        // The same block number again (the same place in another file)
+        // still gives new bytes.
+        scramble(&mut buf, 0);
+        for sector in buf.chunks(4096) {
+            assert!(seen.insert(sector.to_vec()), "sector repeated");
+        }
+    }
 
     #[test]
     fn gather_spans_sources() {
