@@ -326,7 +326,15 @@ fn read_task(
     decoder: &mut Decoder,
 ) -> Result<u64> {
     if let [p] = task.placements.as_mut_slice() {
-        if p.chunk_off == 0 && p.dest.len() as u64 == task.chunk_len {
+        // A whole chunk into a buffer that does not start on a page would
+        // be read through the page cache (O_DIRECT needs aligned memory),
+        // at several times the kernel time of a direct read and a copy:
+        // where the source reads directly, it goes through the thread's
+        // aligned buffer below instead.
+        let bounce = source.reads_direct()
+            && p.dest.len() >= DIRECT_BOUNCE_MIN
+            && (p.dest.as_ptr() as usize) % crate::staging::ALIGN != 0;
+        if p.chunk_off == 0 && p.dest.len() as u64 == task.chunk_len && !bounce {
             return source.read_chunk(
                 &task.id,
                 task.chunk_len,
@@ -338,8 +346,9 @@ fn read_task(
         }
     }
     // A chunk spread over several destinations (small tensors packed
-    // together) is read whole into the thread's page-aligned scratch, so
-    // that its payload too is read with O_DIRECT, then copied out.
+    // together), or one whole chunk into an unaligned buffer, is read whole
+    // into the thread's page-aligned scratch, so that its payload too is
+    // read with O_DIRECT, then copied out.
     let whole = whole.get(task.chunk_len, &task.id)?;
     let n = source.read_chunk(
         &task.id,
@@ -359,6 +368,11 @@ fn read_task(
     }
     Ok(n)
 }
+
+/// From this many bytes a whole chunk bound for an unaligned buffer is
+/// read through the read thread's aligned buffer (the local tier reads
+/// directly from 1 MiB).
+const DIRECT_BOUNCE_MIN: usize = 1 << 20;
 
 /// A read thread's buffer for chunks spread over several destinations:
 /// page-aligned anonymous memory, mapped on first use and grown as needed,
@@ -531,6 +545,12 @@ pub trait ChunkSource: Sync {
     /// order they are handed out (a remote source plans ranged reads of
     /// packs from it). Nothing by default.
     fn prepare(&self, _chunks: &[(ChunkId, u64)]) {}
+
+    /// Whether a chunk read into a page-aligned buffer is read with
+    /// O_DIRECT ([`ChunkTier::reads_direct`]). False by default.
+    fn reads_direct(&self) -> bool {
+        false
+    }
 }
 
 /// Every tier reads its own chunks, verified.
@@ -545,6 +565,10 @@ impl<T: ChunkTier + ?Sized> ChunkSource for T {
         decoder: &mut Decoder,
     ) -> Result<u64> {
         ChunkTier::read_chunk(self, id, len, out, buf, scratch, decoder)
+    }
+
+    fn reads_direct(&self) -> bool {
+        ChunkTier::reads_direct(self)
     }
 }
 
@@ -619,6 +643,10 @@ impl ChunkSource for TieredSource<'_> {
 
     fn repaired(&self) -> u64 {
         self.repaired.load(Ordering::Relaxed)
+    }
+
+    fn reads_direct(&self) -> bool {
+        self.near.reads_direct()
     }
 }
 

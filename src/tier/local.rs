@@ -224,6 +224,10 @@ impl ChunkTier for Store {
         }
     }
 
+    fn reads_direct(&self) -> bool {
+        self.chunks.direct_io()
+    }
+
     fn read_chunk_object(&self, id: &ChunkId, len: u64) -> Result<bytes::Bytes> {
         let object = self.chunks.read_object(id, len)?;
         let mut out = vec![0u8; len as usize];

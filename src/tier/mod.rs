@@ -107,6 +107,13 @@ pub trait ChunkTier: Sync {
         scratch: &mut Vec<u8>,
         decoder: &mut Decoder,
     ) -> Result<u64>;
+    /// Whether [`ChunkTier::read_chunk`] reads a chunk's payload with
+    /// O_DIRECT when `out` starts on a page: a restore into a buffer that
+    /// does not then reads through an aligned buffer of its own rather than
+    /// through the page cache. False by default.
+    fn reads_direct(&self) -> bool {
+        false
+    }
     /// Chunk object `id` as stored (header and payload), verified against
     /// its hash: what a copy to another tier sends.
     fn read_chunk_object(&self, id: &ChunkId, len: u64) -> Result<bytes::Bytes>;
