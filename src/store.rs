@@ -35,10 +35,12 @@ pub struct StoreOptions {
     /// them than the writes a disk needs in flight.
     pub sync_threads: usize,
     /// Threads that copy a state into the staging pool during `save` (0:
-    /// one per core, at most four; a state under 32 MiB is copied on the
-    /// caller's thread). The copy is
-    /// the part of a save the caller waits for; a single thread reaches
-    /// only about half the memory bandwidth of two.
+    /// four; a state under 32 MiB is copied on the caller's thread). The
+    /// copy is the part of a save the caller waits for; a single thread
+    /// reaches only about half the memory bandwidth of two, and on a
+    /// machine with fewer cores than copy threads the extra threads win
+    /// the copy a larger share of the cores against the pipeline's
+    /// background workers.
     pub copy_threads: usize,
     /// Threads that read chunks during restore and verify (default 8): each
     /// hashes what it read before its next read, so there are more of them
@@ -70,13 +72,16 @@ pub struct StoreOptions {
     pub batch_sync_max_dirty: u64,
 }
 
-/// Staging copy threads for a `copy_threads` setting (0: one per core,
-/// at most four).
+/// Staging copy threads by default.
+const DEFAULT_COPY_THREADS: usize = 4;
+
+/// Staging copy threads for a `copy_threads` setting (0: the default).
 fn copy_threads(setting: usize) -> usize {
     if setting > 0 {
-        return setting;
+        setting
+    } else {
+        DEFAULT_COPY_THREADS
     }
-    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
 }
 
 impl Default for StoreOptions {

@@ -376,7 +376,7 @@ fn worker_loop(
 /// workers run: while a caller copies its state into staging (the stall
 /// a trainer waits on), hashing the chunks already staged must not take
 /// its cores; the disk needs only a few chunks hashed ahead.
-const WORKER_NICE: i32 = 5;
+const WORKER_NICE: i32 = 10;
 
 /// Lower the calling thread's CPU priority by `by` nice steps (on Linux a
 /// nice value is per thread). Best effort: failures are ignored.

@@ -32,8 +32,7 @@ pub struct BenchArgs {
     /// `--size` such as `25%` (default: enough for the whole state).
     #[arg(long, value_parser = parse_staging)]
     staging: Option<Staging>,
-    /// Threads that copy the state into staging (default: one per core,
-    /// at most four).
+    /// Threads that copy the state into staging (default: four).
     #[arg(long, default_value_t = 0)]
     copy_threads: usize,
     /// Threads that hash (and encode) staged chunks (default: one per
