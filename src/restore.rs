@@ -12,6 +12,7 @@ use crate::codec::Decoder;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::format::manifest::{EntryRef, Manifest, ShardInfo};
+use crate::local::chunk_store::DIRECT_READ_MIN;
 use crate::remote::RemoteStore;
 use crate::store::{StepSel, Store};
 use crate::tier::ChunkTier;
@@ -332,7 +333,7 @@ fn read_task(
         // where the source reads directly, it goes through the thread's
         // aligned buffer below instead.
         let bounce = source.reads_direct()
-            && p.dest.len() >= DIRECT_BOUNCE_MIN
+            && p.dest.len() >= DIRECT_READ_MIN
             && (p.dest.as_ptr() as usize) % crate::staging::ALIGN != 0;
         if p.chunk_off == 0 && p.dest.len() as u64 == task.chunk_len && !bounce {
             return source.read_chunk(
@@ -368,11 +369,6 @@ fn read_task(
     }
     Ok(n)
 }
-
-/// From this many bytes a whole chunk bound for an unaligned buffer is
-/// read through the read thread's aligned buffer (the local tier reads
-/// directly from 1 MiB).
-const DIRECT_BOUNCE_MIN: usize = 1 << 20;
 
 /// A read thread's buffer for chunks spread over several destinations:
 /// page-aligned anonymous memory, mapped on first use and grown as needed,

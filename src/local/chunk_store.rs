@@ -562,7 +562,7 @@ fn write_all_vectored_at(
 
 /// Payloads under this many bytes are read through the page cache: a
 /// direct read saves nothing worth a second syscall there.
-const DIRECT_READ_MIN: usize = 1 << 20;
+pub(crate) const DIRECT_READ_MIN: usize = 1 << 20;
 
 /// One zeroed, page-aligned block for direct I/O.
 struct AlignedBlock {
