@@ -55,6 +55,12 @@ pub struct GcReport {
     pub chunks_in_grace: u64,
     /// Leftover temporary files and uncommitted step directories removed.
     pub leftovers_removed: u64,
+    /// Entries of a local `tmp/` old enough to go that could not be
+    /// removed (permissions, a busy or read-only file system): they keep
+    /// their space until removed. `leftover_failure` names the first.
+    pub leftovers_failed: u64,
+    /// The first entry of `leftovers_failed` and why its removal failed.
+    pub leftover_failure: Option<String>,
     /// Entries of a local `tmp/` kept because they are younger than
     /// [`TMP_MIN_AGE`] (or the grace, where that is longer): a save, copy
     /// or repair may still be writing them.
@@ -233,9 +239,18 @@ impl Store {
                 } else {
                     fs.remove_file(&ent.path())
                 };
-                // One that vanished meanwhile was removed by its writer.
-                if removed.is_ok() {
-                    report.leftovers_removed += 1;
+                match removed {
+                    Ok(()) => report.leftovers_removed += 1,
+                    // One that vanished meanwhile was removed by its writer.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    // Not a reason to stop collecting chunks; reported.
+                    Err(e) => {
+                        report.leftovers_failed += 1;
+                        if report.leftover_failure.is_none() {
+                            report.leftover_failure =
+                                Some(format!("{}: {e}", ent.path().display()));
+                        }
+                    }
                 }
             }
         }

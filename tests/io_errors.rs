@@ -7,7 +7,9 @@
 //!   succeeds once space returns (and survives a power loss);
 //! - `EIO` reading a local chunk: a restore repairs it from the attached
 //!   remote (a `file://` one, or the S3 server when `CAIRN_TEST_S3_ENDPOINT`
-//!   is set), and without a remote the error names the chunk.
+//!   is set), and without a remote the error names the chunk;
+//! - an old entry of `tmp/` that cannot be removed (`EACCES`): gc names it
+//!   and goes on.
 
 use cairn::testing::SimDisk;
 use cairn::{
@@ -335,4 +337,43 @@ fn released(in_use: impl Fn() -> usize) -> usize {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     in_use()
+}
+
+/// An entry of `tmp/` old enough to go whose removal fails (`EACCES`):
+/// the collection removes the other old leftover, counts the one it could
+/// not remove and names it, and every checkpoint still restores; once the
+/// removal works again, the next collection takes it.
+#[test]
+fn gc_names_a_leftover_it_cannot_remove_and_goes_on() {
+    let (_dir, root) = scratch();
+    let disk = SimDisk::new(&root).unwrap();
+    let mut store = Store::open_with_fs(&root, opts(), disk.clone()).unwrap();
+    let clock = cairn::ManualClock::new();
+    store.set_clock(std::sync::Arc::new(clock.clone()));
+    store
+        .save("r", 1, &state(1).view())
+        .unwrap()
+        .wait()
+        .unwrap();
+    let stuck = root.join("tmp").join("chunk.stuck.tmp");
+    let other = root.join("tmp").join("chunk.other.tmp");
+    std::fs::write(&stuck, b"half a chunk").unwrap();
+    std::fs::write(&other, b"half a chunk").unwrap();
+    disk.fail_removals_of(&stuck);
+    clock.advance(cairn::TMP_MIN_AGE + std::time::Duration::from_secs(1));
+
+    let g = store.gc(std::time::Duration::ZERO, false).unwrap();
+    assert_eq!((g.leftovers_removed, g.leftovers_failed), (1, 1), "{g:?}");
+    let why = g.leftover_failure.as_deref().unwrap_or_default();
+    assert!(why.contains("chunk.stuck.tmp"), "{why:?} names no entry");
+    assert!(why.contains("denied"), "{why:?} gives no reason");
+    assert!(stuck.exists() && !other.exists());
+    assert_restores(&store, "r", 1);
+
+    disk.clear_removal_failures();
+    let g = store.gc(std::time::Duration::ZERO, false).unwrap();
+    assert_eq!((g.leftovers_removed, g.leftovers_failed), (1, 0), "{g:?}");
+    assert_eq!(g.leftover_failure, None);
+    assert!(!stuck.exists());
+    assert_restores(&store, "r", 1);
 }

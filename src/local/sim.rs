@@ -17,7 +17,8 @@
 //! machine that stopped. Faults without a crash: writes past
 //! [`SimDisk::set_space_left`] fail with `ENOSPC`, the fsync chosen by
 //! [`SimDisk::fail_sync_after`] with the errno given, and reads of a file
-//! given to [`SimDisk::fail_reads_of`] with `EIO`.
+//! given to [`SimDisk::fail_reads_of`] with `EIO`, and removals of an
+//! entry given to [`SimDisk::fail_removals_of`] with `EACCES`.
 
 use super::fs::{Fs, FsFile, FsReadFile};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -61,6 +62,8 @@ struct State {
     /// succeed, with this errno.
     sync_fault: Option<(u64, i32)>,
     eio_reads: HashSet<PathBuf>,
+    /// Entries whose removal fails with `EACCES`.
+    undeletable: HashSet<PathBuf>,
 }
 
 fn lost_power() -> Error {
@@ -94,6 +97,7 @@ impl State {
             space_left: None,
             sync_fault: None,
             eio_reads: HashSet::new(),
+            undeletable: HashSet::new(),
         }
     }
 
@@ -220,6 +224,18 @@ impl SimDisk {
         self.lock().eio_reads.clear();
     }
 
+    /// Fail every removal of the file or directory at `path` with
+    /// `EACCES`, as for an entry this process may not remove (until
+    /// [`SimDisk::clear_removal_failures`]).
+    pub fn fail_removals_of(&self, path: impl Into<PathBuf>) {
+        self.lock().undeletable.insert(path.into());
+    }
+
+    /// Stop failing removals.
+    pub fn clear_removal_failures(&self) {
+        self.lock().undeletable.clear();
+    }
+
     /// Cut the power: rewrite the directory to its durable state, dropping
     /// every write, rename, link, removal and directory entry not made
     /// durable by an fsync of the file or its directory. The disk then
@@ -240,6 +256,7 @@ impl SimDisk {
         rebuild(&st, st.root, &self.root, &mut fresh, 0, &mut written)?;
         fresh.space_left = st.space_left;
         fresh.eio_reads = std::mem::take(&mut st.eio_reads);
+        fresh.undeletable = std::mem::take(&mut st.undeletable);
         *st = fresh;
         Ok(())
     }
@@ -430,6 +447,9 @@ impl Fs for SimDisk {
     fn remove_file(&self, path: &Path) -> Result<()> {
         let mut st = self.lock();
         st.tick()?;
+        if st.undeletable.contains(path) {
+            return Err(Error::from_raw_os_error(libc::EACCES));
+        }
         let (dir, name) = self.parent(&st, path)?;
         std::fs::remove_file(path)?;
         if let Some(e) = st.entries(dir) {
@@ -441,6 +461,9 @@ impl Fs for SimDisk {
     fn remove_dir_all(&self, path: &Path) -> Result<()> {
         let mut st = self.lock();
         st.tick()?;
+        if st.undeletable.contains(path) {
+            return Err(Error::from_raw_os_error(libc::EACCES));
+        }
         let (dir, name) = self.parent(&st, path)?;
         std::fs::remove_dir_all(path)?;
         if let Some(e) = st.entries(dir) {

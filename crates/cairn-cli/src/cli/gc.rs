@@ -36,6 +36,13 @@ pub fn run(
             report.referenced_chunks,
             report.checkpoints
         );
+        if report.leftovers_failed > 0 {
+            outln!(
+                "could not remove {} entries of tmp/ (first: {}); they keep their space until removed",
+                report.leftovers_failed,
+                report.leftover_failure.as_deref().unwrap_or("?")
+            );
+        }
         if report.temporaries_in_grace > 0 {
             outln!(
                 "kept {} entries of tmp/ younger than {}: a save, copy or repair may still be writing them",
