@@ -461,11 +461,8 @@ impl RemoteStore {
             }
             ObjectStoreScheme::MicrosoftAzure => {
                 use object_store::azure::AzureConfigKey;
-                let (b, allow, env) = http_backend!(
-                    object_store::azure::MicrosoftAzureBuilder::from_env(),
-                    AzureConfigKey,
-                    "AZURE"
-                );
+                let (b, allow, env) =
+                    http_backend!(azure_builder_from_env(options), AzureConfigKey, "AZURE");
                 // The emulator is plain HTTP and allowed as such. Its
                 // address comes from AZURITE_BLOB_STORAGE_URL only: object_store
                 // ignores `endpoint` then, so one given is refused rather
@@ -1130,23 +1127,72 @@ fn gcs_builder_from_env(
             K::ServiceAccount | K::ServiceAccountKey | K::ApplicationCredentials
         )
     };
-    let option_credentials = options
-        .iter()
-        .any(|(k, _)| k.parse::<K>().is_ok_and(|k| is_credential(&k)));
-    if !option_credentials {
+    if !names_any(options, is_credential) {
         return object_store::gcp::GoogleCloudStorageBuilder::from_env();
     }
-    let mut b = object_store::gcp::GoogleCloudStorageBuilder::new();
-    for (key, value) in std::env::vars() {
-        if key.starts_with("GOOGLE_") {
-            if let Ok(k) = key.to_ascii_lowercase().parse::<K>() {
-                if !is_credential(&k) {
-                    b = b.with_config(k, value);
-                }
-            }
-        }
+    env_config("GOOGLE_", is_credential).into_iter().fold(
+        object_store::gcp::GoogleCloudStorageBuilder::new(),
+        |b, (k, v)| b.with_config(k, v),
+    )
+}
+
+/// object_store's `MicrosoftAzureBuilder::from_env`, except that a
+/// credential given in `options` (an account key, a SAS token, a bearer
+/// token, a client secret, a federated token file, the Azure CLI)
+/// replaces every one the environment names. object_store uses the first
+/// credential it finds in a fixed order (a key before a SAS token), so a
+/// `sas_key` option would otherwise be passed over for an
+/// `AZURE_STORAGE_ACCOUNT_KEY` left in the environment.
+fn azure_builder_from_env(
+    options: &[(String, String)],
+) -> object_store::azure::MicrosoftAzureBuilder {
+    use object_store::azure::AzureConfigKey as K;
+    let is_credential = |k: &K| {
+        matches!(
+            k,
+            K::AccessKey
+                | K::SasKey
+                | K::Token
+                | K::ClientSecret
+                | K::FederatedTokenFile
+                | K::UseAzureCli
+                | K::FabricSessionToken
+        )
+    };
+    if !names_any(options, is_credential) {
+        return object_store::azure::MicrosoftAzureBuilder::from_env();
     }
-    b
+    let b = env_config("AZURE_", is_credential).into_iter().fold(
+        object_store::azure::MicrosoftAzureBuilder::new(),
+        |b, (k, v)| b.with_config(k, v),
+    );
+    // As `from_env` does: the managed identity endpoint's own variable.
+    match std::env::var("IDENTITY_ENDPOINT") {
+        Ok(endpoint) => b.with_msi_endpoint(endpoint),
+        Err(_) => b,
+    }
+}
+
+/// Whether any of `options` is a key `K` that `pick` selects.
+fn names_any<K: std::str::FromStr>(
+    options: &[(String, String)],
+    pick: impl Fn(&K) -> bool,
+) -> bool {
+    options
+        .iter()
+        .any(|(k, _)| k.parse::<K>().is_ok_and(|k| pick(&k)))
+}
+
+/// The environment variables starting with `prefix` that name a config key
+/// `K` (as object_store's `from_env` reads them), except those `skip`
+/// selects. Variables that are not UTF-8 are left out, as `from_env` does.
+fn env_config<K: std::str::FromStr>(prefix: &str, skip: impl Fn(&K) -> bool) -> Vec<(K, String)> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| k.starts_with(prefix))
+        .filter_map(|(k, v)| Some((k.to_ascii_lowercase().parse::<K>().ok()?, v)))
+        .filter(|(k, _)| !skip(k))
+        .collect()
 }
 
 /// Where the credentials of a `gs://` store come from, when the user set

@@ -74,6 +74,30 @@ pub fn new_container(tag: &str) -> String {
     name
 }
 
+/// An account SAS token for [`ACCOUNT`] (Blob service, every resource
+/// type, read/write/delete/list/add/create, HTTP or HTTPS, valid until
+/// 2099), as the portal or `az storage account generate-sas` gives one:
+/// query pairs with the signature percent-encoded.
+pub fn account_sas() -> String {
+    let (sv, ss, srt, sp, se, spr) = (
+        "2019-12-12",
+        "b",
+        "sco",
+        "rwdlac",
+        "2099-01-01T00:00:00Z",
+        "https,http",
+    );
+    // The account SAS string-to-sign of versions before 2020-12-06: no
+    // start time, no IP range, a trailing newline.
+    let to_sign = format!("{ACCOUNT}\n{sp}\n{ss}\n{srt}\n\n{se}\n\n{spr}\n{sv}\n");
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &b64_decode(KEY));
+    let sig = b64_encode(ring::hmac::sign(&key, to_sign.as_bytes()).as_ref())
+        .replace('+', "%2B")
+        .replace('/', "%2F")
+        .replace('=', "%3D");
+    format!("sv={sv}&ss={ss}&srt={srt}&sp={sp}&se={se}&spr={spr}&sig={sig}")
+}
+
 /// A remote store on a fresh container.
 pub fn remote(tag: &str, opts: RemoteOptions) -> RemoteStore {
     let container = new_container(tag);

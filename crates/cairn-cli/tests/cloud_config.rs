@@ -277,6 +277,145 @@ fn remote_options_merge_with_the_google_and_azure_variables_and_win() {
 }
 
 #[test]
+fn an_azure_sas_token_works_from_the_variable_and_an_option_one_wins_over_a_key() {
+    const WRONG_KEY: &str = "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXk=";
+    let dir = tempfile::tempdir().unwrap();
+    let local = local_store(dir.path());
+    let container = azure::new_container("sas");
+    let url = format!("az://{container}/ckpt");
+    let sas = azure::account_sas();
+    let sas_option = format!("sas_key={sas}");
+    let mut wrong_key_env = azure_account_env();
+    wrong_key_env[1].1 = WRONG_KEY.into();
+
+    // The account key in the environment is wrong on its own ...
+    let e = fails(
+        &mut cairn(&wrong_key_env),
+        &["ls", &url],
+        "azure: wrong key",
+    );
+    assert!(e.contains("credentials were rejected"), "{e}");
+    // ... and a SAS token given as an option is used in its place: a
+    // checkpoint copied up with it reads back with it.
+    let o = run(
+        &mut cairn(&wrong_key_env),
+        &[
+            "restore",
+            local.to_str().unwrap(),
+            "--run",
+            "r",
+            "--step",
+            "latest",
+            "--to",
+            &url,
+            "--remote-option",
+            &sas_option,
+        ],
+    );
+    assert!(
+        o.status.success(),
+        "restore --to with sas_key: {}",
+        stderr(&o)
+    );
+    let o = run(
+        &mut cairn(&wrong_key_env),
+        &["ls", &url, "--json", "--remote-option", &sas_option],
+    );
+    assert!(o.status.success(), "ls with sas_key: {}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let steps: Vec<u64> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["step"].as_u64())
+        .collect();
+    assert_eq!(steps, [2], "{url}");
+
+    // The token alone, through AZURE_STORAGE_SAS_KEY, restores it.
+    let sas_env = vec![
+        ("AZURE_STORAGE_ACCOUNT_NAME", azure::ACCOUNT.to_string()),
+        ("AZURE_STORAGE_SAS_KEY", sas.clone()),
+        (
+            "AZURE_STORAGE_ENDPOINT",
+            format!("{}/{}", azure::endpoint(), azure::ACCOUNT),
+        ),
+        ("AZURE_ALLOW_HTTP", "true".into()),
+    ];
+    let target = dir.path().join("back");
+    let o = run(
+        &mut cairn(&sas_env),
+        &[
+            "restore",
+            &url,
+            "--run",
+            "r",
+            "--step",
+            "2",
+            "--to",
+            target.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        o.status.success(),
+        "restore with AZURE_STORAGE_SAS_KEY: {}",
+        stderr(&o)
+    );
+    let got = Store::open_read_only(&target, opts())
+        .unwrap()
+        .restore("r", StepSel::Step(2), &TensorFilter::All)
+        .unwrap();
+    assert_eq!(got.tensor("w").unwrap().data, data(2));
+
+    // The other way round: a token given as an option is not passed over
+    // for a right key in the environment. A bad one fails.
+    let bad_sas = sas.replacen("sp=rwdlac", "sp=rl", 1);
+    let e = fails(
+        &mut cairn(&azure_account_env()),
+        &["ls", &url, "--remote-option", &format!("sas_key={bad_sas}")],
+        "azure: bad sas_key option over a right key",
+    );
+    assert!(e.contains("credentials were rejected"), "{e}");
+}
+
+#[test]
+fn a_variable_that_is_not_utf8_does_not_stop_a_credential_option() {
+    use std::os::unix::ffi::OsStrExt;
+    let not_utf8 = std::ffi::OsStr::from_bytes(b"caf\xe9");
+    // GCS: the service-account key as an option, so the GOOGLE_* variables
+    // are read one by one.
+    let dir = tempfile::tempdir().unwrap();
+    let sa = gcs_service_account_file(dir.path());
+    let bucket = gcs::new_bucket("notutf8");
+    let key = format!("service_account_key={}", gcs::service_account_key());
+    let o = cairn(&[("GOOGLE_SERVICE_ACCOUNT", sa)])
+        .env("CAIRN_TEST_NOT_UTF8", not_utf8)
+        .env("GOOGLE_CAIRN_TEST_NOT_UTF8", not_utf8)
+        .args([
+            "ls",
+            &format!("gs://{bucket}/ckpt"),
+            "--remote-option",
+            &key,
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "gcs: {}", stderr(&o));
+    // Azure: a SAS token as an option, likewise.
+    let container = azure::new_container("notutf8");
+    let sas = format!("sas_key={}", azure::account_sas());
+    let o = cairn(&azure_account_env())
+        .env("AZURE_CAIRN_TEST_NOT_UTF8", not_utf8)
+        .args([
+            "ls",
+            &format!("az://{container}/ckpt"),
+            "--remote-option",
+            &sas,
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "azure: {}", stderr(&o));
+}
+
+#[test]
 fn a_wrong_credential_or_a_missing_bucket_fails_at_once_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     // GCS: a service-account file whose key is not a key.
