@@ -9,15 +9,18 @@
 //! since its `wait4` figure after SIGTERM came out far above both) must
 //! stay under a bound made of the chunks a copy keeps
 //! in flight (its configured concurrency, never the core count), the
-//! export's shard (`--max-shard-size`: export restores one shard at a
-//! time) and a fixed allowance for the binary and its runtimes: well under
-//! the checkpoint's size, so a command that holds the checkpoint fails.
+//! export's batch (it restores a shard's tensors in batches of at most
+//! 32 MiB, a larger tensor alone, as it writes the file) and a fixed
+//! allowance for the binary and its runtimes: well under the checkpoint's
+//! size, so a command that holds the checkpoint, or an export that holds
+//! a whole shard (the default `--max-shard-size` of 5 GiB puts this
+//! checkpoint in one), fails.
 //!
 //! `restore --to DIR` and the download failed the bound before their fix:
 //! the local target was opened with a 64 MiB pre-faulted staging pool that
 //! a copy never uses (peaks of 88 to 97 MiB); it now gets the smallest pool
-//! a store accepts. Planted bug also caught: `cairn export` ignoring
-//! `--max-shard-size` (it then restores the whole checkpoint at once).
+//! a store accepts. The export held a whole shard before its fix (a peak
+//! of 145 MiB for the one-file export here; 47 MiB after).
 
 #[path = "../../../tests/common/mod.rs"]
 mod common;
@@ -37,8 +40,10 @@ const IN_FLIGHT: u64 = 2 * 8 * CHUNK;
 /// pool of a writable local store (one default 16 MiB chunk), allocator
 /// slack.
 const FIXED: u64 = 48 << 20;
-/// The export's shard size.
+/// The export's shard size, for the sharded export.
 const SHARD: u64 = 16 << 20;
+/// The most tensor bytes an export restores at once (its batch).
+const EXPORT_BATCH: u64 = 32 << 20;
 
 /// Wait for `child` and return its exit status and peak RSS in bytes.
 fn wait_peak(child: Child) -> (i32, u64) {
@@ -107,13 +112,14 @@ fn whole_checkpoint_commands_stay_within_a_fixed_bound() {
         "32MiB",
     ]);
     let opts = StoreOptions::default();
-    {
+    let (logical, largest_tensor) = {
         let store = Store::open_read_only(&local, opts.clone()).unwrap();
         let m = store.manifest("bench", 0).unwrap();
         let logical: u64 = m.tensors.iter().map(|t| t.len).sum();
         assert!(logical > STATE - STATE / 50, "{logical}");
         assert!(m.distinct_chunks().len() as u64 >= STATE / CHUNK);
-    }
+        (logical, m.tensors.iter().map(|t| t.len).max().unwrap())
+    };
     let l = local.to_str().unwrap();
 
     let copy = dir.path().join("copy");
@@ -129,27 +135,26 @@ fn whole_checkpoint_commands_stay_within_a_fixed_bound() {
     ]);
     check("restore --to DIR", peak, 0);
 
+    let export = |out: &std::path::Path, extra: &[&str]| {
+        let base = ["export", l, "--run", "bench", "--step", "0"];
+        run(&[&base[..], &["--out", out.to_str().unwrap()], extra].concat())
+    };
     let out = dir.path().join("m.safetensors");
-    let peak = run(&[
-        "export",
-        l,
-        "--run",
-        "bench",
-        "--step",
-        "0",
-        "--format",
-        "safetensors",
-        "--out",
-        out.to_str().unwrap(),
-        "--max-shard-size",
-        "16MiB",
-    ]);
-    check("export", peak, SHARD);
+    let peak = export(
+        &out,
+        &["--format", "safetensors", "--max-shard-size", "16MiB"],
+    );
+    check("export", peak, SHARD.min(EXPORT_BATCH + largest_tensor));
     let exported: u64 = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().metadata().unwrap().len())
         .sum();
     assert!(exported > STATE, "{exported}");
+    // One file of the whole checkpoint (the default --max-shard-size).
+    let single = dir.path().join("one.safetensors");
+    let peak = export(&single, &[]);
+    check("export to one file", peak, EXPORT_BATCH + largest_tensor);
+    assert!(std::fs::metadata(&single).unwrap().len() > logical);
 
     let url = format!("s3://{}/ckpt", s3::new_bucket("mem"));
     let ra = remote_args();

@@ -22,6 +22,12 @@ struct ExportReport {
     removed: Option<PathBuf>,
 }
 
+/// Most bytes of tensors held at once while a shard is written: its
+/// tensors are restored in batches of at most this many bytes (a larger
+/// tensor is a batch of its own), so an export's memory follows the batch
+/// and the largest tensor, not `--max-shard-size`.
+const EXPORT_BATCH: u64 = 32 << 20;
+
 /// A tensor to export: a plain one, or a sharded one at its global shape.
 struct Exported {
     name: String,
@@ -125,16 +131,6 @@ pub fn export(
     for (shard, path) in shards.iter().zip(&paths) {
         let path = path.clone();
         let names: Vec<String> = shard.iter().map(|&i| tensors[i].name.clone()).collect();
-        let restored = tier.restore(
-            run,
-            StepSel::Step(step),
-            &TensorFilter::names(names.iter().cloned()),
-        )?;
-        let by_name: BTreeMap<&str, &cairn::RestoredTensor> = restored
-            .tensors
-            .iter()
-            .map(|t| (t.name.as_str(), t))
-            .collect();
         let header: Vec<(String, DType, Vec<u64>)> = shard
             .iter()
             .map(|&i| {
@@ -145,10 +141,34 @@ pub fn export(
                 )
             })
             .collect();
+        // The shard's tensors are restored in batches as the file is
+        // written, each tensor dropped once written.
+        let mut batch: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         write_file(&path, &header, &metadata, |i, w: &mut dyn Write| {
-            let t = by_name[header[i].0.as_str()];
-            pb.inc(t.data.len() as u64);
-            w.write_all(&t.data)
+            let name = &header[i].0;
+            if !batch.contains_key(name) {
+                let mut picked = vec![name.clone()];
+                let mut bytes = tensors[shard[i]].len;
+                for &k in &shard[i + 1..] {
+                    if bytes + tensors[k].len > EXPORT_BATCH {
+                        break;
+                    }
+                    picked.push(tensors[k].name.clone());
+                    bytes += tensors[k].len;
+                }
+                let want = TensorFilter::names(picked);
+                batch = tier
+                    .restore(run, StepSel::Step(step), &want)?
+                    .tensors
+                    .into_iter()
+                    .map(|t| (t.name, t.data))
+                    .collect();
+            }
+            let data = batch.remove(name).ok_or_else(|| {
+                Error::Internal(format!("tensor {name} was not restored for export"))
+            })?;
+            pb.inc(data.len() as u64);
+            w.write_all(&data)
                 .map_err(|e| Error::io("write safetensors", &path, e))
         })?;
         for n in names {
