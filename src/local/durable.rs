@@ -119,7 +119,20 @@ pub fn create_dir_all_durable_on(fs: &dyn Fs, dir: &Path) -> Result<()> {
     for d in missing.iter().rev() {
         match fs.create_dir(d) {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            // Made meanwhile by another process, or something else is
+            // there: a file would otherwise surface later as an error
+            // about a path inside it.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && d.is_dir() => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(Error::io(
+                    "create directory",
+                    d,
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotADirectory,
+                        "exists and is not a directory",
+                    ),
+                ))
+            }
             Err(e) => return Err(Error::io("create directory", d, e)),
         }
         fsync_dir_on(fs, parent_dir(d))?;

@@ -447,3 +447,46 @@ fn p16_bad_arguments_exit_2() {
     let o = cairn(&["daemon", "--config", cfg.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
 }
+
+#[test]
+fn p17_a_file_where_a_store_would_be_made_is_named_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("s");
+    make_store(&root, 2);
+    let s = root.to_str().unwrap();
+    let file = dir.path().join("notes.txt");
+    std::fs::write(&file, b"my notes").unwrap();
+    let f = file.to_str().unwrap();
+    let below = file.join("ckpt");
+    let b = below.to_str().unwrap();
+    let st = dir.path().join("m.safetensors");
+    let o = cairn(&[
+        "export",
+        s,
+        "--run",
+        "r",
+        "--step",
+        "1",
+        "--out",
+        st.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let st = st.to_str().unwrap();
+    for target in [f, b] {
+        for args in [
+            vec!["restore", s, "--run", "r", "--step", "1", "--to", target],
+            vec!["import", target, "--run", "i", "--step", "0", st],
+            vec!["bench", target, "--size", "1MiB", "--iterations", "1"],
+        ] {
+            let o = cairn(&args);
+            let err = stderr(&o);
+            assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+            // The file itself is named, not a path made inside it.
+            assert!(
+                err.contains(&format!("{f}: ")) && err.contains("not a directory"),
+                "{args:?}: {err}"
+            );
+            assert_eq!(std::fs::read(&file).unwrap(), b"my notes", "{args:?}");
+        }
+    }
+}
