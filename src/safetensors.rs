@@ -321,7 +321,8 @@ pub fn open_regular(path: &Path, what: &str) -> Result<std::fs::File> {
     Ok(f)
 }
 
-/// Write a safetensors file atomically (temp file, fsync, rename). `fill`
+/// Write a safetensors file atomically (a [`PendingFile`](crate::local::durable::PendingFile),
+/// unnamed where the filesystem allows, then fsync and rename). `fill`
 /// is called once per tensor, in order, to write its bytes. Only an absent
 /// path or a regular file is replaced (see [`check_output_path`]).
 pub fn write_file(
@@ -352,26 +353,19 @@ pub fn write_file(
         h.push(b' ');
     }
     let dir = crate::local::durable::parent_dir(path);
-    let tmp = dir.join(crate::local::durable::unique_tmp_name(".cairn-export"));
-    let res = (|| -> Result<()> {
-        let f = crate::local::durable::create_new(&tmp)?;
-        let mut w = std::io::BufWriter::with_capacity(8 << 20, f);
-        let io = |e| Error::io("write safetensors", &tmp, e);
-        w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
-        w.write_all(&h).map_err(io)?;
-        for i in 0..tensors.len() {
-            fill(i, &mut w)?;
-        }
-        let f = w.into_inner().map_err(|e| io(e.into_error()))?;
-        f.sync_all().map_err(io)?;
-        check_output_path(path)?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io("rename safetensors", path, e))?;
-        crate::local::durable::fsync_dir(dir)
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    let pending = crate::local::durable::PendingFile::create_in(dir, ".cairn-export")?;
+    let mut w = std::io::BufWriter::with_capacity(8 << 20, pending.file());
+    let io = |e| Error::io("write safetensors", path, e);
+    w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(&h).map_err(io)?;
+    for i in 0..tensors.len() {
+        fill(i, &mut w)?;
     }
-    res.map(|()| 8 + h.len() as u64 + off)
+    let f = w.into_inner().map_err(|e| io(e.into_error()))?;
+    f.sync_all().map_err(io)?;
+    check_output_path(path)?;
+    pending.publish(path)?;
+    Ok(8 + h.len() as u64 + off)
 }
 
 /// Remove an earlier export's file at `path` and fsync its directory, so

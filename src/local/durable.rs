@@ -175,6 +175,110 @@ pub fn create_new(path: &Path) -> Result<File> {
         .map_err(|e| Error::io("create file", path, e))
 }
 
+/// A file being written in a directory before it is published under its
+/// final name. Where the filesystem allows it (Linux `O_TMPFILE`, with
+/// `/proc` mounted), the file has no name until [`PendingFile::publish`],
+/// so a writer killed part-way leaves nothing in the directory; elsewhere
+/// it is a named temporary file (`<stem>.<pid>.<n>.tmp`), removed when the
+/// `PendingFile` is dropped unpublished.
+pub struct PendingFile {
+    file: File,
+    dir: PathBuf,
+    stem: String,
+    /// The temporary name, for a file made with one; `None` while unnamed.
+    name: Option<PathBuf>,
+}
+
+impl PendingFile {
+    /// Make a pending file in `dir`, unnamed where possible. Errors are
+    /// those of creating the named temporary file.
+    pub fn create_in(dir: &Path, stem: &str) -> Result<PendingFile> {
+        if Path::new("/proc/self/fd").is_dir() {
+            if let Ok(file) = OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_TMPFILE)
+                .mode(0o644)
+                .open(dir)
+            {
+                return Ok(PendingFile {
+                    file,
+                    dir: dir.to_path_buf(),
+                    stem: stem.to_string(),
+                    name: None,
+                });
+            }
+        }
+        PendingFile::named_in(dir, stem)
+    }
+
+    /// A pending file made under a temporary name in `dir`.
+    fn named_in(dir: &Path, stem: &str) -> Result<PendingFile> {
+        let tmp = dir.join(unique_tmp_name(stem));
+        Ok(PendingFile {
+            file: create_new(&tmp)?,
+            dir: dir.to_path_buf(),
+            stem: stem.to_string(),
+            name: Some(tmp),
+        })
+    }
+
+    /// The open file, to write through (`&File` implements `Write`).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Give the file the name `dest` (in the same directory), replacing a
+    /// file there, and fsync the directory. The caller syncs the file's
+    /// data first. An unnamed file is first linked under a temporary name
+    /// (a link cannot replace a file), which a failed rename removes.
+    pub fn publish(mut self, dest: &Path) -> Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::io::AsRawFd;
+        let tmp = match self.name.take() {
+            Some(tmp) => tmp,
+            None => {
+                let tmp = self.dir.join(unique_tmp_name(&self.stem));
+                let fd = std::ffi::CString::new(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+                    .map_err(|e| Error::Internal(e.to_string()))?;
+                let to = std::ffi::CString::new(tmp.as_os_str().as_bytes()).map_err(|_| {
+                    Error::invalid(tmp.display().to_string(), "contains a NUL byte")
+                })?;
+                // SAFETY: both are valid NUL-terminated paths that outlive the call.
+                let rc = unsafe {
+                    libc::linkat(
+                        libc::AT_FDCWD,
+                        fd.as_ptr(),
+                        libc::AT_FDCWD,
+                        to.as_ptr(),
+                        libc::AT_SYMLINK_FOLLOW,
+                    )
+                };
+                if rc != 0 {
+                    return Err(Error::io(
+                        "link file",
+                        &tmp,
+                        std::io::Error::last_os_error(),
+                    ));
+                }
+                tmp
+            }
+        };
+        if let Err(e) = std::fs::rename(&tmp, dest) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::io("rename", dest, e));
+        }
+        fsync_dir(&self.dir)
+    }
+}
+
+impl Drop for PendingFile {
+    fn drop(&mut self) {
+        if let Some(tmp) = &self.name {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
 /// Write `bytes` to a fresh temporary file in `tmp_dir` and fsync it, all
 /// through `fs`. Returns the temporary path.
 pub fn write_tmp_synced_on(
@@ -248,6 +352,38 @@ pub fn publish_replace_on(fs: &dyn Fs, tmp_dir: &Path, dest: &Path, bytes: &[u8]
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_pending_file_replaces_on_publish_and_leaves_nothing_when_dropped() {
+        use std::io::Write;
+        let made: [fn(&Path, &str) -> Result<PendingFile>; 2] =
+            [PendingFile::create_in, PendingFile::named_in];
+        for make in made {
+            let dir = tempfile::tempdir().unwrap();
+            let dest = dir.path().join("out.bin");
+            std::fs::write(&dest, b"old").unwrap();
+            let p = make(dir.path(), ".x").unwrap();
+            p.file().write_all(b"new bytes").unwrap();
+            p.file().sync_all().unwrap();
+            p.publish(&dest).unwrap();
+            assert_eq!(std::fs::read(&dest).unwrap(), b"new bytes");
+            assert_eq!(names(dir.path()), ["out.bin"]);
+            let p = make(dir.path(), ".x").unwrap();
+            p.file().write_all(b"abandoned").unwrap();
+            drop(p);
+            assert_eq!(names(dir.path()), ["out.bin"]);
+            assert_eq!(std::fs::read(&dest).unwrap(), b"new bytes");
+        }
+    }
 
     #[test]
     fn fsync_dirs_syncs_each_and_names_the_one_that_fails() {

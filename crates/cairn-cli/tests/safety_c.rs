@@ -490,3 +490,76 @@ fn p17_a_file_where_a_store_would_be_made_is_named_and_kept() {
         }
     }
 }
+
+/// The path of a file in `dir` that process `pid` has open, if any (an
+/// unnamed file made there shows as `dir/#N (deleted)`).
+fn open_file_in(pid: u32, dir: &Path) -> Option<std::path::PathBuf> {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    fds.flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .find(|t| t.starts_with(dir))
+}
+
+#[test]
+fn p18_an_export_killed_while_writing_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("s");
+    {
+        let store = Store::open(&root, StoreOptions::default()).expect("open store");
+        let data: Vec<u8> = (0..64u32 << 20)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let mut s = SaveState::new();
+        for (i, d) in data.chunks(4 << 20).enumerate() {
+            s = s.tensor(format!("w.{i}"), DType::U8, &[d.len() as u64], d);
+        }
+        for step in [1u64, 2] {
+            store.save("r", step, &s).unwrap().wait().unwrap();
+        }
+    }
+    let s = root.to_str().unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let file = out.join("m.safetensors");
+    let f = file.to_str().unwrap();
+    let export = |step: &'static str| -> Vec<&str> {
+        vec!["export", s, "--run", "r", "--step", step, "--out", f]
+    };
+    let o = cairn(&export("1"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let committed = std::fs::read(&file).unwrap();
+    let mut killed = 0;
+    for _ in 0..3 {
+        let mut child = Command::new(BIN)
+            .args(export("2"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let caught = loop {
+            if open_file_in(child.id(), &out).is_some() {
+                break true;
+            }
+            if child.try_wait().unwrap().is_some() {
+                break false;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        };
+        child.kill().unwrap();
+        let status = child.wait().unwrap();
+        if !caught || status.success() {
+            continue;
+        }
+        killed += 1;
+        let names: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["m.safetensors"], "left in the output directory");
+        assert_eq!(std::fs::read(&file).unwrap(), committed, "earlier export");
+    }
+    assert!(killed > 0, "no export was caught while writing its file");
+    let o = cairn(&export("2"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
+}
