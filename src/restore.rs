@@ -214,11 +214,22 @@ impl Store {
     pub fn restore(&self, run: &str, step: StepSel, filter: &TensorFilter) -> Result<Restored> {
         let t0 = Instant::now();
         let step = self.resolve(run, step)?;
-        let manifest = self.manifest(run, step)?;
+        let mut r = self.restore_from_manifest(self.manifest(run, step)?, filter)?;
+        r.report.elapsed = t0.elapsed();
+        Ok(r)
+    }
+
+    /// [`Store::restore`] of the checkpoint `manifest` describes, as read
+    /// before by [`Store::manifest`]: a caller restoring one checkpoint in
+    /// parts reads its manifest once.
+    pub fn restore_from_manifest(
+        &self,
+        manifest: Manifest,
+        filter: &TensorFilter,
+    ) -> Result<Restored> {
         let source = self.chunk_source();
         let mut r = restore_manifest(manifest, filter, &source, self.opts.read_threads)?;
         r.report.repaired = source.repaired();
-        r.report.elapsed = t0.elapsed();
         Ok(r)
     }
 
@@ -656,10 +667,21 @@ impl RemoteStore {
         let t0 = Instant::now();
         let step = ChunkTier::resolve(self, run, step)?;
         let manifest = ChunkTier::manifest(self, run, step)?;
-        let source = crate::remote::pack::PackedReader::new(self);
-        let mut r = restore_manifest(manifest, filter, &source, self.restore_readers())?;
+        let mut r = self.restore_from_manifest(manifest, filter)?;
         r.report.elapsed = t0.elapsed();
         Ok(r)
+    }
+
+    /// [`RemoteStore::restore`] of the checkpoint `manifest` describes, as
+    /// read before from this store: a caller restoring one checkpoint in
+    /// parts reads its manifest once.
+    pub fn restore_from_manifest(
+        &self,
+        manifest: Manifest,
+        filter: &TensorFilter,
+    ) -> Result<Restored> {
+        let source = crate::remote::pack::PackedReader::new(self);
+        restore_manifest(manifest, filter, &source, self.restore_readers())
     }
 }
 

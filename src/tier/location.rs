@@ -93,6 +93,19 @@ impl Tier {
         }
     }
 
+    /// Restore the checkpoint `manifest` describes (read before from this
+    /// tier) into new buffers, verified, without reading the manifest again.
+    pub fn restore_from_manifest(
+        &self,
+        manifest: crate::Manifest,
+        filter: &crate::TensorFilter,
+    ) -> Result<crate::Restored> {
+        match self {
+            Tier::Local(s) => s.restore_from_manifest(manifest, filter),
+            Tier::Remote(r) => r.restore_from_manifest(manifest, filter),
+        }
+    }
+
     /// Verify checkpoints: all, one run's, or one step's. Every referenced
     /// chunk is read and hashed once.
     pub fn verify(

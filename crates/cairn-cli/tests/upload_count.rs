@@ -8,6 +8,10 @@
 //! create-only PUT the server refuses; so every chunk key has exactly one
 //! successful PUT and every manifest key exactly one.
 //!
+//! The same proxy counts GETs: `cairn export` from S3 restores a shard in
+//! batches and must read the step's manifest once, not once a batch, and
+//! never the step's blobs, which a safetensors file does not hold.
+//!
 //! Planted bug this catches: the HEAD-before-upload dedup check skipped
 //! in `copy_checkpoint` (every chunk treated as missing): a restarted
 //! daemon puts chunks the remote already holds, and a chunk key counts two
@@ -32,6 +36,8 @@ struct Counts {
     ok_puts: HashMap<String, u64>,
     /// Refused PUTs per key.
     refused_puts: HashMap<String, u64>,
+    /// Successful (2xx) GETs per key (path without the query).
+    ok_gets: HashMap<String, u64>,
     /// Requests seen.
     requests: u64,
 }
@@ -153,6 +159,10 @@ async fn serve(client: TcpStream, upstream: String, counts: Shared) {
         let Some((method, target)) = rx.recv().await else {
             break;
         };
+        if method == "GET" && (200..300).contains(&status) {
+            let key = target.split('?').next().unwrap_or("").to_string();
+            *counts.lock().unwrap().ok_gets.entry(key).or_insert(0) += 1;
+        }
         if method == "PUT" {
             let key = target.split('?').next().unwrap_or("").to_string();
             let mut c = counts.lock().unwrap();
@@ -325,4 +335,83 @@ fn every_chunk_is_put_once_across_daemon_kills() {
         referenced.len(),
         c.refused_puts
     );
+}
+
+#[test]
+fn an_export_from_s3_reads_the_manifest_once_and_no_blob() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let counts: Shared = Arc::default();
+    let upstream = s3::endpoint().trim_start_matches("http://").to_string();
+    let proxy = start_proxy(&rt, upstream, counts.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("local");
+    let store = Store::open(
+        &local,
+        StoreOptions {
+            chunk_size: 1 << 20,
+            ..opts()
+        },
+    )
+    .unwrap();
+    // Three tensors of 17 MiB: three batches of the export's 32 MiB.
+    let mut rng = Rng(11);
+    let tensors: Vec<Vec<u8>> = (0..3).map(|_| rng.bytes(17 << 20)).collect();
+    let blob = rng.bytes(2 << 20);
+    let mut s = cairn::SaveState::new();
+    for (i, d) in tensors.iter().enumerate() {
+        s = s.tensor(format!("w.{i}"), cairn::DType::U8, &[d.len() as u64], d);
+    }
+    store
+        .save("r", 3, &s.blob("rng", &blob))
+        .unwrap()
+        .wait()
+        .unwrap();
+    let bucket = s3::new_bucket("exportgets");
+    let url = format!("s3://{bucket}/ckpt");
+    let mut opts_args = Vec::new();
+    for (k, v) in s3::options() {
+        let v = if k == "endpoint" {
+            format!("http://{proxy}")
+        } else {
+            v
+        };
+        opts_args.push("--remote-option".to_string());
+        opts_args.push(format!("{k}={v}"));
+    }
+    let cairn = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .args(args)
+            .args(&opts_args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let l = local.to_str().unwrap();
+    cairn(&["restore", l, "--run", "r", "--step", "3", "--to", &url]);
+    counts.lock().unwrap().ok_gets.clear();
+    let out = dir.path().join("m.safetensors");
+    let o = out.to_str().unwrap();
+    cairn(&["export", &url, "--run", "r", "--step", "3", "--out", o]);
+    // The file holds the tensors' bytes, in order, after its header.
+    let file = std::fs::read(&out).unwrap();
+    let body: Vec<u8> = tensors.concat();
+    assert_eq!(&file[file.len() - body.len()..], &body[..]);
+    let c = counts.lock().unwrap();
+    let manifest = format!("/{bucket}/ckpt/runs/r/{:020}/manifest.cairn", 3);
+    let n = c.ok_gets.get(&manifest).copied().unwrap_or(0);
+    assert_eq!(n, 1, "manifest GETs: {:?}", c.ok_gets);
+    let m = store.manifest("r", 3).unwrap();
+    for id in m.blobs[0].chunks.iter().map(|c| c.id.to_hex()) {
+        let key = format!("/{bucket}/ckpt/chunks/{}/{id}", &id[..2]);
+        let n = c.ok_gets.get(&key).copied().unwrap_or(0);
+        assert_eq!(n, 0, "blob chunk {id} read {n} times by an export");
+    }
 }

@@ -125,6 +125,8 @@ pub fn export(
     } else {
         None
     };
+    let mut tensors_only = m;
+    tensors_only.blobs.clear();
     let pb = progress(total, &format!("export {run}/{step}"));
     let mut files = Vec::new();
     let mut weight_map = BTreeMap::new();
@@ -142,7 +144,8 @@ pub fn export(
             })
             .collect();
         // The shard's tensors are restored in batches as the file is
-        // written, each tensor dropped once written.
+        // written, each tensor dropped once written, from the manifest read
+        // above (blobs left out: a safetensors file holds none).
         let mut batch: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         write_file(&path, &header, &metadata, |i, w: &mut dyn Write| {
             let name = &header[i].0;
@@ -158,7 +161,7 @@ pub fn export(
                 }
                 let want = TensorFilter::names(picked);
                 batch = tier
-                    .restore(run, StepSel::Step(step), &want)?
+                    .restore_from_manifest(tensors_only.clone(), &want)?
                     .tensors
                     .into_iter()
                     .map(|t| (t.name, t.data))
