@@ -429,11 +429,8 @@ impl RemoteStore {
         let inner: Arc<dyn ObjectStore> = match scheme {
             ObjectStoreScheme::AmazonS3 => {
                 use object_store::aws::AmazonS3ConfigKey;
-                let (b, allow, env) = http_backend!(
-                    object_store::aws::AmazonS3Builder::from_env(),
-                    AmazonS3ConfigKey,
-                    "AWS"
-                );
+                let (b, allow, env) =
+                    http_backend!(s3_builder_from_env(options), AmazonS3ConfigKey, "AWS");
                 check_http(b.get_config_value(&AmazonS3ConfigKey::Endpoint), allow, env)?;
                 Arc::new(b.build().map_err(bad_config)?)
             }
@@ -1110,6 +1107,24 @@ impl RemoteStore {
         })
         .await
     }
+}
+
+/// object_store's `AmazonS3Builder::from_env`, except that a key id,
+/// secret key or session token given in `options` replaces all three from
+/// the environment: keys given as options are not signed with an
+/// `AWS_SESSION_TOKEN` (or a secret) that belongs to the environment's
+/// keys, which S3 would refuse.
+fn s3_builder_from_env(options: &[(String, String)]) -> object_store::aws::AmazonS3Builder {
+    use object_store::aws::AmazonS3ConfigKey as K;
+    let is_credential = |k: &K| matches!(k, K::AccessKeyId | K::SecretAccessKey | K::Token);
+    if !names_any(options, is_credential) {
+        return object_store::aws::AmazonS3Builder::from_env();
+    }
+    env_config("AWS_", is_credential)
+        .into_iter()
+        .fold(object_store::aws::AmazonS3Builder::new(), |b, (k, v)| {
+            b.with_config(k, v)
+        })
 }
 
 /// object_store's `GoogleCloudStorageBuilder::from_env`, except that a

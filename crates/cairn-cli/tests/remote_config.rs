@@ -4,6 +4,9 @@
 //! HTTP endpoint without `allow_http` and a missing bucket are clear
 //! errors. Against the loopback S3-compatible server.
 
+#[path = "../../../tests/common/proxy.rs"]
+mod proxy;
+
 use cairn::{DType, SaveState, StepSel, Store, StoreOptions, TensorFilter};
 use std::io::{Read, Write};
 use std::path::Path;
@@ -265,4 +268,102 @@ fn a_missing_bucket_or_a_bad_option_is_a_clear_error() {
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
     assert!(e.contains("allow_http") && e.contains("maybe"), "{e}");
+}
+
+/// The session tokens and access key ids of the requests the proxy saw
+/// since the last call, and clears them.
+fn credentials_seen(counts: &proxy::Shared) -> (Vec<String>, Vec<String>) {
+    let mut c = counts.lock().unwrap();
+    let tokens = c
+        .headers
+        .remove("x-amz-security-token")
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let keys = c
+        .headers
+        .remove("authorization")
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|a| {
+            let cred = a.split("Credential=").nth(1)?;
+            Some(cred.split('/').next()?.to_string())
+        })
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    c.headers.clear();
+    (tokens, keys)
+}
+
+#[test]
+fn keys_given_as_options_are_not_sent_with_a_session_token_from_the_environment() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let counts: proxy::Shared = Default::default();
+    let upstream = endpoint().trim_start_matches("http://").to_string();
+    let addr = proxy::start_proxy(&rt, upstream, counts.clone());
+    let bucket = new_bucket("token");
+    let url = format!("s3://{bucket}/ckpt");
+    // A shell holding temporary credentials: keys and a session token.
+    let mut env: Vec<(&str, String)> = aws_env()
+        .into_iter()
+        .map(|(k, v)| match k {
+            "AWS_ENDPOINT" => (k, format!("http://{addr}")),
+            "AWS_ACCESS_KEY_ID" => (k, "ASIA-ENV-KEY".to_string()),
+            _ => (k, v),
+        })
+        .collect();
+    env.push(("AWS_SESSION_TOKEN", "session-token-from-env".into()));
+
+    // The environment alone: its key and its token are sent.
+    let o = run(&mut cairn(&env), &["ls", &url]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        credentials_seen(&counts),
+        (
+            vec!["session-token-from-env".to_string()],
+            vec!["ASIA-ENV-KEY".to_string()]
+        )
+    );
+
+    // Long-term keys given as options: the environment's token belongs to
+    // other keys and is not sent with them.
+    let keys = [
+        "--remote-option",
+        "access_key_id=AKIA-OPTION-KEY",
+        "--remote-option",
+        "secret_access_key=option-secret",
+    ];
+    let o = run(
+        &mut cairn(&env),
+        &[&["ls", url.as_str()][..], &keys].concat(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        credentials_seen(&counts),
+        (vec![], vec!["AKIA-OPTION-KEY".to_string()])
+    );
+
+    // Temporary credentials given as options, token included: that token.
+    let o = run(
+        &mut cairn(&env),
+        &[
+            &["ls", url.as_str()][..],
+            &keys,
+            &["--remote-option", "token=session-token-from-option"],
+        ]
+        .concat(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        credentials_seen(&counts),
+        (
+            vec!["session-token-from-option".to_string()],
+            vec!["AKIA-OPTION-KEY".to_string()]
+        )
+    );
 }
