@@ -227,6 +227,7 @@ impl Store {
         manifest: Manifest,
         filter: &TensorFilter,
     ) -> Result<Restored> {
+        check_given(&manifest)?;
         let source = self.chunk_source();
         let mut r = restore_manifest(manifest, filter, &source, self.opts.read_threads)?;
         r.report.repaired = source.repaired();
@@ -680,9 +681,28 @@ impl RemoteStore {
         manifest: Manifest,
         filter: &TensorFilter,
     ) -> Result<Restored> {
+        check_given(&manifest)?;
         let source = crate::remote::pack::PackedReader::new(self);
         restore_manifest(manifest, filter, &source, self.restore_readers())
     }
+}
+
+/// Check a manifest a caller hands to `restore_from_manifest` as one read
+/// from a tier is checked, so a changed one is an invalid input naming
+/// what is wrong, not a wrong plan.
+fn check_given(manifest: &Manifest) -> Result<()> {
+    manifest
+        .validate(std::path::Path::new("(given)"))
+        .map_err(|e| match e {
+            Error::CorruptManifest { reason, .. } => Error::invalid(
+                format!(
+                    "manifest of run {} step {} given to restore_from_manifest",
+                    manifest.run, manifest.step
+                ),
+                reason,
+            ),
+            e => e,
+        })
 }
 
 /// Allocate `len` zeroed bytes lazily (calloc), failing cleanly instead of

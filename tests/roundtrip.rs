@@ -320,3 +320,28 @@ fn parallel_staging_copy_under_back_pressure() {
         assert_restored_eq(&got, &original);
     }
 }
+
+#[test]
+fn a_manifest_read_once_restores_in_parts_and_a_changed_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), small_opts()).unwrap();
+    let state = state_for_step(4, 12, 300_000);
+    store.save("r", 4, &state.view()).unwrap().wait().unwrap();
+    let m = store.manifest("r", 4).unwrap();
+    for t in &state.tensors {
+        let got = store
+            .restore_from_manifest(m.clone(), &TensorFilter::names([t.name.clone()]))
+            .unwrap();
+        assert_eq!(got.tensors.len(), 1);
+        assert_eq!(got.tensors[0].data, t.data, "{}", t.name);
+        assert_eq!(got.blobs.len(), state.blobs.len());
+    }
+    // A slice longer than its tensor: refused, naming the manifest.
+    let mut bad = m.clone();
+    bad.tensors[0].chunks[0].len += 1 << 40;
+    let e = store
+        .restore_from_manifest(bad, &TensorFilter::All)
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
+    assert!(e.to_string().contains("restore_from_manifest"), "{e}");
+}
