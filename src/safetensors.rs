@@ -321,8 +321,10 @@ pub fn open_regular(path: &Path, what: &str) -> Result<std::fs::File> {
     Ok(f)
 }
 
-/// Write a safetensors file atomically (a [`PendingFile`](crate::local::durable::PendingFile),
-/// unnamed where the filesystem allows, then fsync and rename). `fill`
+/// Write a safetensors file atomically: written unnamed in the target's
+/// directory where the filesystem allows (else under a temporary name),
+/// fsynced, then renamed into place, so a writer killed part-way leaves no
+/// file behind where it can. `fill`
 /// is called once per tensor, in order, to write its bytes. Only an absent
 /// path or a regular file is replaced (see [`check_output_path`]).
 pub fn write_file(
