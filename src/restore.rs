@@ -214,7 +214,7 @@ impl Store {
     pub fn restore(&self, run: &str, step: StepSel, filter: &TensorFilter) -> Result<Restored> {
         let t0 = Instant::now();
         let step = self.resolve(run, step)?;
-        let mut r = self.restore_from_manifest(self.manifest(run, step)?, filter)?;
+        let mut r = self.restore_read(self.manifest(run, step)?, filter)?;
         r.report.elapsed = t0.elapsed();
         Ok(r)
     }
@@ -228,6 +228,11 @@ impl Store {
         filter: &TensorFilter,
     ) -> Result<Restored> {
         check_given(&manifest)?;
+        self.restore_read(manifest, filter)
+    }
+
+    /// Restore from a manifest read (and so checked) by this store.
+    fn restore_read(&self, manifest: Manifest, filter: &TensorFilter) -> Result<Restored> {
         let source = self.chunk_source();
         let mut r = restore_manifest(manifest, filter, &source, self.opts.read_threads)?;
         r.report.repaired = source.repaired();
@@ -668,7 +673,8 @@ impl RemoteStore {
         let t0 = Instant::now();
         let step = ChunkTier::resolve(self, run, step)?;
         let manifest = ChunkTier::manifest(self, run, step)?;
-        let mut r = self.restore_from_manifest(manifest, filter)?;
+        let source = crate::remote::pack::PackedReader::new(self);
+        let mut r = restore_manifest(manifest, filter, &source, self.restore_readers())?;
         r.report.elapsed = t0.elapsed();
         Ok(r)
     }

@@ -211,15 +211,29 @@ impl PendingFile {
         PendingFile::named_in(dir, stem)
     }
 
-    /// A pending file made under a temporary name in `dir`.
+    /// A pending file made under a temporary name in `dir` (the next name
+    /// when one is taken, e.g. left by a killed writer of the same pid).
     fn named_in(dir: &Path, stem: &str) -> Result<PendingFile> {
-        let tmp = dir.join(unique_tmp_name(stem));
-        Ok(PendingFile {
-            file: create_new(&tmp)?,
-            dir: dir.to_path_buf(),
-            stem: stem.to_string(),
-            name: Some(tmp),
-        })
+        let mut tries = 0;
+        loop {
+            let tmp = dir.join(unique_tmp_name(stem));
+            match create_new(&tmp) {
+                Ok(file) => {
+                    return Ok(PendingFile {
+                        file,
+                        dir: dir.to_path_buf(),
+                        stem: stem.to_string(),
+                        name: Some(tmp),
+                    })
+                }
+                Err(Error::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::AlreadyExists && tries < 64 =>
+                {
+                    tries += 1
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// The open file, to write through (`&File` implements `Write`).
@@ -228,46 +242,82 @@ impl PendingFile {
     }
 
     /// Give the file the name `dest` (in the same directory), replacing a
-    /// file there, and fsync the directory. The caller syncs the file's
-    /// data first. An unnamed file is first linked under a temporary name
-    /// (a link cannot replace a file), which a failed rename removes.
+    /// file there, then fsync the file and the directory. The caller syncs
+    /// the file's data first. An unnamed file is first linked under a
+    /// temporary name (a link cannot replace a file), which a failed rename
+    /// removes; a writer killed between the two leaves that name.
     pub fn publish(mut self, dest: &Path) -> Result<()> {
-        use std::os::unix::ffi::OsStrExt;
-        use std::os::unix::io::AsRawFd;
         let tmp = match self.name.take() {
             Some(tmp) => tmp,
-            None => {
-                let tmp = self.dir.join(unique_tmp_name(&self.stem));
-                let fd = std::ffi::CString::new(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
-                    .map_err(|e| Error::Internal(e.to_string()))?;
-                let to = std::ffi::CString::new(tmp.as_os_str().as_bytes()).map_err(|_| {
-                    Error::invalid(tmp.display().to_string(), "contains a NUL byte")
-                })?;
-                // SAFETY: both are valid NUL-terminated paths that outlive the call.
-                let rc = unsafe {
-                    libc::linkat(
-                        libc::AT_FDCWD,
-                        fd.as_ptr(),
-                        libc::AT_FDCWD,
-                        to.as_ptr(),
-                        libc::AT_SYMLINK_FOLLOW,
-                    )
-                };
-                if rc != 0 {
-                    return Err(Error::io(
-                        "link file",
-                        &tmp,
-                        std::io::Error::last_os_error(),
-                    ));
-                }
-                tmp
-            }
+            None => self.link_unnamed(dest)?,
         };
         if let Err(e) = std::fs::rename(&tmp, dest) {
             let _ = std::fs::remove_file(&tmp);
             return Err(Error::io("rename", dest, e));
         }
+        // The data is already on disk; this makes the new link's inode
+        // change durable on filesystems that do not log it with the
+        // directory.
+        self.file
+            .sync_all()
+            .map_err(|e| Error::io("fsync", dest, e))?;
         fsync_dir(&self.dir)
+    }
+
+    /// Link the unnamed file under a fresh temporary name in its directory
+    /// and return that name: through `/proc/self/fd` (no privilege needed),
+    /// else `AT_EMPTY_PATH` (which needs `CAP_DAC_READ_SEARCH`); the next
+    /// name when one is taken. Errors name `dest`.
+    fn link_unnamed(&self, dest: &Path) -> Result<PathBuf> {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::io::AsRawFd;
+        let fd = self.file.as_raw_fd();
+        let proc_path = std::ffi::CString::new(format!("/proc/self/fd/{fd}"))
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let mut tries = 0;
+        loop {
+            let tmp = self.dir.join(unique_tmp_name(&self.stem));
+            let to = std::ffi::CString::new(tmp.as_os_str().as_bytes())
+                .map_err(|_| Error::invalid(dest.display().to_string(), "contains a NUL byte"))?;
+            // SAFETY: the paths are valid NUL-terminated strings that outlive
+            // the calls, and `fd` is this file's open descriptor.
+            let mut rc = unsafe {
+                libc::linkat(
+                    libc::AT_FDCWD,
+                    proc_path.as_ptr(),
+                    libc::AT_FDCWD,
+                    to.as_ptr(),
+                    libc::AT_SYMLINK_FOLLOW,
+                )
+            };
+            let mut err = std::io::Error::last_os_error();
+            if rc != 0 && err.kind() != std::io::ErrorKind::AlreadyExists {
+                // SAFETY: as above; "" with AT_EMPTY_PATH names `fd` itself.
+                rc = unsafe {
+                    libc::linkat(
+                        fd,
+                        c"".as_ptr(),
+                        libc::AT_FDCWD,
+                        to.as_ptr(),
+                        libc::AT_EMPTY_PATH,
+                    )
+                };
+                if rc != 0 {
+                    err = std::io::Error::last_os_error();
+                }
+            }
+            if rc == 0 {
+                return Ok(tmp);
+            }
+            if err.kind() != std::io::ErrorKind::AlreadyExists || tries >= 64 {
+                return Err(Error::io(
+                    "link the written file before renaming it to",
+                    dest,
+                    err,
+                ));
+            }
+            tries += 1;
+        }
     }
 }
 
