@@ -430,7 +430,7 @@ impl RemoteStore {
             ObjectStoreScheme::AmazonS3 => {
                 use object_store::aws::AmazonS3ConfigKey;
                 let (b, allow, env) =
-                    http_backend!(s3_builder_from_env(options), AmazonS3ConfigKey, "AWS");
+                    http_backend!(s3_builder_from_env(options)?, AmazonS3ConfigKey, "AWS");
                 check_http(b.get_config_value(&AmazonS3ConfigKey::Endpoint), allow, env)?;
                 Arc::new(b.build().map_err(bad_config)?)
             }
@@ -1111,20 +1111,30 @@ impl RemoteStore {
 
 /// object_store's `AmazonS3Builder::from_env`, except that a key id,
 /// secret key or session token given in `options` replaces all three from
-/// the environment: keys given as options are not signed with an
-/// `AWS_SESSION_TOKEN` (or a secret) that belongs to the environment's
-/// keys, which S3 would refuse.
-fn s3_builder_from_env(options: &[(String, String)]) -> object_store::aws::AmazonS3Builder {
+/// the environment (`AWS_SESSION_TOKEN` under either of its names): keys
+/// given as options are not signed with a token (or a secret) that belongs
+/// to the environment's keys, which S3 would refuse. A `token` option
+/// without both keys as options is refused, as object_store would ignore it.
+fn s3_builder_from_env(options: &[(String, String)]) -> Result<object_store::aws::AmazonS3Builder> {
     use object_store::aws::AmazonS3ConfigKey as K;
     let is_credential = |k: &K| matches!(k, K::AccessKeyId | K::SecretAccessKey | K::Token);
     if !names_any(options, is_credential) {
-        return object_store::aws::AmazonS3Builder::from_env();
+        return Ok(object_store::aws::AmazonS3Builder::from_env());
     }
-    env_config("AWS_", is_credential)
+    let keys = names_any(options, |k: &K| matches!(k, K::AccessKeyId))
+        && names_any(options, |k: &K| matches!(k, K::SecretAccessKey));
+    if names_any(options, |k: &K| matches!(k, K::Token)) && !keys {
+        return Err(Error::invalid(
+            "remote option token",
+            "a session token is used with the keys it was issued with: give \
+             access_key_id and secret_access_key as options too",
+        ));
+    }
+    Ok(env_config("AWS_", is_credential)
         .into_iter()
         .fold(object_store::aws::AmazonS3Builder::new(), |b, (k, v)| {
             b.with_config(k, v)
-        })
+        }))
 }
 
 /// object_store's `GoogleCloudStorageBuilder::from_env`, except that a

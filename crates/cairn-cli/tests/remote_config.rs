@@ -366,4 +366,22 @@ fn keys_given_as_options_are_not_sent_with_a_session_token_from_the_environment(
             vec!["AKIA-OPTION-KEY".to_string()]
         )
     );
+
+    // A token option alone would be paired with no key: refused, naming it.
+    let o = run(
+        &mut cairn(&env),
+        &[
+            "ls",
+            &url,
+            "--remote-option",
+            "token=session-token-from-option",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("token") && e.contains("access_key_id") && e.contains("secret_access_key"),
+        "{e}"
+    );
+    assert_eq!(credentials_seen(&counts), (vec![], vec![]), "nothing sent");
 }
