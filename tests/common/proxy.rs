@@ -179,8 +179,31 @@ async fn serve(client: TcpStream, upstream: String, counts: Shared) {
     up.abort();
 }
 
-/// Start the counting proxy in front of `upstream` (host:port); returns
-/// its address.
+/// A counting proxy running on its own runtime; it stops when dropped.
+pub struct Proxy {
+    /// The runtime serving the proxy's connections.
+    pub rt: tokio::runtime::Runtime,
+    /// The proxy's address (host:port).
+    pub addr: String,
+    /// What it saw.
+    pub counts: Shared,
+}
+
+/// Start a counting proxy in front of `endpoint` (`http://host:port`).
+pub fn start(endpoint: &str) -> Proxy {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let counts = Shared::default();
+    let upstream = endpoint.trim_start_matches("http://").to_string();
+    let addr = start_proxy(&rt, upstream, counts.clone());
+    Proxy { rt, addr, counts }
+}
+
+/// Start the counting proxy in front of `upstream` (host:port) on `rt`;
+/// returns its address.
 pub fn start_proxy(rt: &tokio::runtime::Runtime, upstream: String, counts: Shared) -> String {
     let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
     let addr = listener.local_addr().unwrap().to_string();

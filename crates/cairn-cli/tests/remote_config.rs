@@ -298,14 +298,8 @@ fn credentials_seen(counts: &proxy::Shared) -> (Vec<String>, Vec<String>) {
 
 #[test]
 fn keys_given_as_options_are_not_sent_with_a_session_token_from_the_environment() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let counts: proxy::Shared = Default::default();
-    let upstream = endpoint().trim_start_matches("http://").to_string();
-    let addr = proxy::start_proxy(&rt, upstream, counts.clone());
+    let running = proxy::start(&endpoint());
+    let (counts, addr) = (&running.counts, &running.addr);
     let bucket = new_bucket("token");
     let url = format!("s3://{bucket}/ckpt");
     // A shell holding temporary credentials: keys and a session token.
@@ -323,7 +317,7 @@ fn keys_given_as_options_are_not_sent_with_a_session_token_from_the_environment(
     let o = run(&mut cairn(&env), &["ls", &url]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(
-        credentials_seen(&counts),
+        credentials_seen(counts),
         (
             vec!["session-token-from-env".to_string()],
             vec!["ASIA-ENV-KEY".to_string()]
@@ -344,7 +338,7 @@ fn keys_given_as_options_are_not_sent_with_a_session_token_from_the_environment(
     );
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(
-        credentials_seen(&counts),
+        credentials_seen(counts),
         (vec![], vec!["AKIA-OPTION-KEY".to_string()])
     );
 
@@ -360,7 +354,7 @@ fn keys_given_as_options_are_not_sent_with_a_session_token_from_the_environment(
     );
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(
-        credentials_seen(&counts),
+        credentials_seen(counts),
         (
             vec!["session-token-from-option".to_string()],
             vec!["AKIA-OPTION-KEY".to_string()]
@@ -383,5 +377,5 @@ fn keys_given_as_options_are_not_sent_with_a_session_token_from_the_environment(
         e.contains("token") && e.contains("access_key_id") && e.contains("secret_access_key"),
         "{e}"
     );
-    assert_eq!(credentials_seen(&counts), (vec![], vec![]), "nothing sent");
+    assert_eq!(credentials_seen(counts), (vec![], vec![]), "nothing sent");
 }

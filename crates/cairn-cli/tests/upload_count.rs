@@ -24,10 +24,8 @@ mod proxy;
 
 use cairn::{RemoteOptions, RemoteStore, StepSel, Store, StoreOptions, TensorFilter};
 use common::*;
-use proxy::{start_proxy, Shared};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn opts() -> StoreOptions {
@@ -81,14 +79,8 @@ fn spawn_daemon(local: &Path, url: &str, proxy: &str, log: &Path) -> Child {
 
 #[test]
 fn every_chunk_is_put_once_across_daemon_kills() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let counts: Shared = Arc::default();
-    let upstream = s3::endpoint().trim_start_matches("http://").to_string();
-    let proxy = start_proxy(&rt, upstream, counts.clone());
+    let running = proxy::start(&s3::endpoint());
+    let (counts, proxy) = (&running.counts, &running.addr);
     let dir = tempfile::tempdir().unwrap();
     let local = dir.path().join("local");
     let store = Store::open(&local, opts()).unwrap();
@@ -100,7 +92,7 @@ fn every_chunk_is_put_once_across_daemon_kills() {
     let kills = 8;
     for round in 0..=kills {
         let log = dir.path().join(format!("daemon-{round}.log"));
-        let mut child = spawn_daemon(&local, &url, &proxy, &log);
+        let mut child = spawn_daemon(&local, &url, proxy, &log);
         store
             .save("u", next, &state(next).view())
             .unwrap()
@@ -169,14 +161,8 @@ fn every_chunk_is_put_once_across_daemon_kills() {
 
 #[test]
 fn an_export_from_s3_reads_the_manifest_once_and_no_blob() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let counts: Shared = Arc::default();
-    let upstream = s3::endpoint().trim_start_matches("http://").to_string();
-    let proxy = start_proxy(&rt, upstream, counts.clone());
+    let running = proxy::start(&s3::endpoint());
+    let (counts, proxy) = (&running.counts, &running.addr);
     let dir = tempfile::tempdir().unwrap();
     let local = dir.path().join("local");
     let store = Store::open(
