@@ -190,22 +190,31 @@ pub struct PendingFile {
 }
 
 impl PendingFile {
-    /// Make a pending file in `dir`, unnamed where possible. Errors are
-    /// those of creating the named temporary file.
+    /// Make a pending file in `dir`, unnamed where possible. An error names
+    /// `dir` (missing, not writable, ...), not a temporary name in it.
     pub fn create_in(dir: &Path, stem: &str) -> Result<PendingFile> {
         if Path::new("/proc/self/fd").is_dir() {
-            if let Ok(file) = OpenOptions::new()
+            match OpenOptions::new()
                 .write(true)
                 .custom_flags(libc::O_TMPFILE)
                 .mode(0o644)
                 .open(dir)
             {
-                return Ok(PendingFile {
-                    file,
-                    dir: dir.to_path_buf(),
-                    stem: stem.to_string(),
-                    name: None,
-                });
+                Ok(file) => {
+                    return Ok(PendingFile {
+                        file,
+                        dir: dir.to_path_buf(),
+                        stem: stem.to_string(),
+                        name: None,
+                    })
+                }
+                // No unnamed files here (filesystem or kernel): named below.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
+                    ) => {}
+                Err(e) => return Err(Error::io("create file in directory", dir, e)),
             }
         }
         PendingFile::named_in(dir, stem)
@@ -410,6 +419,16 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn a_pending_file_in_a_missing_directory_names_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nodir");
+        let e = PendingFile::create_in(&missing, ".x").err().unwrap();
+        let msg = e.to_string();
+        assert!(msg.contains(&format!("{}: ", missing.display())), "{msg}");
+        assert!(!msg.contains("/.x."), "{msg}");
     }
 
     #[test]
