@@ -631,36 +631,44 @@ impl RemoteStore {
         }
         // Packs, by the same rule as chunk objects: unreferenced, older
         // than the grace, and still so at a HEAD just before the delete.
-        for (id, modified, size) in packs {
-            if live_packs.contains(&id) {
-                continue;
-            }
-            if clock.since(modified) < grace {
-                report.packs_in_grace += 1;
-                continue;
-            }
-            match self.block_on(self.head_pack(&id))?? {
-                Some(now) if clock.since(now.last_modified.timestamp_millis()) >= grace => {}
-                _ => {
+        // The store then forgets where the chunks of the deleted packs
+        // were, also when the collection stops part-way.
+        let mut deleted = std::collections::HashSet::new();
+        let swept = (|| {
+            for (id, modified, size) in packs {
+                if live_packs.contains(&id) {
+                    continue;
+                }
+                if clock.since(modified) < grace {
                     report.packs_in_grace += 1;
                     continue;
                 }
+                match self.block_on(self.head_pack(&id))?? {
+                    Some(now) if clock.since(now.last_modified.timestamp_millis()) >= grace => {}
+                    _ => {
+                        report.packs_in_grace += 1;
+                        continue;
+                    }
+                }
+                let took = clock.since(marked_at);
+                if took > grace / 4 {
+                    return Err(Error::DeadlineExceeded {
+                        what: format!("remote collection of {}", tier.location()),
+                        took,
+                        limit: grace / 4,
+                    });
+                }
+                report.packs_deleted += 1;
+                report.bytes_reclaimed += size;
+                if !dry_run {
+                    self.block_on(self.delete_pack(&id))??;
+                    deleted.insert(id);
+                }
             }
-            let took = clock.since(marked_at);
-            if took > grace / 4 {
-                return Err(Error::DeadlineExceeded {
-                    what: format!("remote collection of {}", tier.location()),
-                    took,
-                    limit: grace / 4,
-                });
-            }
-            report.packs_deleted += 1;
-            report.bytes_reclaimed += size;
-            if !dry_run {
-                self.block_on(self.delete_pack(&id))??;
-            }
-        }
-        Ok(report)
+            Ok(())
+        })();
+        self.forget_packs(&deleted);
+        swept.map(|()| report)
     }
 
     /// Remote retention: for every run keep the newest `keep_last` (at

@@ -424,11 +424,19 @@ fn collection_deletes_a_pack_only_when_no_checkpoint_references_it() {
     assert_eq!(g.packs_deleted, 1);
     assert_eq!(pack_ids(&remote), all);
     // Past the grace it goes; step 2's packs stay and it restores.
+    let known = remote.packed_chunks_known();
     let g = remote.gc(grace, false).unwrap();
     assert_eq!(g.packs_deleted, 1, "{g:?}");
     let left = pack_ids(&remote);
     assert_eq!(left, named2);
     assert!(!left.contains(&only1[0]));
+    // The store no longer remembers chunks in the deleted pack (a daemon
+    // that runs for weeks would otherwise hold every packed chunk it ever
+    // uploaded).
+    let in2: usize = map2.packs.iter().map(|p| p.chunks.len()).sum();
+    let in_only1 = map1.packs[0].chunks.len();
+    assert_eq!(known, in2 + in_only1);
+    assert_eq!(remote.packed_chunks_known(), in2);
     let r = open_remote(&bucket, opts.clone())
         .restore("r", StepSel::Step(2), &TensorFilter::All)
         .unwrap();
@@ -442,6 +450,7 @@ fn collection_deletes_a_pack_only_when_no_checkpoint_references_it() {
     let g = remote.gc(grace, false).unwrap();
     assert_eq!(g.packs_deleted, 3, "{g:?}");
     assert!(pack_ids(&remote).is_empty());
+    assert_eq!(remote.packed_chunks_known(), 0);
 }
 
 /// A pack map left by an upload that never committed is no root: its

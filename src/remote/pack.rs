@@ -37,7 +37,7 @@ use futures::TryStreamExt;
 use object_store::path::Path as ObjPath;
 use object_store::ObjectMeta;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Condvar, Mutex, OnceLock, RwLock};
 
@@ -204,6 +204,19 @@ impl PackIndex {
         }
         let mut g = self.locs.write().unwrap_or_else(|p| p.into_inner());
         g.extend(map.locations());
+    }
+
+    /// Forget every chunk located in one of `packs`.
+    fn forget(&self, packs: &HashSet<ChunkId>) {
+        if packs.is_empty() {
+            return;
+        }
+        let mut g = self.locs.write().unwrap_or_else(|p| p.into_inner());
+        g.retain(|_, loc| !packs.contains(&loc.pack));
+    }
+
+    fn len(&self) -> usize {
+        self.locs.read().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     fn get(&self, id: &ChunkId) -> Option<PackLoc> {
@@ -526,6 +539,19 @@ impl RemoteStore {
             }
         })
         .await
+    }
+
+    /// How many packed chunks this store knows the pack of: those of the
+    /// pack maps it has read or put, less those in packs its collections
+    /// deleted since. A long-running daemon's memory for pack locations
+    /// follows what the remote holds, not everything it ever uploaded.
+    pub fn packed_chunks_known(&self) -> usize {
+        self.packed.len()
+    }
+
+    /// Forget where the chunks of `packs` (deleted) lived.
+    pub(crate) fn forget_packs(&self, packs: &HashSet<ChunkId>) {
+        self.packed.forget(packs);
     }
 
     /// Where chunk `id` lives in a pack, if a pack map this store read
