@@ -401,3 +401,150 @@ fn restore_to_copies_a_sharded_step_between_tiers() {
     let at = ((30 * COLS + 5) * 4) as usize;
     assert!(out == w[at..at + 40]);
 }
+
+/// Save `w` row-sharded over four ranks and `b` replicated as step `step`,
+/// and commit it.
+fn save_sharded(store: &Store, step: u64, w: &[u8], b: &[u8]) {
+    let rows = ROWS / 4;
+    let len = (rows * COLS * 4) as usize;
+    for rank in 0..4u32 {
+        let start = rank as usize * len;
+        let s = SaveState::new()
+            .shard(
+                "w",
+                DType::F32,
+                &[rows, COLS],
+                &w[start..start + len],
+                ShardInfo {
+                    global_shape: vec![ROWS, COLS],
+                    offsets: vec![rank as u64 * rows, 0],
+                },
+            )
+            .tensor("b", DType::F32, &[COLS], b);
+        store
+            .save_part("r", step, rank, 4, &s)
+            .unwrap()
+            .wait()
+            .unwrap();
+    }
+    store.commit("r", step, 4).unwrap();
+}
+
+#[test]
+fn diff_compares_sharded_tensors_shard_by_shard_and_with_whole_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = setup(dir.path());
+    let s = dir.path().to_str().unwrap();
+    let (w, b) = globals();
+    // Step 3: one element of rank 2's rows changed.
+    let mut w3 = w.clone();
+    let at = (2 * (ROWS / 4) * COLS * 4 + 8) as usize;
+    w3[at] ^= 0xff;
+    save_sharded(&store, 3, &w3, &b);
+    // Step 4: the same bytes as step 3, saved whole by one process.
+    let whole = SaveState::new()
+        .tensor("w", DType::F32, &[ROWS, COLS], &w3)
+        .tensor("b", DType::F32, &[COLS], &b);
+    store.save("r", 4, &whole).unwrap().wait().unwrap();
+
+    let diff = |a: &str, b: &str| -> serde_json::Value {
+        let o = cairn(&["diff", s, "--run", "r", a, b, "--json"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_str(&stdout(&o)).unwrap()
+    };
+    // Sharded against sharded: the changed byte differs (a tensor this
+    // small is compared byte by byte).
+    let d = diff("1", "3");
+    assert_eq!(d["added"], serde_json::json!([]), "{d}");
+    assert_eq!(d["removed"], serde_json::json!([]), "{d}");
+    assert_eq!(d["changed"].as_array().unwrap().len(), 1, "{d}");
+    assert_eq!(d["changed"][0]["name"], "w", "{d}");
+    assert_eq!(d["changed"][0]["bytes_differing"], 1, "{d}");
+    assert_eq!(d["changed"][0]["layout_changed"], false, "{d}");
+    assert_eq!(d["unchanged"], 1, "{d}");
+    assert_eq!(d["bytes_differing"], 1, "{d}");
+    // The same tensors stored sharded and whole are the same tensors.
+    for (a, b) in [("3", "4"), ("4", "3")] {
+        let d = diff(a, b);
+        assert_eq!(d["added"], serde_json::json!([]), "{d}");
+        assert_eq!(d["removed"], serde_json::json!([]), "{d}");
+        assert_eq!(d["changed"], serde_json::json!([]), "{d}");
+        assert_eq!(d["unchanged"], 2, "{d}");
+    }
+    // Sharded against whole with one byte changed: that byte differs.
+    let d = diff("1", "4");
+    assert_eq!(d["changed"].as_array().unwrap().len(), 1, "{d}");
+    assert_eq!(d["changed"][0]["name"], "w", "{d}");
+    assert_eq!(d["changed"][0]["bytes_differing"], 1, "{d}");
+    assert_eq!(d["unchanged"], 1, "{d}");
+    let o = cairn(&["diff", s, "--run", "r", "1", "3"]);
+    assert!(o.status.success());
+    assert!(
+        stdout(&o).contains("0 added, 0 removed, 1 changed, 1 unchanged"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn diff_counts_a_large_sharded_tensor_by_chunk_and_reads_it_when_resharded() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(
+        dir.path(),
+        StoreOptions {
+            chunk_size: 4096,
+            staging_bytes: 1 << 20,
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
+    let s = dir.path().to_str().unwrap();
+    // `e` [1024, 512] F32: 2 MiB, so compared by chunk references.
+    let (rows, cols) = (1024u64, 512u64);
+    let e1 = gen_bytes(7, (rows * cols * 4) as usize);
+    let mut e2 = e1.clone();
+    e2[(rows * cols * 4 / 2 + 100) as usize] ^= 1;
+    let save = |step: u64, e: &[u8], world: u32| {
+        let r = rows / world as u64;
+        let len = (r * cols * 4) as usize;
+        for rank in 0..world {
+            let part = &e[rank as usize * len..(rank as usize + 1) * len];
+            let st = SaveState::new().shard(
+                "e",
+                DType::F32,
+                &[r, cols],
+                part,
+                ShardInfo {
+                    global_shape: vec![rows, cols],
+                    offsets: vec![rank as u64 * r, 0],
+                },
+            );
+            store
+                .save_part("r", step, rank, world, &st)
+                .unwrap()
+                .wait()
+                .unwrap();
+        }
+        store.commit("r", step, world).unwrap();
+    };
+    save(1, &e1, 4);
+    save(2, &e2, 4);
+    save(3, &e2, 2);
+    let diff = |a: &str, b: &str| -> serde_json::Value {
+        let o = cairn(&["diff", s, "--run", "r", a, b, "--json"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_str(&stdout(&o)).unwrap()
+    };
+    // Same sharding: the one chunk holding the changed byte differs.
+    let d = diff("1", "2");
+    assert_eq!(d["changed"][0]["name"], "e", "{d}");
+    assert_eq!(d["changed"][0]["bytes_differing"], 4096, "{d}");
+    assert_eq!(d["unchanged"], 0, "{d}");
+    // Resharded from four ranks to two, same bytes: unchanged.
+    let d = diff("2", "3");
+    assert_eq!(d["changed"], serde_json::json!([]), "{d}");
+    assert_eq!(d["unchanged"], 1, "{d}");
+    // Resharded and changed: read and compared, one byte.
+    let d = diff("1", "3");
+    assert_eq!(d["changed"][0]["bytes_differing"], 1, "{d}");
+}
