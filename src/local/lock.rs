@@ -16,17 +16,37 @@ pub struct GcLock {
     _file: File,
 }
 
+/// The error for a collection lock that is not a regular file.
+fn not_a_file(path: &Path) -> Error {
+    Error::invalid(
+        format!("collection lock {}", path.display()),
+        "not a regular file",
+    )
+}
+
 impl GcLock {
     fn take(root: &Path, exclusive: bool) -> Result<Self> {
         let path = root.join(GC_LOCK);
         use std::os::unix::fs::OpenOptionsExt;
+        // O_NONBLOCK: opening a FIFO put in its place must not wait for a
+        // reader; its type is checked on the open descriptor.
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .custom_flags(libc::O_NOFOLLOW)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&path)
-            .map_err(|e| Error::io("open gc lock", &path, e))?;
+            .map_err(|e| match e.raw_os_error() {
+                // A FIFO without a reader.
+                Some(libc::ENXIO) => not_a_file(&path),
+                _ => Error::io("open gc lock", &path, e),
+            })?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io("stat gc lock", &path, e))?;
+        if !meta.is_file() {
+            return Err(not_a_file(&path));
+        }
         let op = if exclusive {
             libc::LOCK_EX
         } else {

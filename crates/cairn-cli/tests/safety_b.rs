@@ -687,3 +687,50 @@ fn p19_sharded_export_removes_stale_single_file() {
     );
     assert!(!out2.join("model.safetensors.index.json").exists());
 }
+
+#[test]
+fn a_special_file_as_the_collection_lock_is_named_not_waited_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    save_sample(&store, "r", 1);
+    let lock = store.join("gc.lock");
+    std::fs::remove_file(&lock).unwrap();
+    mkfifo(&lock);
+    for args in [
+        vec!["gc", s(&store), "--dry-run"],
+        vec!["gc", s(&store), "--grace", "0s"],
+    ] {
+        let o = cairn_within(&args, Duration::from_secs(60));
+        assert_eq!(code(&o), 1, "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("gc.lock") && stderr(&o).contains("not a regular file"),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+    }
+    // A save into the store is refused the same way, and nothing is lost.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let root = store.clone();
+    std::thread::spawn(move || {
+        let st = Store::open(&root, small_opts()).unwrap();
+        let r = st
+            .save(
+                "r",
+                2,
+                &SaveState::new().tensor("x", DType::U8, &[4], &[1, 2, 3, 4]),
+            )
+            .and_then(|h| h.wait());
+        let _ = tx.send(r.map(|_| ()).map_err(|e| e.to_string()));
+    });
+    let r = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("a save with a FIFO as the collection lock did not finish (hung)");
+    let e = r.expect_err("a save took a FIFO as its lock");
+    assert!(
+        e.contains("gc.lock") && e.contains("not a regular file"),
+        "{e}"
+    );
+    assert!(is_fifo(&lock), "the FIFO is left as it was");
+    let o = cairn_within(&["verify", s(&store)], Duration::from_secs(60));
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}
