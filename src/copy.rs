@@ -108,6 +108,11 @@ pub fn copy_checkpoint(
     // Copied chunks are unreferenced until the manifest commits: hold off
     // collection meanwhile, as a save does.
     let _guard = dst.write_guard()?;
+    // On a remote, the grace its collectors use (recorded there) bounds how
+    // old a chunk this copy relies on may be.
+    if let Some(r) = dst.as_remote() {
+        r.upload_grace()?;
+    }
     let started_ms = dst.clock().now_ms();
     let mut manifest = src.manifest(run, step)?;
     let bytes = match opts.select {

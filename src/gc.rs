@@ -502,6 +502,9 @@ impl RemoteStore {
                 "must be positive: uploads must finish within a quarter of it",
             ));
         }
+        // Uploads rely on chunks up to half the recorded grace old: a
+        // shorter collection could delete them under an upload.
+        self.check_collection_grace(grace, dry_run)?;
         let mut report = GcReport {
             dry_run,
             ..Default::default()

@@ -385,6 +385,8 @@ impl Store {
     ) -> Result<PartsUploadReport> {
         let mut report = PartsUploadReport::default();
         let dst: &dyn ChunkTier = remote;
+        // Chunks are relied on within the grace recorded at the remote.
+        remote.upload_grace()?;
         for p in self.parts(run, step)? {
             if p.world_size != world_size || skip(&p.file) {
                 continue;

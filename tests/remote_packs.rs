@@ -168,8 +168,8 @@ fn small_chunks_go_up_in_few_puts_and_come_back_bit_exact_in_few_gets() {
     assert_eq!(packs.len(), 4, "16 MiB of chunks in packs of 4 MiB");
     assert_eq!(m.packs_uploaded, 4);
     assert_eq!(
-        m.put_requests, 6,
-        "four packs, the pack map and the manifest: {m:?}"
+        m.put_requests, 7,
+        "four packs, the pack map, the manifest and the grace record of a new remote: {m:?}"
     );
     assert!(
         ChunkTier::list_chunks(&remote).unwrap().is_empty(),

@@ -7,6 +7,7 @@
 //! <prefix>/runs/<run>/<step:020>/packs.<hash>.json  where the packed chunks of the
 //!                                               manifest with that blake3 hash are
 //! <prefix>/runs/<run>/<step:020>/manifest.cairn  the remote commit, put last with PutMode::Create
+//! <prefix>/gc-grace.json                        the collection grace every writer follows (see [`grace`])
 //! ```
 //!
 //! A remote checkpoint exists exactly when its manifest object exists, and
@@ -17,6 +18,7 @@
 #[cfg(any(test, feature = "test-util"))]
 pub mod fault;
 pub mod fetch;
+pub mod grace;
 pub mod metrics;
 pub mod pack;
 pub mod retry;
@@ -254,6 +256,8 @@ pub struct RemoteStore {
     encoders: Arc<EncoderPool>,
     in_flight: Arc<ByteBudget>,
     packed: Arc<pack::PackIndex>,
+    /// The grace uploads rely on, once read (see [`grace`]).
+    grace: Arc<OnceLock<std::time::Duration>>,
 }
 
 /// Bytes of chunks being read at once, across the threads of one store:
@@ -526,6 +530,7 @@ impl RemoteStore {
             encoders,
             in_flight,
             packed: Arc::default(),
+            grace: Arc::default(),
         }
     }
 

@@ -134,7 +134,9 @@ impl ChunkTier for RemoteStore {
     }
 
     fn reuse_rule(&self) -> ReuseRule {
-        let grace = self.options().gc_grace;
+        // The grace read from the remote's record by `upload_grace`, which
+        // every writer calls before it looks at a chunk.
+        let grace = self.reuse_grace();
         ReuseRule::Grace {
             refresh_after: grace / 2,
             commit_within: grace / 4,

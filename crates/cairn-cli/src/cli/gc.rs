@@ -5,19 +5,28 @@ use super::size::human;
 use cairn::Tier;
 use std::time::Duration;
 
+/// `--grace` of a local store when none is given.
+const LOCAL_DEFAULT_GRACE: Duration = Duration::from_secs(3600);
+
 pub fn run(
     location: &str,
     dry_run: bool,
-    grace: Duration,
+    grace: Option<Duration>,
     json: bool,
     raw_opts: &[String],
 ) -> cairn::Result<i32> {
     // Local stores may use any grace (the collection lock protects saves);
     // object stores need uploads to finish within a quarter of it.
-    if cairn::is_url(location) {
-        cairn::check_remote_gc_grace(grace)?;
+    if let (true, Some(g)) = (cairn::is_url(location), grace) {
+        cairn::check_remote_gc_grace(g)?;
     }
     let tier = open(location, raw_opts)?;
+    let grace = match (grace, &tier) {
+        (Some(g), _) => g,
+        (None, Tier::Local(_)) => LOCAL_DEFAULT_GRACE,
+        // The grace the remote's uploads rely on: a shorter one is refused.
+        (None, Tier::Remote(r)) => r.recorded_gc_grace()?.unwrap_or(r.options().gc_grace),
+    };
     let report = match &tier {
         Tier::Local(s) => s.gc(grace, dry_run)?,
         Tier::Remote(r) => r.gc(grace, dry_run)?,

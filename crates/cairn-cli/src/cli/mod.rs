@@ -252,9 +252,11 @@ enum Command {
         /// Report what would be reclaimed; delete nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Keep unreferenced chunks younger than this.
-        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
-        grace: std::time::Duration,
+        /// Keep unreferenced chunks younger than this [default: 1h for a
+        /// directory; for an object store, the grace its uploads rely on,
+        /// recorded there, else 24h].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        grace: Option<std::time::Duration>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
