@@ -13,6 +13,10 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
+/// The header key safetensors reserves for the file's string metadata;
+/// no tensor may take it.
+pub const METADATA_KEY: &str = "__metadata__";
+
 /// Largest header accepted (100 MB, as the reference implementation).
 pub const MAX_HEADER: u64 = 100_000_000;
 
@@ -188,7 +192,7 @@ impl<'de> serde::de::Visitor<'de> for RawHeaderVisitor {
         let mut tensors = Vec::new();
         let mut metadata = None;
         while let Some(key) = map.next_key::<String>()? {
-            if key == "__metadata__" {
+            if key == METADATA_KEY {
                 if metadata.is_some() {
                     return Err(A::Error::custom("duplicate key \"__metadata__\""));
                 }
@@ -333,10 +337,16 @@ pub fn write_file(
     metadata: &BTreeMap<String, String>,
     mut fill: impl FnMut(usize, &mut dyn Write) -> Result<()>,
 ) -> Result<u64> {
+    if let Some((name, ..)) = tensors.iter().find(|(n, ..)| n == METADATA_KEY) {
+        return Err(Error::invalid(
+            format!("tensor {name:?}"),
+            "safetensors reserves that name for the file's metadata",
+        ));
+    }
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
         header.insert(
-            "__metadata__".into(),
+            METADATA_KEY.into(),
             serde_json::to_value(metadata).unwrap_or_default(),
         );
     }

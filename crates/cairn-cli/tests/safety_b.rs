@@ -734,3 +734,46 @@ fn a_special_file_as_the_collection_lock_is_named_not_waited_on() {
     let o = cairn_within(&["verify", s(&store)], Duration::from_secs(60));
     assert_eq!(code(&o), 0, "{}", stderr(&o));
 }
+
+#[test]
+fn a_tensor_named_like_the_safetensors_metadata_key_is_not_exported() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let st = Store::open(&store, small_opts()).unwrap();
+    let w = bytes(5, 64);
+    let state = SaveState::new()
+        .tensor("__metadata__", DType::F32, &[4], &w[..16])
+        .tensor("w", DType::F32, &[16], &w);
+    st.save("r", 1, &state).unwrap().wait().unwrap();
+    let out = dir.path().join("m.safetensors");
+    let export = |extra: &[&str]| {
+        let mut args = vec![
+            "export",
+            s(&store),
+            "--run",
+            "r",
+            "--step",
+            "1",
+            "--out",
+            s(&out),
+        ];
+        args.extend_from_slice(extra);
+        cairn_within(&args, Duration::from_secs(60))
+    };
+    let o = export(&[]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("__metadata__") && stderr(&o).contains("--tensor"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists(), "nothing is written");
+    // The other tensors export, and the file reads back.
+    let o = export(&["--tensor", "w"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = cairn_within(
+        &["import", s(&store), "--run", "r", "--step", "2", s(&out)],
+        Duration::from_secs(60),
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}

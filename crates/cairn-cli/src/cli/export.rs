@@ -74,6 +74,16 @@ pub fn export(
             what: format!("tensors to export in run {run} step {step}"),
         });
     }
+    // Refused before anything is written, sharded exports included.
+    if let Some(t) = tensors
+        .iter()
+        .find(|t| t.name == cairn::safetensors::METADATA_KEY)
+    {
+        return Err(Error::invalid(
+            format!("tensor {:?} of run {run} step {step}", t.name),
+            "safetensors reserves that name for the file's metadata; export the other tensors with --tensor GLOB",
+        ));
+    }
     // Greedy shards of at most max_shard bytes (a larger tensor gets its own).
     let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
     let mut fill = 0u64;
