@@ -225,6 +225,14 @@ pub enum Error {
     /// The store's background pipeline has shut down.
     #[error("the store pipeline is closed")]
     Closed,
+    /// A remote operation did not run, or was dropped in flight, because
+    /// its store was cancelled ([`crate::RemoteStore::cancel`]): the
+    /// process is stopping.
+    #[error("cancelled: remote store {url} is stopping")]
+    Cancelled {
+        /// The remote store's URL.
+        url: String,
+    },
     /// An invariant inside cairn did not hold.
     #[error("internal error: {0}")]
     Internal(String),
@@ -287,7 +295,7 @@ impl Error {
             Error::ShardOverlap { .. } | Error::ShardGap { .. } | Error::PartsDisagree { .. } => {
                 ErrorKind::Invalid
             }
-            Error::Closed => ErrorKind::Closed,
+            Error::Closed | Error::Cancelled { .. } => ErrorKind::Closed,
             Error::Internal(_) => ErrorKind::Internal,
         }
     }

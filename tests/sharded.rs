@@ -1403,7 +1403,17 @@ fn sharded_step_through_s3_and_the_tiered_source() {
 
 #[test]
 fn nodes_upload_their_parts_and_the_last_commits_the_remote_record() {
-    let remote = s3_remote("nodes");
+    // Uploads and collections here use a one-minute grace (the first
+    // upload records it at the remote).
+    let remote = RemoteStore::open(
+        s3_remote("nodes").url(),
+        &s3_options(),
+        RemoteOptions {
+            gc_grace: Duration::from_secs(60),
+            ..RemoteOptions::default()
+        },
+    )
+    .unwrap();
     let model = model();
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (node_a, node_b) = (new_store(da.path()), new_store(db.path()));

@@ -137,10 +137,29 @@ impl DaemonConfig {
         Self::from_toml(&text, path)
     }
 
-    /// Parse a TOML config file.
+    /// Parse a TOML config file. An error names the file, the line and
+    /// column, and what is wrong, but never echoes the file's text or a
+    /// value from it: the file may hold credentials (`remote_options`).
     pub fn from_toml(text: &str, path: &std::path::Path) -> Result<Self> {
-        toml::from_str(text)
-            .map_err(|e| Error::invalid(format!("config {}", path.display()), e.to_string()))
+        toml::from_str(text).map_err(|e| {
+            let at = e.span().map(|span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before[before.rfind('\n').map_or(0, |i| i + 1)..]
+                    .chars()
+                    .count()
+                    + 1;
+                format!("line {line}, column {column}: ")
+            });
+            Error::invalid(
+                format!("config {}", path.display()),
+                format!(
+                    "{}{}",
+                    at.unwrap_or_default(),
+                    without_values(e.message().trim())
+                ),
+            )
+        })
     }
 
     /// Check the settings: a loopback listen address, positive intervals
@@ -182,6 +201,31 @@ impl DaemonConfig {
         crate::remote::check_remote_gc_grace(self.remote_tuning.gc_grace)?;
         Ok(())
     }
+}
+
+/// A TOML or serde error message with the offending value left out: in
+/// `invalid type: string "...", expected ...` (or `invalid value`) the
+/// value is replaced by its kind. Messages about keys (`unknown field`,
+/// `missing field`) and syntax name no value and are kept.
+fn without_values(message: &str) -> String {
+    let message = message.replace('\n', "; ");
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            let (unexpected, expected) = rest.split_once(", expected").unwrap_or((rest, ""));
+            let kind = unexpected
+                .split(['"', '`', '\''])
+                .next()
+                .unwrap_or("")
+                .trim();
+            let expected = if expected.is_empty() {
+                String::new()
+            } else {
+                format!(", expected{expected}")
+            };
+            return format!("{prefix}{kind}{expected}");
+        }
+    }
+    message
 }
 
 #[cfg(test)]

@@ -26,6 +26,13 @@
 //! identical bytes already there count as success. The step's local upload
 //! marker is written once the remote record exists. A daemon killed at any
 //! point repeats only idempotent steps after a restart.
+//!
+//! A stop (SIGTERM) cancels the remote store ([`RemoteStore::cancel`]):
+//! the upload on its blocking thread fails at its next remote call, before
+//! its manifest put, and the daemon waits for it (at most [`STOP_GRACE`])
+//! before the runtime goes away. Each scan checks that the local store is
+//! still there; a store that disappeared fails every scan and, after
+//! `unhealthy_after`, `/healthz`.
 
 pub mod config;
 pub mod http;
@@ -40,9 +47,15 @@ use crate::remote::RemoteStore;
 use crate::shard::PartListing;
 use crate::store::{Store, StoreOptions};
 use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
+
+/// How long a stop waits, after cancelling the remote, for the work in
+/// flight (an upload, retention, a collection) to return.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
 
 pub use status::FailingCheckpoint;
 
@@ -59,6 +72,10 @@ pub struct FlushDaemon {
     /// file). After a restart they are uploaded again (chunks the remote
     /// holds are skipped; the part put is create-only).
     parts_done: Mutex<HashSet<(String, u64, String)>>,
+    /// A task of this daemon panicked: `run` fails at the end.
+    panicked: AtomicBool,
+    /// A stop gave up waiting for the work in flight: `run` fails.
+    stop_timed_out: AtomicBool,
 }
 
 impl FlushDaemon {
@@ -104,6 +121,8 @@ impl FlushDaemon {
             clock,
             failures: Mutex::new(BTreeMap::new()),
             parts_done: Mutex::new(HashSet::new()),
+            panicked: AtomicBool::new(false),
+            stop_timed_out: AtomicBool::new(false),
         })
     }
 
@@ -135,8 +154,12 @@ impl FlushDaemon {
         self.status.clone()
     }
 
-    /// Run until `shutdown` turns true. An upload in progress at shutdown
-    /// is abandoned before its remote commit; the next start completes it.
+    /// Run until `shutdown` turns true. Then the remote is cancelled
+    /// ([`RemoteStore::cancel`]): an upload in progress is abandoned before
+    /// its remote commit (the next start completes it), and the work in
+    /// flight is awaited for at most [`STOP_GRACE`], so that no task is
+    /// left running on a runtime being shut down. Fails if a task of the
+    /// daemon panicked, or the work in flight did not return in time.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<()> {
         let listener = http::bind(self.cfg.listen)
             .await
@@ -153,13 +176,12 @@ impl FlushDaemon {
             if *shutdown.borrow() {
                 break;
             }
-            tokio::select! {
-                r = self.cycle() => {
-                    if let Err(e) = r {
-                        self.record_error("scan cycle failed", &e);
-                    }
-                }
-                _ = shutdown.changed() => break,
+            match self.until_stop(self.cycle(), &mut shutdown).await {
+                Some(Err(e)) if !self.stopping() => self.record_error("scan cycle failed", &e),
+                _ => {}
+            }
+            if self.stopping() {
+                break;
             }
             let gc_due = self
                 .cfg
@@ -168,13 +190,14 @@ impl FlushDaemon {
                 .filter(|i| !i.is_zero())
                 .is_some_and(|i| last_gc.is_none_or(|t| self.clock.since(t) >= i));
             if gc_due {
-                tokio::select! {
-                    r = self.collect() => {
-                        if let Err(e) = r {
-                            self.record_error("garbage collection failed", &e);
-                        }
+                match self.until_stop(self.collect(), &mut shutdown).await {
+                    Some(Err(e)) if !self.stopping() => {
+                        self.record_error("garbage collection failed", &e)
                     }
-                    _ = shutdown.changed() => break,
+                    _ => {}
+                }
+                if self.stopping() {
+                    break;
                 }
                 last_gc = Some(self.clock.now_ms());
             }
@@ -185,7 +208,67 @@ impl FlushDaemon {
         }
         tracing::info!("cairn daemon stopping");
         let _ = server.await;
+        if self.panicked.load(Ordering::Relaxed) {
+            return Err(Error::Internal(
+                "a task of the daemon panicked (see the log)".into(),
+            ));
+        }
+        if self.stop_timed_out.load(Ordering::Relaxed) {
+            return Err(Error::Internal(format!(
+                "work in flight did not return within {STOP_GRACE:?} of the stop; it was abandoned as a crash would abandon it"
+            )));
+        }
         Ok(())
+    }
+
+    /// Whether a stop has begun (the remote is cancelled).
+    fn stopping(&self) -> bool {
+        self.remote.is_cancelled()
+    }
+
+    /// Drive `work` to its end, unless a stop is requested meanwhile: then
+    /// cancel the remote, so that `work` ends promptly (an upload before
+    /// its remote commit), wait at most [`STOP_GRACE`] for it, and return
+    /// `None`.
+    async fn until_stop<T>(
+        &self,
+        work: impl Future<Output = Result<T>>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<Result<T>> {
+        tokio::pin!(work);
+        tokio::select! {
+            r = &mut work => return Some(r),
+            _ = shutdown.changed() => {}
+        }
+        tracing::info!("stop requested: cancelling remote operations in flight");
+        self.remote.cancel();
+        match tokio::time::timeout(STOP_GRACE, work).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "work in flight ended by the stop"),
+            Err(_) => {
+                tracing::error!(
+                    grace_ms = STOP_GRACE.as_millis() as u64,
+                    "work in flight did not return after the stop; abandoning it"
+                );
+                self.stop_timed_out.store(true, Ordering::Relaxed);
+            }
+        }
+        None
+    }
+
+    /// The result of a blocking task; a panic in it is remembered (`run`
+    /// then fails) and is an [`Error::Internal`] naming `what`.
+    fn joined<T>(
+        &self,
+        what: &str,
+        r: std::result::Result<Result<T>, tokio::task::JoinError>,
+    ) -> Result<T> {
+        r.unwrap_or_else(|e| {
+            if e.is_panic() {
+                self.panicked.store(true, Ordering::Relaxed);
+            }
+            Err(Error::Internal(format!("{what} task: {e}")))
+        })
     }
 
     fn record_error(&self, what: &str, e: &Error) {
@@ -256,7 +339,8 @@ impl FlushDaemon {
         let local = self.local.clone();
         let url = self.remote.url().to_string();
         // (created_ms, run, step), not yet durable remotely.
-        let (pending, newest_local, sharded) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let scanned = tokio::task::spawn_blocking(move || -> Result<_> {
+            check_store(&local)?;
             let sharded = scan_sharded(&local, &url);
             let mut pending = Vec::new();
             let mut newest = BTreeMap::new();
@@ -278,8 +362,24 @@ impl FlushDaemon {
             pending.sort();
             Ok((pending, newest, sharded))
         })
-        .await
-        .map_err(|e| Error::Internal(format!("scan: {e}")))??;
+        .await;
+        let (pending, newest_local, sharded) = match self.joined("scan", scanned) {
+            Ok(s) => {
+                self.status.update(|s| {
+                    s.scan_failing_since_unix_ms = None;
+                    s.scan_error = None;
+                });
+                s
+            }
+            Err(e) => {
+                let now = self.clock.now_ms();
+                self.status.update(|s| {
+                    s.scan_failing_since_unix_ms.get_or_insert(now);
+                    s.scan_error = Some(e.to_string());
+                });
+                return Err(e);
+            }
+        };
         let now = self.clock.now_ms();
         let failing: Vec<FailingCheckpoint> = {
             // Forget failures of checkpoints no longer pending (deleted,
@@ -330,12 +430,14 @@ impl FlushDaemon {
             let result = {
                 let (local, remote) = (self.local.clone(), self.remote.clone());
                 let (run, step) = (run.clone(), *step);
-                tokio::task::spawn_blocking(move || local.upload_to(&remote, &run, step))
-                    .await
-                    .unwrap_or_else(|e| Err(Error::Internal(format!("upload task: {e}"))))
+                let r =
+                    tokio::task::spawn_blocking(move || local.upload_to(&remote, &run, step)).await;
+                self.joined("upload", r)
             };
             let report = match result {
                 Ok(r) => r,
+                // Abandoned by a stop: not a failure of the checkpoint.
+                Err(e) if self.stopping() => return Err(e),
                 Err(e) => {
                     self.record_failure(run, *step, &e);
                     continue;
@@ -376,6 +478,11 @@ impl FlushDaemon {
             });
         }
         self.flush_sharded(&sharded, &mut remaining).await;
+        if self.stopping() {
+            return Err(Error::Cancelled {
+                url: self.remote.url().to_string(),
+            });
+        }
         if let Err(e) = self.retention().await {
             self.record_error("retention failed", &e);
         }
@@ -422,14 +529,15 @@ impl FlushDaemon {
             let result = {
                 let (local, remote) = (self.local.clone(), self.remote.clone());
                 let (run, step, parts) = (run.clone(), *step, parts.clone());
-                tokio::task::spawn_blocking(move || {
+                let r = tokio::task::spawn_blocking(move || {
                     flush_sharded_step(&local, &remote, &run, step, &parts, &done)
                 })
-                .await
-                .unwrap_or_else(|e| Err(Error::Internal(format!("sharded upload task: {e}"))))
+                .await;
+                self.joined("sharded upload", r)
             };
             let out = match result {
                 Ok(o) => o,
+                Err(_) if self.stopping() => return,
                 Err(e) => {
                     self.record_failure(run, *step, &e);
                     continue;
@@ -503,10 +611,9 @@ impl FlushDaemon {
         if let Some(keep) = r.local_keep_last {
             let local = self.local.clone();
             let remote = self.remote.clone();
-            let deleted =
-                tokio::task::spawn_blocking(move || local.apply_local_retention(keep, &remote))
-                    .await
-                    .map_err(|e| Error::Internal(format!("retention: {e}")))??;
+            let r = tokio::task::spawn_blocking(move || local.apply_local_retention(keep, &remote))
+                .await;
+            let deleted = self.joined("retention", r)?;
             for (run, step) in &deleted {
                 tracing::info!(run = %run, step = *step, "local retention deleted checkpoint");
             }
@@ -531,18 +638,17 @@ impl FlushDaemon {
     pub async fn collect(&self) -> Result<()> {
         let local = self.local.clone();
         let grace = self.cfg.gc.local_grace;
-        let lr = tokio::task::spawn_blocking(move || local.gc(grace, false))
-            .await
-            .map_err(|e| Error::Internal(format!("gc: {e}")))??;
+        let r = tokio::task::spawn_blocking(move || local.gc(grace, false)).await;
+        let lr = self.joined("local gc", r)?;
         tracing::info!(
             chunks_deleted = lr.chunks_deleted,
             bytes = lr.bytes_reclaimed,
             "local gc"
         );
         let remote = self.remote.clone();
-        let rr = tokio::task::spawn_blocking(move || remote.gc(remote.options().gc_grace, false))
-            .await
-            .map_err(|e| Error::Internal(format!("gc: {e}")))??;
+        let r =
+            tokio::task::spawn_blocking(move || remote.gc(remote.collection_grace()?, false)).await;
+        let rr = self.joined("remote gc", r)?;
         tracing::info!(
             chunks_deleted = rr.chunks_deleted,
             bytes = rr.bytes_reclaimed,
@@ -554,6 +660,32 @@ impl FlushDaemon {
         });
         Ok(())
     }
+}
+
+/// Fail unless `local` is still a store: its marker and its `runs`
+/// directory exist. A store deleted (or unmounted) under a running daemon
+/// is an error of every scan, not an empty store.
+fn check_store(local: &Store) -> Result<()> {
+    let layout = crate::layout::Layout::new(local.root());
+    for (what, path, present) in [
+        ("store marker", layout.marker(), layout.marker().is_file()),
+        (
+            "runs directory",
+            layout.runs_dir(),
+            layout.runs_dir().is_dir(),
+        ),
+    ] {
+        if !present {
+            return Err(Error::NotFound {
+                what: format!(
+                    "local store {}: its {what} {} is gone (the daemon never recreates a store)",
+                    local.root().display(),
+                    path.display()
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Sharded steps of `local` with parts and no local record, not yet

@@ -86,6 +86,11 @@ pub struct DaemonStatus {
     /// durable remotely (ms since the epoch); unset while the queue is
     /// empty.
     pub stalled_since_unix_ms: Option<i64>,
+    /// Since when every scan of the local store has failed (ms since the
+    /// epoch; say, the store was deleted); unset after a scan succeeds.
+    pub scan_failing_since_unix_ms: Option<i64>,
+    /// Why the last scan of the local store failed, while it fails.
+    pub scan_error: Option<String>,
     /// Whether `/healthz` answers 200.
     pub healthy: bool,
     /// Why `/healthz` answers 503.
@@ -125,7 +130,7 @@ impl SharedStatus {
 
     /// `Ok` if healthy, else why not: work has been pending longer than
     /// the configured unhealthy-after with no checkpoint becoming durable
-    /// remotely.
+    /// remotely, or the local store could not be scanned for that long.
     pub fn health(&self) -> std::result::Result<(), String> {
         let s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         Self::health_of(&s, self.clock.as_ref(), self.unhealthy_after)
@@ -136,7 +141,21 @@ impl SharedStatus {
         clock: &dyn Clock,
         after: Option<Duration>,
     ) -> std::result::Result<(), String> {
-        let (Some(after), Some(since)) = (after, s.stalled_since_unix_ms) else {
+        let Some(after) = after else {
+            return Ok(());
+        };
+        if let Some(since) = s.scan_failing_since_unix_ms {
+            let failing = clock.since(since);
+            if failing >= after {
+                return Err(format!(
+                    "the local store could not be scanned for {}s (unhealthy after {}s): {}",
+                    failing.as_secs(),
+                    after.as_secs_f64(),
+                    s.scan_error.as_deref().unwrap_or("unknown error"),
+                ));
+            }
+        }
+        let Some(since) = s.stalled_since_unix_ms else {
             return Ok(());
         };
         let stalled = clock.since(since);
@@ -236,7 +255,7 @@ impl SharedStatus {
         metric(
             "remote_errors_total",
             "counter",
-            "Remote operations that failed after retries.",
+            "Remote operations that failed after retries (a not-found answer to a probe is not a failure).",
             m.errors,
         );
         metric(

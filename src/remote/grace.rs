@@ -163,6 +163,14 @@ impl RemoteStore {
         Ok(*self.grace.get_or_init(|| own.min(recorded)))
     }
 
+    /// The grace a collection through this store uses: its `gc_grace`, or
+    /// the recorded one where that is longer (a shorter one is refused).
+    /// Blocking.
+    pub fn collection_grace(&self) -> Result<Duration> {
+        let own = self.opts.gc_grace;
+        Ok(self.recorded_gc_grace()?.map_or(own, |r| r.max(own)))
+    }
+
     /// The grace of [`RemoteStore::upload_grace`] once it was read, else
     /// the store's own `gc_grace`.
     pub(crate) fn reuse_grace(&self) -> Duration {

@@ -39,7 +39,8 @@ pub struct RemoteMetricsSnapshot {
     pub manifests_uploaded: u64,
     /// Operations repeated after a transient error.
     pub retries: u64,
-    /// Operations that failed for good.
+    /// Operations that failed for good. A not-found answer (a probe for
+    /// an object not there yet) is not an error.
     pub errors: u64,
     /// Objects put (chunk objects, packs, pack maps, manifests; a
     /// multipart upload counts once, a retried put once per attempt).

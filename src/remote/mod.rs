@@ -258,6 +258,8 @@ pub struct RemoteStore {
     packed: Arc<pack::PackIndex>,
     /// The grace uploads rely on, once read (see [`grace`]).
     grace: Arc<OnceLock<std::time::Duration>>,
+    /// Turned true by [`RemoteStore::cancel`], shared by every clone.
+    cancelled: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 /// Bytes of chunks being read at once, across the threads of one store:
@@ -531,6 +533,38 @@ impl RemoteStore {
             in_flight,
             packed: Arc::default(),
             grace: Arc::default(),
+            cancelled: Arc::new(tokio::sync::watch::Sender::new(false)),
+        }
+    }
+
+    /// Stop this store and every clone of it, for a process that is
+    /// stopping: operations running now end with [`Error::Cancelled`] (a
+    /// request in flight is dropped) and later ones fail with it at once.
+    /// What was interrupted is left as a crash would leave it; an upload
+    /// stopped before its manifest put commits nothing, and a later upload
+    /// of the same checkpoint skips what already arrived.
+    pub fn cancel(&self) {
+        self.cancelled.send_replace(true);
+    }
+
+    /// Whether [`RemoteStore::cancel`] was called on this store or a clone.
+    pub fn is_cancelled(&self) -> bool {
+        *self.cancelled.borrow()
+    }
+
+    /// Run `f` unless or until the store is cancelled.
+    async fn unless_cancelled<F: std::future::Future>(&self, f: F) -> Result<F::Output> {
+        let cancelled = || Error::Cancelled {
+            url: self.url.clone(),
+        };
+        if self.is_cancelled() {
+            return Err(cancelled());
+        }
+        let mut rx = self.cancelled.subscribe();
+        tokio::select! {
+            biased;
+            _ = rx.wait_for(|c| *c) => Err(cancelled()),
+            r = f => Ok(r),
         }
     }
 
@@ -607,12 +641,14 @@ impl RemoteStore {
     /// tokio runtime when called from one of its blocking threads
     /// (`spawn_blocking`), otherwise on a runtime owned by this store
     /// (created on first use). Must not be called from an async task.
+    /// Fails with [`Error::Cancelled`], dropping `f`, once the store is
+    /// cancelled ([`RemoteStore::cancel`]).
     pub fn block_on<F: std::future::Future>(&self, f: F) -> Result<F::Output> {
         // On a blocking thread of a runtime (`spawn_blocking`), drive the
         // future there: no second runtime is started inside, or dropped
         // by, an async program such as the daemon.
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            return Ok(handle.block_on(f));
+            return handle.block_on(self.unless_cancelled(f));
         }
         let rt = match self.rt.get() {
             Some(rt) => rt,
@@ -632,7 +668,7 @@ impl RemoteStore {
         let rt =
             rt.0.as_ref()
                 .ok_or_else(|| Error::Internal("remote runtime".into()))?;
-        Ok(rt.block_on(f))
+        rt.block_on(self.unless_cancelled(f))
     }
 
     /// Path of chunk `id`.
@@ -660,8 +696,8 @@ impl RemoteStore {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
-        retry::retry(&self.opts.retry, &self.metrics, op)
-            .await
+        self.unless_cancelled(retry::retry(&self.opts.retry, &self.metrics, op))
+            .await?
             .map_err(|e| self.explain(e))
     }
 

@@ -158,7 +158,9 @@ pub fn is_transient(e: &Error) -> bool {
 
 /// Run `op` until it succeeds, fails with a definite error, or its attempts
 /// or time budget run out (then [`Error::RetriesExhausted`]). Counts
-/// retries and final errors in `metrics`.
+/// retries and final errors in `metrics`; a not-found answer is not
+/// counted as an error: it answers a probe (is this chunk, pack map or
+/// manifest there yet?), and where it is a failure the caller reports it.
 pub async fn retry<T, F, Fut>(policy: &RetryPolicy, metrics: &RemoteMetrics, op: F) -> Result<T>
 where
     F: FnMut() -> Fut,
@@ -180,7 +182,9 @@ where
         })
         .await;
     out.map_err(|e| {
-        metrics.add_error();
+        if !is_not_found(&e) {
+            metrics.add_error();
+        }
         if is_transient(&e) {
             Error::RetriesExhausted {
                 op: op_name(&e),
@@ -193,6 +197,17 @@ where
             e
         }
     })
+}
+
+/// Whether `e` is the remote's answer that an object does not exist.
+fn is_not_found(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Remote {
+            source: object_store::Error::NotFound { .. },
+            ..
+        }
+    )
 }
 
 fn op_name(e: &Error) -> String {

@@ -180,7 +180,20 @@ fn spawn_daemon(local: &Path, url: &str, log: &Path, pause: Option<&str>) -> Chi
         args.push("--remote-option".into());
         args.push(format!("{k}={v}"));
     }
-    args.extend(["--poll-interval", "50ms", "--gc-interval", "0s", "--listen"].map(String::from));
+    // Uploads rely on the one-minute grace the collections below use
+    // (the first daemon records it at the remote).
+    args.extend(
+        [
+            "--remote-gc-grace",
+            "1m",
+            "--poll-interval",
+            "50ms",
+            "--gc-interval",
+            "0s",
+            "--listen",
+        ]
+        .map(String::from),
+    );
     args.push(format!("127.0.0.1:{}", free_port()));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cairn"));
     cmd.args(&args)

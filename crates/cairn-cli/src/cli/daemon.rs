@@ -158,7 +158,7 @@ pub fn run(a: DaemonArgs, remote_options: &[String]) -> cairn::Result<i32> {
         .enable_all()
         .build()
         .map_err(|e| cairn::Error::Internal(format!("runtime: {e}")))?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         let daemon = FlushDaemon::new(cfg)?;
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
@@ -179,6 +179,10 @@ pub fn run(a: DaemonArgs, remote_options: &[String]) -> cairn::Result<i32> {
             let _ = tx.send(true);
         });
         daemon.run(rx).await
-    })?;
+    });
+    // `run` returns once the work in flight has returned (or it gave up
+    // waiting for it); whatever is left is not waited for.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result?;
     Ok(0)
 }
