@@ -216,8 +216,11 @@ pub fn list_run_dirs(root: &Path) -> Result<Vec<String>> {
         return Ok(Vec::new());
     }
     let rd = std::fs::read_dir(&dir).map_err(|e| Error::io("list directory", &dir, e))?;
+    // A stray file (a README, notes) is no run; a link is kept, so that
+    // reading it reports that cairn does not follow links.
     let mut out: Vec<String> = rd
         .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| !t.is_file()))
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|n| validate_run_name(n).is_ok())
         .collect();

@@ -853,7 +853,11 @@ pub(crate) fn build_record(
                             first_rank: r0,
                             first: format!("{} bytes", b0.len),
                             other_rank: rank,
-                            other: format!("{} bytes", b.len),
+                            other: if b.len == b0.len {
+                                format!("{} bytes that differ from them", b.len)
+                            } else {
+                                format!("{} bytes", b.len)
+                            },
                         });
                     }
                 }

@@ -637,17 +637,15 @@ fn check_or_write_marker(layout: &Layout) -> Result<()> {
         let tmp = layout.root().to_path_buf();
         publish_new_on(layout.fs(), &tmp, &path, &body)?;
     }
-    let bytes = read_bounded(&path)?;
+    let bad = |reason: String| Error::invalid(format!("store marker {}", path.display()), reason);
+    let bytes = read_bounded(&path).map_err(|e| match e {
+        Error::CorruptManifest { reason, .. } => bad(reason),
+        e => e,
+    })?;
     let marker: StoreMarker =
-        serde_json::from_slice(&bytes).map_err(|e| Error::CorruptManifest {
-            path: path.clone(),
-            reason: format!("store marker does not parse: {e}"),
-        })?;
+        serde_json::from_slice(&bytes).map_err(|e| bad(format!("does not parse: {e}")))?;
     if marker.format != "cairn-store" {
-        return Err(Error::CorruptManifest {
-            path,
-            reason: format!("store marker names format {:?}", marker.format),
-        });
+        return Err(bad(format!("names format {:?}", marker.format)));
     }
     if marker.version != FORMAT_VERSION as u64 {
         return Err(Error::UnsupportedVersion {

@@ -128,6 +128,16 @@ fn cli_ls_shows_metrics_and_latest_selects_by_them() {
     let o = cairn(&["latest", s, "--run", "r", "--where", "loss<1"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o.stderr).contains("loss<1"), "{}", text(&o.stderr));
+    // `ls` too: a selection that matches nothing is an error.
+    for json in [false, true] {
+        let mut args = vec!["ls", s, "--where", "loss<1"];
+        if json {
+            args.push("--json");
+        }
+        let o = cairn(&args);
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o.stdout));
+        assert!(text(&o.stderr).contains("loss<1"), "{}", text(&o.stderr));
+    }
     for bad in ["loss<", "loss", "x y<1", "loss<nan"] {
         let o = cairn(&["latest", s, "--run", "r", "--where", bad]);
         assert_eq!(o.status.code(), Some(2), "{bad}: {}", text(&o.stderr));

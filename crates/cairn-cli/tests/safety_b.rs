@@ -777,3 +777,56 @@ fn a_tensor_named_like_the_safetensors_metadata_key_is_not_exported() {
     );
     assert_eq!(code(&o), 0, "{}", stderr(&o));
 }
+
+#[test]
+fn a_stray_file_in_runs_is_no_run_and_a_broken_marker_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    save_sample(&store, "r", 1);
+    std::fs::write(store.join("runs/README.md"), b"notes about these runs\n").unwrap();
+    for args in [vec!["ls", s(&store)], vec!["verify", s(&store)]] {
+        let o = cairn_within(&args, Duration::from_secs(60));
+        assert_eq!(code(&o), 0, "{args:?}: {}", stderr(&o));
+    }
+    let o = cairn_within(&["ls", s(&store), "--json"], Duration::from_secs(60));
+    let rows: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(rows.as_array().map(|r| r.len()), Some(1), "{rows}");
+    assert_eq!(rows[0]["run"], "r", "{rows}");
+    // A store marker that does not parse is called what it is.
+    std::fs::write(store.join("cairn-store.json"), b"garbage").unwrap();
+    let o = cairn_within(&["ls", s(&store)], Duration::from_secs(60));
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("store marker") && e.contains("cairn-store.json"),
+        "{e}"
+    );
+    assert!(!e.contains("manifest"), "{e}");
+}
+
+#[test]
+fn latest_names_a_newest_step_whose_manifest_is_damaged() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    save_sample(&store, "r", 1);
+    save_sample(&store, "r", 2);
+    let o = cairn_within(
+        &["latest", s(&store), "--run", "r"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "2");
+    let manifest = store.join(format!("runs/r/{:020}/manifest.cairn", 2));
+    std::fs::write(&manifest, b"garbage").unwrap();
+    let o = cairn_within(
+        &["latest", s(&store), "--run", "r"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(
+        o.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert!(stderr(&o).contains("corrupt manifest"), "{}", stderr(&o));
+}

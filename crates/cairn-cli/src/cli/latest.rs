@@ -37,8 +37,11 @@ pub fn run(
             },
         });
     };
+    // The step printed is one a restore can read: its manifest is read and
+    // checked, so a damaged newest step is an error naming it (as `ls`
+    // reports it), not a number that fails later.
+    let m = tier.manifest(run, step)?;
     if json {
-        let m = tier.manifest(run, step)?;
         let metrics = m
             .metrics
             .iter()

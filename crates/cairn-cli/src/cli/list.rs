@@ -226,6 +226,13 @@ pub fn run(
             }
         }
     }
+    // A metric selection that matches nothing is an error, as every
+    // selection is (`latest --where` too).
+    if let (Some(f), true) = (metric_filter, out.is_empty() && bad.is_empty()) {
+        return Err(cairn::Error::NotFound {
+            what: format!("checkpoints whose metrics match {f} in {}", tier.location()),
+        });
+    }
     if json {
         let rows: Vec<Row> = order
             .iter()
@@ -240,10 +247,7 @@ pub fn run(
             .collect();
         print_json(&rows)?;
     } else if out.is_empty() && bad.is_empty() && pending.is_empty() {
-        match metric_filter {
-            Some(f) => outln!("no checkpoints matching {f} in {}", tier.location()),
-            None => outln!("no checkpoints in {}", tier.location()),
-        }
+        outln!("no checkpoints in {}", tier.location());
     } else if !out.is_empty() {
         let with_metrics = out.iter().any(|e| !e.metrics.is_empty());
         outln!(
