@@ -12,6 +12,10 @@ load (any N): a freshly initialized model of the same shape sharded over N
   directory; every local shard and every other value must be equal, bit
   for bit.
 kill (4 ranks): rank 2 SIGKILLs itself in the middle of saving step 3.
+groups (2 ranks): a value that differs per rank, saved with `dcp.save` and
+  `dcp.async_save` (DCP keeps one rank's, as FileSystemWriter shows); saves
+  with `no_dist=True` on each rank and with a one-rank process group. Each
+  case writes DIR/CASE-RANK: "ok", or the error.
 """
 
 import os
@@ -149,7 +153,84 @@ def main():
 
             cairn.Store.save = dying_save
         dcp.save(state, storage_writer=CairnStorageWriter(store, "dcp", 3))
+    elif mode == "groups":
+        groups(root, rank, store)
     dist.destroy_process_group()
+
+
+def outcome(root, case, rank, fn):
+    try:
+        fn()
+        text = "ok"
+    except BaseException as e:  # noqa: BLE001 - DCP raises CheckpointException, a BaseException
+        text = f"{type(e).__name__}: {e}"
+    with open(os.path.join(root, f"{case}-{rank}"), "w") as fh:
+        fh.write(text)
+
+
+def groups(root, rank, store):
+    # A per-rank value: DCP's planner keeps one rank's copy; the cairn
+    # writer must store what FileSystemWriter stores, sync or async.
+    state = {"w": torch.ones(4), "loss": 1.0 + rank, "nested": {"rank": rank}}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(os.path.join(root, "fs-per-rank")))
+
+    def check(step):
+        got = {"w": torch.zeros(4), "loss": 0.0, "nested": {"rank": -1}}
+        dcp.load(got, storage_reader=CairnStorageReader(store, "per-rank", step))
+        want = {"w": torch.zeros(4), "loss": 0.0, "nested": {"rank": -1}}
+        dcp.load(want, storage_reader=dcp.FileSystemReader(os.path.join(root, "fs-per-rank")))
+        assert torch.equal(got["w"], torch.ones(4)), got
+        assert got["loss"] == want["loss"] and got["nested"] == want["nested"], (got, want)
+
+    def sync_save():
+        dcp.save(state, storage_writer=CairnStorageWriter(store, "per-rank", 1))
+        check(1)
+
+    def async_save():
+        dcp.async_save(state, storage_writer=CairnStorageWriter(store, "per-rank", 2)).result()
+        dist.barrier()
+        check(2)
+
+    outcome(root, "per-rank-sync", rank, sync_save)
+    dist.barrier()
+    outcome(root, "per-rank-async", rank, async_save)
+    dist.barrier()
+
+    # Every rank saves a checkpoint of its own, without collectives.
+    def no_dist():
+        w = torch.arange(3.0) + rank
+        dcp.save({"w": w}, storage_writer=CairnStorageWriter(store, f"own-{rank}", 1), no_dist=True)
+        back = {"w": torch.zeros(3)}
+        dcp.load(back, storage_reader=CairnStorageReader(store, f"own-{rank}", 1), no_dist=True)
+        assert torch.equal(back["w"], w), back
+
+    def no_dist_async():
+        w = torch.arange(3.0) + 10 * rank
+        dcp.async_save(
+            {"w": w}, storage_writer=CairnStorageWriter(store, f"own-{rank}", 2), no_dist=True
+        ).result()
+        back = {"w": torch.zeros(3)}
+        dcp.load(back, storage_reader=CairnStorageReader(store, f"own-{rank}", 2), no_dist=True)
+        assert torch.equal(back["w"], w), back
+
+    outcome(root, "no-dist", rank, no_dist)
+    outcome(root, "no-dist-async", rank, no_dist_async)
+    dist.barrier()
+    # A process group of rank 0 only.
+    solo = dist.new_group([0])
+    if rank == 0:
+        def subgroup():
+            dcp.save({"w": torch.full((3,), 5.0)}, storage_writer=CairnStorageWriter(store, "solo", 1),
+                     process_group=solo)
+            dcp.async_save({"w": torch.full((3,), 6.0)}, storage_writer=CairnStorageWriter(store, "solo", 2),
+                           process_group=solo).result()
+            for step, v in ((1, 5.0), (2, 6.0)):
+                back = {"w": torch.zeros(3)}
+                dcp.load(back, storage_reader=CairnStorageReader(store, "solo", step), process_group=solo)
+                assert torch.equal(back["w"], torch.full((3,), v)), back
+
+        outcome(root, "subgroup", rank, subgroup)
+    dist.barrier()
 
 
 if __name__ == "__main__":

@@ -323,3 +323,42 @@ def test_remote_tier_on_s3(tmp_path, s3_remote):
                    check=True, capture_output=True)
     out = cairn.Store(tmp_path / "b").load("r", 1)
     assert out["w"].dtype == w.dtype and bits(out["w"]) == bits(w)
+
+
+def test_steps_ranks_and_world_sizes_are_checked_before_saving(store):
+    w = np.zeros(2, np.float32)
+    for bad in (-1, 3.7, True, "3", 1 << 64):
+        with pytest.raises(cairn.InvalidError, match="step"):
+            store.save("r", bad, {"w": w})
+    with pytest.raises(cairn.InvalidError, match="step"):
+        store.delete("r", -1)
+    with pytest.raises(cairn.InvalidError, match="world_size"):
+        store.save("r", 1, {"w": w}, rank=0, world_size=1 << 32)
+    with pytest.raises(cairn.InvalidError, match="world size"):
+        store.commit("r", 1, 1 << 32)
+    with pytest.raises(cairn.InvalidError, match="step"):
+        store.commit("r", -1, 1)
+    assert store.steps("r") == []
+    store.save("r", np.int64(3), {"w": w}).wait()
+    assert store.steps("r") == [3]
+
+
+def test_load_into_refuses_a_read_only_target_before_writing_any(store):
+    a, b = np.arange(4, dtype=np.float32), np.arange(4, dtype=np.float32) + 10
+    store.save("r", 1, {"a": a, "b": b}).wait()
+    first = np.zeros(4, np.float32)
+    ro = np.zeros(4, np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(cairn.InvalidError, match="'b'.*read-only"):
+        store.load_into("r", {"a": first, "b": ro})
+    assert not first.any() and not ro.any()
+
+
+def test_codec_option_takes_the_cli_spelling(tmp_path):
+    data = np.zeros(1 << 16, np.float32)
+    for i, codec in enumerate(("raw", "zstd", "zstd:3")):
+        st = cairn.Store(tmp_path / f"s{i}", codec=codec)
+        st.save("r", 1, {"w": data}).wait()
+        assert st.load("r")["w"].tobytes() == data.tobytes()
+    with pytest.raises(cairn.InvalidError, match="raw, zstd or zstd:LEVEL"):
+        cairn.Store(tmp_path / "bad", codec="lz4")

@@ -132,3 +132,46 @@ def test_rank_killed_mid_save_leaves_the_step_invisible(saved):
     parts_dir = saved / "store" / "runs" / "dcp" / f"{3:020d}" / "parts"
     parts = [p.name for p in parts_dir.iterdir()] if parts_dir.exists() else []
     assert not any(p.startswith("2-of-4") for p in parts), parts
+
+
+@pytest.fixture(scope="module")
+def groups(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dcp-groups")
+    torchrun(2, "groups", root)
+    return root
+
+
+def test_a_value_that_differs_per_rank_is_stored_once_sync_and_async(groups):
+    # DCP keeps one rank's copy of a non-tensor value; the cairn writer
+    # stores that one (the value FileSystemWriter stores) in both paths.
+    for case in ("per-rank-sync", "per-rank-async"):
+        for r in range(2):
+            assert (groups / f"{case}-{r}").read_text() == "ok", case
+    store = cairn.Store(groups / "store")
+    assert store.steps("per-rank") == [1, 2]
+    assert store.blobs("per-rank", 1) == store.blobs("per-rank", 2)
+
+
+def test_no_dist_and_a_process_group_set_the_world_of_the_step(groups):
+    for r in range(2):
+        assert (groups / f"no-dist-{r}").read_text() == "ok"
+        assert (groups / f"no-dist-async-{r}").read_text() == "ok"
+    assert (groups / "subgroup-0").read_text() == "ok"
+    store = cairn.Store(groups / "store")
+    for run in ("own-0", "own-1", "solo"):
+        assert store.steps(run) == [1, 2], run
+        assert store.manifest(run, 1)["world_size"] == 1
+
+
+def test_complex_tensors_are_refused_naming_the_real_view(tmp_path):
+    # The DCP reader builds DCP's metadata from what the step stores, which
+    # has no complex dtype: the writer refuses them with the way out.
+    state = {"freqs_cis": torch.polar(torch.ones(4, 2), torch.zeros(4, 2))}
+    with pytest.raises(BaseException, match="view_as_real"):
+        dcp.save(state, storage_writer=CairnStorageWriter(tmp_path / "s", "c", 1), no_dist=True)
+    assert cairn.Store(tmp_path / "s").steps("c") == []
+    real = {"freqs_cis": torch.view_as_real(state["freqs_cis"])}
+    dcp.save(real, storage_writer=CairnStorageWriter(tmp_path / "s", "c", 2), no_dist=True)
+    back = {"freqs_cis": torch.zeros(4, 2, 2)}
+    dcp.load(back, storage_reader=CairnStorageReader(tmp_path / "s", "c", 2), no_dist=True)
+    assert torch.equal(torch.view_as_complex(back["freqs_cis"]), state["freqs_cis"])

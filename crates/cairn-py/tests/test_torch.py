@@ -203,3 +203,152 @@ def test_pool_registration_without_a_gpu_falls_back_to_pageable_memory(tmp_path)
     assert base % 4096 == 0 and length == 8 << 20
     assert _cuda.register_pool(base, length) is None
     assert _cuda.pool_info()[base] is None
+
+
+def test_keys_that_name_the_same_tensor_are_refused_before_saving(store):
+    for state, path in (
+        ({"a": {0: torch.tensor([1.0]), "0": torch.tensor([2.0])}}, "a/0"),
+        ({"b": {None: torch.tensor([3.0]), "None": torch.tensor([4.0])}}, "b/None"),
+    ):
+        with pytest.raises(cairn.InvalidError, match=path):
+            ct.save(state, store, "r", 1)
+    assert store.steps("r") == []
+    # Distinct names still save: an int key beside other string keys.
+    ct.save({"a": {0: torch.tensor([1.0]), "x": torch.tensor([2.0])}}, store, "r", 1)
+    out = ct.load({}, store, "r", 1)
+    assert torch.equal(out["a"][0], torch.tensor([1.0])) and torch.equal(out["a"]["x"], torch.tensor([2.0]))
+
+
+def test_load_into_many_small_tensors(store):
+    n = 20000
+    sd = {f"t{i}": torch.full((3,), float(i)) for i in range(n)}
+    ct.save(sd, store, "r", 1)
+    back = {k: torch.zeros(3) for k in sd}
+    ct.load(back, store, "r", 1)
+    for i in range(0, n, 997):
+        assert torch.equal(back[f"t{i}"], torch.full((3,), float(i)))
+    assert torch.equal(back[f"t{n - 1}"], torch.full((3,), float(n - 1)))
+    # The same through the DCP reader, one read item per tensor.
+    from torch.distributed.checkpoint import load as dcp_load
+
+    from cairn.torch.dcp import CairnStorageReader
+
+    store.save("plain", 1, {k: v.numpy() for k, v in sd.items()}).wait()
+    back = {k: torch.zeros(3) for k in sd}
+    dcp_load(back, storage_reader=CairnStorageReader(store, "plain", 1))
+    for i in range(0, n, 997):
+        assert torch.equal(back[f"t{i}"], torch.full((3,), float(i)))
+
+
+def test_overlapping_targets_are_all_restored(store):
+    a, b, c = torch.arange(8.0), torch.arange(8.0) + 100, torch.arange(4.0) + 200
+    store.save("r", 1, {"a": a, "b": b, "c": c}).wait()
+    buf = torch.zeros(12)
+    # a and b share memory; c overlaps the end of both; the later target
+    # wins where they overlap, as with separate copies in order.
+    targets = {"a": buf[:8], "b": buf[:8], "c": buf[6:10], "d": torch.zeros(4)}
+    store.load_into("r", {k: v for k, v in targets.items() if k != "d"})
+    want = torch.zeros(12)
+    want[:8] = b
+    want[6:10] = c
+    assert torch.equal(buf, want)
+
+
+def test_load_checks_shapes_and_converts_dtypes_in_place(store):
+    model = torch.nn.Linear(4, 3)
+    ct.save({"model": model.state_dict()}, store, "r", 1)
+    # A shape mismatch names the key and both shapes; nothing is written.
+    wrong = torch.nn.Linear(4, 5)
+    before = {k: v.clone() for k, v in wrong.state_dict().items()}
+    state = {"model": wrong.state_dict()}
+    with pytest.raises(cairn.InvalidError, match=r"model/weight.*\[5, 4\].*\[3, 4\]"):
+        ct.load(state, store, "r", 1)
+    for k, v in wrong.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # A dtype mismatch loads converted into the existing tensor: the
+    # module's parameter holds the values.
+    half = torch.nn.Linear(4, 3).to(torch.float64)
+    weight = half.weight
+    state = {"model": half.state_dict()}
+    ct.load(state, store, "r", 1)
+    assert state["model"]["weight"] is not None and half.weight is weight
+    assert half.weight.dtype == torch.float64
+    assert torch.equal(half.weight.detach(), model.weight.detach().to(torch.float64))
+    assert torch.equal(half.bias.detach(), model.bias.detach().to(torch.float64))
+
+
+def test_complex_tensors_round_trip(store):
+    freqs_cis = torch.polar(torch.ones(16, 4), torch.randn(16, 4))
+    z = torch.randn(3, dtype=torch.complex128)
+    ct.save({"model": {"freqs_cis": freqs_cis}, "z": z, "scalar": torch.tensor(1 + 2j)}, store, "r", 1)
+    out = ct.load({}, store, "r", 1)
+    assert out["model"]["freqs_cis"].dtype == torch.complex64
+    assert torch.equal(out["model"]["freqs_cis"], freqs_cis)
+    assert out["z"].dtype == torch.complex128 and torch.equal(out["z"], z)
+    assert torch.equal(out["scalar"], torch.tensor(1 + 2j))
+    # In place, into an existing complex buffer.
+    buf = torch.zeros(16, 4, dtype=torch.complex64)
+    state = {"model": {"freqs_cis": buf}}
+    ct.load(state, store, "r", 1)
+    assert state["model"]["freqs_cis"] is buf and torch.equal(buf, freqs_cis)
+    # The conjugate view saves its values.
+    ct.save({"c": z.conj()}, store, "r", 2)
+    assert torch.equal(ct.load({}, store, "r", 2)["c"], z.conj().resolve_conj())
+
+
+def test_load_into_parameters_that_require_grad(store):
+    big = torch.randn(MIB_FLOATS + 3)
+    small = torch.randn(10)
+    ct.save({"small": small, "big": big}, store, "r", 1)
+    # An unaligned >= 1 MiB leaf that requires grad, beside a small one.
+    raw = torch.empty(big.numel() + 1024)
+    off = 16 if (raw.data_ptr() + 64) % 4096 else 32
+    p_big = torch.nn.Parameter(raw[off : off + big.numel()])
+    assert p_big.data_ptr() % 4096 != 0
+    p_small = torch.nn.Parameter(torch.zeros(10))
+    state = {"small": p_small, "big": p_big}
+    ct.load(state, store, "r", 1)
+    assert state["big"] is p_big and p_big.requires_grad
+    assert torch.equal(p_big.detach(), big) and torch.equal(p_small.detach(), small)
+    p_big2 = torch.nn.Parameter(torch.zeros(big.numel()))
+    store.load_into("r", {"big": p_big2, "small": torch.nn.Parameter(torch.zeros(10))}, step=1)
+    assert torch.equal(p_big2.detach(), big)
+
+
+MIB_FLOATS = (1 << 20) // 4
+
+
+def test_load_restores_parameters_and_requires_grad(store):
+    model = torch.nn.Linear(3, 2)
+    state = {"params": list(model.parameters()), "frozen": torch.ones(2), "grad": torch.ones(2, requires_grad=True)}
+    ct.save(state, store, "r", 1)
+    out = ct.load({}, store, "r", 1)
+    for p, q in zip(out["params"], model.parameters()):
+        assert type(p) is torch.nn.Parameter and p.requires_grad
+        assert torch.equal(p.detach(), q.detach())
+    assert type(out["frozen"]) is torch.Tensor and not out["frozen"].requires_grad
+    assert type(out["grad"]) is torch.Tensor and out["grad"].requires_grad and out["grad"].is_leaf
+
+
+def test_async_saves_stage_in_call_order(store):
+    staged = []
+    real = store.save
+
+    def recording_save(run, step, *a, **k):
+        staged.append(step)
+        return real(run, step, *a, **k)
+
+    store.save = recording_save
+    try:
+        hs = [
+            ct.async_save({"w": torch.full((1 if i % 2 else 1 << 19,), float(i))}, store, "r", i)
+            for i in range(1, 41)
+        ]
+        for h in hs:
+            h.wait(timeout=120)
+    finally:
+        del store.save
+    assert staged == list(range(1, 41))
+    assert store.steps("r") == list(range(1, 41))
+    for s in (1, 2, 39, 40):
+        assert store.load("r", s)["w"][0] == float(s)

@@ -169,6 +169,17 @@ def _is_torch_tensor(v):
     return t.__module__.startswith("torch") and hasattr(v, "data_ptr") and hasattr(v, "dtype")
 
 
+def _unsupported(name, dtype, is_complex):
+    """The error for a dtype cairn cannot store."""
+    if is_complex:
+        return InvalidError(
+            f"invalid tensor {name!r}: dtype {dtype} is not supported: complex tensors are stored "
+            "as their real view (torch.view_as_real, numpy .view(float dtype)); cairn.torch.save "
+            "does that itself"
+        )
+    return InvalidError(f"invalid tensor {name!r}: dtype {dtype} is not supported")
+
+
 def _raw_tensor(name, value, keep):
     """(name, dtype, shape, address, nbytes, shard) of one tensor, keeping
     whatever owns the memory alive in `keep`. No copy for C-contiguous
@@ -182,7 +193,7 @@ def _raw_tensor(name, value, keep):
     if isinstance(value, np.ndarray):
         dt = _dtypes.from_numpy(value.dtype)
         if dt is None:
-            raise InvalidError(f"invalid tensor {name!r}: numpy dtype {value.dtype} is not supported")
+            raise _unsupported(name, f"numpy {value.dtype}", value.dtype.kind == "c")
         if not value.flags.c_contiguous:
             value = np.ascontiguousarray(value)
         keep.append(value)
@@ -191,7 +202,7 @@ def _raw_tensor(name, value, keep):
     if _is_torch_tensor(value):
         dt = _dtypes.from_torch(value.dtype)
         if dt is None:
-            raise InvalidError(f"invalid tensor {name!r}: torch dtype {value.dtype} is not supported")
+            raise _unsupported(name, value.dtype, value.dtype.is_complex)
         if value.device.type != "cpu":
             raise InvalidError(
                 f"invalid tensor {name!r}: on {value.device}; CUDA tensors are staged by Store.save"
@@ -236,8 +247,8 @@ def _part_arg(rank, world_size):
     if rank is None or world_size is None:
         raise InvalidError("invalid sharded save: rank and world_size go together")
     for what, v in (("rank", rank), ("world_size", world_size)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-            raise InvalidError(f"invalid {what}: {v!r}: expected a non-negative int")
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v <= _U32_MAX:
+            raise InvalidError(f"invalid {what}: {v!r}: expected an int in 0..={_U32_MAX}")
     if not 0 <= rank < world_size:
         raise InvalidError(f"invalid rank: {rank} is not below world_size {world_size}")
     return (int(rank), int(world_size))
@@ -249,12 +260,62 @@ def _tensor_entries(manifest):
     return list(manifest.get("tensors") or []) + list(manifest.get("sharded") or [])
 
 
+# Steps are u64 and ranks and world sizes u32 in the core.
+_U64_MAX = (1 << 64) - 1
+_U32_MAX = (1 << 32) - 1
+
+
+def _is_step(step):
+    return not isinstance(step, bool) and isinstance(step, (int, np.integer)) and 0 <= step <= _U64_MAX
+
+
 def _step_arg(step):
-    if step is None or step == "latest":
+    if step is None or (isinstance(step, str) and step == "latest"):
         return None
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+    if not _is_step(step):
         raise InvalidError(f"invalid step: {step!r}: expected a non-negative int or 'latest'")
     return int(step)
+
+
+def _save_step(step):
+    """A step to save, commit or delete: an int (numpy's too) in the core's
+    range; a float or a bool is refused rather than truncated."""
+    if not _is_step(step):
+        raise InvalidError(f"invalid step: {step!r}: expected an int in 0..={_U64_MAX}")
+    return int(step)
+
+
+def _overlapping(spans):
+    """Indices of the `(start, end)` spans that overlap another one, in
+    O(n log n): after sorting by start, a span overlaps an earlier one
+    exactly when it starts before the furthest end so far, and then it
+    overlaps the span holding that end too."""
+    hit = set()
+    far_end, far = None, None
+    for i in sorted(range(len(spans)), key=lambda i: spans[i][0]):
+        start, end = spans[i]
+        if far_end is not None and start < far_end:
+            hit.add(i)
+            hit.add(far)
+        if far_end is None or end > far_end:
+            far_end, far = end, i
+    return hit
+
+
+def _codec_option(codec):
+    """The `codec` store option as the core reads it: the CLI's spelling
+    (`"raw"`, `"zstd"`, `"zstd:LEVEL"`) becomes its tagged form; a dict is
+    passed as it is."""
+    if not isinstance(codec, str):
+        return codec
+    if codec == "raw":
+        return {"kind": "raw"}
+    if codec == "zstd":
+        return {"kind": "zstd", "level": 1}
+    level = codec[len("zstd:"):] if codec.startswith("zstd:") else ""
+    if level.isdigit() and 1 <= int(level) <= 19:
+        return {"kind": "zstd", "level": int(level)}
+    raise InvalidError(f"invalid codec: {codec!r}: expected raw, zstd or zstd:LEVEL with LEVEL in 1..=19")
 
 
 _PAGE = 4096
@@ -299,7 +360,8 @@ class Store:
     an optional remote tier (`remote="s3://bucket/prefix"`, credentials from
     the environment, `remote_options` as a dict of object_store options).
     Keyword `options` set `StoreOptions` fields (`staging_bytes`,
-    `chunk_size`, `codec`, `workers`, ...). `staging_bytes` is the staging
+    `chunk_size`, `codec` as `"raw"`, `"zstd"` or `"zstd:LEVEL"`, `workers`,
+    ...). `staging_bytes` is the staging
     pool: a save blocks only while its state does not fit in what is free,
     and the pool is resident memory. Saves with CUDA tensors copy them
     straight into leased slices of the pool; `leases=True` sends CPU torch
@@ -309,6 +371,8 @@ class Store:
         opts = [(str(k), str(v)) for k, v in (remote_options or {}).items()]
         self._leases = bool(leases)
         self._pool_view = None
+        if "codec" in options:
+            options["codec"] = _codec_option(options["codec"])
         self._raw = _RawStore(
             str(path),
             remote,
@@ -346,6 +410,7 @@ class Store:
         sharded step: `cairn.Shard` values place their data in the global
         tensor, plain tensors are replicas of the whole tensor. A part does
         not make the step visible; `commit` does, once every rank saved."""
+        step = _save_step(step)
         part = _part_arg(rank, world_size)
         items = _items(tensors, "tensors")
         values = [v.data if isinstance(v, Shard) else v for _, v in items]
@@ -388,7 +453,7 @@ class Store:
                 )
             dt = _dtypes.from_torch(value.dtype)
             if dt is None:
-                raise InvalidError(f"invalid tensor {name!r}: torch dtype {value.dtype} is not supported")
+                raise _unsupported(name, value.dtype, value.dtype.is_complex)
             t = value.detach()
             if t.layout != torch.strided:
                 raise InvalidError(f"invalid tensor {name!r}: {t.layout} tensors are not supported")
@@ -453,11 +518,12 @@ class Store:
         `CommitReport` (`parts`, `tensors`, `shards`, `replicas`, `blobs`,
         `logical_bytes`, `created`, `elapsed`). Committing an already
         committed step with the same parts succeeds with `created=False`."""
+        step = _save_step(step)
         if isinstance(world_size, bool) or not isinstance(world_size, (int, np.integer)):
             raise InvalidError(f"invalid world size: {world_size!r}: expected an int")
-        if world_size < 1:
-            raise InvalidError(f"invalid world size: {world_size}: must be at least 1")
-        return CommitReport(json.loads(self._raw.commit(str(run), int(step), int(world_size))))
+        if not 1 <= world_size <= _U32_MAX:
+            raise InvalidError(f"invalid world size: {world_size}: must be in 1..={_U32_MAX}")
+        return CommitReport(json.loads(self._raw.commit(str(run), step, int(world_size))))
 
     def load_region(self, run, step, name, offsets, shape):
         """The region of tensor `name` at `offsets` with `shape` as a numpy
@@ -564,12 +630,13 @@ class Store:
         Page-aligned (or small) C-contiguous host buffers are filled
         directly; others through a page-aligned bounce buffer (so that
         chunks are read with O_DIRECT, not through the page cache) and a
-        copy. Returns the step read."""
+        copy; targets that share memory are restored in the order given.
+        Every target is checked (name, dtype, shape, writable) before any
+        is written. Returns the step read."""
         run = str(run)
         step = self.resolve(run, step)
         entries = {e["name"]: e for e in _tensor_entries(json.loads(self._raw.manifest_json(run, step)))}
-        direct, staged, spans = [], [], []
-        keep = []
+        checked = []
         for name, t in _items(targets, "targets"):
             name = str(name)
             e = entries.get(name)
@@ -580,8 +647,10 @@ class Store:
                 contiguous = cpu and t.is_contiguous() and not t.is_conj() and not t.is_neg()
                 addr, nbytes = t.data_ptr(), t.numel() * t.element_size()
             elif isinstance(t, np.ndarray):
+                if not t.flags.writeable:
+                    raise InvalidError(f"invalid target {name!r}: the numpy array is read-only")
                 dt = _dtypes.from_numpy(t.dtype)
-                contiguous = t.flags.c_contiguous and t.flags.writeable
+                contiguous = t.flags.c_contiguous
                 addr, nbytes = t.__array_interface__["data"][0], int(t.nbytes)
             else:
                 raise InvalidError(f"invalid target {name!r}: expected a numpy array or a torch tensor")
@@ -590,10 +659,19 @@ class Store:
                     f"invalid target {name!r}: {dt} {list(t.shape)}, "
                     f"but the checkpoint holds {e['dtype']} {e['shape']}"
                 )
-            overlaps = nbytes > 0 and any(a < addr + nbytes and addr < b for a, b in spans)
-            if contiguous and not overlaps and (addr % _PAGE == 0 or nbytes < _DIRECT_MIN):
-                if nbytes > 0:
-                    spans.append((addr, addr + nbytes))
+            # Filled in place only where the core can write it directly.
+            ok = contiguous and nbytes > 0 and (addr % _PAGE == 0 or nbytes < _DIRECT_MIN)
+            checked.append((name, t, e, addr, nbytes, ok))
+        # The core writes direct targets in any order, so targets that share
+        # memory go through the bounce buffer, copied in the order given.
+        candidates = [i for i, c in enumerate(checked) if c[5]]
+        shared = _overlapping([(checked[i][3], checked[i][3] + checked[i][4]) for i in candidates])
+        shared = {candidates[j] for j in shared}
+        direct, staged, keep = [], [], []
+        for i, (name, t, e, addr, nbytes, ok) in enumerate(checked):
+            if nbytes == 0:
+                continue
+            if ok and i not in shared:
                 direct.append((name, addr, nbytes))
                 keep.append(t)
             else:
@@ -638,14 +716,17 @@ class Store:
                 if _is_torch_tensor(t):
                     from .torch import _from_numpy
 
-                    t.copy_(_from_numpy(a))
+                    # A parameter that requires grad is restored like any
+                    # tensor: the copy is not part of the autograd graph.
+                    with _torch().no_grad():
+                        t.copy_(_from_numpy(a))
                 else:
                     np.copyto(t, a)
 
     def delete(self, run, step):
         """Delete a checkpoint (its chunks go at the next garbage collection)."""
-        self._raw.delete(str(run), int(step))
+        self._raw.delete(str(run), _save_step(step))
 
     def upload(self, run, step):
         """Upload a checkpoint to the remote tier; the report as a dict."""
-        return json.loads(self._raw.upload(str(run), int(step)))
+        return json.loads(self._raw.upload(str(run), _save_step(step)))

@@ -11,7 +11,10 @@
 Every tensor of the state becomes a cairn tensor named by its path
 (`model/layer.weight`, `optim/state/0/exp_avg`); the structure and every
 non-tensor value (step counters, hyper-parameters, ...) are stored as blobs:
-the structure as JSON, values JSON cannot hold pickled. CUDA tensors are
+the structure as JSON, values JSON cannot hold pickled. The structure also
+records what the stored tensor cannot: whether it was an `nn.Parameter`,
+`requires_grad`, and complex dtypes, which are stored as their real view
+(`torch.view_as_real`: a trailing dimension of 2). CUDA tensors are
 copied device-to-host on a side stream straight into leased slices of the
 staging pool, page-locked once (see `_cuda`).
 
@@ -89,8 +92,21 @@ def _encode(obj, path, tensors, pickles):
     torch = _torch()
     if isinstance(obj, torch.Tensor):
         name = "/".join(path) if path else "%00"
+        if name in tensors:
+            # Keys are stored as text: 0 and "0", or None and "None", in one
+            # dict would name one tensor and one of them would be lost.
+            raise cairn.InvalidError(
+                f"invalid state: two tensors would be saved as {name!r} "
+                "(keys of one dict that are equal as text, such as 0 and '0')"
+            )
+        skel = {_T: name, "device": str(obj.device), "requires_grad": bool(obj.requires_grad)}
+        if isinstance(obj, torch.nn.Parameter):
+            skel["parameter"] = True
+        if obj.is_complex():
+            skel["complex"] = True
+            obj = torch.view_as_real(obj.detach().resolve_conj())
         tensors[name] = obj
-        return {_T: name, "device": str(obj.device), "requires_grad": bool(obj.requires_grad)}
+        return skel
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     if isinstance(obj, dict):
@@ -144,7 +160,33 @@ class AsyncSaveHandle:
         return self.durable.result(timeout)
 
 
-_async_lock = threading.Lock()
+class _Turns:
+    """Turns handed out in call order: `take` numbers a caller, `wait`
+    blocks until every earlier number is `done` (a plain lock wakes
+    waiters in no particular order)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._next = 0
+        self._serving = 0
+
+    def take(self):
+        with self._cond:
+            turn = self._next
+            self._next += 1
+            return turn
+
+    def wait(self, turn):
+        with self._cond:
+            self._cond.wait_for(lambda: self._serving == turn)
+
+    def done(self, turn):
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+
+_async_turns = _Turns()
 
 
 def async_save(state_dict, store, run, step, *, metadata=None, metrics=None, staging_bytes=None):
@@ -154,7 +196,8 @@ def async_save(state_dict, store, run, step, *, metadata=None, metrics=None, sta
     tensors is staged before this returns: the device-to-host copies go
     straight into the staging pool on a side stream and this waits for
     them, so the parameters may change right after (`staged` is then
-    already resolved). Saves run in call order."""
+    already resolved). Saves are staged in call order, each once the
+    previous one is staged."""
     handle = AsyncSaveHandle()
     try:
         tensors, blobs = _flatten(state_dict)
@@ -166,9 +209,14 @@ def async_save(state_dict, store, run, step, *, metadata=None, metrics=None, sta
         handle.durable.set_exception(e)
         return handle
 
+    turn = _async_turns.take()
+
     def stage():
-        with _async_lock:
+        _async_turns.wait(turn)
+        try:
             return st.save(run, step, items, blobs=blobs, metadata=metadata, metrics=metrics)
+        finally:
+            _async_turns.done(turn)
 
     def durable(h):
         try:
@@ -196,7 +244,13 @@ def async_save(state_dict, store, run, step, *, metadata=None, metrics=None, sta
             return handle
         threading.Thread(target=durable, args=(h,), name=f"cairn-async-save-{run}-{step}", daemon=False).start()
         return handle
-    threading.Thread(target=work, name=f"cairn-async-save-{run}-{step}", daemon=False).start()
+    try:
+        threading.Thread(target=work, name=f"cairn-async-save-{run}-{step}", daemon=False).start()
+    except BaseException:
+        # No thread takes the turn: pass it on so later saves still run.
+        _async_turns.wait(turn)
+        _async_turns.done(turn)
+        raise
     return handle
 
 
@@ -226,9 +280,62 @@ def _aligned_empty(shape, dtype):
     return raw[off : off + n].view(dtype).view(shape)
 
 
+def _stored(skel, entries):
+    """(entry, dtype, shape) of the tensor at `skel` as the state held it:
+    a complex tensor is stored as its real view, with a trailing 2."""
+    torch = _torch()
+    e = entries[skel[_T]]
+    dtype, shape = _dtypes.to_torch(e["dtype"]), tuple(e["shape"])
+    if skel.get("complex"):
+        complex_of = {torch.float16: torch.complex32, torch.float32: torch.complex64, torch.float64: torch.complex128}
+        dtype, shape = complex_of[dtype], shape[:-1]
+    return e, dtype, shape
+
+
+def _check(skel, target, pickles, entries):
+    """Refuse, before anything is written, a tensor of the state whose
+    shape differs from the checkpoint's (walks the state as `_decode`)."""
+    torch = _torch()
+    if isinstance(skel, list):
+        if type(target) is list and len(target) == len(skel):
+            for s, t in zip(skel, target):
+                _check(s, t, pickles, entries)
+        return
+    if not isinstance(skel, dict) or _PICKLE in skel:
+        return
+    if _T in skel:
+        if isinstance(target, torch.Tensor):
+            _, _, shape = _stored(skel, entries)
+            if tuple(target.shape) != shape:
+                raise cairn.InvalidError(
+                    f"invalid target {skel[_T]!r}: the state holds shape {list(target.shape)}, "
+                    f"the checkpoint {list(shape)}"
+                )
+        return
+    if _TUPLE in skel:
+        if type(target) is tuple and len(target) == len(skel[_TUPLE]):
+            for s, t in zip(skel[_TUPLE], target):
+                _check(s, t, pickles, entries)
+        return
+    if not isinstance(target, dict):
+        return
+    if _DICT in skel:
+        pairs = [(_decode(k, None, [], pickles, entries), v) for k, v in skel[_DICT]]
+    else:
+        pairs = skel.items()
+    for k, v in pairs:
+        if k in target:
+            _check(v, target[k], pickles, entries)
+
+
 def _decode(skel, target, plan, pickles, entries):
     """Rebuild the value at one position of the state from its structure,
-    reusing `target` (the caller's value there) where it fits."""
+    reusing `target` (the caller's value there) where it fits. `plan`
+    collects `(name, tensor to restore into, value placed in the state,
+    finish)`: `finish` is None when the bytes land in the caller's tensor,
+    else a function run once they are in, returning the value the state
+    holds in the end (the caller's tensor after a converting copy, or the
+    new tensor on its device, an `nn.Parameter`, ...)."""
     torch = _torch()
     if isinstance(skel, list):
         if type(target) is list and len(target) == len(skel):
@@ -240,17 +347,42 @@ def _decode(skel, target, plan, pickles, entries):
         return skel
     if _T in skel:
         name = skel[_T]
-        e = entries[name]
-        dtype, shape = _dtypes.to_torch(e["dtype"]), tuple(e["shape"])
-        if isinstance(target, torch.Tensor) and target.dtype == dtype and tuple(target.shape) == shape:
-            plan.append((name, target, None))
+        e, dtype, shape = _stored(skel, entries)
+        stored_dtype, stored_shape = _dtypes.to_torch(e["dtype"]), tuple(e["shape"])
+        is_complex = bool(skel.get("complex"))
+        if isinstance(target, torch.Tensor) and tuple(target.shape) == shape:
+            if target.dtype == dtype and not (is_complex and target.is_conj()):
+                plan.append((name, torch.view_as_real(target) if is_complex else target, target, None))
+                return target
+            # Another dtype: restored aside, then converted into the
+            # caller's tensor (as `load_state_dict` copies).
+            raw = _aligned_empty(stored_shape, stored_dtype)
+            value = torch.view_as_complex(raw) if is_complex else raw
+
+            def convert(target=target, value=value):
+                with torch.no_grad():
+                    target.copy_(value)
+                return target
+
+            plan.append((name, raw, target, convert))
             return target
-        t = _aligned_empty(shape, dtype)
+        raw = _aligned_empty(stored_shape, stored_dtype)
+        value = torch.view_as_complex(raw) if is_complex else raw
         device = skel.get("device", "cpu")
         if device != "cpu" and not torch.cuda.is_available():
             device = "cpu"
-        plan.append((name, t, device))
-        return t
+        requires_grad = bool(skel.get("requires_grad")) and (value.is_floating_point() or value.is_complex())
+        parameter = bool(skel.get("parameter"))
+
+        def create(value=value, device=device, requires_grad=requires_grad, parameter=parameter):
+            if device != "cpu":
+                value = value.to(device)
+            if parameter:
+                return torch.nn.Parameter(value, requires_grad=requires_grad)
+            return value.requires_grad_(requires_grad)
+
+        plan.append((name, raw, value, create))
+        return value
     if _TUPLE in skel:
         tgt = target if type(target) is tuple and len(target) == len(skel[_TUPLE]) else (None,) * len(skel[_TUPLE])
         return tuple(_decode(s, t, plan, pickles, entries) for s, t in zip(skel[_TUPLE], tgt))
@@ -270,8 +402,14 @@ def load(state_dict, store, run, step="latest"):
     """Load checkpoint `(run, step)` into `state_dict` in place: tensors of
     matching dtype and shape are overwritten where they are (a model's
     `state_dict()` shares its parameters, so the model is restored too);
-    entries missing (an optimizer state before its first step) are created;
-    non-tensor values are replaced. Returns `state_dict`."""
+    a tensor of another dtype is loaded converted into the existing tensor
+    (as `load_state_dict` copies); a tensor of another shape raises
+    `InvalidError` naming it and both shapes, before anything is written.
+    Entries missing (an optimizer state before its first step) are
+    created, as the saved tensor was: on its device (CPU without a GPU),
+    an `nn.Parameter` or not, with its `requires_grad`; complex tensors
+    come back complex. Non-tensor values are replaced. Returns
+    `state_dict`."""
     st = _store(store)
     step = st.resolve(run, step)
     manifest = st.manifest(run, step)
@@ -287,12 +425,18 @@ def load(state_dict, store, run, step="latest"):
     for n, b in blobs.items():
         if n.startswith("cairn.torch/pickle/"):
             pickles[int(n.rsplit("/", 1)[1])] = b
+    _check(skeleton, state_dict, pickles, entries)
     plan = []
     result = _decode(skeleton, state_dict, plan, pickles, entries)
-    st.load_into(run, {name: t for name, t, _ in plan}, step=step)
-    if any(dev not in (None, "cpu") for _, _, dev in plan):
-        moved = {id(t): t.to(dev) for _, t, dev in plan if dev not in (None, "cpu")}
-        result = _replace(result, moved)
+    st.load_into(run, [(name, t) for name, t, _, _ in plan], step=step)
+    made = {}
+    for _, _, placed, finish in plan:
+        if finish is not None:
+            final = finish()
+            if final is not placed:
+                made[id(placed)] = final
+    if made:
+        result = _replace(result, made)
     if result is not state_dict and isinstance(state_dict, dict) and isinstance(result, dict):
         state_dict.update(result)
         return state_dict

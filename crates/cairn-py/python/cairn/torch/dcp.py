@@ -11,9 +11,13 @@ Saving: each rank saves one part of sharded step `(run, step)`
 (`Store.save` with `rank`/`world_size`): every tensor `WriteItem` of its
 plan becomes a `cairn.Shard` named by the item's fully qualified name, at
 the chunk's offsets in the global tensor; every bytes item becomes a blob of
-that name. `finish`, which DCP calls on the coordinator once every rank's
-writes are done, commits the step: until then it is invisible, so a rank
-that dies mid-save leaves no step behind.
+that name. The ranks are those DCP saves with (its `process_group`, or this
+process alone with `no_dist=True`): the coordinator numbers the plans it
+gathers, and each rank's plan carries its rank and the world size back.
+Each item is saved by the one rank DCP's planner gives it (a replicated
+value once, as with `FileSystemWriter`). `finish`, which DCP calls on the
+coordinator once every rank's writes are done, commits the step: until then
+it is invisible, so a rank that dies mid-save leaves no step behind.
 
 Loading: `read_metadata` rebuilds DCP's `Metadata` from cairn's own record
 (a tensor's global shape and dtype, one chunk per stored shard; one bytes
@@ -24,12 +28,13 @@ the core's region reads, which read each chunk once and verify it, straight
 into the destination tensor when it is a contiguous CPU tensor of the saved
 dtype.
 
-`CairnStorageWriter` is also DCP's `AsyncStager`: `dcp.async_save` calls
-its `stage`, which copies this rank's tensors straight into cairn's staging
-pool (the part save starts there and then), instead of DCP's default stager
-making a second CPU copy of the state dict first.
+`dcp.async_save` stages with DCP's default stager (a CPU copy of the state
+dict, so training may go on) and then saves that copy as `dcp.save` does:
+which rank saves which item, and the ranks taking part, are only known once
+the plans are gathered, after staging.
 """
 
+import dataclasses
 import io
 import os
 
@@ -47,17 +52,13 @@ def _torch():
     return torch
 
 
-def _dist():
-    import torch.distributed as dist
+@dataclasses.dataclass(frozen=True)
+class _Part:
+    """A rank's place in the save, as the coordinator numbered the plans:
+    carried back to the rank in its plan's `storage_data`."""
 
-    return dist
-
-
-def _world_and_rank():
-    dist = _dist()
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
+    rank: int
+    world_size: int
 
 
 def _dcp_base():
@@ -91,13 +92,9 @@ def _bytes_of(data):
 
 class CairnStorageWriter(_StorageWriter):
     """DCP `StorageWriter` that saves into sharded step `(run, step)` of a
-    cairn store (`store` a `cairn.Store` or a path). Every rank saves a
-    part; the coordinator's `finish` commits the step. Also an
-    `AsyncStager` for `dcp.async_save` (see the module docs)."""
-
-    # AsyncStager protocol: `stage` copies before it returns, so there is
-    # nothing left to synchronize afterwards.
-    _synchronize_after_execute = False
+    cairn store (`store` a `cairn.Store` or a path). Every rank DCP saves
+    with (its process group, or this process alone with `no_dist=True`)
+    saves a part; the coordinator's `finish` commits the step."""
 
     def __init__(self, store, run, step, *, metrics=None):
         super().__init__()
@@ -108,12 +105,6 @@ class CairnStorageWriter(_StorageWriter):
         self.is_coordinator = True
         self.rank = 0
         self.world_size = 1
-        self._staged = None  # (handle, names) once `stage` saved this rank's part
-
-    @property
-    def should_synchronize_after_execute(self):
-        """False: `stage` has copied everything when it returns."""
-        return False
 
     # -- StorageWriter ---------------------------------------------------
     def reset(self, checkpoint_id=None):
@@ -121,14 +112,20 @@ class CairnStorageWriter(_StorageWriter):
 
     def set_up_storage_writer(self, is_coordinator, *args, **kwargs):
         self.is_coordinator = bool(is_coordinator)
-        self.world_size, rank = _world_and_rank()
-        self.rank = int(kwargs.get("rank", rank))
+        self.rank = int(kwargs.get("rank") or 0)
 
     def prepare_local_plan(self, plan):
         return plan
 
     def prepare_global_plan(self, plans):
-        return plans
+        """Number the gathered plans (DCP orders them by rank in its
+        process group): each rank's plan carries its rank and the world
+        size back to it, and the coordinator commits that many parts."""
+        self.world_size = len(plans)
+        return [
+            dataclasses.replace(p, storage_data=_Part(rank=i, world_size=len(plans)))
+            for i, p in enumerate(plans)
+        ]
 
     def write_data(self, plan, planner):
         from torch.distributed.checkpoint.planner import WriteItemType
@@ -136,41 +133,37 @@ class CairnStorageWriter(_StorageWriter):
 
         fut = _torch().futures.Future()
         try:
+            part = plan.storage_data
+            if not isinstance(part, _Part):
+                raise cairn.InvalidError(
+                    "invalid DCP plan: it does not carry the rank's place in the save "
+                    "(CairnStorageWriter.prepare_global_plan numbers the plans)"
+                )
+            self.rank = part.rank
             tensors, blobs, results = {}, {}, []
-            staged = self._staged
-            self._staged = None
             for item in plan.items:
                 fqn = item.index.fqn
                 if item.type == WriteItemType.BYTE_IO:
-                    if staged is None:
-                        blobs[fqn] = _bytes_of(planner.resolve_data(item))
-                    size = len(blobs.get(fqn, b"")) if staged is None else staged[2].get(fqn, 0)
+                    blobs[fqn] = _bytes_of(planner.resolve_data(item))
+                    size = len(blobs[fqn])
                 else:
-                    if staged is None:
-                        if fqn in tensors:
-                            raise cairn.InvalidError(
-                                f"invalid DCP plan: rank {self.rank} writes two chunks of {fqn!r}; "
-                                "the cairn writer takes one chunk per tensor and rank"
-                            )
-                        tensors[fqn] = _as_shard(fqn, planner.resolve_data(item), item)
+                    if fqn in tensors:
+                        raise cairn.InvalidError(
+                            f"invalid DCP plan: rank {self.rank} writes two chunks of {fqn!r}; "
+                            "the cairn writer takes one chunk per tensor and rank"
+                        )
+                    tensors[fqn] = _as_shard(fqn, planner.resolve_data(item), item)
                     size = item.tensor_storage_size() or 0
-                if staged is not None and fqn not in staged[1]:
-                    raise cairn.InvalidError(
-                        f"invalid DCP plan: {fqn!r} was not staged by CairnStorageWriter.stage"
-                    )
                 results.append(WriteResult(index=item.index, size_in_bytes=size, storage_data=None))
-            if staged is None:
-                h = self.store.save(
-                    self.run,
-                    self.step,
-                    tensors,
-                    blobs=blobs,
-                    metrics=self.metrics,
-                    rank=self.rank,
-                    world_size=self.world_size,
-                )
-            else:
-                h = staged[0]
+            h = self.store.save(
+                self.run,
+                self.step,
+                tensors,
+                blobs=blobs,
+                metrics=self.metrics,
+                rank=part.rank,
+                world_size=part.world_size,
+            )
             h.wait()
             fut.set_result(results)
         except BaseException as e:  # noqa: BLE001 - DCP reads it from the future
@@ -189,56 +182,6 @@ class CairnStorageWriter(_StorageWriter):
         from torch.distributed.checkpoint.metadata import StorageMeta
 
         return StorageMeta(checkpoint_id=os.path.join(self.store.path, "runs", self.run, str(self.step)))
-
-    # -- AsyncStager -----------------------------------------------------
-    def stage(self, state_dict):
-        """Copy this rank's share of `state_dict` into cairn's staging pool
-        and start saving the part; returns `state_dict` (DCP plans on it,
-        but `write_data` then writes what was staged, not the live
-        tensors). Items are named and cut exactly as DCP's default planner
-        does (flattened names, DTensor local chunks); replicated values are
-        saved by every rank and stored once."""
-        from torch.distributed.checkpoint._nested_dict import flatten_state_dict
-        from torch.distributed.checkpoint.default_planner import create_default_local_save_plan
-        from torch.distributed.checkpoint.planner import WriteItemType
-        from torch.distributed.checkpoint.utils import find_state_dict_object
-
-        torch = _torch()
-        self.world_size, self.rank = _world_and_rank()
-        flat, _ = flatten_state_dict(state_dict)
-        plan = create_default_local_save_plan(flat, True)
-        tensors, blobs = {}, {}
-        for item in plan.items:
-            fqn = item.index.fqn
-            obj = find_state_dict_object(flat, item.index)
-            if item.type == WriteItemType.BYTE_IO:
-                buf = io.BytesIO()
-                torch.save(obj, buf)
-                blobs[fqn] = buf.getvalue()
-            else:
-                if fqn in tensors:
-                    raise cairn.InvalidError(
-                        f"invalid state dict: rank {self.rank} holds two chunks of {fqn!r}; "
-                        "the cairn writer takes one chunk per tensor and rank"
-                    )
-                tensors[fqn] = _as_shard(fqn, obj, item)
-        h = self.store.save(
-            self.run,
-            self.step,
-            tensors,
-            blobs=blobs,
-            metrics=self.metrics,
-            rank=self.rank,
-            world_size=self.world_size,
-        )
-        self._staged = (h, set(tensors) | set(blobs), {k: len(v) for k, v in blobs.items()})
-        return state_dict
-
-    def synchronize_staging(self):
-        """Nothing to do: `stage` copies synchronously."""
-
-    def close(self):
-        """Nothing to release: the store stays open."""
 
 
 class CairnStorageReader(_StorageReader):
@@ -328,7 +271,7 @@ class CairnStorageReader(_StorageReader):
             m = self.store.manifest(self.run, step)
             for t in (m.get("tensors") or []) + (m.get("sharded") or []):
                 dtypes[t["name"]] = t["dtype"]
-            raw, direct, staged, spans, keep = [], [], [], [], []
+            raw, direct, staged, keep, candidates = [], [], [], [], []
             for r in tensor_items:
                 name = r.storage_index.fqn
                 base = r.storage_index.offset or [0] * len(r.lengths)
@@ -344,15 +287,19 @@ class CairnStorageReader(_StorageReader):
                     and target.is_contiguous()
                     and _dtypes.from_torch(target.dtype) == dtypes[name]
                     and list(target.shape) == shape
-                    and not any(a < addr + nbytes and addr < b for a, b in spans)
                     # Chunks land on page boundaries (read with O_DIRECT)
                     # only in page-aligned memory; small reads go through
                     # the page cache either way.
                     and (addr % cairn._PAGE == 0 or nbytes < cairn._DIRECT_MIN)
                 )
-                if ok:
-                    if nbytes:
-                        spans.append((addr, addr + nbytes))
+                candidates.append((r, target, name, offsets, shape, addr, nbytes, ok))
+            # The core fills the direct regions in any order: targets that
+            # share memory go through temporaries, copied in plan order.
+            direct_ok = [i for i, c in enumerate(candidates) if c[7] and c[6] > 0]
+            shared = cairn._overlapping([(candidates[i][5], candidates[i][5] + candidates[i][6]) for i in direct_ok])
+            shared = {direct_ok[j] for j in shared}
+            for i, (r, target, name, offsets, shape, addr, nbytes, ok) in enumerate(candidates):
+                if ok and i not in shared:
                     keep.append(target)
                     direct.append((r, target))
                     raw.append((name, offsets, shape, addr, nbytes))
