@@ -71,7 +71,7 @@ pub use codec::{CodecChoice, Decoder, Encoder};
 pub use copy::{copy_checkpoint, glob_match, CopyOptions, CopyReport};
 pub use daemon::{
     DaemonConfig, DaemonStatus, FailingCheckpoint, FlushDaemon, GcConfig, RetentionConfig,
-    SharedStatus, MAX_CONFIG_LEN,
+    SharedStatus, MAX_CONFIG_LEN, STOP_GRACE,
 };
 pub use dtype::DType;
 pub use error::{Error, ErrorKind, Region, Result};

@@ -372,3 +372,34 @@ fn daemon_stopped_between_remote_commit_and_marker() {
     );
     assert!(daemon.status().snapshot().failing.is_empty());
 }
+
+/// A daemon handed a remote store that was cancelled before (by another
+/// daemon's stop, or the program) refuses to run, naming it, instead of
+/// ending every cycle at once with nothing reported.
+#[test]
+fn a_daemon_refuses_a_cancelled_remote_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("local");
+    Store::open(&local, opts(CodecChoice::Raw)).unwrap();
+    let remote = s3_remote("cancelled");
+    remote.cancel();
+    let mut cfg = cairn::DaemonConfig::new(local, remote.url().into());
+    cfg.remote_options = s3_options().into_iter().collect();
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let daemon = cairn::FlushDaemon::new(cfg)
+        .unwrap()
+        .with_remote(remote.clone());
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let e = rt
+        .block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(30), daemon.run(rx)).await
+        })
+        .expect("the daemon ran on with a cancelled store")
+        .unwrap_err();
+    assert_eq!(e.kind(), cairn::ErrorKind::Invalid, "{e}");
+    assert!(e.to_string().contains("cancelled"), "{e}");
+}

@@ -123,3 +123,32 @@ fn uploads_rely_on_chunks_only_within_half_the_recorded_grace() {
     assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
     assert_eq!(uploader.recorded_gc_grace().unwrap(), Some(HOUR));
 }
+
+#[test]
+fn an_uploader_follows_a_record_replaced_between_its_uploads() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = local(dir.path());
+    let bucket = s3::new_bucket("grace-replaced");
+    let clock = ManualClock::at_ms(now_ms());
+    // A long-running uploader with the default grace records it.
+    let uploader = open(&bucket, RemoteOptions::default().gc_grace, &clock);
+    store.upload_to(&uploader, "r", 1).unwrap();
+    assert_eq!(uploader.recorded_gc_grace().unwrap(), Some(24 * HOUR));
+    // While it waits, the record is deleted and a one-hour collection
+    // records its own.
+    uploader
+        .block_on(
+            uploader
+                .object_store()
+                .delete(&uploader.grace_record_path()),
+        )
+        .unwrap()
+        .unwrap();
+    open(&bucket, HOUR, &clock).gc(HOUR, false).unwrap();
+    // Forty minutes on, its next upload relies on nothing past half an
+    // hour: it renews the chunks rather than skipping them.
+    clock.advance(Duration::from_secs(40 * 60));
+    let again = store.upload_to(&uploader, "r", 2).unwrap();
+    assert_eq!(again.chunks_skipped, 0, "{again:?}");
+    assert_eq!(again.chunks_renewed, again.chunks, "{again:?}");
+}

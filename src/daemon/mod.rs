@@ -28,9 +28,13 @@
 //! point repeats only idempotent steps after a restart.
 //!
 //! A stop (SIGTERM) cancels the remote store ([`RemoteStore::cancel`]):
-//! the upload on its blocking thread fails at its next remote call, before
-//! its manifest put, and the daemon waits for it (at most [`STOP_GRACE`])
-//! before the runtime goes away. Each scan checks that the local store is
+//! the upload on its blocking thread fails at its next remote call, and
+//! the daemon waits for it (at most [`STOP_GRACE`]) before the runtime goes
+//! away. What the stop interrupts is left as a crash would leave it: an
+//! upload stopped before its manifest put commits nothing; one whose put
+//! was already sent may land without its post-commit re-checks, which the
+//! next start's upload of the step does not repeat for chunks it finds
+//! fresh. Each scan checks that the local store is
 //! still there; a store that disappeared fails every scan and, after
 //! `unhealthy_after`, `/healthz`.
 
@@ -155,12 +159,23 @@ impl FlushDaemon {
     }
 
     /// Run until `shutdown` turns true. Then the remote is cancelled
-    /// ([`RemoteStore::cancel`]): an upload in progress is abandoned before
-    /// its remote commit (the next start completes it), and the work in
-    /// flight is awaited for at most [`STOP_GRACE`], so that no task is
+    /// ([`RemoteStore::cancel`]): an upload in progress is abandoned as a
+    /// crash would abandon it (the next start completes it), and the work in
+    /// flight is awaited for at most [`STOP_GRACE`](crate::STOP_GRACE), so that no task is
     /// left running on a runtime being shut down. Fails if a task of the
     /// daemon panicked, or the work in flight did not return in time.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+        // A store cancelled before (by another daemon's stop, or the
+        // program) would make every cycle end at once, unreported.
+        if self.stopping() {
+            return Err(Error::invalid(
+                "remote store",
+                format!(
+                    "{} was cancelled (RemoteStore::cancel is for good): give the daemon a store of its own",
+                    self.remote.url()
+                ),
+            ));
+        }
         let listener = http::bind(self.cfg.listen)
             .await
             .map_err(|e| Error::io("bind status endpoint", self.cfg.listen.to_string(), e))?;

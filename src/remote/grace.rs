@@ -11,9 +11,11 @@
 //! the same grace. The first writer or collector to reach a remote records
 //! the grace it uses (a create-only put, so every party reads one value);
 //! from then on a collection with a shorter grace is refused, and uploads
-//! use the shorter of their own grace and the recorded one. The record
-//! never changes: a remote whose writers should rely on a shorter grace is
-//! given one by deleting the object while no upload or collection runs.
+//! use the shorter of their own grace and the recorded one, read again by
+//! every upload. The record never changes: a remote whose writers should
+//! rely on a shorter grace is given one by deleting the object while no
+//! upload or collection runs; the next to reach the remote records its
+//! own.
 
 use super::RemoteStore;
 use crate::error::{Error, Result};
@@ -35,8 +37,9 @@ const RECORD_FORMAT: &str = "cairn-gc-grace";
 const RECORD_VERSION: u32 = 1;
 
 /// The record's body.
+/// Unknown fields are ignored: a later version adds fields under a new
+/// `version` only if older readers must not go on.
 #[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct GraceRecord {
     format: String,
     version: u32,
@@ -137,11 +140,20 @@ impl RemoteStore {
                 source:
                     object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. },
                 ..
-            }) => self.read_grace_record().await?.ok_or_else(|| {
-                Error::Internal(format!(
+            }) => {
+                // Another party's record: S3 and Azure can refuse a put
+                // that races another one (409) before that object is
+                // visible, so it is read again a few times.
+                for wait_ms in [0u64, 100, 200, 400, 800] {
+                    tokio::time::sleep(std::time::Duration::from_millis(wait_ms)).await;
+                    if let Some(g) = self.read_grace_record().await? {
+                        return Ok(g);
+                    }
+                }
+                Err(Error::Internal(format!(
                     "grace record {path} refused as present, then not found"
-                ))
-            }),
+                )))
+            }
             Err(e) => Err(e),
         }
     }
@@ -153,14 +165,15 @@ impl RemoteStore {
 
     /// The grace this store's uploads rely on: the shorter of its
     /// `gc_grace` and the remote's record, which is made with `gc_grace`
-    /// when absent. Read once per store (clones share it); blocking.
+    /// when absent. Read again by every upload (one small GET), so a
+    /// record replaced while a long-running process waits between uploads
+    /// is followed; blocking.
     pub fn upload_grace(&self) -> Result<Duration> {
-        if let Some(g) = self.grace.get() {
-            return Ok(*g);
-        }
         let own = self.opts.gc_grace;
         let recorded = self.block_on(self.ensure_grace_record(own))??;
-        Ok(*self.grace.get_or_init(|| own.min(recorded)))
+        let g = own.min(recorded);
+        *self.grace.lock().unwrap_or_else(|p| p.into_inner()) = Some(g);
+        Ok(g)
     }
 
     /// The grace a collection through this store uses: its `gc_grace`, or
@@ -174,7 +187,10 @@ impl RemoteStore {
     /// The grace of [`RemoteStore::upload_grace`] once it was read, else
     /// the store's own `gc_grace`.
     pub(crate) fn reuse_grace(&self) -> Duration {
-        self.grace.get().copied().unwrap_or(self.opts.gc_grace)
+        self.grace
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or(self.opts.gc_grace)
     }
 
     /// Check a collection's grace against the record (made with `grace`

@@ -256,8 +256,9 @@ pub struct RemoteStore {
     encoders: Arc<EncoderPool>,
     in_flight: Arc<ByteBudget>,
     packed: Arc<pack::PackIndex>,
-    /// The grace uploads rely on, once read (see [`grace`]).
-    grace: Arc<OnceLock<std::time::Duration>>,
+    /// The grace uploads rely on, as the last upload read it (see
+    /// [`grace`]).
+    grace: Arc<std::sync::Mutex<Option<std::time::Duration>>>,
     /// Turned true by [`RemoteStore::cancel`], shared by every clone.
     cancelled: Arc<tokio::sync::watch::Sender<bool>>,
 }
@@ -540,9 +541,12 @@ impl RemoteStore {
     /// Stop this store and every clone of it, for a process that is
     /// stopping: operations running now end with [`Error::Cancelled`] (a
     /// request in flight is dropped) and later ones fail with it at once.
-    /// What was interrupted is left as a crash would leave it; an upload
-    /// stopped before its manifest put commits nothing, and a later upload
-    /// of the same checkpoint skips what already arrived.
+    /// What was interrupted is left as a crash would leave it: an upload
+    /// stopped before its manifest put commits nothing, one whose put was
+    /// already sent may commit without its post-commit re-checks, and a
+    /// later upload of the same checkpoint skips what already arrived.
+    /// The cancel is for good, for every clone: give a daemon a store of
+    /// its own, not a clone of one the program goes on using.
     pub fn cancel(&self) {
         self.cancelled.send_replace(true);
     }

@@ -158,11 +158,16 @@ pub fn run(
         if !small.is_empty() {
             groups.push(small);
         }
+        // From the manifests read above, without their blobs (restore
+        // reads every blob of a manifest, whatever the filter).
+        let (mut ma, mut mb) = (ma.clone(), mb.clone());
+        ma.blobs.clear();
+        mb.blobs.clear();
         let mut found: BTreeMap<String, u64> = BTreeMap::new();
         for names in groups {
             let filter = cairn::TensorFilter::names(names.iter().cloned());
-            let ra = tier.restore(run, cairn::StepSel::Step(a), &filter)?;
-            let rb = tier.restore(run, cairn::StepSel::Step(b), &filter)?;
+            let ra = tier.restore_from_manifest(ma.clone(), &filter)?;
+            let rb = tier.restore_from_manifest(mb.clone(), &filter)?;
             for n in &names {
                 if let (Some(x), Some(y)) = (ra.tensor(n), rb.tensor(n)) {
                     found.insert(n.clone(), differing_bytes(&x.data, &y.data));
