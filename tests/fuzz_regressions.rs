@@ -150,8 +150,9 @@ fn stray_chunk_objects_are_not_listed_or_collected() {
     assert_eq!(listed[0].0, id);
     assert_eq!(listed[0].2, data.len() as u64, "the real object's size");
 
-    clock.advance(Duration::from_secs(3600));
-    let report = remote.gc(Duration::from_secs(60), false).unwrap();
+    // Two days on, past the default grace the collection records.
+    clock.advance(Duration::from_secs(2 * 86400));
+    let report = remote.gc(Duration::from_secs(86400), false).unwrap();
     assert_eq!(report.chunks_deleted, 1, "{report:?}");
     assert_eq!(report.bytes_reclaimed, data.len() as u64, "{report:?}");
     assert_eq!(report.chunks_in_grace, 0, "{report:?}");

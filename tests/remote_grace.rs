@@ -152,3 +152,25 @@ fn an_uploader_follows_a_record_replaced_between_its_uploads() {
     assert_eq!(again.chunks_skipped, 0, "{again:?}");
     assert_eq!(again.chunks_renewed, again.chunks, "{again:?}");
 }
+
+#[test]
+fn a_short_collection_on_a_new_remote_records_its_stores_grace_not_its_own() {
+    let bucket = s3::new_bucket("grace-first-gc");
+    let clock = ManualClock::at_ms(now_ms());
+    // `cairn gc s3://... --grace 1m` on a remote nothing has reached yet:
+    // its store has the default 24 hours, which becomes the record, and
+    // the one-minute collection is refused against it.
+    let collector = open(&bucket, RemoteOptions::default().gc_grace, &clock);
+    let e = collector.gc(Duration::from_secs(60), false).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
+    assert_eq!(collector.recorded_gc_grace().unwrap(), Some(24 * HOUR));
+    // A store configured for a one-minute grace may set it, on a remote
+    // without a record.
+    let other = s3::new_bucket("grace-first-gc-short");
+    let short = open(&other, Duration::from_secs(60), &clock);
+    short.gc(Duration::from_secs(60), false).unwrap();
+    assert_eq!(
+        short.recorded_gc_grace().unwrap(),
+        Some(Duration::from_secs(60))
+    );
+}

@@ -9,7 +9,10 @@
 //! younger than half the grace, and a collector deletes an unreferenced one
 //! only once it is older than the grace: that argument needs both to use
 //! the same grace. The first writer or collector to reach a remote records
-//! the grace it uses (a create-only put, so every party reads one value);
+//! the grace it uses (a create-only put, so every party reads one value; a
+//! collector records the longer of the grace it was asked for and its
+//! store's `gc_grace`, so a one-off short collection cannot set the
+//! remote's policy and with it every later upload's deadline);
 //! from then on a collection with a shorter grace is refused, and uploads
 //! use the shorter of their own grace and the recorded one, read again by
 //! every upload. The record never changes: a remote whose writers should
@@ -193,14 +196,18 @@ impl RemoteStore {
             .unwrap_or(self.opts.gc_grace)
     }
 
-    /// Check a collection's grace against the record (made with `grace`
-    /// when absent; a dry run only reads): shorter is refused, since
-    /// uploads rely on chunks up to half the recorded grace old.
+    /// Check a collection's grace against the record (made, when absent,
+    /// with the longer of `grace` and the store's `gc_grace`; a dry run
+    /// only reads): shorter is refused, since uploads rely on chunks up to
+    /// half the recorded grace old.
     pub(crate) fn check_collection_grace(&self, grace: Duration, dry_run: bool) -> Result<()> {
         let recorded = if dry_run {
             self.block_on(self.read_grace_record())??
         } else {
-            Some(self.block_on(self.ensure_grace_record(grace))??)
+            // A one-off short `grace` does not set the remote's policy: a
+            // collector records the longer of it and its store's gc_grace.
+            let policy = grace.max(self.opts.gc_grace);
+            Some(self.block_on(self.ensure_grace_record(policy))??)
         };
         match recorded {
             Some(r) if grace < r => Err(Error::invalid(

@@ -123,6 +123,11 @@ fn split_tuning(
         };
         match k.as_str() {
             "codec" => opts.codec = v.parse()?,
+            "gc_grace" => {
+                opts.gc_grace = humantime::parse_duration(v)
+                    .map_err(|e| Error::invalid("remote option gc_grace", format!("{v:?}: {e}")))?;
+                check_remote_gc_grace(opts.gc_grace)?;
+            }
             "pack_threshold" => opts.pack_threshold = parse_size(k, v)?,
             "pack_size" => match parse_size(k, v)? {
                 0 => {

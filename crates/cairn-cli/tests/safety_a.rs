@@ -473,7 +473,18 @@ fn p17_tiny_remote_grace_is_rejected_up_front() {
     // missing one is "not found", never created by gc).
     std::fs::create_dir(dir.path().join("remote")).unwrap();
     let min = humantime::format_duration(cairn::MIN_REMOTE_GC_GRACE).to_string();
+    // A remote's grace is a policy for its uploads too: a collection with
+    // the store's default (24 h) records that, and a one-off shorter
+    // `--grace` is then refused; with the store's grace given as a remote
+    // option, the minimum is recorded and runs.
     let o = cairn(&["gc", &url, "--grace", &min]);
+    assert_eq!(o.status.code(), Some(1), "{:?}", text(&o));
+    assert!(text(&o).1.contains("gc-grace.json"), "{:?}", text(&o));
+    let remote2 = dir.path().join("remote2");
+    std::fs::create_dir(&remote2).unwrap();
+    let url2 = format!("file://{}", remote2.display());
+    let opt = format!("gc_grace={min}");
+    let o = cairn(&["gc", &url2, "--grace", &min, "--remote-option", &opt]);
     assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
 
     // The library refuses it too, as an invalid input.
