@@ -518,6 +518,20 @@ impl RemoteStore {
         let pack_maps = self.block_on(self.list_pack_maps())??;
         let marked_at = clock.now_ms();
         let (mut referenced, checkpoints) = mark(tier)?;
+        // Every delete comes within `grace / 4` of the marking (the
+        // manifest listing), or the collection stops: see the module
+        // documentation for why the argument needs it.
+        let within_deadline = || {
+            let took = clock.since(marked_at);
+            if took > grace / 4 {
+                return Err(Error::DeadlineExceeded {
+                    what: format!("remote collection of {}", tier.location()),
+                    took,
+                    limit: grace / 4,
+                });
+            }
+            Ok(())
+        };
         report.checkpoints = checkpoints;
         // A pack is live while the pack map of any committed checkpoint
         // names it: the map named by the hash of the committed manifest's
@@ -562,14 +576,7 @@ impl RemoteStore {
                 Some(now) if clock.since(now.last_modified.timestamp_millis()) >= grace => {}
                 _ => continue,
             }
-            let took = clock.since(marked_at);
-            if took > grace / 4 {
-                return Err(Error::DeadlineExceeded {
-                    what: format!("remote collection of {}", tier.location()),
-                    took,
-                    limit: grace / 4,
-                });
-            }
+            within_deadline()?;
             report.leftovers_removed += 1;
             if !dry_run {
                 self.block_on(self.delete_pack_map(&run, step, &hash))??;
@@ -618,14 +625,7 @@ impl RemoteStore {
                     continue;
                 }
             }
-            let took = clock.since(marked_at);
-            if took > grace / 4 {
-                return Err(Error::DeadlineExceeded {
-                    what: format!("remote collection of {}", tier.location()),
-                    took,
-                    limit: grace / 4,
-                });
-            }
+            within_deadline()?;
             report.chunks_deleted += 1;
             report.bytes_reclaimed += c.size;
             if !dry_run {
@@ -653,14 +653,7 @@ impl RemoteStore {
                         continue;
                     }
                 }
-                let took = clock.since(marked_at);
-                if took > grace / 4 {
-                    return Err(Error::DeadlineExceeded {
-                        what: format!("remote collection of {}", tier.location()),
-                        took,
-                        limit: grace / 4,
-                    });
-                }
+                within_deadline()?;
                 report.packs_deleted += 1;
                 report.bytes_reclaimed += size;
                 if !dry_run {

@@ -465,30 +465,9 @@ impl RemoteStore {
             return Err(Error::manifest(&display, "does not name its location"));
         }
         let bytes = bytes::Bytes::from(bytes);
-        let r = self.block_on(self.retry(|| {
-            let bytes = bytes.clone();
-            let path = &path;
-            async move {
-                self.object_store()
-                    .put_opts(
-                        path,
-                        object_store::PutPayload::from(bytes),
-                        object_store::PutOptions {
-                            mode: object_store::PutMode::Create,
-                            ..Default::default()
-                        },
-                    )
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| Error::remote("put part", path, e))
-            }
-        }))?;
-        match r {
+        match self.block_on(self.put_create_only(&path, bytes.clone(), "put part"))? {
             Ok(()) => Ok(()),
-            Err(Error::Remote {
-                source: object_store::Error::AlreadyExists { .. },
-                ..
-            }) => {
+            Err(e) if crate::remote::is_create_refused(&e) => {
                 // Named by its hash: what is there is these bytes, unless
                 // the object was damaged; read it to make sure.
                 let existing = self.block_on(self.get_object(&path, "get part"))??;

@@ -23,7 +23,6 @@
 use super::RemoteStore;
 use crate::error::{Error, Result};
 use object_store::path::Path as ObjPath;
-use object_store::{PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -55,10 +54,16 @@ impl RemoteStore {
         self.prefix.child(GRACE_RECORD)
     }
 
+    /// Where the grace record is, as a URL under the store's own (for
+    /// messages).
+    fn grace_record_location(&self) -> String {
+        format!("{}/{GRACE_RECORD}", self.url.trim_end_matches('/'))
+    }
+
     /// The recorded grace, or `None` when the remote has no record yet.
     async fn read_grace_record(&self) -> Result<Option<Duration>> {
         let path = self.grace_record_path();
-        let at = path.to_string();
+        let at = self.grace_record_location();
         let bad = |reason: String| Error::invalid(format!("grace record {at}"), reason);
         let r = self
             .retry(|| async {
@@ -117,33 +122,12 @@ impl RemoteStore {
             grace_ms: grace.as_millis().max(1) as u64,
         })
         .map_err(|e| Error::Internal(format!("encode grace record: {e}")))?;
-        let r = self
-            .retry(|| {
-                let body = body.clone();
-                let path = &path;
-                async move {
-                    self.metrics.add_put();
-                    self.inner
-                        .put_opts(
-                            path,
-                            PutPayload::from(body),
-                            PutOptions {
-                                mode: PutMode::Create,
-                                ..Default::default()
-                            },
-                        )
-                        .await
-                        .map_err(|e| Error::remote("put grace record", path, e))
-                }
-            })
-            .await;
-        match r {
-            Ok(_) => Ok(grace),
-            Err(Error::Remote {
-                source:
-                    object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. },
-                ..
-            }) => {
+        match self
+            .put_create_only(&path, body.into(), "put grace record")
+            .await
+        {
+            Ok(()) => Ok(grace),
+            Err(e) if super::is_create_refused(&e) => {
                 // Another party's record: S3 and Azure can refuse a put
                 // that races another one (409) before that object is
                 // visible, so it is read again a few times.
@@ -154,7 +138,8 @@ impl RemoteStore {
                     }
                 }
                 Err(Error::Internal(format!(
-                    "grace record {path} refused as present, then not found"
+                    "grace record {} refused as present, then not found",
+                    self.grace_record_location()
                 )))
             }
             Err(e) => Err(e),
@@ -217,7 +202,7 @@ impl RemoteStore {
                     humantime::format_duration(grace),
                     humantime::format_duration(r),
                     self.url,
-                    self.grace_record_path(),
+                    self.grace_record_location(),
                     humantime::format_duration(r),
                 ),
             )),

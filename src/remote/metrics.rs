@@ -42,7 +42,8 @@ pub struct RemoteMetricsSnapshot {
     /// Operations that failed for good. A not-found answer (a probe for
     /// an object not there yet) is not an error.
     pub errors: u64,
-    /// Objects put (chunk objects, packs, pack maps, manifests; a
+    /// Objects put (chunk objects, packs, pack maps, manifests, part
+    /// manifests, grace records; a
     /// multipart upload counts once, a retried put once per attempt).
     pub put_requests: u64,
     /// Pack objects uploaded (each also counted in `bytes_uploaded`).

@@ -235,6 +235,20 @@ pub fn check_remote_gc_grace(grace: std::time::Duration) -> Result<()> {
     Ok(())
 }
 
+/// Whether `e` is a create-only put's refusal (see
+/// [`RemoteStore::put_create_only`]): an object is at its path, or another
+/// writer's put of it is under way.
+pub(crate) fn is_create_refused(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Remote {
+            source: object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ..
+        }
+    )
+}
+
 /// The runtime a store starts for calls from plain threads. Dropped with
 /// `shutdown_background`, so the last clone of a store may go away
 /// anywhere, an async task included.
@@ -710,6 +724,39 @@ impl RemoteStore {
             .map_err(|e| self.explain(e))
     }
 
+    /// Put `bytes` at `path` only if no object is there (retried, counted
+    /// as a put). The services refuse such a put differently (S3 412 or
+    /// 409, GCS 412, Azure 409 or 412), also while another writer's put of
+    /// the same path is under way and nothing is visible yet: the refusal
+    /// comes back as the service's error, which [`is_create_refused`]
+    /// recognizes, for the caller to resolve by reading what is there.
+    pub(crate) async fn put_create_only(
+        &self,
+        path: &ObjPath,
+        bytes: bytes::Bytes,
+        op: &'static str,
+    ) -> Result<()> {
+        self.retry(|| {
+            let bytes = bytes.clone();
+            async move {
+                self.metrics.add_put();
+                self.inner
+                    .put_opts(
+                        path,
+                        PutPayload::from(bytes),
+                        PutOptions {
+                            mode: PutMode::Create,
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| Error::remote(op, path, e))
+            }
+        })
+        .await
+    }
+
     /// The bucket (or container) the store lives in, from its URL.
     fn bucket(&self) -> String {
         url::Url::parse(&self.url)
@@ -892,39 +939,17 @@ impl RemoteStore {
         // So the put is tried again, a few times, while none is found.
         let mut contended = 0u32;
         loop {
-            let r = self
-                .retry(|| {
-                    let bytes = bytes.clone();
-                    let path = &path;
-                    async move {
-                        self.metrics.add_put();
-                        self.inner
-                            .put_opts(
-                                path,
-                                PutPayload::from(bytes),
-                                PutOptions {
-                                    mode: PutMode::Create,
-                                    ..Default::default()
-                                },
-                            )
-                            .await
-                            .map_err(|e| Error::remote("put manifest", path, e))
-                    }
-                })
-                .await;
-            match r {
-                Ok(_) => {
+            match self
+                .put_create_only(&path, bytes.clone(), "put manifest")
+                .await
+            {
+                Ok(()) => {
                     self.metrics.add_manifest();
                     crate::failpoint::hit("remote.after_manifest_put")
                         .map_err(|e| Error::io("fail point", display.clone(), e))?;
                     return Ok(true);
                 }
-                Err(Error::Remote {
-                    source:
-                        object_store::Error::AlreadyExists { .. }
-                        | object_store::Error::Precondition { .. },
-                    ..
-                }) => match self.get_manifest_object(&path).await {
+                Err(e) if is_create_refused(&e) => match self.get_manifest_object(&path).await {
                     Ok(existing) if existing == bytes => return Ok(false),
                     Ok(_) => {
                         return Err(Error::AlreadyExists {

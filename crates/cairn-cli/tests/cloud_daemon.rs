@@ -6,6 +6,7 @@
 
 #[path = "../../../tests/common/mod.rs"]
 mod common;
+mod daemon_proc;
 
 #[path = "../../../tests/common/azure.rs"]
 mod azure;
@@ -15,10 +16,8 @@ mod gcs;
 use cairn::{RemoteOptions, RemoteStore};
 use cairn::{StepSel, Store, StoreOptions, TensorFilter};
 use common::*;
+use daemon_proc::*;
 use std::collections::HashSet;
-use std::io::{Read, Write};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn opts() -> StoreOptions {
@@ -31,53 +30,6 @@ fn opts() -> StoreOptions {
 
 fn state(step: u64) -> OwnedState {
     state_for_step(step, 16, 400_000)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn spawn(args: &[String], log: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .args(args)
-        .env("CAIRN_LOG", "cairn=debug")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .expect("spawn cairn daemon")
-}
-
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
-}
-
-fn status(port: u16) -> Option<serde_json::Value> {
-    serde_json::from_str(&http_get(port, "/status")?).ok()
-}
-
-fn sigterm(child: &mut Child) -> std::process::ExitStatus {
-    // SAFETY: plain kill(2) on our child's pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let t = Instant::now();
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            return st;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "daemon ignored SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Every listed remote checkpoint restores bit-exact: none is partial.
@@ -164,7 +116,7 @@ fn sigkilled_daemon(url: &str, options: &[(String, String)]) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let exit = sigterm(&mut child);
+    let exit = sigterm_logged(&mut child, &log).0;
     assert!(exit.success(), "daemon exited with {exit:?} on SIGTERM");
 
     let steps = check_remote(&remote, &format!("{url}: after draining"));

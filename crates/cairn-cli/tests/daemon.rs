@@ -3,14 +3,14 @@
 
 #[path = "../../../tests/common/mod.rs"]
 mod common;
+mod daemon_proc;
 
 use cairn::{RemoteOptions, RemoteStore};
 use cairn::{StepSel, Store, StoreOptions, TensorFilter};
 use common::*;
+use daemon_proc::*;
 use std::collections::HashSet;
-use std::io::{Read, Write};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn opts() -> StoreOptions {
@@ -25,14 +25,6 @@ fn state(step: u64) -> OwnedState {
     state_for_step(step, 16, 400_000)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn remote_args(bucket: &str) -> Vec<String> {
     let mut v = vec!["--remote".to_string(), format!("s3://{bucket}/ckpt")];
     for (k, val) in s3::options() {
@@ -40,45 +32,6 @@ fn remote_args(bucket: &str) -> Vec<String> {
         v.push(format!("{k}={val}"));
     }
     v
-}
-
-fn spawn(args: &[String], log: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .args(args)
-        .env("CAIRN_LOG", "cairn=debug")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .expect("spawn cairn daemon")
-}
-
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
-}
-
-fn status(port: u16) -> Option<serde_json::Value> {
-    serde_json::from_str(&http_get(port, "/status")?).ok()
-}
-
-fn sigterm(child: &mut Child) -> std::process::ExitStatus {
-    // SAFETY: plain kill(2) on our child's pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let t = Instant::now();
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            return st;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "daemon ignored SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn remote_for(bucket: &str) -> RemoteStore {
@@ -150,7 +103,7 @@ fn sigkilled_daemon_restarts_and_finishes_without_reuploading_or_exposing_partia
     a.extend(["--listen".to_string(), format!("127.0.0.1:{port}")]);
     let log = dir.path().join("daemon-final.log");
     let mut child = spawn(&a, &log);
-    logs.push(log);
+    logs.push(log.clone());
     let local_steps = store.steps("d").unwrap();
     let t = Instant::now();
     loop {
@@ -169,7 +122,7 @@ fn sigkilled_daemon_restarts_and_finishes_without_reuploading_or_exposing_partia
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let metrics = http_get(port, "/metrics").unwrap();
+    let metrics = http_get(port, "/metrics").unwrap().1;
     for m in [
         "cairn_bytes_uploaded_total",
         "cairn_chunks_uploaded_total",
@@ -180,7 +133,7 @@ fn sigkilled_daemon_restarts_and_finishes_without_reuploading_or_exposing_partia
     ] {
         assert!(metrics.contains(m), "{m} missing from /metrics:\n{metrics}");
     }
-    let exit = sigterm(&mut child);
+    let exit = sigterm_logged(&mut child, &log).0;
     assert!(exit.success(), "daemon exited with {exit:?} on SIGTERM");
 
     let steps = check_remote(&remote, "after draining");
@@ -263,7 +216,7 @@ fn config_file_retention_gc_and_status() {
     assert_eq!(s["newest_remote"]["d"], 7);
     assert!(s["retention_deleted_local"].as_u64().unwrap() >= 6);
     assert!(s["retention_deleted_remote"].as_u64().unwrap() >= 4);
-    assert!(sigterm(&mut child).success());
+    assert!(sigterm_logged(&mut child, &log).0.success());
     // What is left locally is whole, and local GC left no garbage behind.
     drop(store);
     let store = Store::open_read_only(&local_dir, opts()).unwrap();

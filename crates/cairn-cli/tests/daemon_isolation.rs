@@ -5,14 +5,16 @@
 
 #[path = "../../../tests/common/mod.rs"]
 mod common;
+mod daemon_proc;
 
 use cairn::{RemoteOptions, RemoteStore};
 use cairn::{StepSel, Store, StoreOptions, TensorFilter};
 use common::*;
+use daemon_proc::*;
 use std::collections::HashSet;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn opts() -> StoreOptions {
@@ -25,78 +27,6 @@ fn opts() -> StoreOptions {
 
 fn state(step: u64) -> OwnedState {
     state_for_step(step, 8, 400_000)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn spawn(args: &[String], log: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .args(args)
-        .env("CAIRN_LOG", "cairn=debug")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .expect("spawn cairn daemon")
-}
-
-/// `(status code, body)` of a GET on the daemon's endpoint.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let (head, body) = out.split_once("\r\n\r\n")?;
-    let code = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, body.to_string()))
-}
-
-fn status(port: u16) -> Option<serde_json::Value> {
-    serde_json::from_str(&http_get(port, "/status")?.1).ok()
-}
-
-fn sigterm(child: &mut Child) -> std::process::ExitStatus {
-    // SAFETY: plain kill(2) on our child's pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let t = Instant::now();
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            return st;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "daemon ignored SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Poll `f` until it returns `Some`, failing with `what` and the daemon's
-/// log after a generous limit (a hang, not a timing assertion).
-fn wait_for<T>(what: &str, log: &Path, mut f: impl FnMut() -> Option<T>) -> T {
-    let t = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(90),
-            "timed out waiting for {what}; daemon log:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn metric(text: &str, name: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// A chunk file of step `step` that no other step references.
@@ -279,7 +209,7 @@ fn an_unuploadable_checkpoint_fails_alone_and_heals_when_repaired() {
     wait_for("local retention of step 1", &log, || {
         (store.steps("d").unwrap() == vec![3]).then_some(())
     });
-    assert!(sigterm(&mut child).success());
+    assert!(sigterm_logged(&mut child, &log).0.success());
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("checkpoint upload failed"), "{text}");
 }

@@ -6,17 +6,19 @@
 
 #[path = "../../../tests/common/mod.rs"]
 mod common;
+mod daemon_proc;
 
 use cairn::{RemoteOptions, RemoteStore};
 use cairn::{StepSel, Store, StoreOptions, TensorFilter};
 use common::*;
+use daemon_proc::*;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn opts() -> StoreOptions {
     StoreOptions {
@@ -30,83 +32,6 @@ fn opts() -> StoreOptions {
 /// path below that a stop always finds it in flight.
 fn big_state(step: u64) -> OwnedState {
     state_for_step(step, 48, 1 << 20)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn spawn(args: &[String], log: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .args(args)
-        .env("CAIRN_LOG", "cairn=debug")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .expect("spawn cairn daemon")
-}
-
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let code = out.split_whitespace().nth(1)?.parse().ok()?;
-    out.split_once("\r\n\r\n")
-        .map(|(_, b)| (code, b.to_string()))
-}
-
-fn status(port: u16) -> Option<serde_json::Value> {
-    serde_json::from_str(&http_get(port, "/status")?.1).ok()
-}
-
-fn metric(text: &str, name: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-/// Poll `f` until it returns `Some`, failing with `what` and the daemon's
-/// log after a generous limit (a hang, not a timing assertion).
-fn wait_for<T>(what: &str, log: &Path, mut f: impl FnMut() -> Option<T>) -> T {
-    let t = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(90),
-            "timed out waiting for {what}; daemon log:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Send SIGTERM and wait for the exit: the stop must finish within 20 s
-/// (systemd's unit allows 30), however the remote behaves.
-fn sigterm(child: &mut Child, log: &Path) -> (std::process::ExitStatus, Duration) {
-    // SAFETY: plain kill(2) on our child's pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let t = Instant::now();
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            return (st, t.elapsed());
-        }
-        if t.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "the daemon took more than 20 s to stop after SIGTERM; log:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// A TCP relay in front of the S3 server that slows the request direction
@@ -233,7 +158,7 @@ fn stop_mid_upload(tag: &str, hang: bool) {
     if hang {
         path.hang.store(true, Ordering::Relaxed);
     }
-    let (st, took) = sigterm(&mut child, &log);
+    let (st, took) = sigterm_logged(&mut child, &log);
     let text = std::fs::read_to_string(&log).unwrap();
     eprintln!("stopped in {took:?} with {st}");
     assert!(!text.contains("panicked"), "the stop panicked:\n{text}");
@@ -266,7 +191,7 @@ fn stop_mid_upload(tag: &str, hang: bool) {
         .restore("d", StepSel::Step(0), &TensorFilter::All)
         .unwrap();
     assert_restored_eq(&got, &big_state(0));
-    let (st2, _) = sigterm(&mut child2, &log2);
+    let (st2, _) = sigterm_logged(&mut child2, &log2);
     assert!(st2.success());
 }
 
@@ -312,7 +237,7 @@ fn not_found_probes_are_not_counted_as_remote_errors() {
     let (_, m) = http_get(port, "/metrics").unwrap();
     assert_eq!(metric(&m, "cairn_remote_errors_total"), Some(0), "{m}");
     assert_eq!(metric(&m, "cairn_errors_total"), Some(0), "{m}");
-    let (st, _) = sigterm(&mut child, &log);
+    let (st, _) = sigterm_logged(&mut child, &log);
     assert!(st.success());
 }
 
@@ -381,6 +306,6 @@ fn a_local_store_that_disappears_is_an_error_and_turns_unhealthy() {
     let (_, m) = http_get(port, "/metrics").unwrap();
     assert_eq!(metric(&m, "cairn_healthy"), Some(0), "{m}");
     assert!(metric(&m, "cairn_errors_total").unwrap() > 0, "{m}");
-    let (st, _) = sigterm(&mut child, &log);
+    let (st, _) = sigterm_logged(&mut child, &log);
     assert!(st.success());
 }

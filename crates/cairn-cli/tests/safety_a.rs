@@ -479,7 +479,11 @@ fn p17_tiny_remote_grace_is_rejected_up_front() {
     // option, the minimum is recorded and runs.
     let o = cairn(&["gc", &url, "--grace", &min]);
     assert_eq!(o.status.code(), Some(1), "{:?}", text(&o));
-    assert!(text(&o).1.contains("gc-grace.json"), "{:?}", text(&o));
+    assert!(
+        text(&o).1.contains(&format!("{url}/gc-grace.json")),
+        "{:?}",
+        text(&o)
+    );
     let remote2 = dir.path().join("remote2");
     std::fs::create_dir(&remote2).unwrap();
     let url2 = format!("file://{}", remote2.display());
