@@ -29,7 +29,7 @@ use crate::format::SHARDED_FORMAT_VERSION;
 use crate::layout::{
     check_store_dir, parse_part_file_name, parse_step_dir_name, validate_run_name,
 };
-use crate::remote::RemoteStore;
+use crate::remote::{Created, RemoteStore};
 use crate::restore::{execute, ChunkSource, RestorePlan, RestoreReport};
 use crate::save::{stage_save, SaveHandle, SaveState};
 use crate::store::{StepSel, Store};
@@ -465,22 +465,21 @@ impl RemoteStore {
             return Err(Error::manifest(&display, "does not name its location"));
         }
         let bytes = bytes::Bytes::from(bytes);
-        match self.block_on(self.put_create_only(&path, bytes.clone(), "put part"))? {
-            Ok(()) => Ok(()),
-            Err(e) if crate::remote::is_create_refused(&e) => {
-                // Named by its hash: what is there is these bytes, unless
-                // the object was damaged; read it to make sure.
-                let existing = self.block_on(self.get_object(&path, "get part"))??;
-                if existing == bytes {
-                    Ok(())
-                } else {
-                    Err(Error::manifest(
-                        &display,
-                        "a different object holds this part's name",
-                    ))
-                }
-            }
-            Err(e) => Err(e),
+        // Named by its hash: what is there is these bytes, unless the
+        // object was damaged; it is read to make sure.
+        let read = || async { crate::remote::found(self.get_object(&path, "get part").await) };
+        match self.block_on(self.put_create_only_or_read(
+            &path,
+            bytes.clone(),
+            "put part",
+            read,
+        ))?? {
+            Created::New => Ok(()),
+            Created::Existing(existing) if existing == bytes => Ok(()),
+            Created::Existing(_) => Err(Error::manifest(
+                &display,
+                "a different object holds this part's name",
+            )),
         }
     }
 

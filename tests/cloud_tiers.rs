@@ -390,6 +390,105 @@ fn a_refused_create_with_no_manifest_there_is_tried_again() {
     }
 }
 
+/// The same for the other create-only puts: a rank's part manifest and
+/// the remote's grace record, refused while nothing is there (412, then
+/// 409) are put again, on each service; before, a part failed at once and
+/// the record after a second and a half of reads, with a restorable
+/// checkpoint and a new remote left without them.
+#[test]
+fn a_refused_create_of_a_part_or_grace_record_with_nothing_there_is_tried_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
+    let part = cairn::SaveState::new().shard(
+        "w",
+        cairn::DType::U8,
+        &[8, 512],
+        &data,
+        cairn::ShardInfo {
+            global_shape: vec![8, 512],
+            offsets: vec![0, 0],
+        },
+    );
+    store
+        .save_part("p", 1, 0, 1, &part)
+        .unwrap()
+        .wait()
+        .unwrap();
+    for (name, remote) in [
+        (
+            "part",
+            common::s3::remote("contended-part", RemoteOptions::default()),
+        ),
+        (
+            "part",
+            gcs::remote("contended-part", RemoteOptions::default()),
+        ),
+        (
+            "part",
+            azure::remote("contended-part", RemoteOptions::default()),
+        ),
+        (
+            "grace",
+            common::s3::remote("contended-grace", RemoteOptions::default()),
+        ),
+        (
+            "grace",
+            gcs::remote("contended-grace", RemoteOptions::default()),
+        ),
+        (
+            "grace",
+            azure::remote("contended-grace", RemoteOptions::default()),
+        ),
+    ] {
+        let url = remote.url().to_string();
+        if name == "part" {
+            // The grace record is there already: the part's put is the
+            // first create-only put of the upload.
+            remote.upload_grace().unwrap();
+        }
+        let wrapped = RemoteStore::new(
+            Arc::new(Contended {
+                inner: remote.object_store().clone(),
+                refusals: std::sync::Mutex::new(vec!["409", "412"]),
+            }),
+            ObjPath::from("ckpt"),
+            &url,
+            RemoteOptions::default(),
+        );
+        if name == "grace" {
+            let g = wrapped.upload_grace();
+            assert_eq!(
+                g.as_ref().ok(),
+                Some(&RemoteOptions::default().gc_grace),
+                "{url}: {g:?}"
+            );
+            assert_eq!(
+                remote.recorded_gc_grace().unwrap(),
+                Some(RemoteOptions::default().gc_grace),
+                "{url}"
+            );
+            continue;
+        }
+        let up = store.upload_parts(&wrapped, "p", 1, 1);
+        let up = up.unwrap_or_else(|e| panic!("{url}: {e}"));
+        assert!(up.committed.is_some_and(|c| c.created), "{url}");
+        assert_eq!(up.parts, 1, "{url}");
+        let mut out = vec![0u8; data.len()];
+        remote
+            .restore_region(
+                "p",
+                cairn::StepSel::Step(1),
+                "w",
+                &[0, 0],
+                &[8, 512],
+                &mut out,
+            )
+            .unwrap();
+        assert!(out == data, "{url}: restored bytes differ");
+    }
+}
+
 /// Two stores under different prefixes of one Azure container are
 /// disjoint, and each keeps its objects under its own prefix: `az://c/a/b`
 /// is container `c`, prefix `a/b`.

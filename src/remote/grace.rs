@@ -20,7 +20,7 @@
 //! upload or collection runs; the next to reach the remote records its
 //! own.
 
-use super::RemoteStore;
+use super::{Created, RemoteStore};
 use crate::error::{Error, Result};
 use object_store::path::Path as ObjPath;
 use serde::{Deserialize, Serialize};
@@ -122,27 +122,15 @@ impl RemoteStore {
             grace_ms: grace.as_millis().max(1) as u64,
         })
         .map_err(|e| Error::Internal(format!("encode grace record: {e}")))?;
+        // Refused: another party's record (read again, or put again while
+        // a racing put is not visible yet).
+        let read = || self.read_grace_record();
         match self
-            .put_create_only(&path, body.into(), "put grace record")
-            .await
+            .put_create_only_or_read(&path, body.into(), "put grace record", read)
+            .await?
         {
-            Ok(()) => Ok(grace),
-            Err(e) if super::is_create_refused(&e) => {
-                // Another party's record: S3 and Azure can refuse a put
-                // that races another one (409) before that object is
-                // visible, so it is read again a few times.
-                for wait_ms in [0u64, 100, 200, 400, 800] {
-                    tokio::time::sleep(std::time::Duration::from_millis(wait_ms)).await;
-                    if let Some(g) = self.read_grace_record().await? {
-                        return Ok(g);
-                    }
-                }
-                Err(Error::Internal(format!(
-                    "grace record {} refused as present, then not found",
-                    self.grace_record_location()
-                )))
-            }
-            Err(e) => Err(e),
+            Created::New => Ok(grace),
+            Created::Existing(g) => Ok(g),
         }
     }
 

@@ -209,9 +209,9 @@ fn compress_threads(opts: &RemoteOptions) -> usize {
     }
 }
 
-/// How many times a create-only manifest put refused while no manifest is
-/// found is tried again (see [`RemoteStore::put_manifest`]).
-const MANIFEST_CONTENTION_RETRIES: u32 = 4;
+/// How many times a create-only put refused while no object is found
+/// there is tried again (see [`RemoteStore::put_create_only_or_read`]).
+const CREATE_CONTENTION_RETRIES: u32 = 4;
 
 /// The shortest remote collection grace period the daemon and `cairn gc`
 /// accept: an upload must finish within a quarter of it (15 seconds), and
@@ -233,6 +233,27 @@ pub fn check_remote_gc_grace(grace: std::time::Duration) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// What a create-only put found at its path (see
+/// [`RemoteStore::put_create_only_or_read`]).
+pub(crate) enum Created<T> {
+    /// This put created the object.
+    New,
+    /// An object was there already: what the caller's read made of it.
+    Existing(T),
+}
+
+/// `Ok(None)` for the remote's answer that an object does not exist.
+pub(crate) fn found<T>(r: Result<T>) -> Result<Option<T>> {
+    match r {
+        Ok(t) => Ok(Some(t)),
+        Err(Error::Remote {
+            source: object_store::Error::NotFound { .. },
+            ..
+        }) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Whether `e` is a create-only put's refusal (see
@@ -757,6 +778,43 @@ impl RemoteStore {
         .await
     }
 
+    /// Put `bytes` at `path` only if no object is there, and resolve a
+    /// refusal by reading what is there with `read` (`Ok(None)` when it
+    /// finds nothing). S3 and Azure can refuse a put that races another
+    /// writer's put of the same path (409 or 412) while that object is not
+    /// visible yet, and that writer may still fail: a refusal with nothing
+    /// to read puts again, up to [`CREATE_CONTENTION_RETRIES`] times with
+    /// growing pauses, and is returned as the error after that.
+    pub(crate) async fn put_create_only_or_read<T, R, RF>(
+        &self,
+        path: &ObjPath,
+        bytes: bytes::Bytes,
+        op: &'static str,
+        read: R,
+    ) -> Result<Created<T>>
+    where
+        R: Fn() -> RF,
+        RF: std::future::Future<Output = Result<Option<T>>>,
+    {
+        let mut contended = 0u32;
+        loop {
+            match self.put_create_only(path, bytes.clone(), op).await {
+                Ok(()) => return Ok(Created::New),
+                Err(e) if is_create_refused(&e) => {
+                    if let Some(t) = read().await? {
+                        return Ok(Created::Existing(t));
+                    }
+                    if contended >= CREATE_CONTENTION_RETRIES {
+                        return Err(e);
+                    }
+                    contended += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(50 << contended)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// The bucket (or container) the store lives in, from its URL.
     fn bucket(&self) -> String {
         url::Url::parse(&self.url)
@@ -933,41 +991,23 @@ impl RemoteStore {
             ));
         }
         // A refused create-only put means another writer's manifest is
-        // there, or was being written: S3 and Azure can answer a put that
-        // races another one with 409 (`ConditionalRequestConflict`) or 412
-        // while no object is visible yet, and that writer may still fail.
-        // So the put is tried again, a few times, while none is found.
-        let mut contended = 0u32;
-        loop {
-            match self
-                .put_create_only(&path, bytes.clone(), "put manifest")
-                .await
-            {
-                Ok(()) => {
-                    self.metrics.add_manifest();
-                    crate::failpoint::hit("remote.after_manifest_put")
-                        .map_err(|e| Error::io("fail point", display.clone(), e))?;
-                    return Ok(true);
-                }
-                Err(e) if is_create_refused(&e) => match self.get_manifest_object(&path).await {
-                    Ok(existing) if existing == bytes => return Ok(false),
-                    Ok(_) => {
-                        return Err(Error::AlreadyExists {
-                            run: run.to_string(),
-                            step,
-                        })
-                    }
-                    Err(Error::Remote {
-                        source: object_store::Error::NotFound { .. },
-                        ..
-                    }) if contended < MANIFEST_CONTENTION_RETRIES => {
-                        contended += 1;
-                        tokio::time::sleep(std::time::Duration::from_millis(50 << contended)).await;
-                    }
-                    Err(e) => return Err(e),
-                },
-                Err(e) => return Err(e),
+        // there, or was being written (then it is put again).
+        let read = || async { found(self.get_manifest_object(&path).await) };
+        match self
+            .put_create_only_or_read(&path, bytes.clone(), "put manifest", read)
+            .await?
+        {
+            Created::New => {
+                self.metrics.add_manifest();
+                crate::failpoint::hit("remote.after_manifest_put")
+                    .map_err(|e| Error::io("fail point", display.clone(), e))?;
+                Ok(true)
             }
+            Created::Existing(existing) if existing == bytes => Ok(false),
+            Created::Existing(_) => Err(Error::AlreadyExists {
+                run: run.to_string(),
+                step,
+            }),
         }
     }
 
