@@ -11,7 +11,7 @@ use crate::local::durable::{
 };
 use crate::local::LocalChunkStore;
 use crate::remote::RemoteStore;
-use crate::save::{stage_save, Pipeline, SaveHandle, SaveState};
+use crate::save::{stage_save, Pipeline, PipelineThreads, SaveHandle, SaveState};
 use crate::staging::StagingPool;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -30,6 +30,15 @@ pub struct StoreOptions {
     pub codec: CodecChoice,
     /// Hash/encode/write threads (0: one per core).
     pub workers: usize,
+    /// Of the `workers`, how many run at the priority of the thread that
+    /// opened the store (default 0); the others run ten nice steps lower,
+    /// so that the copy into staging, which the caller waits for, keeps
+    /// the cores. A lead worker hashes chunks while the copy is still
+    /// going on, so the disk can start writing them then rather than once
+    /// the copy is done, for a longer copy where cores are few. On the
+    /// 2-core development machine one lead worker gave no steady gain in
+    /// durable time (see the README's Performance section).
+    pub lead_workers: usize,
     /// Threads that write, fsync and publish chunk files (default 8). Each
     /// spends part of its time waiting in `fdatasync`, so there are more of
     /// them than the writes a disk needs in flight.
@@ -91,6 +100,7 @@ impl Default for StoreOptions {
             staging_bytes: 512 << 20,
             codec: CodecChoice::Raw,
             workers: 0,
+            lead_workers: 0,
             sync_threads: 8,
             copy_threads: 0,
             read_threads: 8,
@@ -237,10 +247,13 @@ impl Store {
         let pipeline = Pipeline::start(
             chunks.clone(),
             opts.codec,
-            workers,
-            opts.sync_threads,
+            PipelineThreads {
+                workers,
+                lead_workers: opts.lead_workers,
+                syncers: opts.sync_threads,
+                copy_threads: copy_threads(opts.copy_threads),
+            },
             opts.verify_reused_chunks,
-            copy_threads(opts.copy_threads),
             opts.batch_sync.then_some(opts.batch_sync_max_dirty),
         )?;
         Ok(Store {

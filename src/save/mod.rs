@@ -10,6 +10,6 @@ mod state;
 
 pub(crate) use ctx::{PlannedEntry, SaveCtx};
 pub use handle::{SaveHandle, SaveReport};
-pub(crate) use pipeline::{ChunkJob, Pipeline, Submitter};
+pub(crate) use pipeline::{ChunkJob, Pipeline, PipelineThreads, Submitter};
 pub(crate) use stage::{stage_entries, stage_save, validate, PACK_THRESHOLD};
 pub use state::{SaveState, TensorView};

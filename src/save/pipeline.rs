@@ -180,16 +180,33 @@ pub(crate) struct Pipeline {
     copy_threads: usize,
 }
 
+/// How many of each kind of pipeline thread a store runs.
+pub(crate) struct PipelineThreads {
+    /// Workers that hash (and encode) staged chunks.
+    pub workers: usize,
+    /// Of the workers, how many run at the priority of the thread that
+    /// opened the store (the rest run [`WORKER_NICE`] steps lower).
+    pub lead_workers: usize,
+    /// I/O threads that write, sync and rename chunk files.
+    pub syncers: usize,
+    /// Threads that copy a large state into staging.
+    pub copy_threads: usize,
+}
+
 impl Pipeline {
     pub fn start(
         chunks: LocalChunkStore,
         codec: CodecChoice,
-        workers: usize,
-        syncers: usize,
+        threads: PipelineThreads,
         verify_reused: bool,
-        copy_threads: usize,
         batch_sync: Option<u64>,
     ) -> Result<Self> {
+        let PipelineThreads {
+            workers,
+            lead_workers,
+            syncers,
+            copy_threads,
+        } = threads;
         let (tx, rx) = unbounded::<ChunkJob>();
         let (sync_tx, sync_rx) = unbounded::<SyncJob>();
         // Only O_DIRECT writes are batched: their data is on the device
@@ -219,9 +236,10 @@ impl Pipeline {
         for i in 0..workers.max(1) {
             let (rx, sync_tx, shared) = (rx.clone(), sync_tx.clone(), shared.clone());
             let encoder = Encoder::new(codec)?;
+            let nice = if i < lead_workers { 0 } else { WORKER_NICE };
             threads.push(spawn(
                 format!("cairn-worker-{i}"),
-                Box::new(move || worker_loop(rx, sync_tx, shared, encoder)),
+                Box::new(move || worker_loop(nice, rx, sync_tx, shared, encoder)),
             )?);
         }
         drop(sync_tx);
@@ -354,12 +372,15 @@ impl Drop for PanicGuard<'_> {
 }
 
 fn worker_loop(
+    nice: i32,
     rx: Receiver<ChunkJob>,
     sync_tx: Sender<SyncJob>,
     shared: Arc<Shared>,
     mut encoder: Encoder,
 ) {
-    lower_thread_priority(WORKER_NICE);
+    if nice > 0 {
+        lower_thread_priority(nice);
+    }
     for job in rx {
         let mut guard = PanicGuard {
             shared: &shared,
@@ -373,9 +394,12 @@ fn worker_loop(
 }
 
 /// How many nice steps below the thread that opened the store the
-/// workers run: while a caller copies its state into staging (the stall
-/// a trainer waits on), hashing the chunks already staged must not take
-/// its cores; the disk needs only a few chunks hashed ahead.
+/// workers other than the lead workers run: while a caller copies its
+/// state into staging (the stall a trainer waits on), hashing the chunks
+/// already staged must not take its cores. The lead workers
+/// (`StoreOptions::lead_workers`, none by default) keep the priority of
+/// the opening thread, so chunks are hashed and the disk can start
+/// writing while the copy goes on.
 const WORKER_NICE: i32 = 10;
 
 /// Lower the calling thread's CPU priority by `by` nice steps (on Linux a

@@ -39,6 +39,10 @@ pub struct BenchArgs {
     /// core).
     #[arg(long, default_value_t = 0)]
     workers: usize,
+    /// Of the workers, how many run at the bench's own priority while the
+    /// rest run ten nice steps lower (default: the store's default, none).
+    #[arg(long)]
+    lead_workers: Option<usize>,
     /// Threads that write, fsync and publish chunk files: the write queue
     /// depth (default: the store's default).
     #[arg(long)]
@@ -186,6 +190,7 @@ pub fn run(a: BenchArgs, remote_options: &[String]) -> cairn::Result<i32> {
             staging_bytes: a.staging.map_or(0, |st| st.bytes(a.size)) as usize,
             copy_threads: a.copy_threads,
             workers: a.workers,
+            lead_workers: a.lead_workers.unwrap_or(defaults.lead_workers),
             sync_threads: a.sync_threads.unwrap_or(defaults.sync_threads),
             read_threads: a.read_threads.unwrap_or(defaults.read_threads),
             codec: a.codec,
