@@ -357,6 +357,20 @@ impl ObjectStore for Contended {
     }
 }
 
+/// `remote` (prefix `ckpt`) behind [`Contended`], its first two
+/// create-only puts refused (412, then 409).
+fn contended(remote: &RemoteStore) -> RemoteStore {
+    RemoteStore::new(
+        Arc::new(Contended {
+            inner: remote.object_store().clone(),
+            refusals: std::sync::Mutex::new(vec!["409", "412"]),
+        }),
+        ObjPath::from("ckpt"),
+        remote.url(),
+        RemoteOptions::default(),
+    )
+}
+
 /// A create-only commit refused while no manifest is there yet (a racing
 /// writer's put still in flight, or failed) is tried again and creates the
 /// manifest, on each service: it neither fails nor reports someone else's
@@ -371,15 +385,7 @@ fn a_refused_create_with_no_manifest_there_is_tried_again() {
         azure::remote("contended", RemoteOptions::default()),
     ] {
         let url = remote.url().to_string();
-        let wrapped = RemoteStore::new(
-            Arc::new(Contended {
-                inner: remote.object_store().clone(),
-                refusals: std::sync::Mutex::new(vec!["409", "412"]),
-            }),
-            ObjPath::from("ckpt"),
-            &url,
-            RemoteOptions::default(),
-        );
+        let wrapped = contended(&remote);
         let r = ChunkTier::commit_manifest(&wrapped, "race", 0, bytes);
         assert!(matches!(r, Ok(true)), "{url}: {r:?}");
         assert_eq!(
@@ -415,47 +421,25 @@ fn a_refused_create_of_a_part_or_grace_record_with_nothing_there_is_tried_again(
         .unwrap()
         .wait()
         .unwrap();
-    for (name, remote) in [
-        (
-            "part",
-            common::s3::remote("contended-part", RemoteOptions::default()),
-        ),
-        (
-            "part",
-            gcs::remote("contended-part", RemoteOptions::default()),
-        ),
-        (
-            "part",
-            azure::remote("contended-part", RemoteOptions::default()),
-        ),
-        (
-            "grace",
-            common::s3::remote("contended-grace", RemoteOptions::default()),
-        ),
-        (
-            "grace",
-            gcs::remote("contended-grace", RemoteOptions::default()),
-        ),
-        (
-            "grace",
-            azure::remote("contended-grace", RemoteOptions::default()),
-        ),
-    ] {
+    let remotes = |tag: &str| {
+        [
+            common::s3::remote(tag, RemoteOptions::default()),
+            gcs::remote(tag, RemoteOptions::default()),
+            azure::remote(tag, RemoteOptions::default()),
+        ]
+    };
+    let cases = remotes("contended-part").map(|r| ("part", r));
+    let cases = cases
+        .into_iter()
+        .chain(remotes("contended-grace").map(|r| ("grace", r)));
+    for (name, remote) in cases {
         let url = remote.url().to_string();
         if name == "part" {
             // The grace record is there already: the part's put is the
             // first create-only put of the upload.
             remote.upload_grace().unwrap();
         }
-        let wrapped = RemoteStore::new(
-            Arc::new(Contended {
-                inner: remote.object_store().clone(),
-                refusals: std::sync::Mutex::new(vec!["409", "412"]),
-            }),
-            ObjPath::from("ckpt"),
-            &url,
-            RemoteOptions::default(),
-        );
+        let wrapped = contended(&remote);
         if name == "grace" {
             let g = wrapped.upload_grace();
             assert_eq!(

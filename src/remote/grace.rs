@@ -79,13 +79,8 @@ impl RemoteStore {
                 r.bytes().await.map_err(|e| Error::remote(op, &path, e))
             })
             .await;
-        let body = match r {
-            Ok(b) => b,
-            Err(Error::Remote {
-                source: object_store::Error::NotFound { .. },
-                ..
-            }) => return Ok(None),
-            Err(e) => return Err(e),
+        let Some(body) = super::found(r)? else {
+            return Ok(None);
         };
         if body.len() as u64 > MAX_RECORD_LEN {
             return Err(bad(format!("larger than {MAX_RECORD_LEN} bytes")));

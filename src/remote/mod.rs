@@ -922,14 +922,7 @@ impl RemoteStore {
                     .map_err(|e| Error::remote(op, path, e))
             })
             .await;
-        match r {
-            Ok(m) => Ok(Some(m)),
-            Err(Error::Remote {
-                source: object_store::Error::NotFound { .. },
-                ..
-            }) => Ok(None),
-            Err(e) => Err(e),
-        }
+        found(r)
     }
 
     /// Upload a whole object, in parts when it is large; retried whole.
