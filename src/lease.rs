@@ -472,6 +472,8 @@ impl LeasedSave {
             seq: plan.seq,
             buf,
             width: plan.width,
+            write_first: false,
+            written: None,
         })?;
         self.submitted[lease.index] = true;
         Ok(())

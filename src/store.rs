@@ -79,6 +79,17 @@ pub struct StoreOptions {
     /// above it, or when it cannot be read, the batch is synced file by
     /// file. Default 256 MiB.
     pub batch_sync_max_dirty: u64,
+    /// Write a raw chunk that is likely new with O_DIRECT as soon as it is
+    /// staged, before it is hashed (default on; needs `direct_io` and the
+    /// raw codec). A chunk is judged likely new when this store has not
+    /// staged its position in the state (run, rank, entry, offset) before,
+    /// or staged other bytes there last time, by a sample of eight 512-byte
+    /// windows; the disk then starts while the caller's copy into staging
+    /// still holds the cores. The header block is written once the hash is
+    /// known, and the commit rule is unchanged: a chunk is renamed to its
+    /// final name only once durable. A chunk judged new that is stored
+    /// already has its early file removed (`SaveReport::bytes_discarded`).
+    pub early_write: bool,
 }
 
 /// Staging copy threads by default.
@@ -108,6 +119,7 @@ impl Default for StoreOptions {
             verify_reused_chunks: false,
             batch_sync: false,
             batch_sync_max_dirty: 256 << 20,
+            early_write: true,
         }
     }
 }
@@ -255,6 +267,7 @@ impl Store {
             },
             opts.verify_reused_chunks,
             opts.batch_sync.then_some(opts.batch_sync_max_dirty),
+            opts.early_write,
         )?;
         Ok(Store {
             layout,

@@ -108,13 +108,16 @@ fn files_under(root: &Path, sub: &str) -> Vec<PathBuf> {
     out
 }
 
-/// Chunk temporary files (named after a 64-hex chunk id) in `root/tmp`.
+/// Chunk temporary files in `root/tmp`: named after a 64-hex chunk id,
+/// or `early.*` for a payload written before its hash was known
+/// (`StoreOptions::early_write`).
 fn chunk_tmp_files(root: &Path) -> Vec<PathBuf> {
     files_under(root, "tmp")
         .into_iter()
         .filter(|p| {
             let name = p.file_name().unwrap().to_string_lossy().to_string();
-            name.len() > 64 && name[..64].bytes().all(|b| b.is_ascii_hexdigit())
+            (name.len() > 64 && name[..64].bytes().all(|b| b.is_ascii_hexdigit()))
+                || name.starts_with("early.")
         })
         .collect()
 }

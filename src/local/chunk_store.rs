@@ -87,6 +87,74 @@ impl PendingChunk {
     }
 }
 
+/// A raw chunk's payload written to a temporary file before its hash was
+/// known ([`LocalChunkStore::write_payload_early`]). Its header block is
+/// still a hole, so it is not a chunk file yet; dropped without
+/// [`EarlyChunk::finish`] (the chunk turned out to be stored already, or
+/// the save failed), the file is removed.
+pub struct EarlyChunk {
+    file: Option<std::fs::File>,
+    layout: Layout,
+    tmp: PathBuf,
+    len: u64,
+}
+
+impl EarlyChunk {
+    /// Payload bytes written.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether no payload bytes were written.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Write the header block (with O_DIRECT, as the payload) now that the
+    /// chunk's hash is known: the file becomes a complete chunk file, still
+    /// under its temporary name, for [`PendingChunk::finish`] to make
+    /// durable and rename into place. `header` must describe this payload
+    /// stored raw.
+    pub fn finish(mut self, header: &ChunkHeader) -> Result<PendingChunk> {
+        if header.codec != Codec::Raw || header.stored_len != self.len {
+            return Err(Error::Internal(format!(
+                "header for a {} {:?} payload on an early-written {}-byte one",
+                header.stored_len, header.codec, self.len
+            )));
+        }
+        let header = ChunkHeader {
+            payload_offset: ALIGNED_PAYLOAD_OFFSET,
+            ..*header
+        };
+        let file = self
+            .file
+            .take()
+            .ok_or_else(|| Error::Internal("early chunk finished twice".into()))?;
+        let mut block = AlignedBlock::new();
+        block.as_mut_slice()[..HEADER_LEN].copy_from_slice(&header.encode());
+        if let Err(e) = write_all_vectored_at(&file, &[block.as_slice()], 0) {
+            drop(file);
+            let _ = std::fs::remove_file(&self.tmp);
+            return Err(Error::io("write chunk header (O_DIRECT)", &self.tmp, e));
+        }
+        Ok(PendingChunk {
+            file: Box::new(RealFile(file)),
+            layout: self.layout.clone(),
+            tmp: std::mem::take(&mut self.tmp),
+            dest: self.layout.chunk_path(&header.id),
+            stored_bytes: ALIGNED_PAYLOAD_OFFSET as u64 + self.len,
+        })
+    }
+}
+
+impl Drop for EarlyChunk {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
 impl LocalChunkStore {
     /// The chunk store of `layout`.
     pub fn new(layout: Layout) -> Self {
@@ -266,6 +334,37 @@ impl LocalChunkStore {
             dest: self.layout.chunk_path(&header.id),
             stored_bytes: ALIGNED_PAYLOAD_OFFSET as u64 + len,
         })
+    }
+
+    /// Write a raw chunk's payload with O_DIRECT straight from its staging
+    /// buffer before its hash is known, to a temporary file with no header
+    /// yet (its 4 KiB header block is left for [`EarlyChunk::finish`]).
+    /// `None` when direct I/O is off: the chunk then takes the usual path.
+    pub fn write_payload_early(&self, buf: &mut StagingBuf) -> Result<Option<EarlyChunk>> {
+        if !self.direct {
+            return Ok(None);
+        }
+        let tmp = self.layout.tmp_dir().join(unique_tmp_name("early"));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&tmp)
+            .map_err(|e| Error::io("create chunk (O_DIRECT)", &tmp, e))?;
+        let early = EarlyChunk {
+            file: Some(file),
+            layout: self.layout.clone(),
+            tmp,
+            len: buf.len() as u64,
+        };
+        let f = early
+            .file
+            .as_ref()
+            .ok_or_else(|| Error::Internal("no file".into()))?;
+        write_all_vectored_at(f, &[buf.aligned_padded()], ALIGNED_PAYLOAD_OFFSET as u64)
+            .and_then(|()| f.set_len(ALIGNED_PAYLOAD_OFFSET as u64 + early.len))
+            .map_err(|e| Error::io("write chunk (O_DIRECT)", &early.tmp, e))?;
+        Ok(Some(early))
     }
 
     /// Store a whole chunk object (as fetched from another tier) under its

@@ -8,5 +8,5 @@ pub mod lock;
 #[cfg(feature = "test-util")]
 pub mod sim;
 
-pub use chunk_store::{LocalChunkStore, PendingChunk};
+pub use chunk_store::{EarlyChunk, LocalChunkStore, PendingChunk};
 pub use lock::GcLock;

@@ -104,6 +104,7 @@ pub(crate) struct Counters {
     pub bytes_written: AtomicU64,
     pub bytes_written_uncompressed: AtomicU64,
     pub bytes_deduped: AtomicU64,
+    pub bytes_discarded: AtomicU64,
     pub hash_ns: AtomicU64,
     pub encode_ns: AtomicU64,
     pub write_ns: AtomicU64,

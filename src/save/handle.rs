@@ -24,6 +24,11 @@ pub struct SaveReport {
     pub bytes_deduped: u64,
     /// Uncompressed bytes of the chunks this save wrote.
     pub bytes_written_uncompressed: u64,
+    /// Payload bytes written early (before hashing, see
+    /// `StoreOptions::early_write`) for chunks that turned out to be
+    /// stored already, and removed again: written to disk, but not part of
+    /// `bytes_written`.
+    pub bytes_discarded: u64,
     /// Time `save` blocked the caller (the staging copy).
     pub stall: Duration,
     /// Time from the `save` call to the manifest commit.

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! save() --Chunk--> workers (hash, dedup, encode, write tmp file, release staging)
+//!   '--Chunk--> early writers (O_DIRECT payload write) --Chunk--> workers
 //!                      |--Sync--> syncers (O_DIRECT write; fdatasync, rename into chunks/)
 //!                      |             '--Barrier--> barrier (one syncfs per batch,
 //!                      |                           rename the batch into chunks/)
@@ -11,7 +12,20 @@
 //!
 //! Workers are CPU-bound (one per core); syncers block in writes and
 //! fsync, so there are several to keep the disk queue full; a single
-//! committer publishes manifests. With batched syncs
+//! committer publishes manifests.
+//!
+//! Early writes: a raw chunk whose position in the state (run, entry,
+//! offset) held other bytes when last staged by this store, or was never
+//! staged by it, is likely new, so an early writer writes its payload with
+//! O_DIRECT to a temporary file as soon as it is staged, before it is
+//! hashed. The disk then works while the caller's copy still holds the
+//! cores (the workers run at a lower priority, so hashing waits for the
+//! copy). The worker that hashes it then either has the 4 KiB header block
+//! written and the file made durable and renamed as any other, or, if the
+//! chunk is stored already, removes the file: the bytes were written for
+//! nothing but the checkpoint is the same. A chunk whose position held the
+//! same sample of bytes last time is hashed first, so an unchanged tensor
+//! is never rewritten. With batched syncs
 //! (`StoreOptions::batch_sync`, for chunks written with O_DIRECT), a
 //! syncer hands each chunk file it wrote to the barrier thread instead of
 //! `fdatasync`ing it: the barrier gathers the files handed to it until no
@@ -32,7 +46,7 @@ use crate::format::manifest::{encode_manifest, BlobEntry, ChunkRef, Manifest, Te
 use crate::format::FORMAT_VERSION;
 use crate::local::chunk_store::sync_prefix_dirs_of;
 use crate::local::durable::{create_dir_chain_durable_on, publish_new_on};
-use crate::local::{LocalChunkStore, PendingChunk};
+use crate::local::{EarlyChunk, LocalChunkStore, PendingChunk};
 use crate::staging::StagingBuf;
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use std::collections::HashMap;
@@ -48,6 +62,11 @@ pub(crate) struct ChunkJob {
     pub buf: StagingBuf,
     /// Element width for byte-grouping (0: none).
     pub width: u8,
+    /// Write the payload before hashing it, if the pipeline writes early
+    /// (see [`Pipeline::likely_new`]).
+    pub write_first: bool,
+    /// The payload, written early.
+    pub written: Option<EarlyChunk>,
 }
 
 /// How a chunk reaches disk.
@@ -58,6 +77,11 @@ enum WriteKind {
     Direct {
         header: ChunkHeader,
         buf: StagingBuf,
+    },
+    /// Raw payload written early: write its header block, then publish.
+    Early {
+        header: ChunkHeader,
+        early: EarlyChunk,
     },
 }
 
@@ -92,7 +116,18 @@ struct Shared {
     verify_reused: bool,
     inflight: Mutex<HashMap<ChunkId, Arc<Inflight>>>,
     commit_tx: Sender<Arc<SaveCtx>>,
+    /// Whether raw chunks likely to be new are written before they are
+    /// hashed (`StoreOptions::early_write`, with O_DIRECT and the raw
+    /// codec).
+    early_write: bool,
+    /// A sample of what each chunk position held when last staged, by a
+    /// hash of the position (see [`Pipeline::likely_new`]).
+    last_staged: Mutex<HashMap<u64, u64>>,
 }
+
+/// Positions [`Shared::last_staged`] remembers at most; past it the
+/// memory starts over (a state of 16 MiB chunks this large is 16 TiB).
+const MAX_POSITIONS: usize = 1 << 20;
 
 enum Claim {
     Stored,
@@ -150,18 +185,14 @@ impl Shared {
 /// [`Pipeline::submitter`]).
 pub(crate) struct Submitter {
     tx: Sender<ChunkJob>,
+    early_tx: Sender<ChunkJob>,
     shared: Arc<Shared>,
 }
 
 impl Submitter {
     /// As [`Pipeline::submit`].
     pub fn submit(&self, job: ChunkJob) -> Result<()> {
-        let ctx = job.ctx.clone();
-        ctx.add_pending();
-        self.tx.send(job).map_err(|_| {
-            ctx.finish_one();
-            Error::Closed
-        })
+        send_job(&self.tx, &self.early_tx, &self.shared, job)
     }
 
     /// As [`Pipeline::staging_done`].
@@ -173,6 +204,7 @@ impl Submitter {
 /// The pipeline threads of one store.
 pub(crate) struct Pipeline {
     tx: Option<Sender<ChunkJob>>,
+    early_tx: Option<Sender<ChunkJob>>,
     shared: Option<Arc<Shared>>,
     threads: Vec<JoinHandle<()>>,
     committer: Option<JoinHandle<()>>,
@@ -200,6 +232,7 @@ impl Pipeline {
         threads: PipelineThreads,
         verify_reused: bool,
         batch_sync: Option<u64>,
+        early_write: bool,
     ) -> Result<Self> {
         let PipelineThreads {
             workers,
@@ -214,7 +247,10 @@ impl Pipeline {
         let batch_sync = batch_sync.filter(|_| chunks.direct_io());
         let (commit_tx, commit_rx) = unbounded::<Arc<SaveCtx>>();
         let known = Arc::new(KnownChunks::default());
+        let early_write = early_write && chunks.direct_io() && codec == CodecChoice::Raw;
         let shared = Arc::new(Shared {
+            early_write,
+            last_staged: Mutex::new(HashMap::new()),
             writing: AtomicUsize::new(0),
             known: known.clone(),
             chunks: chunks.clone(),
@@ -243,6 +279,19 @@ impl Pipeline {
             )?);
         }
         drop(sync_tx);
+        // Early writers hold senders of the chunk queue: the workers end
+        // after them, once the pipeline's own senders are dropped.
+        let (early_tx, early_rx) = unbounded::<ChunkJob>();
+        if early_write {
+            for i in 0..syncers.max(1) {
+                let (rx, tx, shared) = (early_rx.clone(), tx.clone(), shared.clone());
+                threads.push(spawn(
+                    format!("cairn-early-{i}"),
+                    Box::new(move || early_loop(rx, tx, shared)),
+                )?);
+            }
+        }
+        drop(early_rx);
         let (barrier_tx, barrier_rx) = unbounded::<BarrierJob>();
         for i in 0..syncers.max(1) {
             let (rx, shared) = (sync_rx.clone(), shared.clone());
@@ -267,6 +316,7 @@ impl Pipeline {
         )?;
         Ok(Pipeline {
             tx: Some(tx),
+            early_tx: Some(early_tx),
             shared: Some(shared),
             threads,
             committer: Some(committer),
@@ -286,16 +336,29 @@ impl Pipeline {
     }
 
     pub fn submit(&self, job: ChunkJob) -> Result<()> {
-        let Some(tx) = &self.tx else {
+        let (Some(tx), Some(early_tx), Some(shared)) = (&self.tx, &self.early_tx, &self.shared)
+        else {
             return Err(Error::Closed);
         };
-        let ctx = job.ctx.clone();
-        ctx.add_pending();
-        tx.send(job).map_err(|_| {
-            // The stager still holds its own token, so this cannot be last.
-            ctx.finish_one();
-            Error::Closed
-        })
+        send_job(tx, early_tx, shared, job)
+    }
+
+    /// Whether the chunk at `position` (a hash of run, entry and offset)
+    /// whose bytes give `sample` ([`sample_of`]) is likely new, so worth
+    /// writing before it is hashed: the pipeline writes early, and this
+    /// store never staged that position or staged other bytes there last
+    /// time. A chunk judged new that is stored after all costs a write and
+    /// a removal; one judged old is hashed first, as with early writes
+    /// off. Remembers `sample` for the position either way.
+    pub fn likely_new(&self, position: u64, sample: u64) -> bool {
+        let Some(shared) = self.shared.as_ref().filter(|s| s.early_write) else {
+            return false;
+        };
+        let mut last = shared.last_staged.lock().unwrap_or_else(|p| p.into_inner());
+        if last.len() >= MAX_POSITIONS && !last.contains_key(&position) {
+            last.clear();
+        }
+        last.insert(position, sample) != Some(sample)
     }
 
     /// A handle that submits chunks and ends staging after the caller's
@@ -305,6 +368,7 @@ impl Pipeline {
         match (&self.tx, &self.shared) {
             (Some(tx), Some(shared)) => Ok(Submitter {
                 tx: tx.clone(),
+                early_tx: self.early_tx.clone().ok_or(Error::Closed)?,
                 shared: shared.clone(),
             }),
             _ => Err(Error::Closed),
@@ -325,6 +389,7 @@ impl Pipeline {
         // worker (their only senders) is gone. The committer exits when the
         // last `Shared`, which owns its sender, is dropped.
         self.tx.take();
+        self.early_tx.take();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -430,6 +495,8 @@ fn process_chunk(
             seq,
             buf,
             width,
+            written,
+            ..
         } = job;
         let c = &ctx.counters;
         let t = Instant::now();
@@ -439,15 +506,44 @@ fn process_chunk(
         ctx.set_id(seq, id, len);
         ctx.touch(&id);
         Counters::add(&c.chunks, 1);
-        match shared.claim(id, len) {
-            Claim::Stored => {
+        let claim = shared.claim(id, len);
+        if let (Some(early), Claim::Stored | Claim::Wait(_)) = (&written, &claim) {
+            Counters::add(&c.bytes_discarded, early.len());
+        }
+        match (claim, written) {
+            (Claim::Stored, _) => {
                 Counters::add(&c.bytes_deduped, len);
             }
-            Claim::Wait(w) => {
+            (Claim::Wait(w), _) => {
                 Counters::add(&c.bytes_deduped, len);
                 ctx.deps.lock().unwrap_or_else(|p| p.into_inner()).push(w);
             }
-            Claim::Write(w) => {
+            (Claim::Write(w), Some(early)) => {
+                drop(buf);
+                let header = ChunkHeader {
+                    codec: Codec::Raw,
+                    filter: 0,
+                    uncompressed_len: len,
+                    stored_len: len,
+                    payload_offset: HEADER_LEN as u32,
+                    id,
+                };
+                let job = SyncJob {
+                    ctx: ctx.clone(),
+                    id,
+                    len,
+                    write: WriteKind::Early { header, early },
+                    inflight: w.clone(),
+                };
+                guard.disarm();
+                if sync_tx.send(job).is_err() {
+                    shared.release(&id, &w, Err(&Error::Closed));
+                    ctx.fail(Error::Closed);
+                } else {
+                    return;
+                }
+            }
+            (Claim::Write(w), None) => {
                 guard.claimed = Some((id, w.clone()));
                 let t = Instant::now();
                 let (write, header) = {
@@ -511,6 +607,59 @@ fn process_chunk(
     }
 }
 
+/// Queue `job` of a save: to the early writers if it is to be written
+/// first and the pipeline writes early, else to the workers.
+fn send_job(
+    tx: &Sender<ChunkJob>,
+    early_tx: &Sender<ChunkJob>,
+    shared: &Shared,
+    job: ChunkJob,
+) -> Result<()> {
+    let ctx = job.ctx.clone();
+    ctx.add_pending();
+    let to = if job.write_first && shared.early_write {
+        early_tx
+    } else {
+        tx
+    };
+    to.send(job).map_err(|_| {
+        // The stager still holds its own token, so this cannot be last.
+        ctx.finish_one();
+        Error::Closed
+    })
+}
+
+/// An early writer: writes each chunk's payload with O_DIRECT from
+/// staging, then queues the chunk for a worker to hash. A chunk whose
+/// early write fails goes to the worker unwritten and takes the usual
+/// path, which reports the error if it persists.
+fn early_loop(rx: Receiver<ChunkJob>, tx: Sender<ChunkJob>, shared: Arc<Shared>) {
+    for mut job in rx {
+        let mut guard = PanicGuard {
+            shared: &shared,
+            ctx: Some(job.ctx.clone()),
+            claimed: None,
+        };
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let t = Instant::now();
+            let written = {
+                let _writing = Writing::start(&shared.writing);
+                crate::failpoint::hit("chunk.early_write")
+                    .map_err(|e| Error::io("write chunk early", "<failpoint>", e))
+                    .and_then(|()| shared.chunks.write_payload_early(&mut job.buf))
+            };
+            Counters::add_time(&job.ctx.counters.write_ns, t);
+            job.written = written.ok().flatten();
+            let ctx = job.ctx.clone();
+            guard.disarm();
+            if tx.send(job).is_err() {
+                ctx.fail(Error::Closed);
+                shared.finish_one(ctx);
+            }
+        }));
+    }
+}
+
 fn sync_loop(rx: Receiver<SyncJob>, shared: Arc<Shared>, barrier: Option<Sender<BarrierJob>>) {
     for job in rx {
         let mut guard = PanicGuard {
@@ -545,6 +694,15 @@ fn process_sync(
             let res = {
                 let _writing = Writing::start(&shared.writing);
                 shared.chunks.write_direct(&header, &mut buf)
+            };
+            Counters::add_time(&c.write_ns, t);
+            (res, true)
+        }
+        WriteKind::Early { header, early } => {
+            let t = Instant::now();
+            let res = {
+                let _writing = Writing::start(&shared.writing);
+                early.finish(&header)
             };
             Counters::add_time(&c.write_ns, t);
             (res, true)
@@ -821,6 +979,7 @@ fn commit(ctx: &SaveCtx) -> Result<SaveReport> {
         bytes_written: n(&c.bytes_written),
         bytes_deduped: n(&c.bytes_deduped),
         bytes_written_uncompressed: n(&c.bytes_written_uncompressed),
+        bytes_discarded: n(&c.bytes_discarded),
         stall: *ctx.stall.lock().unwrap_or_else(|p| p.into_inner()),
         durable: ctx.started.elapsed(),
         hash_busy: ns(&c.hash_ns),

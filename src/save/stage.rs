@@ -214,13 +214,14 @@ pub(crate) fn stage_entries(
     // copied by several threads.
     let mut pieces: Vec<Piece<'_>> = Vec::new();
     for (entry, data, width) in items.iter_mut().filter(|i| i.1.len() >= threshold) {
-        for piece in data.chunks(chunk_size) {
+        for (index, piece) in data.chunks(chunk_size).enumerate() {
             let seq = ctx.next_seq();
             entry.slices.push((seq, 0, piece.len() as u64));
             pieces.push(Piece {
                 data: piece,
                 seq,
                 width: *width,
+                position: position_of(ctx, &entry.name, entry.tensor.is_some(), index),
             });
         }
     }
@@ -268,6 +269,49 @@ struct Piece<'a> {
     data: &'a [u8],
     seq: usize,
     width: u8,
+    /// Where in the state it sits ([`position_of`]).
+    position: u64,
+}
+
+/// A hash of where a chunk sits in a state: run, rank (for a part), entry
+/// and chunk index, for [`Pipeline::likely_new`].
+fn position_of(ctx: &SaveCtx, name: &str, tensor: bool, index: usize) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(ctx.run.as_bytes());
+    h.update(&[0, tensor as u8]);
+    if let Some(p) = ctx.part {
+        h.update(&p.rank.to_le_bytes());
+    }
+    h.update(&[0]);
+    h.update(name.as_bytes());
+    h.update(&[0]);
+    h.update(&(index as u64).to_le_bytes());
+    let d = h.finalize();
+    u64::from_le_bytes(d.as_bytes()[..8].try_into().unwrap_or([0; 8]))
+}
+
+/// Bytes [`sample_of`] reads from a chunk: eight windows of 512 bytes.
+const SAMPLE_WINDOWS: usize = 8;
+const SAMPLE_WINDOW: usize = 512;
+
+/// A hash of a few spread-out windows of `data` and its length: cheap to
+/// take while the chunk is hot in cache. Bytes that changed almost
+/// anywhere in a trained tensor (every element an optimizer step moves)
+/// change it; equal samples say the chunk is probably unchanged.
+fn sample_of(data: &[u8]) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(&(data.len() as u64).to_le_bytes());
+    if data.len() <= SAMPLE_WINDOWS * SAMPLE_WINDOW {
+        h.update(data);
+    } else {
+        let stride = (data.len() - SAMPLE_WINDOW) / (SAMPLE_WINDOWS - 1);
+        for i in 0..SAMPLE_WINDOWS {
+            let at = i * stride;
+            h.update(&data[at..at + SAMPLE_WINDOW]);
+        }
+    }
+    let d = h.finalize();
+    u64::from_le_bytes(d.as_bytes()[..8].try_into().unwrap_or([0; 8]))
 }
 
 /// Below this many bytes the copy runs on the caller's thread alone: a
@@ -288,11 +332,14 @@ fn copy_pieces(
     let copy_one = |p: &Piece<'_>| -> Result<()> {
         let mut buf = pool.alloc(p.data.len())?;
         buf.copy_from_slice(p.data);
+        let write_first = pipeline.likely_new(p.position, sample_of(&buf));
         pipeline.submit(ChunkJob {
             ctx: ctx.clone(),
             seq: p.seq,
             buf,
             width: p.width,
+            write_first,
+            written: None,
         })
     };
     let total: usize = pieces.iter().map(|p| p.data.len()).sum();
@@ -315,6 +362,8 @@ fn submit_pack(
             seq,
             buf,
             width: 0,
+            write_first: false,
+            written: None,
         })?;
     }
     Ok(())

@@ -136,7 +136,8 @@ pub struct BenchIteration {
     pub dedup_step: u64,
     /// Fraction of the logical bytes changed for it.
     pub dedup_changed_fraction: f64,
-    /// Fraction of the logical bytes written for it.
+    /// Fraction of the logical bytes written for it, counting bytes
+    /// written early for chunks found stored (`SaveReport::bytes_discarded`).
     pub dedup_written_fraction: f64,
 }
 
@@ -527,7 +528,8 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
             commit_s: rep.commit.as_secs_f64(),
             dedup_step: step + 1,
             dedup_changed_fraction: changed as f64 / total as f64,
-            dedup_written_fraction: rep2.bytes_written_uncompressed as f64 / total as f64,
+            dedup_written_fraction: (rep2.bytes_written_uncompressed + rep2.bytes_discarded) as f64
+                / total as f64,
         });
     }
     let write_times: Vec<Vec<f64>> = iters

@@ -56,6 +56,11 @@ pub struct BenchArgs {
     /// `batch_sync`).
     #[arg(long)]
     batch_sync: bool,
+    /// Hash every chunk before writing it, as with the store's
+    /// `early_write` off (by default a chunk likely to be new is written
+    /// as soon as it is staged).
+    #[arg(long)]
+    no_early_write: bool,
     /// Local-tier codec: raw, zstd or zstd:LEVEL.
     #[arg(long, default_value = "raw")]
     codec: CodecChoice,
@@ -195,6 +200,7 @@ pub fn run(a: BenchArgs, remote_options: &[String]) -> cairn::Result<i32> {
             read_threads: a.read_threads.unwrap_or(defaults.read_threads),
             codec: a.codec,
             batch_sync: a.batch_sync,
+            early_write: !a.no_early_write,
             ..defaults
         },
     };
