@@ -24,8 +24,8 @@ use crate::error::{Error, Result};
 use crate::format::manifest::{PartInfo, ShardInfo};
 use crate::layout::{validate_entry_name, validate_run_name};
 use crate::save::{
-    stage_entries, validate, ChunkJob, PlannedEntry, SaveCtx, SaveHandle, SaveState, Submitter,
-    PACK_THRESHOLD,
+    position_of, sample_of, stage_entries, validate, ChunkJob, PlannedEntry, SaveCtx, SaveHandle,
+    SaveState, Submitter, PACK_THRESHOLD,
 };
 use crate::staging::{StagingBuf, StagingPool};
 use crate::store::Store;
@@ -69,6 +69,9 @@ struct Planned {
     len: usize,
     seq: usize,
     width: u8,
+    /// Where a chunk of one large tensor sits in the state
+    /// (`save::position_of`), for early writes; `None` for a pack.
+    position: Option<u64>,
 }
 
 /// A slice of the staging pool lent to the caller for one chunk. Fill
@@ -354,6 +357,7 @@ fn plan_leases(
                     len: piece as usize,
                     seq,
                     width,
+                    position: Some(position_of(ctx, &t.name, true, (off / chunk) as usize)),
                 });
                 off += piece;
             }
@@ -374,6 +378,7 @@ fn plan_leases(
             len: 0,
             seq: ctx.next_seq(),
             width: 0,
+            position: None,
         });
         entries[i].slices.push((p.seq, p.len as u64, len));
         p.segments.push(Segment {
@@ -467,12 +472,17 @@ impl LeasedSave {
             .buf
             .take()
             .ok_or_else(|| Error::Internal("lease without a buffer".into()))?;
+        // As `save` does: a chunk whose position held other bytes last
+        // time is written before it is hashed.
+        let write_first = plan
+            .position
+            .is_some_and(|pos| self.submitter.likely_new(pos, sample_of(&buf)));
         self.submitter.submit(ChunkJob {
             ctx,
             seq: plan.seq,
             buf,
             width: plan.width,
-            write_first: false,
+            write_first,
             written: None,
         })?;
         self.submitted[lease.index] = true;

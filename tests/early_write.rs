@@ -11,7 +11,10 @@
 //! O_DIRECT works.
 
 use cairn::testing::failpoints;
-use cairn::{DType, SaveReport, SaveState, StepSel, Store, StoreOptions, TensorFilter};
+use cairn::{
+    DType, LeasedTensor, NextLease, SaveReport, SaveState, StepSel, Store, StoreOptions,
+    TensorFilter,
+};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -78,6 +81,43 @@ impl State {
             .unwrap_or_else(|e| panic!("save {run}/{step}: {e}"))
             .wait()
             .unwrap_or_else(|e| panic!("save {run}/{step} did not commit: {e}"))
+    }
+
+    /// Save through leases, as the Python binding does: the caller fills
+    /// slices of the staging pool itself.
+    fn save_leased(&self, store: &Store, run: &str, step: u64) -> SaveReport {
+        let specs = self
+            .0
+            .iter()
+            .map(|(name, data)| LeasedTensor {
+                name: name.clone(),
+                dtype: DType::U8,
+                shape: vec![data.len() as u64],
+                shard: None,
+            })
+            .collect();
+        let mut save = store
+            .lease_save(run, step, specs, &SaveState::new())
+            .unwrap_or_else(|e| panic!("lease save {run}/{step}: {e}"));
+        loop {
+            match save.lease(true).unwrap() {
+                NextLease::Done => break,
+                NextLease::Full => panic!("a waiting lease reported a full pool"),
+                NextLease::Lease(mut l) => {
+                    let segs = l.segments().to_vec();
+                    let buf = l.as_mut_slice();
+                    for g in segs {
+                        let src = &self.0[g.tensor].1[g.tensor_offset as usize..][..g.len as usize];
+                        buf[g.lease_offset as usize..][..g.len as usize].copy_from_slice(src);
+                    }
+                    save.submit(l).unwrap();
+                }
+            }
+        }
+        save.finish()
+            .unwrap()
+            .wait()
+            .unwrap_or_else(|e| panic!("lease save {run}/{step} did not commit: {e}"))
     }
 
     fn assert_restores(&self, store: &Store, run: &str, step: u64) {
@@ -215,4 +255,29 @@ fn a_failed_early_write_falls_back_to_the_usual_path() {
     assert_eq!(rep.bytes_written_uncompressed, a.bytes());
     assert_eq!(tmp_files(dir.path()), Vec::<PathBuf>::new());
     a.assert_restores(&store, "job", 1);
+}
+
+#[test]
+fn leased_saves_write_early_too_and_dedup_the_same() {
+    let _g = serial();
+    let dir = disk_dir();
+    let store = Store::open(dir.path(), opts(true)).unwrap();
+    let (a, b) = (State::new(8, 3), State::new(9, 3));
+    let first = a.save_leased(&store, "job", 1);
+    assert_eq!(first.bytes_written_uncompressed, a.bytes());
+    // Unchanged: hashed first, nothing written or discarded.
+    let again = a.save_leased(&store, "job", 2);
+    assert_eq!((again.bytes_written, again.bytes_discarded), (0, 0));
+    b.save_leased(&store, "job", 3);
+    // The positions held B's bytes: A's chunks are written early, found
+    // stored, and removed. A leased and an ordinary save share positions.
+    let back = a.save_leased(&store, "job", 4);
+    assert_eq!(back.bytes_written, 0);
+    assert_eq!(back.bytes_discarded, a.bytes());
+    let plain = b.save(&store, "job", 5);
+    assert_eq!(plain.bytes_discarded, b.bytes());
+    assert_eq!(tmp_files(dir.path()), Vec::<PathBuf>::new());
+    for (state, step) in [(&a, 1), (&a, 2), (&b, 3), (&a, 4), (&b, 5)] {
+        state.assert_restores(&store, "job", step);
+    }
 }

@@ -93,8 +93,9 @@ impl PendingChunk {
 /// [`EarlyChunk::finish`] (the chunk turned out to be stored already, or
 /// the save failed), the file is removed.
 pub struct EarlyChunk {
-    file: Option<std::fs::File>,
     layout: Layout,
+    /// The temporary file; empty once [`EarlyChunk::finish`] has handed
+    /// it on.
     tmp: PathBuf,
     len: u64,
 }
@@ -114,7 +115,9 @@ impl EarlyChunk {
     /// chunk's hash is known: the file becomes a complete chunk file, still
     /// under its temporary name, for [`PendingChunk::finish`] to make
     /// durable and rename into place. `header` must describe this payload
-    /// stored raw.
+    /// stored raw. The file is opened again here: between the two writes
+    /// it holds no descriptor, so chunks waiting to be hashed cannot run a
+    /// process out of them. On failure the file is removed.
     pub fn finish(mut self, header: &ChunkHeader) -> Result<PendingChunk> {
         if header.codec != Codec::Raw || header.stored_len != self.len {
             return Err(Error::Internal(format!(
@@ -126,17 +129,15 @@ impl EarlyChunk {
             payload_offset: ALIGNED_PAYLOAD_OFFSET,
             ..*header
         };
-        let file = self
-            .file
-            .take()
-            .ok_or_else(|| Error::Internal("early chunk finished twice".into()))?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&self.tmp)
+            .map_err(|e| Error::io("open chunk (O_DIRECT)", &self.tmp, e))?;
         let mut block = AlignedBlock::new();
         block.as_mut_slice()[..HEADER_LEN].copy_from_slice(&header.encode());
-        if let Err(e) = write_all_vectored_at(&file, &[block.as_slice()], 0) {
-            drop(file);
-            let _ = std::fs::remove_file(&self.tmp);
-            return Err(Error::io("write chunk header (O_DIRECT)", &self.tmp, e));
-        }
+        write_all_vectored_at(&file, &[block.as_slice()], 0)
+            .map_err(|e| Error::io("write chunk header (O_DIRECT)", &self.tmp, e))?;
         Ok(PendingChunk {
             file: Box::new(RealFile(file)),
             layout: self.layout.clone(),
@@ -149,7 +150,7 @@ impl EarlyChunk {
 
 impl Drop for EarlyChunk {
     fn drop(&mut self) {
-        if self.file.take().is_some() {
+        if !self.tmp.as_os_str().is_empty() {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }
@@ -352,18 +353,17 @@ impl LocalChunkStore {
             .open(&tmp)
             .map_err(|e| Error::io("create chunk (O_DIRECT)", &tmp, e))?;
         let early = EarlyChunk {
-            file: Some(file),
             layout: self.layout.clone(),
             tmp,
             len: buf.len() as u64,
         };
-        let f = early
-            .file
-            .as_ref()
-            .ok_or_else(|| Error::Internal("no file".into()))?;
-        write_all_vectored_at(f, &[buf.aligned_padded()], ALIGNED_PAYLOAD_OFFSET as u64)
-            .and_then(|()| f.set_len(ALIGNED_PAYLOAD_OFFSET as u64 + early.len))
-            .map_err(|e| Error::io("write chunk (O_DIRECT)", &early.tmp, e))?;
+        write_all_vectored_at(
+            &file,
+            &[buf.aligned_padded()],
+            ALIGNED_PAYLOAD_OFFSET as u64,
+        )
+        .and_then(|()| file.set_len(ALIGNED_PAYLOAD_OFFSET as u64 + early.len))
+        .map_err(|e| Error::io("write chunk (O_DIRECT)", &early.tmp, e))?;
         Ok(Some(early))
     }
 

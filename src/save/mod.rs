@@ -11,5 +11,7 @@ mod state;
 pub(crate) use ctx::{PlannedEntry, SaveCtx};
 pub use handle::{SaveHandle, SaveReport};
 pub(crate) use pipeline::{ChunkJob, Pipeline, PipelineThreads, Submitter};
-pub(crate) use stage::{stage_entries, stage_save, validate, PACK_THRESHOLD};
+pub(crate) use stage::{
+    position_of, sample_of, stage_entries, stage_save, validate, PACK_THRESHOLD,
+};
 pub use state::{SaveState, TensorView};

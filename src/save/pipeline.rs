@@ -63,7 +63,7 @@ pub(crate) struct ChunkJob {
     /// Element width for byte-grouping (0: none).
     pub width: u8,
     /// Write the payload before hashing it, if the pipeline writes early
-    /// (see [`Pipeline::likely_new`]).
+    /// (see [`Shared::likely_new`]).
     pub write_first: bool,
     /// The payload, written early.
     pub written: Option<EarlyChunk>,
@@ -136,6 +136,25 @@ enum Claim {
 }
 
 impl Shared {
+    /// Whether the chunk at `position` (a hash of run, rank, entry and
+    /// chunk index) whose bytes give `sample` (`stage::sample_of`) is
+    /// likely new, so worth writing before it is hashed: the pipeline
+    /// writes early, and this store never staged that position or staged
+    /// other bytes there last time. A chunk judged new that is stored
+    /// after all costs a write and a removal; one judged old is hashed
+    /// first, as with early writes off. Remembers `sample` for the
+    /// position either way.
+    fn likely_new(&self, position: u64, sample: u64) -> bool {
+        if !self.early_write {
+            return false;
+        }
+        let mut last = self.last_staged.lock().unwrap_or_else(|p| p.into_inner());
+        if last.len() >= MAX_POSITIONS && !last.contains_key(&position) {
+            last.clear();
+        }
+        last.insert(position, sample) != Some(sample)
+    }
+
     /// Decide who writes chunk `id` of `len` bytes. A stored chunk is
     /// reused only if it checks out (header and size; with
     /// `verify_reused`, its hash too); otherwise it is written again over
@@ -193,6 +212,11 @@ impl Submitter {
     /// As [`Pipeline::submit`].
     pub fn submit(&self, job: ChunkJob) -> Result<()> {
         send_job(&self.tx, &self.early_tx, &self.shared, job)
+    }
+
+    /// As [`Pipeline::likely_new`].
+    pub fn likely_new(&self, position: u64, sample: u64) -> bool {
+        self.shared.likely_new(position, sample)
     }
 
     /// As [`Pipeline::staging_done`].
@@ -344,21 +368,11 @@ impl Pipeline {
     }
 
     /// Whether the chunk at `position` (a hash of run, entry and offset)
-    /// whose bytes give `sample` ([`sample_of`]) is likely new, so worth
-    /// writing before it is hashed: the pipeline writes early, and this
-    /// store never staged that position or staged other bytes there last
-    /// time. A chunk judged new that is stored after all costs a write and
-    /// a removal; one judged old is hashed first, as with early writes
-    /// off. Remembers `sample` for the position either way.
+    /// whose bytes give `sample` is likely new: see [`Shared::likely_new`].
     pub fn likely_new(&self, position: u64, sample: u64) -> bool {
-        let Some(shared) = self.shared.as_ref().filter(|s| s.early_write) else {
-            return false;
-        };
-        let mut last = shared.last_staged.lock().unwrap_or_else(|p| p.into_inner());
-        if last.len() >= MAX_POSITIONS && !last.contains_key(&position) {
-            last.clear();
-        }
-        last.insert(position, sample) != Some(sample)
+        self.shared
+            .as_ref()
+            .is_some_and(|s| s.likely_new(position, sample))
     }
 
     /// A handle that submits chunks and ends staging after the caller's
@@ -519,6 +533,7 @@ fn process_chunk(
                 ctx.deps.lock().unwrap_or_else(|p| p.into_inner()).push(w);
             }
             (Claim::Write(w), Some(early)) => {
+                guard.claimed = Some((id, w.clone()));
                 drop(buf);
                 let header = ChunkHeader {
                     codec: Codec::Raw,
@@ -642,12 +657,12 @@ fn early_loop(rx: Receiver<ChunkJob>, tx: Sender<ChunkJob>, shared: Arc<Shared>)
         };
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let t = Instant::now();
-            let written = {
-                let _writing = Writing::start(&shared.writing);
-                crate::failpoint::hit("chunk.early_write")
-                    .map_err(|e| Error::io("write chunk early", "<failpoint>", e))
-                    .and_then(|()| shared.chunks.write_payload_early(&mut job.buf))
-            };
+            // Not counted in `Shared::writing`: an early-written file
+            // reaches the barrier only after a worker has hashed it, so the
+            // barrier waits for the I/O threads' writes alone.
+            let written = crate::failpoint::hit("chunk.early_write")
+                .map_err(|e| Error::io("write chunk early", "<failpoint>", e))
+                .and_then(|()| shared.chunks.write_payload_early(&mut job.buf));
             Counters::add_time(&job.ctx.counters.write_ns, t);
             job.written = written.ok().flatten();
             let ctx = job.ctx.clone();

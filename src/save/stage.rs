@@ -275,7 +275,7 @@ struct Piece<'a> {
 
 /// A hash of where a chunk sits in a state: run, rank (for a part), entry
 /// and chunk index, for [`Pipeline::likely_new`].
-fn position_of(ctx: &SaveCtx, name: &str, tensor: bool, index: usize) -> u64 {
+pub(crate) fn position_of(ctx: &SaveCtx, name: &str, tensor: bool, index: usize) -> u64 {
     let mut h = blake3::Hasher::new();
     h.update(ctx.run.as_bytes());
     h.update(&[0, tensor as u8]);
@@ -298,7 +298,7 @@ const SAMPLE_WINDOW: usize = 512;
 /// take while the chunk is hot in cache. Bytes that changed almost
 /// anywhere in a trained tensor (every element an optimizer step moves)
 /// change it; equal samples say the chunk is probably unchanged.
-fn sample_of(data: &[u8]) -> u64 {
+pub(crate) fn sample_of(data: &[u8]) -> u64 {
     let mut h = blake3::Hasher::new();
     h.update(&(data.len() as u64).to_le_bytes());
     if data.len() <= SAMPLE_WINDOWS * SAMPLE_WINDOW {
