@@ -9,8 +9,11 @@
 //! Stores live under the build's temporary directory, a real disk where
 //! O_DIRECT works.
 
+mod common;
+
 use cairn::testing::failpoints;
-use cairn::{DType, SaveState, StepSel, Store, StoreOptions, TensorFilter};
+use cairn::{Store, StoreOptions};
+use common::{assert_step_restores, byte_tensors};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -43,50 +46,6 @@ fn opts(batch_sync: bool) -> StoreOptions {
         // otherwise.
         batch_sync_max_dirty: u64::MAX,
         ..StoreOptions::default()
-    }
-}
-
-/// Named byte tensors: `n` of 1.5 MiB (two chunks each), from `seed`.
-struct State(Vec<(String, Vec<u8>)>);
-
-impl State {
-    fn new(seed: u64, n: usize) -> Self {
-        let mut x = seed;
-        State(
-            (0..n)
-                .map(|i| {
-                    let data = (0..(3 << 19) / 8)
-                        .flat_map(|_| {
-                            x = x.wrapping_add(0x9E3779B97F4A7C15);
-                            let mut z = x;
-                            z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-                            z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-                            (z ^ (z >> 31)).to_le_bytes()
-                        })
-                        .collect();
-                    (format!("layers.{i}.weight"), data)
-                })
-                .collect(),
-        )
-    }
-
-    fn save_state(&self) -> SaveState<'_> {
-        let mut s = SaveState::new();
-        for (name, data) in &self.0 {
-            s = s.tensor(name.clone(), DType::U8, &[data.len() as u64], data);
-        }
-        s
-    }
-
-    fn assert_restores(&self, store: &Store, run: &str, step: u64) {
-        let got = store
-            .restore(run, StepSel::Step(step), &TensorFilter::All)
-            .unwrap_or_else(|e| panic!("{run}/{step} does not restore: {e}"));
-        assert_eq!(got.tensors.len(), self.0.len());
-        for (name, data) in &self.0 {
-            let t = got.tensor(name).unwrap_or_else(|| panic!("{name} missing"));
-            assert!(t.data == *data, "bytes of {name} differ");
-        }
     }
 }
 
@@ -147,7 +106,7 @@ fn chunks_reach_their_final_names_only_after_the_batch_sync() {
     let _g = serial();
     let dir = disk_dir();
     let store = Store::open(dir.path(), opts(true)).unwrap();
-    let state = State::new(1, 6);
+    let state = byte_tensors(1, 6);
     // The first batch's sync waits until the test has looked.
     let release = Arc::new(AtomicBool::new(false));
     // Declared after the store, so dropped before it: a failed assertion
@@ -160,7 +119,7 @@ fn chunks_reach_their_final_names_only_after_the_batch_sync() {
         }
         None
     });
-    let handle = store.save("job", 1, &state.save_state()).unwrap();
+    let handle = store.save("job", 1, &state.view()).unwrap();
     wait_for("the batch sync", || failpoints::hits(POINT) >= 1);
     // Give the writers time to write (and wrongly publish) the rest.
     wait_for("every chunk written", || {
@@ -176,7 +135,7 @@ fn chunks_reach_their_final_names_only_after_the_batch_sync() {
     failpoints::reset();
     assert_eq!(files_under(dir.path(), "chunks").len(), 12);
     assert_eq!(chunk_tmp_files(dir.path()), Vec::<PathBuf>::new());
-    state.assert_restores(&store, "job", 1);
+    assert_step_restores(&store, "job", 1, &state);
 }
 
 #[test]
@@ -184,19 +143,15 @@ fn a_failed_batch_sync_fails_the_save_and_loses_nothing_committed() {
     let _g = serial();
     let dir = disk_dir();
     let store = Store::open(dir.path(), opts(true)).unwrap();
-    let first = State::new(2, 4);
-    store
-        .save("job", 1, &first.save_state())
-        .unwrap()
-        .wait()
-        .unwrap();
+    let first = byte_tensors(2, 4);
+    store.save("job", 1, &first.view()).unwrap().wait().unwrap();
     let before = files_under(dir.path(), "chunks");
     assert_eq!(before.len(), 8);
 
     failpoints::set(POINT, || Some(std::io::Error::from_raw_os_error(libc::EIO)));
-    let second = State::new(3, 4);
+    let second = byte_tensors(3, 4);
     let err = store
-        .save("job", 2, &second.save_state())
+        .save("job", 2, &second.view())
         .unwrap()
         .wait()
         .expect_err("a save whose chunk files could not be made durable committed");
@@ -211,31 +166,27 @@ fn a_failed_batch_sync_fails_the_save_and_loses_nothing_committed() {
     );
     assert_eq!(chunk_tmp_files(dir.path()), Vec::<PathBuf>::new());
     assert_eq!(store.steps("job").unwrap(), vec![1]);
-    first.assert_restores(&store, "job", 1);
+    assert_step_restores(&store, "job", 1, &first);
 
     // The same save again, once the sync works, commits.
     store
-        .save("job", 2, &second.save_state())
+        .save("job", 2, &second.view())
         .unwrap()
         .wait()
         .unwrap();
-    second.assert_restores(&store, "job", 2);
-    first.assert_restores(&store, "job", 1);
+    assert_step_restores(&store, "job", 2, &second);
+    assert_step_restores(&store, "job", 1, &first);
 }
 
 #[test]
 fn batched_and_per_file_syncs_store_the_same_files() {
     let _g = serial();
-    let state = State::new(4, 5);
+    let state = byte_tensors(4, 5);
     let mut stored = Vec::new();
     for batch in [true, false] {
         let dir = disk_dir();
         let store = Store::open(dir.path(), opts(batch)).unwrap();
-        store
-            .save("job", 1, &state.save_state())
-            .unwrap()
-            .wait()
-            .unwrap();
+        store.save("job", 1, &state.view()).unwrap().wait().unwrap();
         assert_eq!(
             failpoints::hits(POINT) > 0,
             batch,
@@ -252,7 +203,7 @@ fn batched_and_per_file_syncs_store_the_same_files() {
             })
             .collect();
         assert_eq!(files.len(), 10);
-        state.assert_restores(&store, "job", 1);
+        assert_step_restores(&store, "job", 1, &state);
         stored.push(files);
     }
     assert!(
@@ -273,16 +224,12 @@ fn with_much_dirty_data_a_batch_is_synced_file_by_file() {
     failpoints::set("chunk.batch_dirty", || {
         Some(std::io::Error::other("much dirty data"))
     });
-    let state = State::new(5, 6);
-    store
-        .save("job", 1, &state.save_state())
-        .unwrap()
-        .wait()
-        .unwrap();
+    let state = byte_tensors(5, 6);
+    store.save("job", 1, &state.view()).unwrap().wait().unwrap();
     assert!(failpoints::hits("chunk.batch_dirty") >= 1);
     assert_eq!(failpoints::hits(POINT), 0, "syncfs ran");
     failpoints::reset();
     assert_eq!(files_under(dir.path(), "chunks").len(), 12);
     assert_eq!(chunk_tmp_files(dir.path()), Vec::<PathBuf>::new());
-    state.assert_restores(&store, "job", 1);
+    assert_step_restores(&store, "job", 1, &state);
 }

@@ -2,6 +2,8 @@
 //! pool itself and hands them back; the checkpoint is the one `save` would
 //! have written, byte for byte and chunk for chunk.
 
+mod common;
+
 use cairn::{
     DType, ErrorKind, LeasedSave, LeasedTensor, NextLease, SaveState, StepSel, Store, StoreOptions,
     TensorFilter,
@@ -65,21 +67,8 @@ fn specs(ts: &[(String, DType, Vec<u64>, Vec<u8>)]) -> Vec<LeasedTensor> {
 
 /// Take every lease (waiting for room), fill it from `ts`, hand it back.
 fn fill_all(s: &mut LeasedSave, ts: &[(String, DType, Vec<u64>, Vec<u8>)]) {
-    loop {
-        match s.lease(true).unwrap() {
-            NextLease::Done => break,
-            NextLease::Full => panic!("a waiting lease reported a full pool"),
-            NextLease::Lease(mut l) => {
-                let segs = l.segments().to_vec();
-                let buf = l.as_mut_slice();
-                for g in segs {
-                    let src = &ts[g.tensor].3[g.tensor_offset as usize..][..g.len as usize];
-                    buf[g.lease_offset as usize..][..g.len as usize].copy_from_slice(src);
-                }
-                s.submit(l).unwrap();
-            }
-        }
-    }
+    let data: Vec<&[u8]> = ts.iter().map(|t| &t.3[..]).collect();
+    common::fill_leases(s, &data);
 }
 
 #[test]

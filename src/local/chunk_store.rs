@@ -101,16 +101,6 @@ pub struct EarlyChunk {
 }
 
 impl EarlyChunk {
-    /// Payload bytes written.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// Whether no payload bytes were written.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// Write the header block (with O_DIRECT, as the payload) now that the
     /// chunk's hash is known: the file becomes a complete chunk file, still
     /// under its temporary name, for [`PendingChunk::finish`] to make
@@ -125,17 +115,8 @@ impl EarlyChunk {
                 header.stored_len, header.codec, self.len
             )));
         }
-        let header = ChunkHeader {
-            payload_offset: ALIGNED_PAYLOAD_OFFSET,
-            ..*header
-        };
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&self.tmp)
-            .map_err(|e| Error::io("open chunk (O_DIRECT)", &self.tmp, e))?;
-        let mut block = AlignedBlock::new();
-        block.as_mut_slice()[..HEADER_LEN].copy_from_slice(&header.encode());
+        let file = open_direct(&self.tmp, false)?;
+        let block = header_block(header);
         write_all_vectored_at(&file, &[block.as_slice()], 0)
             .map_err(|e| Error::io("write chunk header (O_DIRECT)", &self.tmp, e))?;
         Ok(PendingChunk {
@@ -304,22 +285,12 @@ impl LocalChunkStore {
         if !self.direct || header.codec != Codec::Raw {
             return self.begin_write(header, buf);
         }
-        let header = ChunkHeader {
-            payload_offset: ALIGNED_PAYLOAD_OFFSET,
-            ..*header
-        };
         let tmp = self
             .layout
             .tmp_dir()
             .join(unique_tmp_name(&header.id.to_hex()));
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&tmp)
-            .map_err(|e| Error::io("create chunk (O_DIRECT)", &tmp, e))?;
-        let mut block = AlignedBlock::new();
-        block.as_mut_slice()[..HEADER_LEN].copy_from_slice(&header.encode());
+        let file = open_direct(&tmp, true)?;
+        let block = header_block(header);
         let len = buf.len() as u64;
         // Header block and payload in one request.
         let res = write_all_vectored_at(&file, &[block.as_slice(), buf.aligned_padded()], 0)
@@ -346,12 +317,7 @@ impl LocalChunkStore {
             return Ok(None);
         }
         let tmp = self.layout.tmp_dir().join(unique_tmp_name("early"));
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&tmp)
-            .map_err(|e| Error::io("create chunk (O_DIRECT)", &tmp, e))?;
+        let file = open_direct(&tmp, true)?;
         let early = EarlyChunk {
             layout: self.layout.clone(),
             tmp,
@@ -600,6 +566,36 @@ impl OpenChunk {
         }
         read_exact_at(&*self.file, out, off, path, id)
     }
+}
+
+/// Open `path` for O_DIRECT writes: a new file (`create`), or one written
+/// before.
+fn open_direct(path: &Path, create: bool) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(create)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .map_err(|e| {
+            let op = if create {
+                "create chunk (O_DIRECT)"
+            } else {
+                "open chunk (O_DIRECT)"
+            };
+            Error::io(op, path, e)
+        })
+}
+
+/// The 4 KiB block at the start of a chunk file written with O_DIRECT:
+/// `header`, with its payload at [`ALIGNED_PAYLOAD_OFFSET`], and zeros.
+fn header_block(header: &ChunkHeader) -> AlignedBlock {
+    let header = ChunkHeader {
+        payload_offset: ALIGNED_PAYLOAD_OFFSET,
+        ..*header
+    };
+    let mut block = AlignedBlock::new();
+    block.as_mut_slice()[..HEADER_LEN].copy_from_slice(&header.encode());
+    block
 }
 
 /// Write all of `bufs`, back to back, at `off` of `file` with `pwritev`:

@@ -521,15 +521,16 @@ fn process_chunk(
         ctx.touch(&id);
         Counters::add(&c.chunks, 1);
         let claim = shared.claim(id, len);
-        if let (Some(early), Claim::Stored | Claim::Wait(_)) = (&written, &claim) {
-            Counters::add(&c.bytes_discarded, early.len());
+        if !matches!(claim, Claim::Write(_)) {
+            Counters::add(&c.bytes_deduped, len);
+            // Written early for nothing; the file goes with `written`.
+            if written.is_some() {
+                Counters::add(&c.bytes_discarded, len);
+            }
         }
         match (claim, written) {
-            (Claim::Stored, _) => {
-                Counters::add(&c.bytes_deduped, len);
-            }
+            (Claim::Stored, _) => {}
             (Claim::Wait(w), _) => {
-                Counters::add(&c.bytes_deduped, len);
                 ctx.deps.lock().unwrap_or_else(|p| p.into_inner()).push(w);
             }
             (Claim::Write(w), Some(early)) => {

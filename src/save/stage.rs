@@ -286,8 +286,13 @@ pub(crate) fn position_of(ctx: &SaveCtx, name: &str, tensor: bool, index: usize)
     h.update(name.as_bytes());
     h.update(&[0]);
     h.update(&(index as u64).to_le_bytes());
+    first_u64(&h)
+}
+
+/// The first eight bytes of `h`'s digest.
+fn first_u64(h: &blake3::Hasher) -> u64 {
     let d = h.finalize();
-    u64::from_le_bytes(d.as_bytes()[..8].try_into().unwrap_or([0; 8]))
+    u64::from_le_bytes(d.as_bytes()[..8].try_into().unwrap_or_default())
 }
 
 /// Bytes [`sample_of`] reads from a chunk: eight windows of 512 bytes.
@@ -310,8 +315,7 @@ pub(crate) fn sample_of(data: &[u8]) -> u64 {
             h.update(&data[at..at + SAMPLE_WINDOW]);
         }
     }
-    let d = h.finalize();
-    u64::from_le_bytes(d.as_bytes()[..8].try_into().unwrap_or([0; 8]))
+    first_u64(&h)
 }
 
 /// Below this many bytes the copy runs on the caller's thread alone: a

@@ -3,7 +3,7 @@
 
 pub mod s3;
 
-use cairn::{DType, SaveState, Store, StoreOptions};
+use cairn::{DType, LeasedSave, LeasedTensor, NextLease, SaveState, StepSel, Store, StoreOptions};
 use std::path::Path;
 
 /// An owned tensor for tests.
@@ -111,6 +111,65 @@ pub fn assert_restored_eq(r: &cairn::Restored, s: &OwnedState) {
         assert_eq!(got, want);
     }
     assert_eq!(r.manifest.metadata, s.metadata);
+}
+
+/// `n` byte tensors of 1.5 MiB each (one 1 MiB chunk and half of one,
+/// for stores with 1 MiB chunks), from `seed`.
+pub fn byte_tensors(seed: u64, n: usize) -> OwnedState {
+    let mut r = Rng(seed);
+    let mut s = OwnedState::default();
+    for i in 0..n {
+        let data = r.bytes(3 << 19);
+        s.tensors.push(OwnedTensor {
+            name: format!("layers.{i}.weight"),
+            dtype: DType::U8,
+            shape: vec![data.len() as u64],
+            data,
+        });
+    }
+    s
+}
+
+/// Assert that `run`/`step` of `store` restores exactly `s`.
+pub fn assert_step_restores(store: &Store, run: &str, step: u64, s: &OwnedState) {
+    let r = store
+        .restore(run, StepSel::Step(step), &cairn::TensorFilter::All)
+        .unwrap_or_else(|e| panic!("{run}/{step} does not restore: {e}"));
+    assert_restored_eq(&r, s);
+}
+
+/// The tensors of `s` as a leased save takes them.
+pub fn leased_specs(s: &OwnedState) -> Vec<LeasedTensor> {
+    s.tensors
+        .iter()
+        .map(|t| LeasedTensor {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            shard: None,
+        })
+        .collect()
+}
+
+/// Take every lease of `save` (waiting for room), fill it from `data`
+/// (the bytes of each tensor, in the order given to the save), and hand
+/// it back.
+pub fn fill_leases(save: &mut LeasedSave, data: &[&[u8]]) {
+    loop {
+        match save.lease(true).unwrap() {
+            NextLease::Done => break,
+            NextLease::Full => panic!("a waiting lease reported a full pool"),
+            NextLease::Lease(mut l) => {
+                let segs = l.segments().to_vec();
+                let buf = l.as_mut_slice();
+                for g in segs {
+                    let src = &data[g.tensor][g.tensor_offset as usize..][..g.len as usize];
+                    buf[g.lease_offset as usize..][..g.len as usize].copy_from_slice(src);
+                }
+                save.submit(l).unwrap();
+            }
+        }
+    }
 }
 
 /// All chunk files under a store.
