@@ -21,6 +21,8 @@
 //! | `publish.after_dir_sync` | after the directory fsync: the publication is durable |
 //! | `chunk.batch_dirty` | the barrier's check of the machine's dirty page cache before a batch sync: an error makes it take the machine as holding too much, and the batch is made durable file by file (`fdatasync` each) instead of by `syncfs` |
 //! | `chunk.batch_sync` | a batch of chunk files written with O_DIRECT, before the `syncfs` that makes them durable (they are renamed to their final names only after it) |
+//! | `chunk.early_write` | an early writer, before it writes a chunk's payload (an error makes the chunk take the usual path once hashed) |
+//! | `chunk.early_hash` | a worker, before it hashes a chunk an early writer is writing at the same time |
 //! | `copy.before_commit` | a copy between tiers, every chunk at the target, before the manifest commit |
 //! | `pack.after_put` | a copy to a remote that packs, after each pack is stored (before the pack map) |
 //! | `remote.after_manifest_put` | a remote manifest put that succeeded, before its caller learns of it |
@@ -37,6 +39,8 @@ pub const NAMES: &[&str] = &[
     "publish.after_dir_sync",
     "chunk.batch_dirty",
     "chunk.batch_sync",
+    "chunk.early_write",
+    "chunk.early_hash",
     "copy.before_commit",
     "pack.after_put",
     "remote.after_manifest_put",

@@ -483,7 +483,6 @@ impl LeasedSave {
             buf,
             width: plan.width,
             write_first,
-            written: None,
         })?;
         self.submitted[lease.index] = true;
         Ok(())

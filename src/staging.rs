@@ -249,16 +249,30 @@ impl StagingBuf {
         self.len = self.len.min(len);
     }
 
-    /// The contents with the bytes after them zeroed up to the next
-    /// [`ALIGN`] boundary: a page-aligned buffer of aligned length, ready
-    /// for direct I/O.
-    pub fn aligned_padded(&mut self) -> &[u8] {
-        let padded = self.len.div_ceil(ALIGN) * ALIGN;
-        debug_assert!(padded <= self.reserved);
-        // SAFETY: padded <= reserved, all inside this buffer's range.
+    /// Zero the bytes after the contents up to the next [`ALIGN`]
+    /// boundary, so that [`StagingBuf::padded`] writes zeros past them.
+    pub fn zero_padding(&mut self) {
+        let padded = self.padded_len();
+        // SAFETY: padded <= reserved, all inside this buffer's range, and
+        // &mut self gives exclusive access.
         let all = unsafe { std::slice::from_raw_parts_mut(self.ptr, padded) };
         all[self.len..].fill(0);
-        all
+    }
+
+    /// The contents and the bytes after them up to the next [`ALIGN`]
+    /// boundary: a page-aligned buffer of aligned length, ready for direct
+    /// I/O. The bytes past the contents are zeros after
+    /// [`StagingBuf::zero_padding`], else whatever the pool held there.
+    pub fn padded(&self) -> &[u8] {
+        // SAFETY: padded_len <= reserved, all inside this buffer's range
+        // of the live (pre-faulted, so initialized) mapping.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.padded_len()) }
+    }
+
+    fn padded_len(&self) -> usize {
+        let padded = self.len.div_ceil(ALIGN) * ALIGN;
+        debug_assert!(padded <= self.reserved);
+        padded
     }
 }
 

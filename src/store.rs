@@ -73,11 +73,12 @@ pub struct StoreOptions {
     /// that file system, so with more than `batch_sync_max_dirty` of dirty
     /// page cache on the machine a batch is synced file by file instead.
     pub batch_sync: bool,
-    /// With `batch_sync`, the most dirty page-cache bytes on the machine
-    /// (dirty or under writeback, from `/proc/meminfo`) with which a batch
-    /// is still made durable by one `syncfs`, which writes them back too;
-    /// above it, or when it cannot be read, the batch is synced file by
-    /// file. Default 256 MiB.
+    /// The most dirty page-cache bytes on the machine (dirty or under
+    /// writeback, from `/proc/meminfo`) with which one `syncfs`, which
+    /// writes them back too, still makes durable a batch of chunk files
+    /// (with `batch_sync`) or, at a commit, the names of chunks in more
+    /// than 16 fan-out directories; above it, or when it cannot be read,
+    /// each file or directory is synced on its own. Default 256 MiB.
     pub batch_sync_max_dirty: u64,
     /// Write a raw chunk that is likely new with O_DIRECT as soon as it is
     /// staged, before it is hashed (default on; needs `direct_io` and the
@@ -266,7 +267,8 @@ impl Store {
                 copy_threads: copy_threads(opts.copy_threads),
             },
             opts.verify_reused_chunks,
-            opts.batch_sync.then_some(opts.batch_sync_max_dirty),
+            opts.batch_sync,
+            opts.batch_sync_max_dirty,
             opts.early_write,
         )?;
         Ok(Store {

@@ -202,3 +202,68 @@ fn leased_saves_write_early_too_and_dedup_the_same() {
         assert_step_restores(&store, "job", step, state);
     }
 }
+
+/// Hold every hit of fail point `name` back for `ms` milliseconds.
+fn delay(name: &str, ms: u64) {
+    failpoints::set(name, move || {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        None
+    });
+}
+
+/// A chunk written early is hashed at the same time, and whichever of the
+/// write and the hash ends second carries it on: with either held back,
+/// every chunk is written once, named, and restores bit-exact, and no
+/// temporary file is left; with the early write failing too, the chunk
+/// still takes the usual path from whichever ends second.
+#[test]
+fn the_write_and_the_hash_of_a_chunk_end_in_either_order() {
+    let _g = serial();
+    for (held, fails) in [
+        ("chunk.early_write", false),
+        ("chunk.early_hash", false),
+        ("chunk.early_write", true),
+        ("chunk.early_hash", true),
+    ] {
+        failpoints::reset();
+        let what = format!("{held} held back, early write failing: {fails}");
+        let dir = disk_dir();
+        let store = Store::open(dir.path(), opts(true)).unwrap();
+        if fails && held == "chunk.early_write" {
+            failpoints::set(held, || {
+                std::thread::sleep(std::time::Duration::from_millis(30));
+                Some(std::io::Error::from_raw_os_error(libc::EIO))
+            });
+        } else {
+            delay(held, 30);
+            if fails {
+                failpoints::set("chunk.early_write", || {
+                    Some(std::io::Error::from_raw_os_error(libc::EIO))
+                });
+            }
+        }
+        let a = byte_tensors(11, 3);
+        let rep = save(&store, "job", 1, &a);
+        let (writes, hashes) = (
+            failpoints::hits("chunk.early_write"),
+            failpoints::hits("chunk.early_hash"),
+        );
+        failpoints::reset();
+        assert_eq!((writes, hashes), (6, 6), "{what}: chunks split");
+        assert_eq!(rep.chunks_written, 6, "{what}");
+        assert_eq!(rep.bytes_written_uncompressed, a.logical_bytes(), "{what}");
+        assert_eq!(rep.bytes_discarded, 0, "{what}");
+        assert_eq!(chunk_files(dir.path()).len(), 6, "{what}");
+        assert_eq!(tmp_files(dir.path()), Vec::<PathBuf>::new(), "{what}");
+        assert_step_restores(&store, "job", 1, &a);
+        // The same bytes again at new positions: found stored after the
+        // early write either way, and the early files removed.
+        delay(held, 30);
+        let rep = save(&store, "other", 1, &a);
+        failpoints::reset();
+        assert_eq!(rep.chunks_written, 0, "{what}: stored chunks rewritten");
+        assert_eq!(rep.bytes_discarded, a.logical_bytes(), "{what}");
+        assert_eq!(tmp_files(dir.path()), Vec::<PathBuf>::new(), "{what}");
+        assert_step_restores(&store, "other", 1, &a);
+    }
+}

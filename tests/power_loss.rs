@@ -327,3 +327,67 @@ fn crash_at_every_io_operation() {
     );
     assert!(points >= 2000, "only {points} crash points");
 }
+
+/// A state of `n` chunks of random bytes.
+fn wide(n: usize) -> Vec<u8> {
+    Rng(0x003d_d1e5).bytes(n * 4096)
+}
+
+/// A save whose chunks fill more fan-out directories than the commit
+/// syncs one by one: their names are made durable by one sync of the
+/// file system. Crashing at every operation of that save, then cutting
+/// the power, a checkpoint is listed only if it restores bit-exact, and
+/// is listed if its save returned. Planted bug: the commit's
+/// `sync_filesystem` call skipped (`sync_chunk_names` returning `Ok`
+/// instead) fails it ("did not sync the file system"; without that check,
+/// at the crash after the whole save: "listed but does not restore ...
+/// missing from the store").
+#[test]
+fn crash_during_a_save_whose_chunk_names_sync_as_one() {
+    let data = wide(48);
+    let save = |store: &Store| {
+        let s = SaveState::new().tensor("wide", DType::U8, &[data.len() as u64], &data);
+        store.save("wide", 1, &s).and_then(|h| h.wait())
+    };
+    // Whatever the machine's dirty page cache, which otherwise decides.
+    let opts = || StoreOptions {
+        batch_sync_max_dirty: u64::MAX,
+        ..opts()
+    };
+    let (_dir, root) = scratch();
+    let disk = SimDisk::new(&root).unwrap();
+    let store = Store::open_with_fs(&root, opts(), disk.clone()).unwrap();
+    let (start, syncs) = (disk.ops(), disk.filesystem_syncs());
+    save(&store).expect("save without a crash");
+    let total = disk.ops() - start;
+    assert!(
+        disk.filesystem_syncs() > syncs,
+        "the commit of a 48-chunk save did not sync the file system"
+    );
+    drop(store);
+    for point in 0..=total {
+        let (_dir, root) = scratch();
+        let disk = SimDisk::new(&root).unwrap();
+        let store = Store::open_with_fs(&root, opts(), disk.clone()).unwrap();
+        disk.crash_at(disk.ops() + point);
+        let returned = save(&store).is_ok();
+        drop(store);
+        disk.power_loss().expect("power loss");
+        let store = Store::open_with_fs(&root, opts(), disk.clone())
+            .unwrap_or_else(|e| panic!("crash at {point}: reopening: {e}"));
+        let listed = store.steps("wide").unwrap_or_default().contains(&1);
+        assert!(
+            listed || !returned,
+            "crash at {point}: the save returned but is not listed"
+        );
+        if listed {
+            let got = store
+                .restore("wide", StepSel::Step(1), &TensorFilter::All)
+                .unwrap_or_else(|e| panic!("crash at {point}: listed but does not restore: {e}"));
+            assert!(
+                got.tensors[0].data == data,
+                "crash at {point}: restored bytes differ"
+            );
+        }
+    }
+}

@@ -89,7 +89,7 @@ impl PendingChunk {
 
 /// A raw chunk's payload written to a temporary file before its hash was
 /// known ([`LocalChunkStore::write_payload_early`]). Its header block is
-/// still a hole, so it is not a chunk file yet; dropped without
+/// still zeros, so it is not a chunk file yet; dropped without
 /// [`EarlyChunk::finish`] (the chunk turned out to be stored already, or
 /// the save failed), the file is removed.
 pub struct EarlyChunk {
@@ -152,13 +152,7 @@ impl LocalChunkStore {
     /// and one cache flush for every chunk file written before the call,
     /// where an `fdatasync` each would cost one per file.
     pub fn sync_filesystem(&self) -> std::io::Result<()> {
-        use std::os::fd::AsRawFd;
-        let root = std::fs::File::open(self.layout.root())?;
-        // SAFETY: plain syscall on a valid fd owned by `root`.
-        if unsafe { libc::syncfs(root.as_raw_fd()) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(())
+        super::fs::syncfs(self.layout.root())
     }
 
     /// Use O_DIRECT for raw chunk payloads if the file system supports it
@@ -279,9 +273,11 @@ impl LocalChunkStore {
 
     /// Write a raw chunk with O_DIRECT straight from its staging buffer:
     /// one 4 KiB header block and the page-aligned payload in one
-    /// `pwritev`, then a truncate to the exact length. Falls back to [`Self::begin_write`]
-    /// when direct I/O is off.
-    pub fn write_direct(&self, header: &ChunkHeader, buf: &mut StagingBuf) -> Result<PendingChunk> {
+    /// `pwritev`, then a truncate to the exact length; the buffer's padding
+    /// ([`StagingBuf::zero_padding`]) is written past the payload and cut
+    /// off by the truncate. Falls back to [`Self::begin_write`] when direct
+    /// I/O is off.
+    pub fn write_direct(&self, header: &ChunkHeader, buf: &StagingBuf) -> Result<PendingChunk> {
         if !self.direct || header.codec != Codec::Raw {
             return self.begin_write(header, buf);
         }
@@ -293,8 +289,8 @@ impl LocalChunkStore {
         let block = header_block(header);
         let len = buf.len() as u64;
         // Header block and payload in one request.
-        let res = write_all_vectored_at(&file, &[block.as_slice(), buf.aligned_padded()], 0)
-            .and_then(|()| file.set_len(ALIGNED_PAYLOAD_OFFSET as u64 + len));
+        let res = write_all_vectored_at(&file, &[block.as_slice(), buf.padded()], 0)
+            .and_then(|()| cut_padding(&file, len));
         if let Err(e) = res {
             let _ = std::fs::remove_file(&tmp);
             return Err(Error::io("write chunk (O_DIRECT)", &tmp, e));
@@ -310,9 +306,13 @@ impl LocalChunkStore {
 
     /// Write a raw chunk's payload with O_DIRECT straight from its staging
     /// buffer before its hash is known, to a temporary file with no header
-    /// yet (its 4 KiB header block is left for [`EarlyChunk::finish`]).
+    /// yet: its 4 KiB header block is written as zeros in the same request
+    /// (so the file is allocated in one piece, and the header's own write
+    /// in [`EarlyChunk::finish`] overwrites a block already allocated).
     /// `None` when direct I/O is off: the chunk then takes the usual path.
-    pub fn write_payload_early(&self, buf: &mut StagingBuf) -> Result<Option<EarlyChunk>> {
+    /// As with [`Self::write_direct`], the buffer's padding is written past
+    /// the payload and cut off.
+    pub fn write_payload_early(&self, buf: &StagingBuf) -> Result<Option<EarlyChunk>> {
         if !self.direct {
             return Ok(None);
         }
@@ -323,13 +323,10 @@ impl LocalChunkStore {
             tmp,
             len: buf.len() as u64,
         };
-        write_all_vectored_at(
-            &file,
-            &[buf.aligned_padded()],
-            ALIGNED_PAYLOAD_OFFSET as u64,
-        )
-        .and_then(|()| file.set_len(ALIGNED_PAYLOAD_OFFSET as u64 + early.len))
-        .map_err(|e| Error::io("write chunk (O_DIRECT)", &early.tmp, e))?;
+        let zeros = AlignedBlock::new();
+        write_all_vectored_at(&file, &[zeros.as_slice(), buf.padded()], 0)
+            .and_then(|()| cut_padding(&file, early.len))
+            .map_err(|e| Error::io("write chunk (O_DIRECT)", &early.tmp, e))?;
         Ok(Some(early))
     }
 
@@ -596,6 +593,16 @@ fn header_block(header: &ChunkHeader) -> AlignedBlock {
     let mut block = AlignedBlock::new();
     block.as_mut_slice()[..HEADER_LEN].copy_from_slice(&header.encode());
     block
+}
+
+/// Cut a chunk file written with O_DIRECT, a header block and a payload of
+/// `len` bytes padded to a block, to its exact length: nothing to do when
+/// `len` is a whole number of blocks (a file-system call saved per chunk).
+fn cut_padding(file: &std::fs::File, len: u64) -> std::io::Result<()> {
+    if len % ALIGN as u64 == 0 {
+        return Ok(());
+    }
+    file.set_len(ALIGNED_PAYLOAD_OFFSET as u64 + len)
 }
 
 /// Write all of `bufs`, back to back, at `off` of `file` with `pwritev`:

@@ -34,6 +34,12 @@ pub trait Fs: Send + Sync + std::fmt::Debug {
     /// Open a file for positioned reads (`O_NONBLOCK`, so that a FIFO in
     /// its place does not block).
     fn open_read(&self, path: &Path) -> Result<Box<dyn FsReadFile>>;
+    /// Make everything written to the file system holding `path` durable,
+    /// file data and directory entries alike (`syncfs`). `None` where there
+    /// is no such call: callers then sync file by file.
+    fn sync_filesystem(&self, _path: &Path) -> Option<Result<()>> {
+        None
+    }
     /// Whether the save pipeline may write raw chunks with `O_DIRECT` on
     /// its own file descriptors, past this seam.
     fn allows_direct_io(&self) -> bool {
@@ -146,6 +152,9 @@ impl Fs for RealFs {
     fn sync_dir(&self, dir: &Path) -> Result<()> {
         File::open(dir)?.sync_all()
     }
+    fn sync_filesystem(&self, path: &Path) -> Option<Result<()>> {
+        Some(syncfs(path))
+    }
     fn open_read(&self, path: &Path) -> Result<Box<dyn FsReadFile>> {
         let f = OpenOptions::new()
             .read(true)
@@ -153,4 +162,18 @@ impl Fs for RealFs {
             .open(path)?;
         Ok(Box::new(RealFile(f)))
     }
+}
+
+/// `syncfs` of the file system holding `path`: its journal committed (or
+/// its dirty inodes written) and the disk's cache flushed, so every name
+/// and every write on it is durable. It also writes back whatever else is
+/// dirty there.
+pub fn syncfs(path: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = File::open(path)?;
+    // SAFETY: plain syscall on a valid fd owned by `f`.
+    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

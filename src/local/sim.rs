@@ -9,7 +9,8 @@
 //! fsync. [`SimDisk::power_loss`] rewrites the directory to that durable
 //! state and drops everything else, the way a power cut drops the page
 //! cache: a file created, renamed, linked or removed whose directory was
-//! not fsynced since reverts, and a file's unsynced writes are lost.
+//! not fsynced since reverts, and a file's unsynced writes are lost. A sync
+//! of the whole file system (`syncfs`) makes everything durable.
 //!
 //! [`SimDisk::crash_at`] arms a power loss just before the n-th operation
 //! (counting creates, writes, fsyncs, renames, links, removals and
@@ -64,6 +65,8 @@ struct State {
     eio_reads: HashSet<PathBuf>,
     /// Entries whose removal fails with `EACCES`.
     undeletable: HashSet<PathBuf>,
+    /// Syncs of the whole file system so far.
+    filesystem_syncs: u64,
 }
 
 fn lost_power() -> Error {
@@ -98,6 +101,7 @@ impl State {
             sync_fault: None,
             eio_reads: HashSet::new(),
             undeletable: HashSet::new(),
+            filesystem_syncs: 0,
         }
     }
 
@@ -184,6 +188,12 @@ impl SimDisk {
         self.lock().ops
     }
 
+    /// Syncs of the whole file system (`syncfs`) since the disk was
+    /// created.
+    pub fn filesystem_syncs(&self) -> u64 {
+        self.lock().filesystem_syncs
+    }
+
     /// Lose power just before operation `n` (0-based, counted as by
     /// [`SimDisk::ops`]): it and every later operation fail.
     pub fn crash_at(&self, n: u64) {
@@ -257,6 +267,7 @@ impl SimDisk {
         fresh.space_left = st.space_left;
         fresh.eio_reads = std::mem::take(&mut st.eio_reads);
         fresh.undeletable = std::mem::take(&mut st.undeletable);
+        fresh.filesystem_syncs = st.filesystem_syncs;
         *st = fresh;
         Ok(())
     }
@@ -505,6 +516,21 @@ impl Fs for SimDisk {
                 format!("{} is not a directory", dir.display()),
             )),
         }
+    }
+
+    fn sync_filesystem(&self, _path: &Path) -> Option<Result<()>> {
+        let mut st = self.lock();
+        let res = st.tick().and_then(|()| st.sync_fault());
+        if res.is_ok() {
+            st.filesystem_syncs += 1;
+            for node in st.nodes.values_mut() {
+                match node {
+                    Node::File { live, durable } => durable.clone_from(live),
+                    Node::Dir { live, durable } => durable.clone_from(live),
+                }
+            }
+        }
+        Some(res)
     }
 
     fn open_read(&self, path: &Path) -> Result<Box<dyn FsReadFile>> {

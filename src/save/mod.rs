@@ -2,6 +2,7 @@
 //! and the handle and report a caller gets back.
 
 mod ctx;
+mod early;
 mod handle;
 mod known;
 mod pipeline;

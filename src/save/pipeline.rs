@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! save() --Chunk--> workers (hash, dedup, encode, write tmp file, release staging)
-//!   '--Chunk--> early writers (O_DIRECT payload write) --Chunk--> workers
+//!   '--Split--> early writers (O_DIRECT payload write) and workers (hash), at once
 //!                      |--Sync--> syncers (O_DIRECT write; fdatasync, rename into chunks/)
 //!                      |             '--Barrier--> barrier (one syncfs per batch,
 //!                      |                           rename the batch into chunks/)
@@ -17,13 +17,13 @@
 //! Early writes: a raw chunk whose position in the state (run, entry,
 //! offset) held other bytes when last staged by this store, or was never
 //! staged by it, is likely new, so an early writer writes its payload with
-//! O_DIRECT to a temporary file as soon as it is staged, before it is
-//! hashed. The disk then works while the caller's copy still holds the
-//! cores (the workers run at a lower priority, so hashing waits for the
-//! copy). The worker that hashes it then either has the 4 KiB header block
-//! written and the file made durable and renamed as any other, or, if the
-//! chunk is stored already, removes the file: the bytes were written for
-//! nothing but the checkpoint is the same. A chunk whose position held the
+//! O_DIRECT to a temporary file as soon as it is staged, while a worker
+//! hashes it (`super::early`). The disk then works while the caller's copy
+//! still holds the cores (the workers run at a lower priority, so hashing
+//! waits for the copy). Whichever of the two ends second either has the
+//! 4 KiB header block written and the file made durable and renamed as any
+//! other, or, if the chunk is stored already, removes the file: the bytes
+//! were written for nothing but the checkpoint is the same. A chunk whose position held the
 //! same sample of bytes last time is hashed first, so an unchanged tensor
 //! is never rewritten. With batched syncs
 //! (`StoreOptions::batch_sync`, for chunks written with O_DIRECT), a
@@ -36,6 +36,7 @@
 //! save that is still writing them.
 
 use super::ctx::{Counters, Inflight, SaveCtx};
+use super::early::{early_loop, hash_half, Split};
 use super::handle::SaveReport;
 use super::known::KnownChunks;
 use crate::chunk_id::ChunkId;
@@ -62,11 +63,34 @@ pub(crate) struct ChunkJob {
     pub buf: StagingBuf,
     /// Element width for byte-grouping (0: none).
     pub width: u8,
-    /// Write the payload before hashing it, if the pipeline writes early
+    /// Write the payload while it is hashed, if the pipeline writes early
     /// (see [`Shared::likely_new`]).
     pub write_first: bool,
-    /// The payload, written early.
-    pub written: Option<EarlyChunk>,
+}
+
+/// Work for a worker.
+pub(super) enum Work {
+    /// Hash a chunk, then have it written (or found stored).
+    Chunk(ChunkJob),
+    /// Hash a chunk an early writer is writing at the same time.
+    Hash(Arc<Split>),
+}
+
+/// A chunk's staged bytes, owned by one job or shared by the two halves
+/// of an early-written chunk.
+pub(super) enum Payload {
+    Own(StagingBuf),
+    Split(Arc<Split>),
+}
+
+impl std::ops::Deref for Payload {
+    type Target = StagingBuf;
+    fn deref(&self) -> &StagingBuf {
+        match self {
+            Payload::Own(b) => b,
+            Payload::Split(s) => &s.buf,
+        }
+    }
 }
 
 /// How a chunk reaches disk.
@@ -74,10 +98,7 @@ enum WriteKind {
     /// Already in a temporary file (encoded payloads): fsync and publish.
     Pending(PendingChunk),
     /// Raw payload still in staging: write it with O_DIRECT, then publish.
-    Direct {
-        header: ChunkHeader,
-        buf: StagingBuf,
-    },
+    Direct { header: ChunkHeader, buf: Payload },
     /// Raw payload written early: write its header block, then publish.
     Early {
         header: ChunkHeader,
@@ -96,7 +117,7 @@ struct BarrierJob {
 }
 
 /// A chunk for the I/O threads.
-struct SyncJob {
+pub(super) struct SyncJob {
     ctx: Arc<SaveCtx>,
     id: ChunkId,
     len: u64,
@@ -104,8 +125,8 @@ struct SyncJob {
     inflight: Arc<Inflight>,
 }
 
-struct Shared {
-    chunks: LocalChunkStore,
+pub(super) struct Shared {
+    pub(super) chunks: LocalChunkStore,
     /// Chunks known to be stored: a chunk surely absent is written
     /// without a lookup of its name.
     known: Arc<KnownChunks>,
@@ -191,7 +212,7 @@ impl Shared {
     }
 
     /// One work item of `ctx` is done; hand it to the committer if last.
-    fn finish_one(&self, ctx: Arc<SaveCtx>) {
+    pub(super) fn finish_one(&self, ctx: Arc<SaveCtx>) {
         if ctx.finish_one() {
             if let Err(e) = self.commit_tx.send(ctx) {
                 e.0.resolve(Err(Error::Closed));
@@ -203,8 +224,8 @@ impl Shared {
 /// Submits chunks of a save staged outside one call (see
 /// [`Pipeline::submitter`]).
 pub(crate) struct Submitter {
-    tx: Sender<ChunkJob>,
-    early_tx: Sender<ChunkJob>,
+    tx: Sender<Work>,
+    early_tx: Sender<Arc<Split>>,
     shared: Arc<Shared>,
 }
 
@@ -227,8 +248,8 @@ impl Submitter {
 
 /// The pipeline threads of one store.
 pub(crate) struct Pipeline {
-    tx: Option<Sender<ChunkJob>>,
-    early_tx: Option<Sender<ChunkJob>>,
+    tx: Option<Sender<Work>>,
+    early_tx: Option<Sender<Arc<Split>>>,
     shared: Option<Arc<Shared>>,
     threads: Vec<JoinHandle<()>>,
     committer: Option<JoinHandle<()>>,
@@ -255,7 +276,8 @@ impl Pipeline {
         codec: CodecChoice,
         threads: PipelineThreads,
         verify_reused: bool,
-        batch_sync: Option<u64>,
+        batch_sync: bool,
+        max_dirty: u64,
         early_write: bool,
     ) -> Result<Self> {
         let PipelineThreads {
@@ -264,11 +286,11 @@ impl Pipeline {
             syncers,
             copy_threads,
         } = threads;
-        let (tx, rx) = unbounded::<ChunkJob>();
+        let (tx, rx) = unbounded::<Work>();
         let (sync_tx, sync_rx) = unbounded::<SyncJob>();
         // Only O_DIRECT writes are batched: their data is on the device
         // when the write returns, so one syncfs covers them.
-        let batch_sync = batch_sync.filter(|_| chunks.direct_io());
+        let batch_sync = (batch_sync && chunks.direct_io()).then_some(max_dirty);
         let (commit_tx, commit_rx) = unbounded::<Arc<SaveCtx>>();
         let known = Arc::new(KnownChunks::default());
         let early_write = early_write && chunks.direct_io() && codec == CodecChoice::Raw;
@@ -302,20 +324,21 @@ impl Pipeline {
                 Box::new(move || worker_loop(nice, rx, sync_tx, shared, encoder)),
             )?);
         }
-        drop(sync_tx);
-        // Early writers hold senders of the chunk queue: the workers end
-        // after them, once the pipeline's own senders are dropped.
-        let (early_tx, early_rx) = unbounded::<ChunkJob>();
+        // Early writers, as workers, hand chunks to the I/O threads: those
+        // end after both, once the pipeline's own senders are dropped.
+        let (early_tx, early_rx) = unbounded::<Arc<Split>>();
         if early_write {
             for i in 0..syncers.max(1) {
-                let (rx, tx, shared) = (early_rx.clone(), tx.clone(), shared.clone());
+                let (rx, sync_tx, shared) = (early_rx.clone(), sync_tx.clone(), shared.clone());
+                let encoder = Encoder::new(codec)?;
                 threads.push(spawn(
                     format!("cairn-early-{i}"),
-                    Box::new(move || early_loop(rx, tx, shared)),
+                    Box::new(move || early_loop(rx, sync_tx, shared, encoder)),
                 )?);
             }
         }
         drop(early_rx);
+        drop(sync_tx);
         let (barrier_tx, barrier_rx) = unbounded::<BarrierJob>();
         for i in 0..syncers.max(1) {
             let (rx, shared) = (sync_rx.clone(), shared.clone());
@@ -336,7 +359,7 @@ impl Pipeline {
         }
         let committer = spawn(
             "cairn-commit".into(),
-            Box::new(move || commit_loop(commit_rx)),
+            Box::new(move || commit_loop(commit_rx, max_dirty)),
         )?;
         Ok(Pipeline {
             tx: Some(tx),
@@ -423,15 +446,15 @@ impl Drop for Pipeline {
 /// Cleans up after a job whose processing panicked: the chunk it claimed
 /// is released as failed (so no other save waits on it forever), the save
 /// fails, and its work item is counted done so its handle resolves.
-struct PanicGuard<'a> {
-    shared: &'a Shared,
-    ctx: Option<Arc<SaveCtx>>,
-    claimed: Option<(ChunkId, Arc<Inflight>)>,
+pub(super) struct PanicGuard<'a> {
+    pub(super) shared: &'a Shared,
+    pub(super) ctx: Option<Arc<SaveCtx>>,
+    pub(super) claimed: Option<(ChunkId, Arc<Inflight>)>,
 }
 
 impl PanicGuard<'_> {
     /// The job accounted for itself.
-    fn disarm(&mut self) {
+    pub(super) fn disarm(&mut self) {
         self.ctx = None;
         self.claimed = None;
     }
@@ -452,7 +475,7 @@ impl Drop for PanicGuard<'_> {
 
 fn worker_loop(
     nice: i32,
-    rx: Receiver<ChunkJob>,
+    rx: Receiver<Work>,
     sync_tx: Sender<SyncJob>,
     shared: Arc<Shared>,
     mut encoder: Encoder,
@@ -460,15 +483,20 @@ fn worker_loop(
     if nice > 0 {
         lower_thread_priority(nice);
     }
-    for job in rx {
-        let mut guard = PanicGuard {
-            shared: &shared,
-            ctx: Some(job.ctx.clone()),
-            claimed: None,
-        };
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            process_chunk(job, &sync_tx, &shared, &mut encoder, &mut guard)
-        }));
+    for work in rx {
+        match work {
+            Work::Chunk(job) => {
+                let mut guard = PanicGuard {
+                    shared: &shared,
+                    ctx: Some(job.ctx.clone()),
+                    claimed: None,
+                };
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    process_chunk(job, &sync_tx, &shared, &mut encoder, &mut guard)
+                }));
+            }
+            Work::Hash(split) => hash_half(split, &sync_tx, &shared, &mut encoder),
+        }
     }
 }
 
@@ -503,19 +531,64 @@ fn process_chunk(
     encoder: &mut Encoder,
     guard: &mut PanicGuard<'_>,
 ) {
-    {
-        let ChunkJob {
+    let ChunkJob {
+        ctx,
+        seq,
+        buf,
+        width,
+        ..
+    } = job;
+    let t = Instant::now();
+    let id = ChunkId::of(&buf);
+    Counters::add_time(&ctx.counters.hash_ns, t);
+    let payload = Payload::Own(buf);
+    dispatch(
+        Hashed {
             ctx,
             seq,
-            buf,
+            id,
+            payload,
             width,
-            written,
-            ..
-        } = job;
+        },
+        None,
+        sync_tx,
+        shared,
+        encoder,
+        guard,
+    );
+}
+
+/// A hashed chunk, for [`dispatch`].
+pub(super) struct Hashed {
+    pub ctx: Arc<SaveCtx>,
+    pub seq: usize,
+    pub id: ChunkId,
+    pub payload: Payload,
+    /// Element width for byte-grouping (0: none).
+    pub width: u8,
+}
+
+/// Record a hashed chunk in its save and decide its fate: reused if
+/// stored, waited for if another save is writing it, else handed to the
+/// I/O threads (`written`: its payload, written early, which is removed
+/// if the chunk turns out stored).
+pub(super) fn dispatch(
+    hashed: Hashed,
+    written: Option<EarlyChunk>,
+    sync_tx: &Sender<SyncJob>,
+    shared: &Shared,
+    encoder: &mut Encoder,
+    guard: &mut PanicGuard<'_>,
+) {
+    {
+        let Hashed {
+            ctx,
+            seq,
+            id,
+            payload: buf,
+            width,
+        } = hashed;
         let c = &ctx.counters;
-        let t = Instant::now();
-        let id = ChunkId::of(&buf);
-        Counters::add_time(&c.hash_ns, t);
         let len = buf.len() as u64;
         ctx.set_id(seq, id, len);
         ctx.touch(&id);
@@ -623,57 +696,44 @@ fn process_chunk(
     }
 }
 
-/// Queue `job` of a save: to the early writers if it is to be written
-/// first and the pipeline writes early, else to the workers.
+/// Queue `job` of a save: a chunk to be written first, if the pipeline
+/// writes early, goes both to an early writer and to a worker, which
+/// write and hash it at once ([`Split`]); any other to a worker.
 fn send_job(
-    tx: &Sender<ChunkJob>,
-    early_tx: &Sender<ChunkJob>,
+    tx: &Sender<Work>,
+    early_tx: &Sender<Arc<Split>>,
     shared: &Shared,
-    job: ChunkJob,
+    mut job: ChunkJob,
 ) -> Result<()> {
     let ctx = job.ctx.clone();
     ctx.add_pending();
-    let to = if job.write_first && shared.early_write {
-        early_tx
+    job.buf.zero_padding();
+    let work = if job.write_first && shared.early_write {
+        let split = Split::new(job);
+        match early_tx.send(split.clone()) {
+            Ok(()) => Work::Hash(split),
+            // No early writer: the chunk is only hashed, then written.
+            Err(e) => {
+                drop(e);
+                match Arc::try_unwrap(split) {
+                    Ok(split) => Work::Chunk(split.into_job()),
+                    Err(_) => unreachable!("the split was never shared"),
+                }
+            }
+        }
     } else {
-        tx
+        Work::Chunk(job)
     };
-    to.send(job).map_err(|_| {
+    tx.send(work).map_err(|e| {
+        if let Work::Hash(split) = e.0 {
+            // The early writer settles the chunk (and fails the save).
+            split.hash_lost(shared);
+            return Error::Closed;
+        }
         // The stager still holds its own token, so this cannot be last.
         ctx.finish_one();
         Error::Closed
     })
-}
-
-/// An early writer: writes each chunk's payload with O_DIRECT from
-/// staging, then queues the chunk for a worker to hash. A chunk whose
-/// early write fails goes to the worker unwritten and takes the usual
-/// path, which reports the error if it persists.
-fn early_loop(rx: Receiver<ChunkJob>, tx: Sender<ChunkJob>, shared: Arc<Shared>) {
-    for mut job in rx {
-        let mut guard = PanicGuard {
-            shared: &shared,
-            ctx: Some(job.ctx.clone()),
-            claimed: None,
-        };
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let t = Instant::now();
-            // Not counted in `Shared::writing`: an early-written file
-            // reaches the barrier only after a worker has hashed it, so the
-            // barrier waits for the I/O threads' writes alone.
-            let written = crate::failpoint::hit("chunk.early_write")
-                .map_err(|e| Error::io("write chunk early", "<failpoint>", e))
-                .and_then(|()| shared.chunks.write_payload_early(&mut job.buf));
-            Counters::add_time(&job.ctx.counters.write_ns, t);
-            job.written = written.ok().flatten();
-            let ctx = job.ctx.clone();
-            guard.disarm();
-            if tx.send(job).is_err() {
-                ctx.fail(Error::Closed);
-                shared.finish_one(ctx);
-            }
-        }));
-    }
 }
 
 fn sync_loop(rx: Receiver<SyncJob>, shared: Arc<Shared>, barrier: Option<Sender<BarrierJob>>) {
@@ -705,11 +765,11 @@ fn process_sync(
     let c = &ctx.counters;
     let (pending, direct) = match write {
         WriteKind::Pending(p) => (Ok(p), false),
-        WriteKind::Direct { header, mut buf } => {
+        WriteKind::Direct { header, buf } => {
             let t = Instant::now();
             let res = {
                 let _writing = Writing::start(&shared.writing);
-                shared.chunks.write_direct(&header, &mut buf)
+                shared.chunks.write_direct(&header, &buf)
             };
             Counters::add_time(&c.write_ns, t);
             (res, true)
@@ -933,15 +993,40 @@ fn copy_io_error(e: &std::io::Error) -> std::io::Error {
     }
 }
 
-fn commit_loop(rx: Receiver<Arc<SaveCtx>>) {
+fn commit_loop(rx: Receiver<Arc<SaveCtx>>, max_dirty: u64) {
     for ctx in rx {
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| commit(&ctx)))
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| commit(&ctx, max_dirty)))
             .unwrap_or_else(|_| Err(Error::Internal("the commit thread panicked".into())));
         ctx.resolve(r);
     }
 }
 
-fn commit(ctx: &SaveCtx) -> Result<SaveReport> {
+/// Fan-out directories above which a commit makes their entries durable
+/// with one sync of the file system rather than an fsync each (with
+/// little dirty page cache about): a 1 GiB state touches about 60, whose
+/// fsyncs took longer than its last chunk's writes.
+const SYNCFS_MIN_DIRS: usize = 16;
+
+/// Make durable the names of the chunks in the fan-out directories of
+/// `prefixes`: with more than [`SYNCFS_MIN_DIRS`] of them and at most
+/// `max_dirty` bytes of dirty page cache on the machine (which a sync of
+/// the file system writes back too), one `syncfs`; else, or where the file
+/// system has none, an fsync of each directory.
+fn sync_chunk_names(
+    layout: &crate::layout::Layout,
+    prefixes: Vec<u8>,
+    max_dirty: u64,
+) -> Result<()> {
+    if prefixes.len() > SYNCFS_MIN_DIRS && page_cache_dirty_bytes().is_some_and(|d| d <= max_dirty)
+    {
+        if let Some(res) = layout.fs().sync_filesystem(&layout.chunks_dir()) {
+            return res.map_err(|e| Error::io("syncfs (chunk names)", layout.chunks_dir(), e));
+        }
+    }
+    sync_prefix_dirs_of(layout, prefixes)
+}
+
+fn commit(ctx: &SaveCtx, max_dirty: u64) -> Result<SaveReport> {
     if let Some(e) = ctx.take_error() {
         return Err(e);
     }
@@ -957,7 +1042,7 @@ fn commit(ctx: &SaveCtx) -> Result<SaveReport> {
     // Every fan-out directory holding a chunk of this save, reused ones
     // included (their names may not be durable yet if another writer
     // has not committed), before the manifest names them.
-    sync_prefix_dirs_of(layout_root, ctx.touched_prefixes())?;
+    sync_chunk_names(layout_root, ctx.touched_prefixes(), max_dirty)?;
     let manifest = build_manifest(ctx)?;
     let bytes = encode_manifest(&manifest)?;
     let step_dir = layout_root.step_dir(&ctx.run, ctx.step);

@@ -343,7 +343,6 @@ fn copy_pieces(
             buf,
             width: p.width,
             write_first,
-            written: None,
         })
     };
     let total: usize = pieces.iter().map(|p| p.data.len()).sum();
@@ -367,7 +366,6 @@ fn submit_pack(
             buf,
             width: 0,
             write_first: false,
-            written: None,
         })?;
     }
     Ok(())
