@@ -77,11 +77,14 @@ pub struct StoreOptions {
     /// writeback, from `/proc/meminfo`) with which one `syncfs`, which
     /// writes them back too, still makes durable a batch of chunk files
     /// (with `batch_sync`) or, at a commit, the names of chunks in more
-    /// than 16 fan-out directories; above it, or when it cannot be read,
-    /// each file or directory is synced on its own. Default 256 MiB.
+    /// than 16 fan-out directories; above it, when it cannot be read, with
+    /// 0, or on a file system whose `syncfs` is not known to commit its
+    /// metadata (other than ext2/3/4, XFS and btrfs: FUSE file systems, for
+    /// one, may ignore it), each file or directory is synced on its own.
+    /// Default 256 MiB.
     pub batch_sync_max_dirty: u64,
     /// Write a raw chunk that is likely new with O_DIRECT as soon as it is
-    /// staged, before it is hashed (default on; needs `direct_io` and the
+    /// staged, while it is hashed (default on; needs `direct_io` and the
     /// raw codec). A chunk is judged likely new when this store has not
     /// staged its position in the state (run, rank, entry, offset) before,
     /// or staged other bytes there last time, by a sample of eight 512-byte

@@ -1,6 +1,6 @@
 //! Early writes (`StoreOptions::early_write`, on by default): a raw chunk
-//! likely to be new is written with O_DIRECT as soon as it is staged and
-//! hashed afterwards. What a user relies on: every save restores bit-exact
+//! likely to be new is written with O_DIRECT as soon as it is staged,
+//! while it is hashed. What a user relies on: every save restores bit-exact
 //! whichever way its chunks went; an unchanged state is still deduplicated
 //! (hashed first, nothing written); a chunk written early that turns out to
 //! be stored already leaves no file behind and is reported as discarded; a
@@ -250,6 +250,10 @@ fn the_write_and_the_hash_of_a_chunk_end_in_either_order() {
         );
         failpoints::reset();
         assert_eq!((writes, hashes), (6, 6), "{what}: chunks split");
+        // Each chunk settled once: counted once, written once, none
+        // taken for a duplicate of itself.
+        assert_eq!(rep.chunks, 6, "{what}");
+        assert_eq!(rep.bytes_deduped, 0, "{what}");
         assert_eq!(rep.chunks_written, 6, "{what}");
         assert_eq!(rep.bytes_written_uncompressed, a.logical_bytes(), "{what}");
         assert_eq!(rep.bytes_discarded, 0, "{what}");

@@ -155,6 +155,12 @@ impl LocalChunkStore {
         super::fs::syncfs(self.layout.root())
     }
 
+    /// Whether [`Self::sync_filesystem`] is known to make this store's
+    /// files and names durable ([`super::fs::syncfs_commits`]).
+    pub fn syncfs_commits(&self) -> bool {
+        super::fs::syncfs_commits(self.layout.root())
+    }
+
     /// Use O_DIRECT for raw chunk payloads if the file system supports it
     /// (probed with a real write in `tmp/`) and the store's filesystem
     /// seam allows it. Returns whether it is on.

@@ -153,7 +153,7 @@ impl Fs for RealFs {
         File::open(dir)?.sync_all()
     }
     fn sync_filesystem(&self, path: &Path) -> Option<Result<()>> {
-        Some(syncfs(path))
+        syncfs_commits(path).then(|| syncfs(path))
     }
     fn open_read(&self, path: &Path) -> Result<Box<dyn FsReadFile>> {
         let f = OpenOptions::new()
@@ -162,6 +162,30 @@ impl Fs for RealFs {
             .open(path)?;
         Ok(Box::new(RealFile(f)))
     }
+}
+
+/// Whether a `syncfs` of the file system holding `path` is known to commit
+/// its metadata, so that it makes renames durable as directory fsyncs do:
+/// ext2/3/4, XFS and btrfs. Elsewhere (a FUSE file system without a sync
+/// of its own, for one, returns success having sent nothing to its server)
+/// callers fsync each directory instead.
+pub fn syncfs_commits(path: &Path) -> bool {
+    const EXT4: i64 = 0xEF53;
+    const XFS: i64 = 0x5846_5342;
+    const BTRFS: i64 = 0x9123_683E;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: a valid NUL-terminated path and a buffer of the right type.
+    if unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: statfs succeeded, so it filled the buffer.
+    // `f_type`'s width differs between targets.
+    #[allow(clippy::unnecessary_cast)]
+    let kind = unsafe { st.assume_init() }.f_type as i64;
+    matches!(kind, EXT4 | XFS | BTRFS)
 }
 
 /// `syncfs` of the file system holding `path`: its journal committed (or
@@ -176,4 +200,17 @@ pub fn syncfs(path: &Path) -> Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::syncfs_commits;
+    use std::path::Path;
+
+    #[test]
+    fn syncfs_is_trusted_only_where_it_commits_metadata() {
+        // procfs and a missing path: no; the directory fsyncs stay.
+        assert!(!syncfs_commits(Path::new("/proc")));
+        assert!(!syncfs_commits(Path::new("/no/such/cairn/dir")));
+    }
 }

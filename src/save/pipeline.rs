@@ -137,7 +137,7 @@ pub(super) struct Shared {
     verify_reused: bool,
     inflight: Mutex<HashMap<ChunkId, Arc<Inflight>>>,
     commit_tx: Sender<Arc<SaveCtx>>,
-    /// Whether raw chunks likely to be new are written before they are
+    /// Whether raw chunks likely to be new are written while they are
     /// hashed (`StoreOptions::early_write`, with O_DIRECT and the raw
     /// codec).
     early_write: bool,
@@ -159,7 +159,7 @@ enum Claim {
 impl Shared {
     /// Whether the chunk at `position` (a hash of run, rank, entry and
     /// chunk index) whose bytes give `sample` (`stage::sample_of`) is
-    /// likely new, so worth writing before it is hashed: the pipeline
+    /// likely new, so worth writing while it is hashed: the pipeline
     /// writes early, and this store never staged that position or staged
     /// other bytes there last time. A chunk judged new that is stored
     /// after all costs a write and a removal; one judged old is hashed
@@ -913,7 +913,8 @@ fn barrier_loop(
         // this batch: with much dirty data on the machine (a data loader's
         // cache, logs), the batch is made durable file by file instead.
         let whole_fs = crate::failpoint::hit("chunk.batch_dirty").is_ok()
-            && page_cache_dirty_bytes().is_some_and(|d| d <= max_dirty);
+            && little_dirty(max_dirty)
+            && shared.chunks.syncfs_commits();
         let synced = if whole_fs {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 crate::failpoint::hit("chunk.batch_sync")?;
@@ -962,6 +963,13 @@ fn barrier_loop(
     }
 }
 
+/// Whether the machine's dirty and under-writeback page cache is at most
+/// `max_dirty` bytes (0: never), so that a `syncfs`, which writes it back
+/// too, is cheap.
+fn little_dirty(max_dirty: u64) -> bool {
+    max_dirty > 0 && page_cache_dirty_bytes().is_some_and(|d| d <= max_dirty)
+}
+
 /// Dirty and under-writeback bytes in the page cache, from
 /// `/proc/meminfo`; `None` if it cannot be read.
 fn page_cache_dirty_bytes() -> Option<u64> {
@@ -1003,7 +1011,7 @@ fn commit_loop(rx: Receiver<Arc<SaveCtx>>, max_dirty: u64) {
 
 /// Fan-out directories above which a commit makes their entries durable
 /// with one sync of the file system rather than an fsync each (with
-/// little dirty page cache about): a 1 GiB state touches about 60, whose
+/// little dirty page cache about): a 1 GiB state touches about 100, whose
 /// fsyncs took longer than its last chunk's writes.
 const SYNCFS_MIN_DIRS: usize = 16;
 
@@ -1011,14 +1019,14 @@ const SYNCFS_MIN_DIRS: usize = 16;
 /// `prefixes`: with more than [`SYNCFS_MIN_DIRS`] of them and at most
 /// `max_dirty` bytes of dirty page cache on the machine (which a sync of
 /// the file system writes back too), one `syncfs`; else, or where the file
-/// system has none, an fsync of each directory.
+/// system has none known to commit its metadata
+/// ([`crate::local::fs::syncfs_commits`]), an fsync of each directory.
 fn sync_chunk_names(
     layout: &crate::layout::Layout,
     prefixes: Vec<u8>,
     max_dirty: u64,
 ) -> Result<()> {
-    if prefixes.len() > SYNCFS_MIN_DIRS && page_cache_dirty_bytes().is_some_and(|d| d <= max_dirty)
-    {
+    if prefixes.len() > SYNCFS_MIN_DIRS && little_dirty(max_dirty) {
         if let Some(res) = layout.fs().sync_filesystem(&layout.chunks_dir()) {
             return res.map_err(|e| Error::io("syncfs (chunk names)", layout.chunks_dir(), e));
         }
