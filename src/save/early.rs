@@ -12,7 +12,7 @@
 //! hash, and a chunk is ready to be named as soon as both are done.
 
 use super::ctx::{Counters, SaveCtx};
-use super::pipeline::{dispatch, ChunkJob, Hashed, PanicGuard, Payload, Shared, SyncJob};
+use super::pipeline::{dispatch, ChunkJob, Hashed, PanicGuard, Payload, Shared, SyncJob, Writing};
 use crate::chunk_id::ChunkId;
 use crate::codec::Encoder;
 use crate::error::Error;
@@ -213,12 +213,14 @@ pub(super) fn early_loop(
         };
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let t = Instant::now();
-            // Not counted in `Shared::writing`: an early-written file
-            // reaches the barrier only once its hash is known, so the
-            // barrier waits for the I/O threads' writes alone.
-            let written = crate::failpoint::hit("chunk.early_write")
-                .map_err(|e| Error::io("write chunk early", "<failpoint>", e))
-                .and_then(|()| shared.chunks.write_payload_early(&split.buf));
+            // Counted in `Shared::writing`: a batched sync waits for it,
+            // as its file reaches the barrier soon after.
+            let written = {
+                let _writing = Writing::start(&shared.writing);
+                crate::failpoint::hit("chunk.early_write")
+                    .map_err(|e| Error::io("write chunk early", "<failpoint>", e))
+                    .and_then(|()| shared.chunks.write_payload_early(&split.buf))
+            };
             Counters::add_time(&split.ctx.counters.write_ns, t);
             guard.split = None;
             if let Some(both) = split.written(written.ok().flatten()) {

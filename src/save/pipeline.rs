@@ -130,9 +130,9 @@ pub(super) struct Shared {
     /// Chunks known to be stored: a chunk surely absent is written
     /// without a lookup of its name.
     known: Arc<KnownChunks>,
-    /// O_DIRECT writes in progress on the I/O threads (the barrier waits
+    /// O_DIRECT writes in progress, early ones included (the barrier waits
     /// for them to fill its batch).
-    writing: AtomicUsize,
+    pub(super) writing: AtomicUsize,
     /// Re-hash a stored chunk before reusing it (not only its header).
     verify_reused: bool,
     inflight: Mutex<HashMap<ChunkId, Arc<Inflight>>>,
@@ -847,10 +847,10 @@ fn settle(
 }
 
 /// Counts an O_DIRECT write in progress while alive.
-struct Writing<'a>(&'a AtomicUsize);
+pub(super) struct Writing<'a>(&'a AtomicUsize);
 
 impl<'a> Writing<'a> {
-    fn start(n: &'a AtomicUsize) -> Self {
+    pub(super) fn start(n: &'a AtomicUsize) -> Self {
         n.fetch_add(1, Ordering::AcqRel);
         Writing(n)
     }
