@@ -56,17 +56,6 @@ impl Split {
         })
     }
 
-    /// The job again, for a split no early writer took.
-    pub(super) fn into_job(self) -> ChunkJob {
-        ChunkJob {
-            ctx: self.ctx,
-            seq: self.seq,
-            buf: self.buf,
-            width: self.width,
-            write_first: false,
-        }
-    }
-
     /// The worker's half is done: both halves if the write is done too.
     fn hashed(&self, id: Option<ChunkId>) -> Option<Both> {
         let mut h = self.halves.lock().unwrap_or_else(|p| p.into_inner());
@@ -90,6 +79,14 @@ impl Split {
                 None
             }
         }
+    }
+
+    /// No early writer took this chunk (the pipeline is closing): its
+    /// half counts as done with nothing written, before the worker's half
+    /// is queued, so the worker carries the chunk on.
+    pub(super) fn write_lost(&self) {
+        let none = self.written(None);
+        debug_assert!(none.is_none(), "hashed before it was queued");
     }
 
     /// No worker will hash this chunk (the pipeline is closing): the save

@@ -710,17 +710,12 @@ fn send_job(
     job.buf.zero_padding();
     let work = if job.write_first && shared.early_write {
         let split = Split::new(job);
-        match early_tx.send(split.clone()) {
-            Ok(()) => Work::Hash(split),
-            // No early writer: the chunk is only hashed, then written.
-            Err(e) => {
-                drop(e);
-                match Arc::try_unwrap(split) {
-                    Ok(split) => Work::Chunk(split.into_job()),
-                    Err(_) => unreachable!("the split was never shared"),
-                }
-            }
+        if early_tx.send(split.clone()).is_err() {
+            // No early writer: its half is done, unwritten, and the worker
+            // writes the chunk the usual way once hashed.
+            split.write_lost();
         }
+        Work::Hash(split)
     } else {
         Work::Chunk(job)
     };
