@@ -580,6 +580,10 @@ impl<T: ChunkTier + ?Sized> ChunkSource for T {
         ChunkTier::read_chunk(self, id, len, out, buf, scratch, decoder)
     }
 
+    fn prepare(&self, chunks: &[(ChunkId, u64)]) {
+        ChunkTier::prepare_reads(self, chunks)
+    }
+
     fn reads_direct(&self) -> bool {
         ChunkTier::reads_direct(self)
     }
@@ -656,6 +660,10 @@ impl ChunkSource for TieredSource<'_> {
 
     fn repaired(&self) -> u64 {
         self.repaired.load(Ordering::Relaxed)
+    }
+
+    fn prepare(&self, chunks: &[(ChunkId, u64)]) {
+        self.near.prepare_reads(chunks)
     }
 
     fn reads_direct(&self) -> bool {

@@ -166,6 +166,8 @@ fn verify_with_parts(
         }
     }
     let list: Vec<_> = chunks.into_iter().collect();
+    let order: Vec<(ChunkId, u64)> = list.iter().map(|(id, (len, _))| (*id, *len)).collect();
+    src.prepare_reads(&order);
     let bytes = AtomicU64::new(0);
     let checked = AtomicU64::new(0);
     let bad: Mutex<HashMap<ChunkId, Error>> = Mutex::new(HashMap::new());

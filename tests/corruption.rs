@@ -112,6 +112,51 @@ fn a_flipped_byte_in_the_manifest_is_caught() {
     assert_restored_eq(&r, &s);
 }
 
+/// A restore and a verify look up every chunk file before reading any:
+/// a chunk replaced by a FIFO, or by a link to a file outside the store,
+/// is neither opened (which would block) nor followed by that look-up,
+/// and the read names the chunk. Run in a thread so that a hang fails the
+/// test instead of stalling it. Planted bug this catches: looking chunks
+/// up by opening them blocking.
+#[test]
+fn fifos_and_links_in_place_of_chunks_are_named_not_followed() {
+    let (parent, root, _s) = saved_store();
+    let files = chunk_files(&root);
+    let (fifo, link) = (&files[0], &files[1]);
+    std::fs::remove_file(fifo).unwrap();
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let outside = parent.path().join("outside");
+    std::fs::write(&outside, b"not a chunk").unwrap();
+    std::fs::remove_file(link).unwrap();
+    std::os::unix::fs::symlink(&outside, link).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let r = root.clone();
+    std::thread::spawn(move || {
+        let store = Store::open_read_only(&r, small_opts()).unwrap();
+        let restored = store.restore("c", StepSel::Step(1), &TensorFilter::All);
+        let verified = store.verify(Some("c"), Some(1));
+        let _ = tx.send((restored.map(|_| ()), verified));
+    });
+    let (restored, verified) = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("restore or verify hung on a FIFO in place of a chunk");
+    let e = restored.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Data, "{e}");
+    let report = verified.unwrap();
+    let named: Vec<&str> = report
+        .problems
+        .iter()
+        .filter_map(|p| p.chunk.as_deref())
+        .collect();
+    for f in [fifo, link] {
+        let name = f.file_name().unwrap().to_str().unwrap();
+        assert!(named.contains(&name), "{name} not in {named:?}");
+    }
+    assert_eq!(std::fs::read(&outside).unwrap(), b"not a chunk");
+}
+
 #[test]
 fn truncated_and_missing_files_get_clear_errors() {
     let (_parent, root, _s) = saved_store();

@@ -14,6 +14,11 @@ use crate::store::Store;
 use std::path::PathBuf;
 use std::time::UNIX_EPOCH;
 
+/// Threads that look up chunk files before a restore or verify reads
+/// them ([`ChunkTier::prepare_reads`]): small reads, so more than the
+/// readers.
+const METADATA_THREADS: usize = 16;
+
 impl Store {
     /// A chunk object from another tier (or another store), re-encoded as
     /// this store's saves write chunks, so that what a copy or a repair
@@ -226,6 +231,31 @@ impl ChunkTier for Store {
 
     fn reads_direct(&self) -> bool {
         self.chunks.direct_io()
+    }
+
+    /// Look up every chunk's file, 16 threads at a time, before
+    /// the reads start. With the kernel's metadata cold (a rebooted node),
+    /// opening a chunk file reads its fan-out directory's block and its
+    /// inode from the disk, small reads that, once a restore's O_DIRECT
+    /// data reads are in flight, wait behind them in the device's queue
+    /// (23 ms per open, median, in a traced cold read of 1 GiB), while the
+    /// reading thread has nothing in flight. Looked up first, they share
+    /// an empty queue and the opens then find them in memory. A file that
+    /// cannot be looked up is left to the read to report.
+    fn prepare_reads(&self, chunks: &[(ChunkId, u64)]) {
+        if chunks.len() < 2 {
+            return;
+        }
+        let layout = self.chunks.layout();
+        let _ = crate::parallel::try_for_each(
+            chunks.iter(),
+            METADATA_THREADS,
+            || Ok(()),
+            |_, (id, _)| {
+                let _ = std::fs::symlink_metadata(layout.chunk_path(id));
+                Ok(())
+            },
+        );
     }
 
     fn read_chunk_object(&self, id: &ChunkId, len: u64) -> Result<bytes::Bytes> {
