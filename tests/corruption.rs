@@ -113,11 +113,12 @@ fn a_flipped_byte_in_the_manifest_is_caught() {
 }
 
 /// A restore and a verify look up every chunk file before reading any:
-/// a chunk replaced by a FIFO, or by a link to a file outside the store,
-/// is neither opened (which would block) nor followed by that look-up,
-/// and the read names the chunk. Run in a thread so that a hang fails the
-/// test instead of stalling it. Planted bug this catches: looking chunks
-/// up by opening them blocking.
+/// a chunk replaced by a FIFO is not opened blocking, by that look-up or
+/// by the read, and a chunk moved out of the store with a link left in
+/// its place is not followed, though the file it leads to is the chunk
+/// itself: each is named as a problem. Run in a thread so that a hang
+/// fails the test instead of stalling it. Planted bugs this catches:
+/// looking chunks up by opening them blocking; following the link.
 #[test]
 fn fifos_and_links_in_place_of_chunks_are_named_not_followed() {
     let (parent, root, _s) = saved_store();
@@ -128,9 +129,9 @@ fn fifos_and_links_in_place_of_chunks_are_named_not_followed() {
     // SAFETY: a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
     let outside = parent.path().join("outside");
-    std::fs::write(&outside, b"not a chunk").unwrap();
-    std::fs::remove_file(link).unwrap();
+    std::fs::rename(link, &outside).unwrap();
     std::os::unix::fs::symlink(&outside, link).unwrap();
+    let moved = std::fs::read(&outside).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let r = root.clone();
     std::thread::spawn(move || {
@@ -144,6 +145,11 @@ fn fifos_and_links_in_place_of_chunks_are_named_not_followed() {
         .expect("restore or verify hung on a FIFO in place of a chunk");
     let e = restored.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Data, "{e}");
+    let names = |f: &PathBuf| f.file_name().unwrap().to_str().unwrap().to_string();
+    assert!(
+        e.to_string().contains(&names(fifo)) || e.to_string().contains(&names(link)),
+        "{e}"
+    );
     let report = verified.unwrap();
     let named: Vec<&str> = report
         .problems
@@ -151,10 +157,10 @@ fn fifos_and_links_in_place_of_chunks_are_named_not_followed() {
         .filter_map(|p| p.chunk.as_deref())
         .collect();
     for f in [fifo, link] {
-        let name = f.file_name().unwrap().to_str().unwrap();
-        assert!(named.contains(&name), "{name} not in {named:?}");
+        let name = names(f);
+        assert!(named.contains(&name.as_str()), "{name} not in {named:?}");
     }
-    assert_eq!(std::fs::read(&outside).unwrap(), b"not a chunk");
+    assert_eq!(std::fs::read(&outside).unwrap(), moved);
 }
 
 #[test]

@@ -15,6 +15,12 @@ fn aligned(backing: &mut Vec<u8>, len: usize) -> &mut [u8] {
     &mut backing[skip..skip + len]
 }
 
+/// A directory on the build's own file system, which takes O_DIRECT on
+/// the machines the tests run on (a `/tmp` on tmpfs may not).
+fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temporary directory")
+}
+
 fn opts() -> StoreOptions {
     StoreOptions {
         chunk_size: 4 << 20,
@@ -43,7 +49,7 @@ fn state() -> OwnedState {
 
 #[test]
 fn aligned_restore_reads_exact_bytes() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir();
     let store = Store::open(dir.path(), opts()).unwrap();
     let s = state();
     store.save("d", 1, &s.view()).unwrap().wait().unwrap();
@@ -67,7 +73,7 @@ fn aligned_restore_reads_exact_bytes() {
 /// Planted bug this catches: skipping the hash check for direct reads.
 #[test]
 fn aligned_restore_catches_a_flipped_bit_and_a_truncated_chunk() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir();
     let store = Store::open(dir.path(), opts()).unwrap();
     let s = state();
     store.save("d", 1, &s.view()).unwrap().wait().unwrap();
@@ -146,7 +152,7 @@ fn restore_after(
 /// skipping the check of the zeros after the header.
 #[test]
 fn aligned_restore_checks_the_header_block_and_the_tail() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir();
     let store = Store::open(dir.path(), opts()).unwrap();
     let s = state();
     store.save("d", 1, &s.view()).unwrap().wait().unwrap();
@@ -154,6 +160,9 @@ fn aligned_restore_checks_the_header_block_and_the_tail() {
     let chunks: Vec<_> = m.tensors[0].chunks.iter().map(|c| c.id).collect();
     let (first, last) = (chunks[0], chunks[2]);
     let len = s.tensors[0].data.len();
+    // Written with O_DIRECT: the payload starts on the second block.
+    let head = std::fs::read(store.chunk_path(&first)).unwrap();
+    assert_eq!(&head[12..16], &4096u32.to_le_bytes(), "payload offset");
     let reason_of = |e: Error, want: &cairn::ChunkId| match e {
         Error::CorruptChunk { chunk, reason, .. } => {
             assert_eq!(chunk, want.to_hex(), "{reason}");

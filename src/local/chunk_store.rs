@@ -219,9 +219,10 @@ impl LocalChunkStore {
         &self.layout
     }
 
-    /// Whether a complete chunk file for `id` exists.
+    /// Whether a complete chunk file for `id` exists (a regular file; a
+    /// link in its place is not one).
     pub fn contains(&self, id: &ChunkId) -> bool {
-        self.layout.chunk_path(id).is_file()
+        std::fs::symlink_metadata(self.layout.chunk_path(id)).is_ok_and(|m| m.is_file())
     }
 
     /// Whether stored chunk `id` of `len` uncompressed bytes may be reused
@@ -441,10 +442,18 @@ impl LocalChunkStore {
         let path = self.layout.chunk_path(id);
         // O_NONBLOCK: opening a FIFO put in place of a chunk must not hang
         // (regular files ignore the flag). The type is checked on the fd.
+        // O_NOFOLLOW: a link in place of a chunk is not a chunk file.
         let file = match self.layout.fs().open_read(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(corrupt(id, &path, "missing from the store".into()))
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(corrupt(
+                    id,
+                    &path,
+                    "a symbolic link, not a chunk file".into(),
+                ))
             }
             Err(e) => return Err(Error::io("open chunk", &path, e)),
         };

@@ -32,7 +32,8 @@ pub trait Fs: Send + Sync + std::fmt::Debug {
     /// become durable.
     fn sync_dir(&self, dir: &Path) -> Result<()>;
     /// Open a file for positioned reads (`O_NONBLOCK`, so that a FIFO in
-    /// its place does not block).
+    /// its place does not block; `O_NOFOLLOW`, so that a symbolic link in
+    /// its place fails with `ELOOP` instead of being followed).
     fn open_read(&self, path: &Path) -> Result<Box<dyn FsReadFile>>;
     /// Make everything written to the file system holding `path` durable,
     /// file data and directory entries alike (`syncfs`). `None` where there
@@ -158,7 +159,7 @@ impl Fs for RealFs {
     fn open_read(&self, path: &Path) -> Result<Box<dyn FsReadFile>> {
         let f = OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NONBLOCK)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
             .open(path)?;
         Ok(Box::new(RealFile(f)))
     }

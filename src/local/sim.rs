@@ -536,7 +536,7 @@ impl Fs for SimDisk {
     fn open_read(&self, path: &Path) -> Result<Box<dyn FsReadFile>> {
         let file = OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NONBLOCK)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
             .open(path)?;
         Ok(Box::new(SimReadFile {
             state: self.state.clone(),
