@@ -13,7 +13,7 @@ mod common;
 
 use cairn::testing::failpoints;
 use cairn::{Store, StoreOptions};
-use common::{assert_step_restores, byte_tensors};
+use common::{assert_step_restores, byte_tensors, disk_dir};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -27,12 +27,6 @@ fn serial() -> MutexGuard<'static, ()> {
     let g = M.lock().unwrap_or_else(|p| p.into_inner());
     failpoints::reset();
     g
-}
-
-/// A fresh directory on the build's disk (not tmpfs: O_DIRECT needs a
-/// real file system).
-fn disk_dir() -> tempfile::TempDir {
-    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temporary directory")
 }
 
 fn opts(batch_sync: bool) -> StoreOptions {

@@ -15,12 +15,6 @@ fn aligned(backing: &mut Vec<u8>, len: usize) -> &mut [u8] {
     &mut backing[skip..skip + len]
 }
 
-/// A directory on the build's own file system, which takes O_DIRECT on
-/// the machines the tests run on (a `/tmp` on tmpfs may not).
-fn tempdir() -> tempfile::TempDir {
-    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temporary directory")
-}
-
 fn opts() -> StoreOptions {
     StoreOptions {
         chunk_size: 4 << 20,
@@ -49,7 +43,7 @@ fn state() -> OwnedState {
 
 #[test]
 fn aligned_restore_reads_exact_bytes() {
-    let dir = tempdir();
+    let dir = disk_dir();
     let store = Store::open(dir.path(), opts()).unwrap();
     let s = state();
     store.save("d", 1, &s.view()).unwrap().wait().unwrap();
@@ -73,7 +67,7 @@ fn aligned_restore_reads_exact_bytes() {
 /// Planted bug this catches: skipping the hash check for direct reads.
 #[test]
 fn aligned_restore_catches_a_flipped_bit_and_a_truncated_chunk() {
-    let dir = tempdir();
+    let dir = disk_dir();
     let store = Store::open(dir.path(), opts()).unwrap();
     let s = state();
     store.save("d", 1, &s.view()).unwrap().wait().unwrap();
@@ -152,7 +146,7 @@ fn restore_after(
 /// skipping the check of the zeros after the header.
 #[test]
 fn aligned_restore_checks_the_header_block_and_the_tail() {
-    let dir = tempdir();
+    let dir = disk_dir();
     let store = Store::open(dir.path(), opts()).unwrap();
     let s = state();
     store.save("d", 1, &s.view()).unwrap().wait().unwrap();

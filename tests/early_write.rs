@@ -14,7 +14,7 @@ mod common;
 
 use cairn::testing::failpoints;
 use cairn::{SaveReport, Store, StoreOptions};
-use common::{assert_step_restores, byte_tensors, chunk_files, OwnedState};
+use common::{assert_step_restores, byte_tensors, chunk_files, disk_dir, OwnedState};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -24,12 +24,6 @@ fn serial() -> MutexGuard<'static, ()> {
     let g = M.lock().unwrap_or_else(|p| p.into_inner());
     failpoints::reset();
     g
-}
-
-/// A fresh directory on the build's disk (not tmpfs: O_DIRECT needs a
-/// real file system).
-fn disk_dir() -> tempfile::TempDir {
-    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temporary directory")
 }
 
 fn opts(early_write: bool) -> StoreOptions {

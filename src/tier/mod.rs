@@ -114,9 +114,9 @@ pub trait ChunkTier: Sync {
     fn reads_direct(&self) -> bool {
         false
     }
-    /// Called before many chunks are read with every one of them: the tier
-    /// may get ready for them (the local tier brings their files' metadata
-    /// into memory). Nothing by default.
+    /// Called with every chunk a restore or verify is about to read, before
+    /// the first read: the tier may get ready for them (the local tier
+    /// brings their files' metadata into memory). Nothing by default.
     fn prepare_reads(&self, _chunks: &[(ChunkId, u64)]) {}
     /// Chunk object `id` as stored (header and payload), verified against
     /// its hash: what a copy to another tier sends.

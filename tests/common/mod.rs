@@ -6,6 +6,12 @@ pub mod s3;
 use cairn::{DType, LeasedSave, LeasedTensor, NextLease, SaveState, StepSel, Store, StoreOptions};
 use std::path::Path;
 
+/// A fresh directory on the build's disk (not tmpfs: O_DIRECT needs a
+/// real file system).
+pub fn disk_dir() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temporary directory")
+}
+
 /// An owned tensor for tests.
 #[derive(Clone, Debug, PartialEq)]
 pub struct OwnedTensor {
