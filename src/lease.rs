@@ -23,6 +23,7 @@ use crate::dtype::{byte_len, DType};
 use crate::error::{Error, Result};
 use crate::format::manifest::{PartInfo, ShardInfo};
 use crate::layout::{validate_entry_name, validate_run_name};
+use crate::local::tmp_files::StagingGuard;
 use crate::save::{
     position_of, sample_of, stage_entries, validate, ChunkJob, PlannedEntry, SaveCtx, SaveHandle,
     SaveState, Submitter, PACK_THRESHOLD,
@@ -148,6 +149,8 @@ pub struct LeasedSave {
     ctx: Option<Arc<SaveCtx>>,
     rx: Option<oneshot::Receiver<Result<crate::save::SaveReport>>>,
     submitter: Submitter,
+    /// Temporary files kept made ahead while the caller fills leases.
+    files: Option<StagingGuard>,
     pool: StagingPool,
     plans: Vec<Planned>,
     names: Vec<String>,
@@ -261,6 +264,7 @@ impl Store {
         Ok(LeasedSave {
             ctx: Some(ctx),
             rx: Some(rx),
+            files: submitter.staging_files(),
             submitter,
             pool: pool.clone(),
             plans,
@@ -522,11 +526,13 @@ impl LeasedSave {
             };
             let what = self.describe(i);
             ctx.fail(Error::invalid("leased save", format!("{what} {why}")));
+            self.files.take();
             self.submitter.staging_done(ctx);
             return Err(Error::invalid("leased save", format!("{what} {why}")));
         }
         let stall = ctx.started.elapsed();
         *ctx.stall.lock().unwrap_or_else(|p| p.into_inner()) = stall;
+        self.files.take();
         self.submitter.staging_done(ctx);
         let rx = self.rx.take().ok_or(Error::Closed)?;
         Ok(SaveHandle {
@@ -545,6 +551,7 @@ impl Drop for LeasedSave {
                 "leased save",
                 "dropped before finish; nothing was committed",
             ));
+            self.files.take();
             self.submitter.staging_done(ctx);
         }
     }

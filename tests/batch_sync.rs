@@ -13,11 +13,11 @@ mod common;
 
 use cairn::testing::failpoints;
 use cairn::{Store, StoreOptions};
-use common::{assert_step_restores, byte_tensors, disk_dir};
+use common::{assert_step_restores, byte_tensors, disk_dir, wait_until};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const POINT: &str = "chunk.batch_sync";
 
@@ -75,15 +75,13 @@ fn chunk_tmp_files(root: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-fn wait_for(what: &str, cond: impl Fn() -> bool) {
-    let t = Instant::now();
-    while !cond() {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+/// The [`chunk_tmp_files`] that hold bytes: not the empty files made ahead
+/// for early writes to come.
+fn written_tmp_files(root: &Path) -> Vec<PathBuf> {
+    chunk_tmp_files(root)
+        .into_iter()
+        .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0))
+        .collect()
 }
 
 /// Sets its flag when dropped.
@@ -114,10 +112,10 @@ fn chunks_reach_their_final_names_only_after_the_batch_sync() {
         None
     });
     let handle = store.save("job", 1, &state.view()).unwrap();
-    wait_for("the batch sync", || failpoints::hits(POINT) >= 1);
+    wait_until("the batch sync", || failpoints::hits(POINT) >= 1);
     // Give the writers time to write (and wrongly publish) the rest.
-    wait_for("every chunk written", || {
-        chunk_tmp_files(dir.path()).len() == 12
+    wait_until("every chunk written", || {
+        written_tmp_files(dir.path()).len() == 12
     });
     assert_eq!(
         files_under(dir.path(), "chunks"),

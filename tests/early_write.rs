@@ -14,7 +14,7 @@ mod common;
 
 use cairn::testing::failpoints;
 use cairn::{SaveReport, Store, StoreOptions};
-use common::{assert_step_restores, byte_tensors, chunk_files, disk_dir, OwnedState};
+use common::{assert_step_restores, byte_tensors, chunk_files, disk_dir, wait_until, OwnedState};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -264,4 +264,49 @@ fn the_write_and_the_hash_of_a_chunk_end_in_either_order() {
         assert_eq!(tmp_files(dir.path()), Vec::<PathBuf>::new(), "{what}");
         assert_step_restores(&store, "other", 1, &a);
     }
+}
+
+/// Files for early writes are made ahead while a save stages: a leased
+/// save abandoned after one early-written lease has files made for leases
+/// never filled, and none of them (nor the early file) outlives it; the
+/// next save, ordinary or leased, leaves `tmp/` empty when it returns.
+#[test]
+fn files_made_ahead_do_not_outlive_a_save() {
+    let _g = serial();
+    let dir = disk_dir();
+    let store = Store::open(dir.path(), opts(true)).unwrap();
+    let s = byte_tensors(21, 8);
+    {
+        let mut leased = store
+            .lease_save("job", 1, common::leased_specs(&s), &cairn::SaveState::new())
+            .unwrap();
+        let cairn::NextLease::Lease(mut l) = leased.lease(true).unwrap() else {
+            panic!("no first lease");
+        };
+        let segs = l.segments().to_vec();
+        let buf = l.as_mut_slice();
+        for g in segs {
+            let src = &s.tensors[g.tensor].data[g.tensor_offset as usize..][..g.len as usize];
+            buf[g.lease_offset as usize..][..g.len as usize].copy_from_slice(src);
+        }
+        leased.submit(l).unwrap();
+        // The first lease's chunk is written early and files are made
+        // ahead for the rest while the save stays open.
+        wait_until("files made ahead", || tmp_files(dir.path()).len() > 1);
+    }
+    // Dropped: the save fails, and nothing it had made stays.
+    wait_until("tmp/ emptied", || tmp_files(dir.path()).is_empty());
+    let rep = save(&store, "job", 2, &s);
+    // (The abandoned save's one chunk may have been stored already.)
+    assert_eq!(
+        rep.bytes_written_uncompressed + rep.bytes_deduped,
+        s.logical_bytes()
+    );
+    assert_eq!(tmp_files(dir.path()), Vec::<PathBuf>::new());
+    let t = byte_tensors(22, 8);
+    save_leased(&store, "job", 3, &t);
+    assert_eq!(tmp_files(dir.path()), Vec::<PathBuf>::new());
+    assert_step_restores(&store, "job", 2, &s);
+    assert_step_restores(&store, "job", 3, &t);
+    assert!(!store.steps("job").unwrap().contains(&1));
 }

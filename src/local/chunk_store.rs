@@ -6,6 +6,7 @@
 
 use super::durable::{create_dir_all_durable_on, fsync_dir_on, fsync_dirs_on, unique_tmp_name};
 use super::fs::{FsFile, FsReadFile, RealFile};
+use super::tmp_files::{open_direct, PreCreated};
 use crate::chunk_id::ChunkId;
 use crate::codec::Decoder;
 use crate::error::{Error, Result};
@@ -318,13 +319,20 @@ impl LocalChunkStore {
     /// in [`EarlyChunk::finish`] overwrites a block already allocated).
     /// `None` when direct I/O is off: the chunk then takes the usual path.
     /// As with [`Self::write_direct`], the buffer's padding is written past
-    /// the payload and cut off.
-    pub fn write_payload_early(&self, buf: &StagingBuf) -> Result<Option<EarlyChunk>> {
+    /// the payload and cut off. `made` is a file created for it ahead
+    /// ([`super::TmpFileSupply`]); without one, it creates its own.
+    pub fn write_payload_early(
+        &self,
+        buf: &StagingBuf,
+        made: Option<PreCreated>,
+    ) -> Result<Option<EarlyChunk>> {
         if !self.direct {
             return Ok(None);
         }
-        let tmp = self.layout.tmp_dir().join(unique_tmp_name("early"));
-        let file = open_direct(&tmp, true)?;
+        let (tmp, file) = match made {
+            Some(made) => made.into_parts(),
+            None => PreCreated::create(&self.layout.tmp_dir(), "early")?.into_parts(),
+        };
         let early = EarlyChunk {
             layout: self.layout.clone(),
             tmp,
@@ -578,24 +586,6 @@ impl OpenChunk {
         }
         read_exact_at(&*self.file, out, off, path, id)
     }
-}
-
-/// Open `path` for O_DIRECT writes: a new file (`create`), or one written
-/// before.
-fn open_direct(path: &Path, create: bool) -> Result<std::fs::File> {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(create)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .map_err(|e| {
-            let op = if create {
-                "create chunk (O_DIRECT)"
-            } else {
-                "open chunk (O_DIRECT)"
-            };
-            Error::io(op, path, e)
-        })
 }
 
 /// The 4 KiB block at the start of a chunk file written with O_DIRECT:

@@ -408,18 +408,22 @@ pub fn publish_replace_on(fs: &dyn Fs, tmp_dir: &Path, dest: &Path, bytes: &[u8]
     Ok(())
 }
 
+/// The names in `dir`, sorted (for tests).
+#[cfg(test)]
+pub(crate) fn sorted_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn names(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
-    }
+    use super::sorted_names as names;
 
     #[test]
     fn a_pending_file_in_a_missing_directory_names_the_directory() {

@@ -1,5 +1,6 @@
 //! The local-disk tier: the filesystem seam, durable file primitives, the
-//! chunk store and the collection lock (and, for tests, a simulated disk).
+//! chunk store, temporary files made ahead of their writes and the
+//! collection lock (and, for tests, a simulated disk).
 
 pub mod chunk_store;
 pub mod durable;
@@ -7,6 +8,8 @@ pub mod fs;
 pub mod lock;
 #[cfg(feature = "test-util")]
 pub mod sim;
+pub mod tmp_files;
 
 pub use chunk_store::{EarlyChunk, LocalChunkStore, PendingChunk};
 pub use lock::GcLock;
+pub use tmp_files::TmpFileSupply;

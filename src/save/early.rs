@@ -210,13 +210,15 @@ pub(super) fn early_loop(
         };
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let t = Instant::now();
+            // Taken whatever happens next: unused, the file is removed.
+            let made = shared.tmp_files.as_ref().and_then(|f| f.take());
             // Counted in `Shared::writing`: a batched sync waits for it,
             // as its file reaches the barrier soon after.
             let written = {
                 let _writing = Writing::start(&shared.writing);
                 crate::failpoint::hit("chunk.early_write")
                     .map_err(|e| Error::io("write chunk early", "<failpoint>", e))
-                    .and_then(|()| shared.chunks.write_payload_early(&split.buf))
+                    .and_then(|()| shared.chunks.write_payload_early(&split.buf, made))
             };
             Counters::add_time(&split.ctx.counters.write_ns, t);
             guard.split = None;

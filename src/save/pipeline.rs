@@ -18,7 +18,9 @@
 //! offset) held other bytes when last staged by this store, or was never
 //! staged by it, is likely new, so an early writer writes its payload with
 //! O_DIRECT to a temporary file as soon as it is staged, while a worker
-//! hashes it (`super::early`). The disk then works while the caller's copy
+//! hashes it (`super::early`); the file was usually created ahead, off the
+//! writer's thread ([`TmpFileSupply`]), so the writer does not wait on the
+//! file system's journal before its data goes out. The disk then works while the caller's copy
 //! still holds the cores (the workers run at a lower priority, so hashing
 //! waits for the copy). Whichever of the two ends second either has the
 //! 4 KiB header block written and the file made durable and renamed as any
@@ -47,7 +49,8 @@ use crate::format::manifest::{encode_manifest, BlobEntry, ChunkRef, Manifest, Te
 use crate::format::FORMAT_VERSION;
 use crate::local::chunk_store::sync_prefix_dirs_of;
 use crate::local::durable::{create_dir_chain_durable_on, publish_new_on};
-use crate::local::{EarlyChunk, LocalChunkStore, PendingChunk};
+use crate::local::tmp_files::StagingGuard;
+use crate::local::{EarlyChunk, LocalChunkStore, PendingChunk, TmpFileSupply};
 use crate::staging::StagingBuf;
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use std::collections::HashMap;
@@ -144,6 +147,10 @@ pub(super) struct Shared {
     /// A sample of what each chunk position held when last staged, by a
     /// hash of the position (see [`Pipeline::likely_new`]).
     last_staged: Mutex<HashMap<u64, u64>>,
+    /// Temporary files created ahead for early writes (with early writes
+    /// on): one requested per chunk queued for an early writer, taken by
+    /// it.
+    pub(super) tmp_files: Option<Arc<TmpFileSupply>>,
 }
 
 /// Positions [`Shared::last_staged`] remembers at most; past it the
@@ -230,6 +237,11 @@ pub(crate) struct Submitter {
 }
 
 impl Submitter {
+    /// As [`Pipeline::staging_files`].
+    pub fn staging_files(&self) -> Option<StagingGuard> {
+        self.shared.tmp_files.as_ref().map(|f| f.staging())
+    }
+
     /// As [`Pipeline::submit`].
     pub fn submit(&self, job: ChunkJob) -> Result<()> {
         send_job(&self.tx, &self.early_tx, &self.shared, job)
@@ -294,8 +306,14 @@ impl Pipeline {
         let (commit_tx, commit_rx) = unbounded::<Arc<SaveCtx>>();
         let known = Arc::new(KnownChunks::default());
         let early_write = early_write && chunks.direct_io() && codec == CodecChoice::Raw;
+        let tmp_files = if early_write {
+            Some(Arc::new(TmpFileSupply::start(chunks.layout().tmp_dir())?))
+        } else {
+            None
+        };
         let shared = Arc::new(Shared {
             early_write,
+            tmp_files: tmp_files.clone(),
             last_staged: Mutex::new(HashMap::new()),
             writing: AtomicUsize::new(0),
             known: known.clone(),
@@ -359,7 +377,7 @@ impl Pipeline {
         }
         let committer = spawn(
             "cairn-commit".into(),
-            Box::new(move || commit_loop(commit_rx, max_dirty)),
+            Box::new(move || commit_loop(commit_rx, max_dirty, tmp_files)),
         )?;
         Ok(Pipeline {
             tx: Some(tx),
@@ -420,6 +438,17 @@ impl Pipeline {
         }
     }
 
+    /// While the returned guard lives, a save is copying chunks into
+    /// staging: temporary files for early writes are kept made ahead
+    /// ([`TmpFileSupply::staging`]). `None` without early writes.
+    pub fn staging_files(&self) -> Option<StagingGuard> {
+        self.shared
+            .as_ref()?
+            .tmp_files
+            .as_ref()
+            .map(|f| f.staging())
+    }
+
     /// Drain all queued work, commit what completes, and stop the threads.
     pub fn shutdown(&mut self) {
         // Workers exit once the chunk queue is drained, syncers once every
@@ -429,6 +458,9 @@ impl Pipeline {
         self.early_tx.take();
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+        if let Some(files) = self.shared.as_ref().and_then(|s| s.tmp_files.as_ref()) {
+            files.close();
         }
         self.shared.take();
         if let Some(t) = self.committer.take() {
@@ -710,7 +742,12 @@ fn send_job(
     job.buf.zero_padding();
     let work = if job.write_first && shared.early_write {
         let split = Split::new(job);
+        if let Some(files) = &shared.tmp_files {
+            files.request();
+        }
         if early_tx.send(split.clone()).is_err() {
+            // The file requested for it goes unused.
+            drop(shared.tmp_files.as_ref().and_then(|f| f.take()));
             // No early writer: its half is done, unwritten, and the worker
             // writes the chunk the usual way once hashed.
             split.write_lost();
@@ -996,10 +1033,15 @@ fn copy_io_error(e: &std::io::Error) -> std::io::Error {
     }
 }
 
-fn commit_loop(rx: Receiver<Arc<SaveCtx>>, max_dirty: u64) {
+fn commit_loop(rx: Receiver<Arc<SaveCtx>>, max_dirty: u64, tmp_files: Option<Arc<TmpFileSupply>>) {
     for ctx in rx {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| commit(&ctx, max_dirty)))
             .unwrap_or_else(|_| Err(Error::Internal("the commit thread panicked".into())));
+        // Files made ahead that no write will take go before the caller
+        // hears: a save leaves `tmp/` as it found it.
+        if let Some(files) = &tmp_files {
+            files.trim();
+        }
         ctx.resolve(r);
     }
 }

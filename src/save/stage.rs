@@ -345,6 +345,7 @@ fn copy_pieces(
             write_first,
         })
     };
+    let _files = pipeline.staging_files();
     let total: usize = pieces.iter().map(|p| p.data.len()).sum();
     let threads = pipeline.copy_threads().min(pieces.len());
     if threads <= 1 || total < PARALLEL_COPY_MIN {

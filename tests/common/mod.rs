@@ -6,6 +6,18 @@ pub mod s3;
 use cairn::{DType, LeasedSave, LeasedTensor, NextLease, SaveState, StepSel, Store, StoreOptions};
 use std::path::Path;
 
+/// Wait until `cond` holds, failing the test after a minute.
+pub fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let t = std::time::Instant::now();
+    while !cond() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(60),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
 /// A fresh directory on the build's disk (not tmpfs: O_DIRECT needs a
 /// real file system).
 pub fn disk_dir() -> tempfile::TempDir {
