@@ -126,6 +126,8 @@ struct Inner {
     state: Mutex<State>,
     changed: Condvar,
     dir: PathBuf,
+    /// [`MAX_AGE`], but for tests.
+    max_age: std::time::Duration,
 }
 
 impl Inner {
@@ -153,10 +155,17 @@ const STEM: &str = "early";
 impl TmpFileSupply {
     /// Start a supply of files in `dir`.
     pub fn start(dir: PathBuf) -> Result<Self> {
+        Self::start_aging(dir, MAX_AGE)
+    }
+
+    /// [`Self::start`], handing out no file made longer than `max_age`
+    /// ago.
+    fn start_aging(dir: PathBuf, max_age: std::time::Duration) -> Result<Self> {
         let inner = Arc::new(Inner {
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
             dir,
+            max_age,
         });
         let supply = TmpFileSupply {
             inner,
@@ -204,7 +213,7 @@ impl TmpFileSupply {
         let mut stale = Vec::new();
         let mut found = None;
         while let Some(f) = s.ready.pop_front() {
-            if f.made.elapsed() <= MAX_AGE {
+            if f.made.elapsed() <= self.inner.max_age {
                 found = Some(f);
                 break;
             }
@@ -304,7 +313,7 @@ mod tests {
         tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap()
     }
 
-    fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    fn wait_until(what: &str, cond: impl Fn() -> bool) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !cond() {
             assert!(std::time::Instant::now() < deadline, "{what}");
@@ -358,12 +367,12 @@ mod tests {
         assert_eq!(names(dir.path()), Vec::<String>::new());
         // The first request brings the reserve with it.
         supply.request();
-        wait_for("the reserve made", || {
+        wait_until("the reserve made", || {
             names(dir.path()).len() == RESERVE + 1
         });
         let (path, file) = supply.take().expect("a file made ahead").into_parts();
         supply.request();
-        wait_for("the reserve made up", || {
+        wait_until("the reserve made up", || {
             names(dir.path()).len() == RESERVE + 2
         });
         drop(supply.take().expect("a file made ahead"));
@@ -384,6 +393,19 @@ mod tests {
             vec![path.file_name().unwrap().to_string_lossy().into_owned()],
             "a file not taken outlived the supply"
         );
+    }
+
+    #[test]
+    fn a_file_made_too_long_ago_is_removed_not_handed_out() {
+        let dir = scratch();
+        let supply =
+            TmpFileSupply::start_aging(dir.path().to_path_buf(), std::time::Duration::ZERO)
+                .unwrap();
+        supply.request();
+        wait_until("the file made", || names(dir.path()).len() == 1);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        assert!(supply.take().is_none(), "a stale file was handed out");
+        assert_eq!(names(dir.path()), Vec::<String>::new());
     }
 
     #[test]
