@@ -6,7 +6,7 @@
 
 use super::durable::{create_dir_all_durable_on, fsync_dir_on, fsync_dirs_on, unique_tmp_name};
 use super::fs::{FsFile, FsReadFile, RealFile};
-use super::tmp_files::{open_direct, PreCreated};
+use super::tmp_files::{PreCreated, RemoveOnDrop};
 use crate::chunk_id::ChunkId;
 use crate::codec::Decoder;
 use crate::error::{Error, Result};
@@ -95,9 +95,9 @@ impl PendingChunk {
 /// the save failed), the file is removed.
 pub struct EarlyChunk {
     layout: Layout,
-    /// The temporary file; empty once [`EarlyChunk::finish`] has handed
-    /// it on.
-    tmp: PathBuf,
+    /// The temporary file, removed on drop unless
+    /// [`EarlyChunk::finish`] has handed it on.
+    tmp: RemoveOnDrop,
     len: u64,
 }
 
@@ -116,25 +116,17 @@ impl EarlyChunk {
                 header.stored_len, header.codec, self.len
             )));
         }
-        let file = open_direct(&self.tmp, false)?;
+        let file = open_direct(self.tmp.path(), false)?;
         let block = header_block(header);
         write_all_vectored_at(&file, &[block.as_slice()], 0)
-            .map_err(|e| Error::io("write chunk header (O_DIRECT)", &self.tmp, e))?;
+            .map_err(|e| Error::io("write chunk header (O_DIRECT)", self.tmp.path(), e))?;
         Ok(PendingChunk {
             file: Box::new(RealFile(file)),
             layout: self.layout.clone(),
-            tmp: std::mem::take(&mut self.tmp),
+            tmp: self.tmp.take(),
             dest: self.layout.chunk_path(&header.id),
             stored_bytes: ALIGNED_PAYLOAD_OFFSET as u64 + self.len,
         })
-    }
-}
-
-impl Drop for EarlyChunk {
-    fn drop(&mut self) {
-        if !self.tmp.as_os_str().is_empty() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
     }
 }
 
@@ -341,7 +333,7 @@ impl LocalChunkStore {
         let zeros = AlignedBlock::new();
         write_all_vectored_at(&file, &[zeros.as_slice(), buf.padded()], 0)
             .and_then(|()| cut_padding(&file, early.len))
-            .map_err(|e| Error::io("write chunk (O_DIRECT)", &early.tmp, e))?;
+            .map_err(|e| Error::io("write chunk (O_DIRECT)", early.tmp.path(), e))?;
         Ok(Some(early))
     }
 
@@ -745,4 +737,22 @@ fn read_exact_at(
         }
         Err(e) => Err(Error::io("read chunk", path, e)),
     }
+}
+
+/// Open `path` for O_DIRECT writes: a new file (`create`), or one written
+/// before.
+pub(super) fn open_direct(path: &Path, create: bool) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(create)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .map_err(|e| {
+            let op = if create {
+                "create chunk (O_DIRECT)"
+            } else {
+                "open chunk (O_DIRECT)"
+            };
+            Error::io(op, path, e)
+        })
 }

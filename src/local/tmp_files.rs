@@ -16,10 +16,10 @@
 //! a file the supply made is taken within moments, long before a
 //! collection would count it stale.
 
+use super::chunk_store::open_direct;
 use super::durable::unique_tmp_name;
 use crate::error::{Error, Result};
 use std::collections::VecDeque;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -32,8 +32,21 @@ pub struct PreCreated {
     made: std::time::Instant,
 }
 
-/// A path removed when dropped, unless handed on first (then empty).
-struct RemoveOnDrop(PathBuf);
+/// A temporary file's path, the file removed when this is dropped unless
+/// handed on first ([`RemoveOnDrop::take`]).
+pub(super) struct RemoveOnDrop(PathBuf);
+
+impl RemoveOnDrop {
+    /// The path (empty once handed on).
+    pub(super) fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Hand the path on: removing the file is then the caller's.
+    pub(super) fn take(&mut self) -> PathBuf {
+        std::mem::take(&mut self.0)
+    }
+}
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
@@ -55,30 +68,10 @@ impl PreCreated {
         })
     }
 
-    /// The file's path and descriptor; removing the file is then the
-    /// caller's.
-    pub fn into_parts(self) -> (PathBuf, std::fs::File) {
-        let PreCreated { file, mut path, .. } = self;
-        (std::mem::take(&mut path.0), file)
+    /// The file's path (still removed when dropped) and descriptor.
+    pub(super) fn into_parts(self) -> (RemoveOnDrop, std::fs::File) {
+        (self.path, self.file)
     }
-}
-
-/// Open `path` for O_DIRECT writes: a new file (`create`), or one written
-/// before.
-pub(crate) fn open_direct(path: &Path, create: bool) -> Result<std::fs::File> {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(create)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .map_err(|e| {
-            let op = if create {
-                "create chunk (O_DIRECT)"
-            } else {
-                "open chunk (O_DIRECT)"
-            };
-            Error::io(op, path, e)
-        })
 }
 
 /// Files kept made beyond those requested while a save is staging: about
@@ -342,7 +335,7 @@ mod tests {
         supply.trim();
         assert_eq!(names(dir.path()).len(), taken.len());
         for (path, _) in &taken {
-            assert!(path.starts_with(dir.path()), "{path:?}");
+            assert!(path.path().starts_with(dir.path()), "{:?}", path.path());
             assert!(names(dir.path()).iter().all(|n| n.starts_with("early.")));
         }
         supply.close();
@@ -351,8 +344,8 @@ mod tests {
             taken.len(),
             "close removed a taken file"
         );
-        for (path, _) in taken {
-            std::fs::remove_file(path).unwrap();
+        for (mut path, _) in taken {
+            std::fs::remove_file(path.take()).unwrap();
         }
         assert_eq!(names(dir.path()), Vec::<String>::new());
     }
@@ -390,7 +383,12 @@ mod tests {
         drop(supply);
         assert_eq!(
             names(dir.path()),
-            vec![path.file_name().unwrap().to_string_lossy().into_owned()],
+            vec![path
+                .path()
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()],
             "a file not taken outlived the supply"
         );
     }
