@@ -283,12 +283,8 @@ fn files_made_ahead_do_not_outlive_a_save() {
         let cairn::NextLease::Lease(mut l) = leased.lease(true).unwrap() else {
             panic!("no first lease");
         };
-        let segs = l.segments().to_vec();
-        let buf = l.as_mut_slice();
-        for g in segs {
-            let src = &s.tensors[g.tensor].data[g.tensor_offset as usize..][..g.len as usize];
-            buf[g.lease_offset as usize..][..g.len as usize].copy_from_slice(src);
-        }
+        let data: Vec<&[u8]> = s.tensors.iter().map(|t| &t.data[..]).collect();
+        common::fill_lease(&mut l, &data);
         leased.submit(l).unwrap();
         // The first lease's chunk is written early and files are made
         // ahead for the rest while the save stays open.

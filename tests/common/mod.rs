@@ -3,7 +3,9 @@
 
 pub mod s3;
 
-use cairn::{DType, LeasedSave, LeasedTensor, NextLease, SaveState, StepSel, Store, StoreOptions};
+use cairn::{
+    DType, Lease, LeasedSave, LeasedTensor, NextLease, SaveState, StepSel, Store, StoreOptions,
+};
 use std::path::Path;
 
 /// Wait until `cond` holds, failing the test after a minute.
@@ -178,15 +180,21 @@ pub fn fill_leases(save: &mut LeasedSave, data: &[&[u8]]) {
             NextLease::Done => break,
             NextLease::Full => panic!("a waiting lease reported a full pool"),
             NextLease::Lease(mut l) => {
-                let segs = l.segments().to_vec();
-                let buf = l.as_mut_slice();
-                for g in segs {
-                    let src = &data[g.tensor][g.tensor_offset as usize..][..g.len as usize];
-                    buf[g.lease_offset as usize..][..g.len as usize].copy_from_slice(src);
-                }
+                fill_lease(&mut l, data);
                 save.submit(l).unwrap();
             }
         }
+    }
+}
+
+/// Fill lease `l` from `data` (the bytes of each tensor, in the order
+/// given to the save).
+pub fn fill_lease(l: &mut Lease, data: &[&[u8]]) {
+    let segs = l.segments().to_vec();
+    let buf = l.as_mut_slice();
+    for g in segs {
+        let src = &data[g.tensor][g.tensor_offset as usize..][..g.len as usize];
+        buf[g.lease_offset as usize..][..g.len as usize].copy_from_slice(src);
     }
 }
 
