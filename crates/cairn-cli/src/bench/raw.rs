@@ -31,6 +31,41 @@ pub fn prefaulted(len: usize) -> Result<MmapMut> {
     Ok(m)
 }
 
+/// The machine's CPU time counters, in ticks (10 ms on Linux): the first
+/// line of `/proc/stat`, as user, nice, system, idle, iowait, irq, softirq
+/// and steal. `None` where it cannot be read.
+pub fn cpu_ticks() -> Option<[u64; 8]> {
+    parse_cpu_ticks(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+/// The eight counters of the `cpu` line that opens a `/proc/stat` text.
+pub fn parse_cpu_ticks(stat: &str) -> Option<[u64; 8]> {
+    let mut words = stat.lines().next()?.split_whitespace();
+    if words.next()? != "cpu" {
+        return None;
+    }
+    let mut ticks = [0u64; 8];
+    for t in ticks.iter_mut() {
+        *t = words.next()?.parse().ok()?;
+    }
+    Some(ticks)
+}
+
+/// Of the CPU time that was not idle between two readings of
+/// [`cpu_ticks`], the share the hypervisor took (steal): time this
+/// virtual machine's processors wanted to run and the host ran something
+/// else, such as the emulation of this machine's own disk I/O. `None`
+/// when no busy time was counted.
+pub fn steal_share(before: &[u64; 8], after: &[u64; 8]) -> Option<f64> {
+    let d: Vec<u64> = before
+        .iter()
+        .zip(after)
+        .map(|(a, b)| b.saturating_sub(*a))
+        .collect();
+    let busy = d[0] + d[1] + d[2] + d[5] + d[6] + d[7];
+    (busy > 0).then(|| d[7] as f64 / busy as f64)
+}
+
 /// Copy `srcs` back to back into `dst` (pre-faulted), one thread.
 pub fn memcpy(srcs: &[&[u8]], dst: &mut [u8]) -> Duration {
     let t = Instant::now();
@@ -544,6 +579,27 @@ fn evict_from_cache(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn steal_share_from_proc_stat() {
+        let before =
+            parse_cpu_ticks("cpu  100 5 20 900 3 1 2 10 0 0\ncpu0 50 2 10 450 1 0 1 5 0 0\n")
+                .expect("a cpu line");
+        assert_eq!(before, [100, 5, 20, 900, 3, 1, 2, 10]);
+        // 20 ticks of user, 4 of system, 6 of steal, 70 idle.
+        let after = parse_cpu_ticks("cpu  120 5 24 970 3 1 2 16 0 0\n").unwrap();
+        let share = steal_share(&before, &after).unwrap();
+        assert!((share - 6.0 / 30.0).abs() < 1e-12, "share {share}");
+        // Nothing busy in between: no share to give.
+        assert_eq!(steal_share(&after, &after), None);
+        // Not a /proc/stat text.
+        assert_eq!(parse_cpu_ticks("intr 1 2 3\n"), None);
+        assert_eq!(parse_cpu_ticks("cpu 1 2 x 4 5 6 7 8\n"), None);
+        assert_eq!(parse_cpu_ticks("cpu 1 2 3\n"), None);
+        // This machine's own counters parse.
+        #[cfg(target_os = "linux")]
+        assert!(cpu_ticks().is_some(), "/proc/stat unreadable");
+    }
 
     #[test]
     fn scrambled_writes_repeat_no_sector() {

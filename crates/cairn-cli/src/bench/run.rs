@@ -93,6 +93,10 @@ pub struct BenchIteration {
     pub stall_s: f64,
     /// memcpy of the same bytes into pre-faulted memory.
     pub memcpy_s: f64,
+    /// Of the machine's busy CPU time while `save` blocked, the share the
+    /// hypervisor took (steal, from `/proc/stat` in 10 ms ticks); `None`
+    /// where it cannot be read.
+    pub stall_steal_share: Option<f64>,
     /// `save` call to local commit.
     pub durable_s: f64,
     /// Buffered write + fsync of the same bytes.
@@ -184,6 +188,11 @@ pub struct BenchReport {
     pub memcpy_s: f64,
     /// Median of stall / memcpy.
     pub stall_ratio: f64,
+    /// Median share of the busy CPU time during the stall that the
+    /// hypervisor took (steal); `None` where `/proc/stat` cannot be read.
+    /// On a virtual machine whose disk is emulated on the same host CPUs,
+    /// chunks written while the caller copies take it from the copy.
+    pub stall_steal_share: Option<f64>,
     /// Median seconds to local durability.
     pub durable_s: f64,
     /// Median buffered write + fsync seconds.
@@ -408,9 +417,13 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
         } else {
             None
         };
+        let ticks = raw::cpu_ticks();
         let t0 = Instant::now();
         let handle = store.save(&cfg.run, step, &state.as_save_state())?;
         let stall_s = t0.elapsed().as_secs_f64();
+        let stall_steal_share = ticks
+            .zip(raw::cpu_ticks())
+            .and_then(|(a, b)| raw::steal_share(&a, &b));
         let rep = handle.wait()?;
         let durable_s = t0.elapsed().as_secs_f64();
         stored_total += rep.bytes_written;
@@ -510,6 +523,7 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
             step,
             stall_s,
             memcpy_s,
+            stall_steal_share,
             durable_s,
             raw_write_fsync_s,
             raw_direct_write_s,
@@ -565,6 +579,10 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
         stall_s: m(&|i| i.stall_s),
         memcpy_s: m(&|i| i.memcpy_s),
         stall_ratio: m(&|i| i.stall_s / i.memcpy_s),
+        stall_steal_share: {
+            let v: Vec<f64> = iters.iter().filter_map(|i| i.stall_steal_share).collect();
+            (!v.is_empty()).then(|| median(v))
+        },
         durable_s: m(&|i| i.durable_s),
         raw_write_fsync_s: m(&|i| i.raw_write_fsync_s),
         durable_ratio: m(&|i| i.raw_write_fsync_s / i.durable_s),

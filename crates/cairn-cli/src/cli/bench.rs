@@ -268,10 +268,13 @@ fn print_human(r: &BenchReport) -> cairn::Result<()> {
         r.iterations.len()
     );
     outln!(
-        "save stall        {:>8.3} s   memcpy {:>8.3} s   stall/memcpy {:.2}x",
+        "save stall        {:>8.3} s   memcpy {:>8.3} s   stall/memcpy {:.2}x{}",
         r.stall_s,
         r.memcpy_s,
-        r.stall_ratio
+        r.stall_ratio,
+        r.stall_steal_share
+            .map(|s| format!("   steal during it {:.0}%", s * 100.0))
+            .unwrap_or_default()
     );
     outln!(
         "local durable     {:>8.3} s  ({:.2} GB/s)   buffered write+fsync {:.3} s ({:.2} GB/s)   ratio {:.2}",
