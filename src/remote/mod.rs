@@ -825,13 +825,25 @@ impl RemoteStore {
 
     /// Turn a definite answer of the object store into an error naming the
     /// bucket or object and what to do: a missing bucket is
-    /// [`Error::NotFound`] naming it; access denied, bad credentials and
-    /// other 4xx answers are [`Error::RemoteRefused`]. Anything else is
-    /// returned as it is.
+    /// [`Error::NotFound`] naming it; access denied, bad credentials,
+    /// other 4xx answers and no credential at all (the instance metadata
+    /// service, asked for one, failed) are [`Error::RemoteRefused`].
+    /// Anything else is returned as it is.
     fn explain(&self, e: Error) -> Error {
         let Error::Remote { op, path, source } = e else {
             return e;
         };
+        if retry::is_metadata_credential_failure(&source) {
+            return Error::RemoteRefused {
+                op,
+                location: format!("{path} in {}", self.url),
+                reason: "no credential: none is set, and the instance metadata service \
+                         gave none"
+                    .to_string(),
+                hint: credential_hint(&self.url),
+                source: Box::new(source),
+            };
+        }
         let text = error_chain_text(&source);
         let status = retry::http_status(&source);
         let azure = self.url.starts_with("az://")

@@ -9,7 +9,8 @@
 //! when the error may go away ([`is_transient`]): connection failures,
 //! timeouts, interrupted bodies, 5xx, 408 and 429. Definite answers — not
 //! found, already exists, a precondition, access denied, bad credentials, a
-//! 4xx, an invalid configuration — fail on the first attempt.
+//! 4xx, an invalid configuration, no credential set where the instance
+//! metadata service cannot give one — fail on the first attempt.
 //!
 //! Backoff is exponential with jitter (the `backon` crate), bounded by
 //! [`RetryPolicy::max_attempts`] and by [`RetryPolicy::budget`], the total
@@ -116,9 +117,40 @@ fn http_error_kind(e: &object_store::Error) -> Option<object_store::client::Http
     None
 }
 
+/// Whether `e` is a failed request for a credential to the instance
+/// metadata service, where each client turns when no credential is set:
+/// EC2's (`PUT /latest/api/token`, `GET
+/// /latest/meta-data/iam/security-credentials/`), Compute Engine's
+/// (`/computeMetadata/v1/instance/service-accounts/`) and Azure's managed
+/// identity endpoint (`/metadata/identity/oauth2/token`).
+pub fn is_metadata_credential_failure(e: &object_store::Error) -> bool {
+    const PATHS: [&str; 4] = [
+        "/latest/api/token in ",
+        "/latest/meta-data/iam/security-credentials",
+        "/computeMetadata/v1/instance/service-accounts/",
+        "/metadata/identity/oauth2/token",
+    ];
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string();
+        if PATHS.iter().any(|p| text.contains(p)) {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
 /// Whether an object-store error may go away if the operation is repeated.
 pub fn is_transient_remote(source: &object_store::Error) -> bool {
     use object_store::client::HttpErrorKind as K;
+    if is_metadata_credential_failure(source) {
+        // No credential is set and the metadata service gave none: off
+        // the cloud's machines nothing answers there (or a proxy refuses),
+        // which no retry changes. Only the service's own 5xx or
+        // throttling is weather.
+        return matches!(http_status(source), Some(s) if s >= 500 || s == 429);
+    }
     match source {
         object_store::Error::NotFound { .. }
         | object_store::Error::AlreadyExists { .. }

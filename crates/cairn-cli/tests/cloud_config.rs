@@ -465,3 +465,47 @@ fn a_wrong_credential_or_a_missing_bucket_fails_at_once_naming_it() {
     assert!(e.contains(&format!("container \"{missing}\"")), "{e}");
     assert!(e.contains("create it"), "{e}");
 }
+
+/// With no credential set, the GCS client asks Compute Engine's metadata
+/// server for a token and the Azure client its managed identity
+/// endpoint. Off those clouds nothing answers: the user has set no
+/// credential and is told so at once, with the variables to set, rather
+/// than after the operation's retries or as access denied. Both services
+/// are closed loopback ports (`GCE_METADATA_HOST`, `GCE_METADATA_IP`,
+/// `AZURE_MSI_ENDPOINT`); no request reaches a bucket. Planted bug this
+/// catches: metadata failures retried as transient, or explained as
+/// access to the bucket.
+#[test]
+fn no_credential_anywhere_is_said_at_once_for_gcs_and_azure() {
+    let home = tempfile::tempdir().unwrap();
+    let closed = || format!("127.0.0.1:{}", free_port());
+    let cases = [
+        (
+            "gs://cairn-nocred/x",
+            vec![
+                ("GCE_METADATA_HOST", closed()),
+                ("GCE_METADATA_IP", closed()),
+            ],
+            "GOOGLE_SERVICE_ACCOUNT",
+        ),
+        (
+            "az://cairn-nocred/x",
+            vec![
+                ("AZURE_STORAGE_ACCOUNT_NAME", "cairnnocred".to_string()),
+                (
+                    "AZURE_MSI_ENDPOINT",
+                    format!("http://{}/metadata/identity/oauth2/token", closed()),
+                ),
+            ],
+            "AZURE_STORAGE_ACCOUNT_KEY",
+        ),
+    ];
+    for (url, mut env, variable) in cases {
+        env.push(("HOME", home.path().display().to_string()));
+        let e = fails(&mut cairn(&env), &["ls", url], url);
+        assert!(e.contains("no credential"), "{url}: {e}");
+        assert!(e.contains(variable), "{url}: {e}");
+        assert!(!e.contains("gave up after"), "{url}: {e}");
+        assert!(!e.contains("access denied"), "{url}: {e}");
+    }
+}

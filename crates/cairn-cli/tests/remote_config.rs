@@ -379,3 +379,56 @@ fn keys_given_as_options_are_not_sent_with_a_session_token_from_the_environment(
     );
     assert_eq!(credentials_seen(counts), (vec![], vec![]), "nothing sent");
 }
+
+/// A loopback HTTP server that answers every request with 403 and no
+/// body, as a proxy that denies the metadata service's address does.
+/// Returns its URL; it serves until the test process ends.
+fn denying_server() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(
+                b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+        }
+    });
+    url
+}
+
+/// With no credential set anywhere, the S3 client asks the instance
+/// metadata service for one. Off EC2 none answers, or a proxy refuses:
+/// either way the user has set no credential, and is told so at once,
+/// with the variables to set, rather than after the operation's retries
+/// or as the bucket denying access. The metadata service is a closed
+/// loopback port, then a server answering 403 (`AWS_METADATA_ENDPOINT`).
+/// Planted bug this catches: metadata failures retried as transient, or
+/// explained as access to the bucket.
+#[test]
+fn no_credential_anywhere_is_said_at_once_naming_the_variables() {
+    let bucket = new_bucket("nocred");
+    let url = format!("s3://{bucket}/x");
+    for (what, metadata) in [
+        ("closed port", format!("http://127.0.0.1:{}", free_port())),
+        ("403", denying_server()),
+    ] {
+        let env = vec![
+            ("AWS_ENDPOINT", endpoint()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_METADATA_ENDPOINT", metadata),
+        ];
+        let o = run(&mut cairn(&env), &["ls", &url]);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{what}: {e}");
+        assert!(e.contains("no credential"), "{what}: {e}");
+        assert!(e.contains("AWS_ACCESS_KEY_ID"), "{what}: {e}");
+        assert!(!e.contains("gave up after"), "{what}: {e}");
+        assert!(!e.contains("access denied"), "{what}: {e}");
+    }
+    // The same bucket with the standard variables set lists fine.
+    let o = run(&mut cairn(&aws_env()), &["ls", &url]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
