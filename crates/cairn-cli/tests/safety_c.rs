@@ -195,6 +195,9 @@ fn p09_closed_stdout_exits_cleanly() {
         vec!["diff", s, "--run", "r", "1", "2"],
         vec!["gc", s, "--dry-run"],
         vec!["completions", "bash"],
+        vec!["--help"],
+        vec!["ls", "--help"],
+        vec!["--version"],
     ];
     for args in &commands {
         let o = with_closed_stdout(args);

@@ -284,9 +284,32 @@ fn check_args(cli: &Cli) -> Result<(), String> {
     }
 }
 
+/// What clap's parse ended with instead of a command: `--help` and
+/// `--version` text, or a usage error (exit 2, on stderr). Help and version
+/// go to stdout through [`output::write`] when it is not a terminal, so
+/// that a write error fails them as it fails any command's output.
+fn parse_failed(e: clap::Error) -> i32 {
+    use clap::error::ErrorKind;
+    use std::io::IsTerminal;
+    let shown = matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion);
+    if !shown || std::io::stdout().is_terminal() {
+        e.exit()
+    }
+    match output::write(e.render().to_string().as_bytes()) {
+        Ok(()) => 0,
+        Err(err) => {
+            eprintln!("error: {err}");
+            1
+        }
+    }
+}
+
 /// Parse arguments, run the command, and return the exit code.
 pub fn main() -> i32 {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return parse_failed(e),
+    };
     if let Err(msg) = check_args(&cli) {
         Cli::command()
             .error(clap::error::ErrorKind::ArgumentConflict, msg)
