@@ -130,15 +130,8 @@ pub fn is_metadata_credential_failure(e: &object_store::Error) -> bool {
         "/computeMetadata/v1/instance/service-accounts/",
         "/metadata/identity/oauth2/token",
     ];
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        let text = err.to_string();
-        if PATHS.iter().any(|p| text.contains(p)) {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
+    let text = super::error_chain_text(e);
+    PATHS.iter().any(|p| text.contains(p))
 }
 
 /// Whether an object-store error may go away if the operation is repeated.

@@ -57,11 +57,7 @@ pub fn parse_cpu_ticks(stat: &str) -> Option<[u64; 8]> {
 /// else, such as the emulation of this machine's own disk I/O. `None`
 /// when no busy time was counted.
 pub fn steal_share(before: &[u64; 8], after: &[u64; 8]) -> Option<f64> {
-    let d: Vec<u64> = before
-        .iter()
-        .zip(after)
-        .map(|(a, b)| b.saturating_sub(*a))
-        .collect();
+    let d: [u64; 8] = std::array::from_fn(|i| after[i].saturating_sub(before[i]));
     let busy = d[0] + d[1] + d[2] + d[5] + d[6] + d[7];
     (busy > 0).then(|| d[7] as f64 / busy as f64)
 }
