@@ -44,25 +44,48 @@ impl SynthTensor {
         unsafe { std::slice::from_raw_parts_mut(self.data.as_mut_ptr() as *mut u8, n) }
     }
 
-    /// Store `values` in the tensor's dtype (bf16: rounded to nearest even).
-    fn set_values(&mut self, values: Vec<f32>) {
+    /// Length of [`SynthTensor::data`] for the tensor's shape and dtype.
+    fn storage_len(&self) -> usize {
+        let n = self.shape.iter().product::<u64>() as usize;
+        if self.dtype == DType::BF16 {
+            n.div_ceil(2)
+        } else {
+            n
+        }
+    }
+
+    /// Fill the tensor's storage with values from `rng` scaled by `std`
+    /// (squared where `square`), in its dtype (bf16: rounded to nearest
+    /// even). BF16 values are drawn a block at a time into `scratch`; the
+    /// draws are the same as for one slice of the whole length (blocks of
+    /// an even length end on a pair).
+    fn fill_values(&mut self, rng: &mut Rng, std: f32, square: bool, scratch: &mut Vec<f32>) {
+        let draw = |rng: &mut Rng, out: &mut [f32]| {
+            rng.fill_normal(out, std);
+            if square {
+                for x in out.iter_mut() {
+                    *x *= *x;
+                }
+            }
+        };
         if self.dtype != DType::BF16 {
-            self.data = values;
+            draw(rng, &mut self.data);
             return;
         }
-        let mut packed = vec![0f32; values.len().div_ceil(2)];
-        {
-            // SAFETY: the byte view covers exactly the packed allocation.
-            let out = unsafe {
-                std::slice::from_raw_parts_mut(packed.as_mut_ptr() as *mut u8, packed.len() * 4)
-            };
-            for (i, v) in values.iter().enumerate() {
+        const BLOCK: usize = 1 << 16;
+        let n = self.shape.iter().product::<u64>() as usize;
+        let out = self.bytes_mut();
+        for start in (0..n).step_by(BLOCK) {
+            let len = BLOCK.min(n - start);
+            scratch.resize(len, 0.0);
+            draw(rng, scratch);
+            for (i, v) in scratch.iter().enumerate() {
                 let b = v.to_bits();
                 let r = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
-                out[2 * i..2 * i + 2].copy_from_slice(&r.to_le_bytes());
+                let at = 2 * (start + i);
+                out[at..at + 2].copy_from_slice(&r.to_le_bytes());
             }
         }
-        self.data = packed;
     }
 }
 
@@ -289,6 +312,17 @@ impl SyntheticState {
 
     /// (Re)fill tensors `which` with values derived from `seed`.
     fn fill(&mut self, which: &[usize], seed: u64) {
+        // Storage is allocated here, by the calling thread, and refilled
+        // in place: memory allocated by the fill threads would be kept by
+        // their malloc arenas once freed, and each new state would take
+        // more of it (a bench's RSS grew by most of a state per iteration).
+        for &i in which {
+            let t = &mut self.tensors[i];
+            let len = t.storage_len();
+            if t.data.len() != len {
+                t.data = vec![0f32; len];
+            }
+        }
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         let mut refs: Vec<&mut SynthTensor> = self
             .tensors
@@ -308,26 +342,22 @@ impl SyntheticState {
         std::thread::scope(|sc| {
             for bucket in buckets {
                 sc.spawn(move || {
+                    let mut scratch = Vec::new();
                     for t in bucket {
-                        let n = t.shape.iter().product::<u64>() as usize;
-                        let mut values = vec![0f32; n];
                         // A master weight holds the same values as its
                         // weight (before rounding to bf16).
                         let key = t.name.strip_suffix(".master").map_or(t.name.as_str(), |w| {
                             w.strip_prefix("optimizer.").unwrap_or(w)
                         });
                         let mut rng = Rng::new(mix(seed, key));
-                        if t.name.ends_with(".exp_avg_sq") {
-                            rng.fill_normal(&mut values, 1e-3);
-                            for x in values.iter_mut() {
-                                *x *= *x;
-                            }
+                        let (std, square) = if t.name.ends_with(".exp_avg_sq") {
+                            (1e-3, true)
                         } else if t.name.ends_with(".exp_avg") {
-                            rng.fill_normal(&mut values, 1e-3);
+                            (1e-3, false)
                         } else {
-                            rng.fill_normal(&mut values, 0.02);
-                        }
-                        t.set_values(values);
+                            (0.02, false)
+                        };
+                        t.fill_values(&mut rng, std, square, &mut scratch);
                     }
                 });
             }
@@ -415,8 +445,21 @@ mod tests {
             assert_eq!(other.logical_bytes(), a.logical_bytes(), "seed {seed}");
         }
         let mut c = SyntheticState::generate(8 << 20, 1);
+        let before: Vec<*const f32> = c.tensors.iter().map(|t| t.data.as_ptr()).collect();
         let changed = c.perturb(0.1, 99) as f64 / got;
         assert!((0.05..0.2).contains(&changed), "{changed}");
+        // Changed tensors are refilled in place, in the storage the calling
+        // thread allocated (see `fill`).
+        assert!(c
+            .tensors
+            .iter()
+            .zip(&before)
+            .all(|(t, &p)| t.data.as_ptr() == p));
+        assert!(c
+            .tensors
+            .iter()
+            .zip(&a.tensors)
+            .any(|(x, y)| x.data != y.data));
     }
 
     #[test]
