@@ -57,6 +57,20 @@ pub const CHUNKS_DIR: &str = "chunks";
 /// Directory of the runs.
 pub const RUNS_DIR: &str = "runs";
 
+/// The names a store keeps at its root, local or remote: the marker, the
+/// chunks, the runs, files being written, the collection lock, and the
+/// remote layout's packs and grace record. Nothing else may be written
+/// there under these names.
+pub const STORE_ENTRIES: &[&str] = &[
+    STORE_MARKER,
+    CHUNKS_DIR,
+    RUNS_DIR,
+    "tmp",
+    crate::local::lock::GC_LOCK,
+    crate::remote::pack::PACKS_DIR,
+    crate::remote::grace::GRACE_RECORD,
+];
+
 /// The path of chunk `id` below a store's root, as components:
 /// `chunks/<2 hex>/<64 hex>`. Local directories and object-store prefixes
 /// both build their paths from these.

@@ -79,7 +79,7 @@ pub use format::manifest::{
     BlobEntry, ChunkRef, EntryRef, Manifest, PartInfo, Shard, ShardInfo, ShardedTensor, TensorEntry,
 };
 pub use gc::{GcReport, TMP_MIN_AGE};
-pub use layout::validate_run_name;
+pub use layout::{validate_run_name, STORE_ENTRIES, STORE_MARKER};
 pub use lease::{Lease, LeasedSave, LeasedTensor, NextLease, Segment};
 pub use metrics::{
     latest_matching, validate_metric_name, MetricCondition, MetricFilter, MetricOp, Metrics,

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::layout::validate_entry_name;
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The header key safetensors reserves for the file's string metadata;
 /// no tensor may take it.
@@ -335,8 +335,56 @@ pub fn write_file(
     path: &Path,
     tensors: &[(String, DType, Vec<u64>)],
     metadata: &BTreeMap<String, String>,
-    mut fill: impl FnMut(usize, &mut dyn Write) -> Result<()>,
+    fill: impl FnMut(usize, &mut dyn Write) -> Result<()>,
 ) -> Result<u64> {
+    let written = write_pending(path, tensors, metadata, fill)?;
+    let len = written.len;
+    written.publish()?;
+    Ok(len)
+}
+
+/// A safetensors file written and fsynced but not yet at its name (see
+/// [`write_pending`]). Dropped unpublished, it leaves nothing behind where
+/// the filesystem has unnamed files (else its temporary name is removed).
+pub struct PendingExport {
+    pending: crate::local::durable::PendingFile,
+    path: PathBuf,
+    len: u64,
+}
+
+impl PendingExport {
+    /// The path it is published at.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether it holds no bytes (never: the header is always written).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Rename it into place (replacing a regular file there), then fsync
+    /// the file and its directory.
+    pub fn publish(self) -> Result<()> {
+        check_output_path(&self.path)?;
+        self.pending.publish(&self.path)
+    }
+}
+
+/// [`write_file`] without the last step: the file is written and fsynced
+/// in `path`'s directory and returned unpublished, so that a caller writing
+/// several (a sharded export) publishes them only once all are written.
+pub fn write_pending(
+    path: &Path,
+    tensors: &[(String, DType, Vec<u64>)],
+    metadata: &BTreeMap<String, String>,
+    mut fill: impl FnMut(usize, &mut dyn Write) -> Result<()>,
+) -> Result<PendingExport> {
     if let Some((name, ..)) = tensors.iter().find(|(n, ..)| n == METADATA_KEY) {
         return Err(Error::invalid(
             format!("tensor {name:?}"),
@@ -375,9 +423,11 @@ pub fn write_file(
     }
     let f = w.into_inner().map_err(|e| io(e.into_error()))?;
     f.sync_all().map_err(io)?;
-    check_output_path(path)?;
-    pending.publish(path)?;
-    Ok(8 + h.len() as u64 + off)
+    Ok(PendingExport {
+        pending,
+        path: path.to_path_buf(),
+        len: 8 + h.len() as u64 + off,
+    })
 }
 
 /// Remove an earlier export's file at `path` and fsync its directory, so

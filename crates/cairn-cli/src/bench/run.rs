@@ -282,6 +282,19 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The bench's own files in the store's `tmp/` (the disk-limit sweep, the
+/// limit's and the raw baselines' files), removed when dropped: on every
+/// way out of a run, an error included, not only where each is done with.
+struct OwnFiles(Vec<PathBuf>);
+
+impl Drop for OwnFiles {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            raw::remove_limit(p);
+        }
+    }
+}
+
 /// Peak resident set size of this process, from /proc.
 pub fn peak_rss_bytes() -> u64 {
     proc_status_kib("VmHWM:") * 1024
@@ -343,8 +356,19 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
         }
     };
     let tmp = store.root().join("tmp");
+    let pid = std::process::id();
+    let sweep_path = tmp.join(format!("bench-sweep.{pid}.tmp"));
+    let limit_path = tmp.join(format!("bench-limit.{pid}.tmp"));
+    let raw_path = tmp.join(format!("bench-raw.{pid}.tmp"));
+    let direct_path = tmp.join(format!("bench-direct.{pid}.tmp"));
+    // Whatever the run ends in, its own files go with it.
+    let _own_files = OwnFiles(vec![
+        sweep_path.clone(),
+        limit_path.clone(),
+        raw_path.clone(),
+        direct_path.clone(),
+    ]);
     progress("sweeping O_DIRECT block sizes and queue depths for the disk's limits");
-    let sweep_path = tmp.join(format!("bench-sweep.{}.tmp", std::process::id()));
     let (write_best, read_best) = raw::sweep(
         &sweep_path,
         total.clamp(1 << 20, SWEEP_BYTES),
@@ -400,7 +424,6 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
         // first, for writes and for reads: neither always follows the
         // other's bytes.
         let limit_first = i % 2 == 1;
-        let limit_path = tmp.join(format!("bench-limit.{}.tmp", std::process::id()));
         // The sweep's best one-file shape and its best many-file shape,
         // each timed here on the state's size; which of them is the limit
         // is settled after the last iteration (`limit_pick`).
@@ -434,10 +457,8 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
         let limit_write_shapes_s =
             limit_write.ok_or_else(|| Error::Internal("limit write not measured".into()))?;
 
-        let raw_path = tmp.join(format!("bench-raw.{}.tmp", std::process::id()));
         let raw_write_fsync_s = raw::buffered_write_fsync(&raw_path, &srcs)?.as_secs_f64();
         let _ = std::fs::remove_file(&raw_path);
-        let direct_path = tmp.join(format!("bench-direct.{}.tmp", std::process::id()));
         let raw_direct_write_s = raw::direct_write(&direct_path, &srcs)?.as_secs_f64();
 
         let chunk_files = chunk_paths(&store, &cfg.run, step)?;

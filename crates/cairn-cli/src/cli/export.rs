@@ -3,7 +3,9 @@
 use super::open::{open, print_json, progress};
 use super::size::human;
 use cairn::glob_match;
-use cairn::safetensors::{check_output_path, open_regular, parse_header, write_file, MAX_HEADER};
+use cairn::safetensors::{
+    check_output_path, open_regular, parse_header, write_pending, MAX_HEADER,
+};
 use cairn::{DType, Error, SaveState, StepSel, Store, StoreOptions, TensorFilter};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -47,6 +49,7 @@ pub fn export(
     json: bool,
     raw_opts: &[String],
 ) -> cairn::Result<i32> {
+    check_outside_stores(out)?;
     let tier = open(location, raw_opts)?;
     let step = tier.resolve(run, step)?;
     let m = tier.manifest(run, step)?;
@@ -135,10 +138,17 @@ pub fn export(
     } else {
         None
     };
+    if sharded {
+        // Each shard is held open until all are written.
+        ensure_open_files(paths.len() as u64 + 64, max_shard)?;
+    }
     let mut tensors_only = m;
     tensors_only.blobs.clear();
     let pb = progress(total, &format!("export {run}/{step}"));
-    let mut files = Vec::new();
+    // Every shard is written and fsynced before any is put in place, so an
+    // export that fails part-way leaves an earlier export in the directory
+    // whole, not shards of two steps under one index.
+    let mut written = Vec::new();
     let mut weight_map = BTreeMap::new();
     for (shard, path) in shards.iter().zip(&paths) {
         let path = path.clone();
@@ -157,7 +167,7 @@ pub fn export(
         // written, each tensor dropped once written, from the manifest read
         // above (blobs left out: a safetensors file holds none).
         let mut batch: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-        write_file(&path, &header, &metadata, |i, w: &mut dyn Write| {
+        let pending = write_pending(&path, &header, &metadata, |i, w: &mut dyn Write| {
             let name = &header[i].0;
             if !batch.contains_key(name) {
                 let mut picked = vec![name.clone()];
@@ -192,13 +202,24 @@ pub fn export(
                     .unwrap_or_default(),
             );
         }
-        files.push(path);
+        written.push(pending);
     }
     pb.finish_and_clear();
     if let Some(old) = &stale {
         // Loaders prefer model.safetensors over an index: remove the older
         // single-file export before the new index is published.
         cairn::safetensors::remove_durably(old)?;
+    }
+    if sharded && std::fs::symlink_metadata(&index_path).is_ok_and(|m| m.is_file()) {
+        // The older index goes before its shards are replaced: a crash
+        // while they are renamed leaves shards without an index, which no
+        // loader takes for a model, rather than an index over two steps.
+        cairn::safetensors::remove_durably(&index_path)?;
+    }
+    let mut files = Vec::with_capacity(written.len());
+    for w in written {
+        files.push(w.path().to_path_buf());
+        w.publish()?;
     }
     let index = if sharded {
         let idx = index_path;
@@ -234,6 +255,86 @@ pub fn export(
         );
     }
     Ok(0)
+}
+
+/// Make room for `need` open files in this process (a sharded export
+/// holds every shard open until all are written): the soft limit is raised
+/// towards the hard one where it is lower; where even that is too low the
+/// export is refused before anything is written.
+fn ensure_open_files(need: u64, max_shard: u64) -> cairn::Result<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 || lim.rlim_cur >= need {
+        return Ok(());
+    }
+    if lim.rlim_max >= need {
+        let raised = libc::rlimit {
+            rlim_cur: need,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return Ok(());
+        }
+    }
+    Err(Error::invalid(
+        "--max-shard-size",
+        format!(
+            "{max_shard} bytes makes {} shards, more files than this process may hold open \
+             (limit {}); raise --max-shard-size or the open-file limit (ulimit -n)",
+            need - 64,
+            lim.rlim_max
+        ),
+    ))
+}
+
+/// Refuse an output among a cairn store's own files (the source's or any
+/// other's): its marker, lock, `runs/`, `chunks/`, `tmp/` and the remote
+/// layout's entries. An export there could replace a manifest, a chunk or
+/// the marker. Elsewhere in a store's directory (beside those entries, or
+/// the directory itself) is allowed. Resolved from the output's nearest
+/// existing ancestor, so relative paths and symbolic links are seen
+/// through.
+fn check_outside_stores(out: &Path) -> cairn::Result<()> {
+    let mut existing = std::path::absolute(out).map_err(|e| Error::io("resolve", out, e))?;
+    let mut rest = Vec::new();
+    while std::fs::symlink_metadata(&existing).is_err() {
+        match existing.file_name() {
+            Some(n) => rest.push(n.to_os_string()),
+            None => return Ok(()),
+        }
+        if !existing.pop() {
+            return Ok(());
+        }
+    }
+    let mut resolved = existing
+        .canonicalize()
+        .map_err(|e| Error::io("resolve", &existing, e))?;
+    resolved.extend(rest.iter().rev());
+    for store in resolved
+        .ancestors()
+        .filter(|a| a.join(cairn::STORE_MARKER).is_file())
+    {
+        let owned = resolved
+            .strip_prefix(store)
+            .ok()
+            .and_then(|rel| rel.components().next())
+            .and_then(|c| c.as_os_str().to_str())
+            .is_some_and(|first| cairn::STORE_ENTRIES.contains(&first));
+        if owned {
+            return Err(Error::invalid(
+                format!("output {}", out.display()),
+                format!(
+                    "is inside the cairn store at {}, among its own files; an export there could replace them, so write it elsewhere",
+                    store.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Before a sharded export into `single`'s directory: an older

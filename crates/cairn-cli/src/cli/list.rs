@@ -159,10 +159,7 @@ pub fn run(
                     tiers.push(format!("remote ({url})"));
                 }
             }
-            let created = humantime::format_rfc3339_seconds(
-                std::time::UNIX_EPOCH + std::time::Duration::from_millis(m.created_unix_ms),
-            )
-            .to_string();
+            let created = created_text(m.created_unix_ms);
             let parts = match &tier {
                 Tier::Local(s) if m.world_size.is_some() => s.parts(&run, step).ok().map(|p| {
                     p.iter()
@@ -322,4 +319,20 @@ fn metrics_text(m: &std::collections::BTreeMap<String, f64>) -> String {
 
 fn upload_url(store: &cairn::Store, run: &str, step: u64) -> Option<String> {
     store.uploaded_to(run, step)
+}
+
+/// First millisecond of the year 10000, which RFC 3339 cannot write.
+const YEAR_10000_MS: u64 = 253_402_300_800_000;
+
+/// A manifest's creation time as RFC 3339 (UTC, seconds), or, past what
+/// that format can write, as milliseconds since the Unix epoch.
+fn created_text(unix_ms: u64) -> String {
+    if unix_ms < YEAR_10000_MS {
+        humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms),
+        )
+        .to_string()
+    } else {
+        format!("{unix_ms} ms after 1970")
+    }
 }
