@@ -88,6 +88,19 @@ fn invalid(what: &str, reason: impl std::fmt::Display) -> PyErr {
     err(cairn::Error::invalid(what, reason.to_string()))
 }
 
+/// Refuse a buffer of `nbytes > 0` at address 0: the wrapper's checks
+/// keep tensors without addressable memory (meta tensors, `DTensor`s) away,
+/// and nothing reaches memory at a null address whatever calls this.
+fn check_address(name: &str, addr: usize, nbytes: usize) -> PyResult<()> {
+    if addr == 0 && nbytes > 0 {
+        return Err(invalid(
+            &format!("buffer of {name:?}"),
+            format!("{nbytes} bytes at address 0 (a tensor without addressable memory)"),
+        ));
+    }
+    Ok(())
+}
+
 fn json_text<T: serde::Serialize>(v: &T) -> PyResult<String> {
     serde_json::to_string(v).map_err(|e| err(cairn::Error::Internal(e.to_string())))
 }
@@ -472,7 +485,8 @@ impl Store {
             None => serde_json::Value::Null,
         };
         let mut dtypes = Vec::with_capacity(tensors.len());
-        for (name, dtype, shape, _, nbytes, _) in &tensors {
+        for (name, dtype, shape, addr, nbytes, _) in &tensors {
+            check_address(name, *addr, *nbytes)?;
             let dt: DType = dtype.parse().map_err(err)?;
             let want = shape
                 .iter()
@@ -562,6 +576,9 @@ impl Store {
         step: u64,
         targets: Vec<RawRegion>,
     ) -> PyResult<String> {
+        for t in &targets {
+            check_address(&t.0, t.3, t.4)?;
+        }
         let mut spans: Vec<(usize, usize)> = targets
             .iter()
             .filter(|t| t.4 > 0)
@@ -647,6 +664,9 @@ impl Store {
         step: u64,
         targets: Vec<(String, usize, usize)>,
     ) -> PyResult<String> {
+        for t in &targets {
+            check_address(&t.0, t.1, t.2)?;
+        }
         let mut spans: Vec<(usize, usize)> = targets
             .iter()
             .filter(|t| t.2 > 0)

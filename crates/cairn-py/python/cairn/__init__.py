@@ -20,6 +20,7 @@ Errors are `cairn.Error` subclasses, one per kind: `UnavailableError`
 
 import json
 import math
+import sys
 
 import numpy as np
 
@@ -165,8 +166,46 @@ class SaveHandle:
 
 
 def _is_torch_tensor(v):
-    t = type(v)
-    return t.__module__.startswith("torch") and hasattr(v, "data_ptr") and hasattr(v, "dtype")
+    """Whether `v` is a torch tensor (any subclass: `nn.Parameter`, a
+    user's own, `DTensor`), without importing torch where it is not."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(v, torch.Tensor)
+
+
+def _torch_memory_problem(t):
+    """Why cairn cannot read or fill torch tensor `t` through its memory, or
+    None: a meta tensor holds no data, a `DTensor` holds only its local
+    shard, and any other tensor without an address (a wrapper subclass)
+    has none cairn could use. Devices other than CPU and CUDA are not
+    handled."""
+    kind = t.device.type
+    if kind == "meta":
+        return (
+            "a meta tensor holds no data; materialize it first (module.to_empty(device=...)), "
+            "or load into a new state and use load_state_dict(..., assign=True)"
+        )
+    if any(c.__name__ == "DTensor" for c in type(t).__mro__):
+        return (
+            "a DTensor holds only its local shard; save and load it with torch.distributed.checkpoint "
+            "and cairn.torch.dcp, or pass its full_tensor() (or its to_local() as a cairn.Shard)"
+        )
+    if kind not in ("cpu", "cuda"):
+        return f"on {t.device}; cairn reads and fills CPU and CUDA tensors"
+    try:
+        addr = t.data_ptr()
+    except RuntimeError as e:
+        return f"a {type(t).__name__} whose memory cannot be addressed ({e})"
+    if addr == 0 and t.numel() > 0:
+        return f"a {type(t).__name__} whose memory cannot be addressed (data_ptr() is 0)"
+    return None
+
+
+def _check_torch_tensor(name, t, what="tensor"):
+    """Raise `InvalidError` naming `name` where `_torch_memory_problem`
+    finds one."""
+    why = _torch_memory_problem(t)
+    if why is not None:
+        raise InvalidError(f"invalid {what} {name!r}: {why}")
 
 
 def _unsupported(name, dtype, is_complex):
@@ -200,6 +239,7 @@ def _raw_tensor(name, value, keep):
         addr = value.__array_interface__["data"][0]
         return (name, dt, [int(d) for d in value.shape], addr, int(value.nbytes), shard)
     if _is_torch_tensor(value):
+        _check_torch_tensor(name, value)
         dt = _dtypes.from_torch(value.dtype)
         if dt is None:
             raise _unsupported(name, value.dtype, value.dtype.is_complex)
@@ -414,6 +454,9 @@ class Store:
         part = _part_arg(rank, world_size)
         items = _items(tensors, "tensors")
         values = [v.data if isinstance(v, Shard) else v for _, v in items]
+        for (name, _), v in zip(items, values):
+            if _is_torch_tensor(v):
+                _check_torch_tensor(name, v)
         cuda = any(_is_torch_tensor(v) and v.device.type != "cpu" for v in values)
         if cuda or (self._leases and values and all(_is_torch_tensor(v) for v in values)):
             return self._save_leased(run, step, items, blobs, metadata, metrics, part)
@@ -643,6 +686,7 @@ class Store:
             if e is None:
                 raise NotFoundError(f"not found: tensor {name!r} in run {run} step {step}")
             if _is_torch_tensor(t):
+                _check_torch_tensor(name, t, "target")
                 dt, cpu = _dtypes.from_torch(t.dtype), t.device.type == "cpu"
                 contiguous = cpu and t.is_contiguous() and not t.is_conj() and not t.is_neg()
                 addr, nbytes = t.data_ptr(), t.numel() * t.element_size()

@@ -23,6 +23,7 @@ checkpointing (`CairnStorageWriter`, `CairnStorageReader`).
 """
 
 import json
+import os
 import pickle
 import threading
 from concurrent.futures import Future
@@ -60,7 +61,11 @@ def _store(store, staging_bytes=None):
     `staging_bytes` raises `InvalidError`."""
     if isinstance(store, cairn.Store):
         return store
-    key = str(store)
+    key = os.fsdecode(store) if isinstance(store, (str, bytes, os.PathLike)) else str(store)
+    if "://" not in key:
+        # One store per directory, however the path is spelled
+        # ("ckpt", "./ckpt/", its absolute path, a symbolic link to it).
+        key = os.path.realpath(key)
     want = DEFAULT_STAGING_BYTES if staging_bytes is None else int(staging_bytes)
     with _stores_lock:
         if key not in _stores:
@@ -350,6 +355,8 @@ def _decode(skel, target, plan, pickles, entries):
         e, dtype, shape = _stored(skel, entries)
         stored_dtype, stored_shape = _dtypes.to_torch(e["dtype"]), tuple(e["shape"])
         is_complex = bool(skel.get("complex"))
+        if isinstance(target, torch.Tensor):
+            cairn._check_torch_tensor(name, target, "target")
         if isinstance(target, torch.Tensor) and tuple(target.shape) == shape:
             if target.dtype == dtype and not (is_complex and target.is_conj()):
                 plan.append((name, torch.view_as_real(target) if is_complex else target, target, None))
