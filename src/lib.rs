@@ -96,7 +96,7 @@ pub use save::{SaveHandle, SaveReport, SaveState, TensorView};
 pub use shard::{
     CommitReport, PartListing, PartsUploadReport, RegionTarget, PENDING_PART_MIN_GRACE,
 };
-pub use store::{StepSel, Store, StoreOptions, UploadMarker};
+pub use store::{StepSel, Store, StoreOptions, UploadMarker, MAX_THREADS};
 pub use tier::{is_url, ChunkInfo, ChunkTier, ReuseRule, Tier};
 pub use verify::{Problem, VerifyReport};
 

@@ -131,8 +131,33 @@ impl Default for StoreOptions {
     }
 }
 
+/// Most threads of any one kind a store starts ([`StoreOptions`]'s
+/// `workers`, `lead_workers`, `sync_threads`, `copy_threads`,
+/// `read_threads`): more is a mistake, not a machine.
+pub const MAX_THREADS: usize = 1024;
+
 impl StoreOptions {
+    /// Thread counts within [`MAX_THREADS`].
+    fn check_threads(&self) -> Result<()> {
+        for (what, n) in [
+            ("workers", self.workers),
+            ("lead_workers", self.lead_workers),
+            ("sync_threads", self.sync_threads),
+            ("copy_threads", self.copy_threads),
+            ("read_threads", self.read_threads),
+        ] {
+            if n > MAX_THREADS {
+                return Err(Error::invalid(
+                    what,
+                    format!("{n} threads: at most {MAX_THREADS}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn check(&self) -> Result<()> {
+        self.check_threads()?;
         if self.chunk_size < 4096 || self.chunk_size as u64 > crate::format::chunk::MAX_CHUNK_LEN {
             return Err(Error::invalid(
                 "chunk_size",
@@ -290,6 +315,7 @@ impl Store {
     /// Open an existing store for reading only: no staging memory, no
     /// threads, nothing created.
     pub fn open_read_only(root: impl AsRef<Path>, opts: StoreOptions) -> Result<Store> {
+        opts.check_threads()?;
         let layout = Layout::new(root.as_ref());
         if !layout.marker().is_file() {
             return Err(Error::NotFound {

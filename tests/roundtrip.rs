@@ -345,3 +345,29 @@ fn a_manifest_read_once_restores_in_parts_and_a_changed_one_is_refused() {
     assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
     assert!(e.to_string().contains("restore_from_manifest"), "{e}");
 }
+
+#[test]
+fn thread_counts_past_the_limit_are_refused_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    open(dir.path());
+    type Set = fn(&mut StoreOptions);
+    let cases: [(&str, Set); 5] = [
+        ("workers", |o| o.workers = 100_000),
+        ("lead_workers", |o| o.lead_workers = 4096),
+        ("sync_threads", |o| o.sync_threads = 100_000),
+        ("copy_threads", |o| o.copy_threads = 1025),
+        ("read_threads", |o| o.read_threads = usize::MAX),
+    ];
+    for (what, set) in cases {
+        let mut o = small_opts();
+        set(&mut o);
+        let e = Store::open(dir.path(), o.clone()).err().expect(what);
+        assert_eq!(e.kind(), ErrorKind::Invalid, "{what}: {e}");
+        assert!(e.to_string().contains(what), "{what}: {e}");
+        let e = Store::open_read_only(dir.path(), o).err().expect(what);
+        assert!(e.to_string().contains(what), "{what}: {e}");
+    }
+    let mut o = small_opts();
+    o.read_threads = cairn::MAX_THREADS;
+    Store::open_read_only(dir.path(), o).unwrap();
+}

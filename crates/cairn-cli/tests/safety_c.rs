@@ -406,6 +406,13 @@ fn p16_bad_arguments_exit_2() {
         vec!["bench", bs, "--staging", "1"],
         vec!["bench", bs, "--chunk-size", "4MiB", "--staging", "1MiB"],
         vec!["bench", bs, "--iterations", "0"],
+        // Thread counts past MAX_THREADS (100000 workers aborted the
+        // process: out of memory for their stacks).
+        vec!["bench", bs, "--workers", "100000"],
+        vec!["bench", bs, "--sync-threads", "100000"],
+        vec!["bench", bs, "--read-threads", "1025"],
+        vec!["bench", bs, "--copy-threads", "5000"],
+        vec!["bench", bs, "--lead-workers", "2000"],
         // Daemon arguments.
         vec!["daemon"],
         vec!["daemon", bs],

@@ -33,23 +33,23 @@ pub struct BenchArgs {
     #[arg(long, value_parser = parse_staging)]
     staging: Option<Staging>,
     /// Threads that copy the state into staging (default: four).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=cairn::MAX_THREADS as u64))]
     copy_threads: usize,
     /// Threads that hash (and encode) staged chunks (default: one per
     /// core).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=cairn::MAX_THREADS as u64))]
     workers: usize,
     /// Of the workers, how many run at the bench's own priority while the
     /// rest run ten nice steps lower (default: the store's default, none).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=cairn::MAX_THREADS as u64))]
     lead_workers: Option<usize>,
     /// Threads that write, fsync and publish chunk files: the write queue
     /// depth (default: the store's default).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=cairn::MAX_THREADS as u64))]
     sync_threads: Option<usize>,
     /// Threads that read chunks during the restore (default: the store's
     /// default).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=cairn::MAX_THREADS as u64))]
     read_threads: Option<usize>,
     /// Make chunk files durable with one `syncfs` per run of files written
     /// with O_DIRECT, instead of an `fdatasync` each (the store's
