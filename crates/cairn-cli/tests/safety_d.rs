@@ -123,6 +123,7 @@ fn an_export_into_a_store_is_refused_and_the_store_kept() {
             root.join("chunks").join("new").join("m.safetensors"),
             "5GiB",
         ),
+        (root.join("new").join("..").join("runs").join("x"), "128KiB"),
         (other.join("runs").join("r"), "128KiB"),
         (other.join("cairn-store.json"), "5GiB"),
     ];

@@ -302,8 +302,8 @@ fn check_outside_stores(out: &Path) -> cairn::Result<()> {
     let mut existing = std::path::absolute(out).map_err(|e| Error::io("resolve", out, e))?;
     let mut rest = Vec::new();
     while std::fs::symlink_metadata(&existing).is_err() {
-        match existing.file_name() {
-            Some(n) => rest.push(n.to_os_string()),
+        match existing.components().next_back() {
+            Some(c) => rest.push(c.as_os_str().to_os_string()),
             None => return Ok(()),
         }
         if !existing.pop() {
@@ -313,7 +313,17 @@ fn check_outside_stores(out: &Path) -> cairn::Result<()> {
     let mut resolved = existing
         .canonicalize()
         .map_err(|e| Error::io("resolve", &existing, e))?;
-    resolved.extend(rest.iter().rev());
+    // What does not exist yet has no links to resolve: `..` there is the
+    // parent once the directories are made.
+    for part in rest.iter().rev() {
+        match part.to_str() {
+            Some("..") => {
+                resolved.pop();
+            }
+            Some(".") => {}
+            _ => resolved.push(part),
+        }
+    }
     for store in resolved
         .ancestors()
         .filter(|a| a.join(cairn::STORE_MARKER).is_file())
