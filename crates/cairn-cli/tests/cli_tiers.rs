@@ -131,6 +131,9 @@ fn ls_inspect_diff_gc_verify_on_a_local_store() {
         .collect();
     assert_eq!(changed, vec!["layers.2.weight"]);
     assert_eq!(d["unchanged"], 8);
+    // A step may be named `latest`, as everywhere else.
+    let latest = ok_json(&["diff", s, "--run", "r", "10", "latest", "--json"]);
+    assert_eq!(latest, d, "step 20 is the latest");
 
     // Garbage: delete step 10; its unique chunks become reclaimable.
     store.delete("r", 10).unwrap();

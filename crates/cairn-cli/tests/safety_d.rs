@@ -153,6 +153,15 @@ fn an_export_into_a_store_is_refused_and_the_store_kept() {
         assert_eq!(code(&o), 0, "{}: {}", out.display(), stderr(&o));
     }
     assert!(root.join("model.safetensors.index.json").is_file());
+    // A path ending in '/' names a directory to make, as an existing one.
+    let fresh = dir.path().join("fresh").join("x");
+    let o = export(&root, "1", Path::new(&format!("{}/", s(&fresh))), "5GiB");
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let got = files_under(&fresh);
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        [Path::new("model.safetensors")]
+    );
     let o = cairn(&["verify", s(&root)]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
 }

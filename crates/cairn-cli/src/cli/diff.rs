@@ -82,14 +82,15 @@ fn differing_bytes(x: &[u8], y: &[u8]) -> u64 {
 pub fn run(
     location: &str,
     run: &str,
-    a: u64,
-    b: u64,
+    a: cairn::StepSel,
+    b: cairn::StepSel,
     json: bool,
     raw_opts: &[String],
 ) -> cairn::Result<i32> {
     let tier = open(location, raw_opts)?;
-    let ma = tier.manifest(run, tier.resolve(run, cairn::StepSel::Step(a))?)?;
-    let mb = tier.manifest(run, tier.resolve(run, cairn::StepSel::Step(b))?)?;
+    let (a, b) = (tier.resolve(run, a)?, tier.resolve(run, b)?);
+    let ma = tier.manifest(run, a)?;
+    let mb = tier.manifest(run, b)?;
     let ta = items(&ma);
     let tb = items(&mb);
     let mut d = Diff {

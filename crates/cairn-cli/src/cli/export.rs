@@ -107,7 +107,9 @@ pub fn export(
         ("cairn_step".to_string(), step.to_string()),
     ]);
     let sharded = shards.len() > 1;
-    let (dir, single) = if sharded || out.is_dir() {
+    // `--out new/` names a directory to make, as an existing one would.
+    let names_dir = std::os::unix::ffi::OsStrExt::as_bytes(out.as_os_str()).ends_with(b"/");
+    let (dir, single) = if sharded || names_dir || out.is_dir() {
         std::fs::create_dir_all(out).map_err(|e| Error::io("create directory", out, e))?;
         (out.to_path_buf(), out.join("model.safetensors"))
     } else {

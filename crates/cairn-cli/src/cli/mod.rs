@@ -235,10 +235,12 @@ enum Command {
         /// The run.
         #[arg(long, value_parser = parse_run)]
         run: String,
-        /// Older step.
-        a: u64,
-        /// Newer step.
-        b: u64,
+        /// Older step (a number or `latest`).
+        #[arg(value_parser = parse_step)]
+        a: cairn::StepSel,
+        /// Newer step (a number or `latest`).
+        #[arg(value_parser = parse_step)]
+        b: cairn::StepSel,
         /// Print JSON.
         #[arg(long)]
         json: bool,
