@@ -14,7 +14,7 @@ use cairn::{DType, ErrorKind, MetricFilter, SaveState, ShardInfo, StepSel, Store
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// The exception classes, named as Python sees them (`cairn.Error`, ...).
 mod exc {
@@ -200,10 +200,11 @@ type RawLeased = (String, String, Vec<u64>, Option<(Vec<u64>, Vec<u64>)>);
 type RawLease = (usize, usize, usize, Vec<(usize, u64, u64, u64)>);
 
 /// A save whose tensors the caller copies into leased slices of the
-/// staging pool ([`cairn::LeasedSave`]). Keeps its store alive.
+/// staging pool ([`cairn::LeasedSave`]). Keeps its store (and so the
+/// pool) alive, a closed one included, until it is dropped.
 #[pyclass(module = "cairn._cairn", frozen)]
 struct LeasedSave {
-    _store: Py<Store>,
+    _store: Arc<cairn::Store>,
     run: String,
     step: u64,
     count: usize,
@@ -346,7 +347,28 @@ impl LeasedSave {
 /// A checkpoint store on a local directory, optionally with a remote tier.
 #[pyclass(module = "cairn._cairn", frozen)]
 struct Store {
-    inner: cairn::Store,
+    /// The open store; `None` once closed. Each call holds its own
+    /// reference for as long as it runs, so closing never frees what a
+    /// call in another thread uses.
+    inner: Mutex<Option<Arc<cairn::Store>>>,
+    /// Its directory, still known once closed.
+    root: std::path::PathBuf,
+}
+
+impl Store {
+    /// The open store, or `ClosedError` naming its directory.
+    fn open_store(&self) -> PyResult<Arc<cairn::Store>> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                exc::ClosedError::new_err(format!(
+                    "closed: the store at {} was closed",
+                    self.root.display()
+                ))
+            })
+    }
 }
 
 fn sel(step: Option<u64>) -> StepSel {
@@ -381,7 +403,10 @@ impl Store {
                 )?;
                 inner.attach_remote(r);
             }
-            Ok(Store { inner })
+            Ok(Store {
+                root: inner.root().to_path_buf(),
+                inner: Mutex::new(Some(Arc::new(inner))),
+            })
         })
         .map_err(err)
     }
@@ -389,13 +414,32 @@ impl Store {
     /// The store's directory.
     #[getter]
     fn path(&self) -> std::path::PathBuf {
-        self.inner.root().to_path_buf()
+        self.root.clone()
+    }
+
+    /// Whether [`Store::close`] was called.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
+    }
+
+    /// Close the store: later calls raise `ClosedError`. Waits (without
+    /// the GIL) for the saves queued so far to commit, then frees the
+    /// staging pool and stops the pipeline's threads; a call still running
+    /// in another thread, or a leased save still open, keeps them until
+    /// it ends. A no-op once closed.
+    fn close(&self, py: Python<'_>) {
+        let taken = self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
+        py.detach(move || drop(taken));
     }
 
     /// The staging pool as `(address, length)`, where every lease lies
     /// (for `cudaHostRegister`); `None` on a read-only store.
-    fn staging_region(&self) -> Option<(usize, usize)> {
-        self.inner.staging_region()
+    fn staging_region(&self) -> PyResult<Option<(usize, usize)>> {
+        Ok(self.open_store()?.staging_region())
     }
 
     /// Open a leased save ([`cairn::Store::lease_save`]): the caller
@@ -434,7 +478,7 @@ impl Store {
             .iter()
             .map(|(n, b)| (n.clone(), b.as_bytes()))
             .collect();
-        let inner = &slf.get().inner;
+        let inner = slf.get().open_store()?;
         let session = py
             .detach(|| {
                 let mut state = SaveState::new().metadata(metadata);
@@ -453,7 +497,7 @@ impl Store {
             })
             .map_err(err)?;
         Ok(LeasedSave {
-            _store: slf.clone().unbind(),
+            _store: inner,
             run: run.to_string(),
             step,
             count: session.lease_count(),
@@ -503,7 +547,7 @@ impl Store {
             .iter()
             .map(|(n, b)| (n.clone(), b.as_bytes()))
             .collect();
-        let inner = &self.inner;
+        let inner = self.open_store()?;
         let h = py
             .detach(|| {
                 let mut state = SaveState::new().metadata(metadata);
@@ -558,8 +602,9 @@ impl Store {
     /// Commit sharded step `(run, step)` saved by `world_size` ranks
     /// ([`cairn::Store::commit`]); the report as JSON text.
     fn commit(&self, py: Python<'_>, run: &str, step: u64, world_size: u32) -> PyResult<String> {
+        let inner = self.open_store()?;
         let r = py
-            .detach(|| self.inner.commit(run, step, world_size))
+            .detach(|| inner.commit(run, step, world_size))
             .map_err(err)?;
         json_text(&r)
     }
@@ -576,6 +621,7 @@ impl Store {
         step: u64,
         targets: Vec<RawRegion>,
     ) -> PyResult<String> {
+        let inner = self.open_store()?;
         for t in &targets {
             check_address(&t.0, t.3, t.4)?;
         }
@@ -611,8 +657,7 @@ impl Store {
                         }
                     })
                     .collect();
-                self.inner
-                    .restore_regions(run, StepSel::Step(step), &mut regions)
+                inner.restore_regions(run, StepSel::Step(step), &mut regions)
             })
             .map_err(err)?;
         json_text(&report)
@@ -620,12 +665,14 @@ impl Store {
 
     /// Runs with at least one committed checkpoint.
     fn runs(&self, py: Python<'_>) -> PyResult<Vec<String>> {
-        py.detach(|| self.inner.runs()).map_err(err)
+        let inner = self.open_store()?;
+        py.detach(|| inner.runs()).map_err(err)
     }
 
     /// Committed steps of `run`, ascending.
     fn steps(&self, py: Python<'_>, run: &str) -> PyResult<Vec<u64>> {
-        py.detach(|| self.inner.steps(run)).map_err(err)
+        let inner = self.open_store()?;
+        py.detach(|| inner.steps(run)).map_err(err)
     }
 
     /// The newest committed step of `run`, or the newest whose metrics
@@ -633,10 +680,11 @@ impl Store {
     /// there is none.
     #[pyo3(signature = (run, where_=None))]
     fn latest(&self, py: Python<'_>, run: &str, where_: Option<&str>) -> PyResult<Option<u64>> {
+        let inner = self.open_store()?;
         let filter: Option<MetricFilter> = where_.map(str::parse).transpose().map_err(err)?;
         py.detach(|| match &filter {
-            Some(f) => self.inner.latest_where(run, f),
-            None => self.inner.latest(run),
+            Some(f) => inner.latest_where(run, f),
+            None => inner.latest(run),
         })
         .map_err(err)
     }
@@ -644,13 +692,14 @@ impl Store {
     /// Resolve `step` (`None`: the latest) to a committed step.
     #[pyo3(signature = (run, step=None))]
     fn resolve(&self, py: Python<'_>, run: &str, step: Option<u64>) -> PyResult<u64> {
-        py.detach(|| self.inner.resolve(run, sel(step)))
-            .map_err(err)
+        let inner = self.open_store()?;
+        py.detach(|| inner.resolve(run, sel(step))).map_err(err)
     }
 
     /// The manifest of a committed checkpoint as JSON text.
     fn manifest_json(&self, py: Python<'_>, run: &str, step: u64) -> PyResult<String> {
-        let m = py.detach(|| self.inner.manifest(run, step)).map_err(err)?;
+        let inner = self.open_store()?;
+        let m = py.detach(|| inner.manifest(run, step)).map_err(err)?;
         json_text(&m)
     }
 
@@ -664,6 +713,7 @@ impl Store {
         step: u64,
         targets: Vec<(String, usize, usize)>,
     ) -> PyResult<String> {
+        let inner = self.open_store()?;
         for t in &targets {
             check_address(&t.0, t.1, t.2)?;
         }
@@ -694,7 +744,7 @@ impl Store {
                         (name.as_str(), buf)
                     })
                     .collect();
-                self.inner.restore_into(run, StepSel::Step(step), &mut bufs)
+                inner.restore_into(run, StepSel::Step(step), &mut bufs)
             })
             .map_err(err)?;
         json_text(&report)
@@ -709,9 +759,10 @@ impl Store {
         step: u64,
         names: Option<Vec<String>>,
     ) -> PyResult<Vec<(String, Bound<'py, PyBytes>)>> {
+        let inner = self.open_store()?;
         let r = py
             .detach(|| {
-                self.inner.restore(
+                inner.restore(
                     run,
                     StepSel::Step(step),
                     &cairn::TensorFilter::Names(Default::default()),
@@ -734,12 +785,14 @@ impl Store {
 
     /// Delete a checkpoint's manifest (its chunks go at the next GC).
     fn delete(&self, py: Python<'_>, run: &str, step: u64) -> PyResult<()> {
-        py.detach(|| self.inner.delete(run, step)).map_err(err)
+        let inner = self.open_store()?;
+        py.detach(|| inner.delete(run, step)).map_err(err)
     }
 
     /// Upload a checkpoint to the attached remote; the report as JSON text.
     fn upload(&self, py: Python<'_>, run: &str, step: u64) -> PyResult<String> {
-        let r = py.detach(|| self.inner.upload(run, step)).map_err(err)?;
+        let inner = self.open_store()?;
+        let r = py.detach(|| inner.upload(run, step)).map_err(err)?;
         json_text(&r)
     }
 }

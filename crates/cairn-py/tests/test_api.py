@@ -267,7 +267,7 @@ def test_handle_dropped_without_wait_still_commits(store):
 
 def test_handle_dropped_without_wait_fails_cleanly(tmp_path):
     path = tmp_path / "ckpt"
-    store = cairn.Store(path, staging_bytes=8 << 20, chunk_size=1 << 20, direct_io=False)
+    store = cairn.Store(path, staging_bytes=32 << 20, chunk_size=1 << 20, direct_io=False)
     store.save("r", 0, {"w": np.zeros(1)}).wait()
     # Every chunk fan-out directory replaced by a file: chunk writes fail
     # in the background (as they would on a dead disk), for root too.
@@ -362,3 +362,44 @@ def test_codec_option_takes_the_cli_spelling(tmp_path):
         assert st.load("r")["w"].tobytes() == data.tobytes()
     with pytest.raises(cairn.InvalidError, match="raw, zstd or zstd:LEVEL"):
         cairn.Store(tmp_path / "bad", codec="lz4")
+
+
+def _rss_bytes():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def test_close_commits_queued_saves_frees_the_pool_and_refuses_calls(tmp_path):
+    root = tmp_path / "s"
+    store = cairn.Store(root, staging_bytes=256 << 20)
+    a = np.random.default_rng(5).standard_normal(48 << 20, dtype=np.float32)  # 192 MiB
+    h = store.save("r", 1, {"a": a})
+    before = _rss_bytes()
+    store.close()
+    after = _rss_bytes()
+    assert store.closed
+    # The save queued before close committed; the pool's pages went back.
+    assert h.wait().logical_bytes == a.nbytes
+    assert before - after >= 128 << 20, (before, after)
+    for call in (
+        lambda: store.steps("r"),
+        lambda: store.load("r", 1),
+        lambda: store.save("r", 2, {"a": a[:10]}),
+        lambda: store.delete("r", 1),
+    ):
+        with pytest.raises(cairn.ClosedError, match="closed: the store at .* was closed"):
+            call()
+    store.close()  # closing again does nothing
+    assert store.path.endswith("s")
+    again = cairn.Store(root, staging_bytes=32 << 20)
+    assert again.steps("r") == [1]
+    assert again.load("r", 1)["a"].tobytes() == a.tobytes()
+    # As a context manager.
+    with cairn.Store(tmp_path / "t", staging_bytes=32 << 20) as t:
+        t.save("r", 1, {"a": a[:1000]}).wait()
+    assert t.closed
+    with cairn.Store(tmp_path / "t", staging_bytes=32 << 20) as t2:
+        assert t2.load("r", 1)["a"].tobytes() == a[:1000].tobytes()

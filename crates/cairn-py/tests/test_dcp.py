@@ -175,3 +175,46 @@ def test_complex_tensors_are_refused_naming_the_real_view(tmp_path):
     back = {"freqs_cis": torch.zeros(4, 2, 2)}
     dcp.load(back, storage_reader=CairnStorageReader(tmp_path / "s", "c", 2), no_dist=True)
     assert torch.equal(torch.view_as_complex(back["freqs_cis"]), state["freqs_cis"])
+
+
+def test_a_checkpoint_id_picks_the_step_and_other_ids_are_refused(tmp_path):
+    # DCP hands a save's or load's checkpoint_id to the storage's reset: a
+    # writer or reader reused across ids saves and loads the step each
+    # names, the STORE/runs/RUN/STEP path its storage_meta reports.
+    root = tmp_path / "s"
+    a = {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4)}
+    b = {"w": a["w"] * 2}
+    writer = CairnStorageWriter(root, "r", 1)
+    dcp.save(a, storage_writer=writer, no_dist=True)
+    dcp.save(b, checkpoint_id=root / "runs" / "r" / "2", storage_writer=writer, no_dist=True)
+    dcp.save(a, checkpoint_id=f"{root}/runs/other/5/", storage_writer=writer, no_dist=True)
+    store = cairn.Store(root)
+    assert store.steps("r") == [1, 2]
+    assert store.steps("other") == [5]
+    assert writer.storage_meta().checkpoint_id == str(root / "runs" / "other" / "5")
+
+    reader = CairnStorageReader(root, "r", 1)
+    for cid, want in (
+        (root / "runs" / "r" / "2", b),
+        (f"{root}/runs/r/1", a),
+        (root / "runs" / "r" / "latest", b),
+        (root / "runs" / "other" / "latest", a),
+    ):
+        back = {"w": torch.zeros(3, 4)}
+        dcp.load(back, checkpoint_id=cid, storage_reader=reader, no_dist=True)
+        assert torch.equal(back["w"], want["w"]), cid
+
+    # An id naming no step is refused by name, and nothing is written.
+    bad = [tmp_path / "elsewhere", root / "runs" / "r", root / "runs" / "r" / "x", 7]
+    for cid in bad + [root / "runs" / "r" / "latest"]:
+        assert not CairnStorageWriter.validate_checkpoint_id(cid)
+        with pytest.raises(cairn.InvalidError, match="checkpoint_id"):
+            dcp.save(b, checkpoint_id=cid, storage_writer=writer, no_dist=True)
+    for cid in bad:
+        assert not CairnStorageReader.validate_checkpoint_id(cid)
+        with pytest.raises(cairn.InvalidError, match="checkpoint_id"):
+            dcp.load({"w": torch.zeros(3, 4)}, checkpoint_id=cid, storage_reader=reader, no_dist=True)
+    assert CairnStorageWriter.validate_checkpoint_id(root / "runs" / "r" / "3")
+    assert CairnStorageReader.validate_checkpoint_id(root / "runs" / "r" / "latest")
+    assert store.steps("r") == [1, 2]
+    assert store.steps("other") == [5]

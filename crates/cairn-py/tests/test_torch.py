@@ -1,6 +1,7 @@
 """cairn.torch: a real torch.nn model with its Adam optimizer, saved and
 loaded in place; async saves; the CPU fallback of the CUDA path."""
 
+import os
 import threading
 
 import numpy as np
@@ -445,3 +446,27 @@ def test_one_store_per_directory_however_spelled(tmp_path, monkeypatch):
     spellings = [str(d), str(d) + "/", "ckpt", "./ckpt", d, tmp_path / "link"]
     stores = {id(ct._store(s, staging_bytes=32 << 20)) for s in spellings}
     assert len(stores) == 1
+
+
+def test_close_frees_the_store_opened_for_a_path_however_spelled(tmp_path):
+    root = tmp_path / "ckpt"
+    state = {"w": torch.arange(10, dtype=torch.float32)}
+    ct.save(state, root, "r", 1, staging_bytes=32 << 20)
+    first = ct._store(str(root))
+    ct.close(f"{root}/")
+    assert first.closed
+    assert os.path.realpath(root) not in ct._stores
+    ct.close(root)  # none open there: nothing to do
+    # The next call with the path opens it anew (another staging size is fine).
+    ct.save(state, root, "r", 2, staging_bytes=64 << 20)
+    second = ct._store(root)
+    assert second is not first and not second.closed
+    back = {"w": torch.zeros(10)}
+    ct.load(back, root, "r", 2)
+    assert torch.equal(back["w"], state["w"])
+    ct.close(second)
+    assert second.closed
+    assert os.path.realpath(root) not in ct._stores
+    with pytest.raises(cairn.ClosedError):
+        ct.save(state, second, "r", 3)
+    assert cairn.Store(root, staging_bytes=32 << 20).steps("r") == [1, 2]

@@ -428,6 +428,36 @@ class Store:
     def __repr__(self):
         return f"cairn.Store({self.path!r})"
 
+    @property
+    def closed(self):
+        """Whether `close` was called."""
+        return self._raw.closed
+
+    def close(self):
+        """Close the store: wait for the saves queued so far to commit, then
+        free the staging pool (resident memory) and stop the store's
+        threads. Later calls raise `ClosedError`; closing again does
+        nothing. Close only once no other thread is saving through the
+        store: such a save keeps the pool until it ends. `with
+        cairn.Store(path) as store:` closes it on leaving the block."""
+        if self._raw.closed:
+            return
+        if self._pool_view is not None:
+            # The pool may be page-locked for CUDA copies: unlock it before
+            # its memory is freed.
+            from .torch import _cuda
+
+            _cuda.unregister_pool(self._pool_view[1])
+            self._pool_view = None
+        self._raw.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
     def save(
         self,
         run,

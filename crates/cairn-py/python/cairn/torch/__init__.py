@@ -34,7 +34,7 @@ import cairn
 
 from .. import _dtypes
 
-__all__ = ["save", "async_save", "load", "AsyncSaveHandle", "STATE_BLOB", "DEFAULT_STAGING_BYTES"]
+__all__ = ["save", "async_save", "load", "close", "AsyncSaveHandle", "STATE_BLOB", "DEFAULT_STAGING_BYTES"]
 
 #: The blob holding the structure of a saved state (JSON).
 STATE_BLOB = "cairn.torch/state"
@@ -54,6 +54,14 @@ _stores_lock = threading.Lock()
 DEFAULT_STAGING_BYTES = 1 << 30
 
 
+def _store_key(path):
+    """The key of the store at `path` in the cache: one store per
+    directory, however the path is spelled ("ckpt", "./ckpt/", its absolute
+    path, a symbolic link to it)."""
+    key = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else str(path)
+    return key if "://" in key else os.path.realpath(key)
+
+
 def _store(store, staging_bytes=None):
     """A `cairn.Store`, or the one opened (once per process) at a path,
     with a staging pool of `staging_bytes` (default
@@ -61,14 +69,10 @@ def _store(store, staging_bytes=None):
     `staging_bytes` raises `InvalidError`."""
     if isinstance(store, cairn.Store):
         return store
-    key = os.fsdecode(store) if isinstance(store, (str, bytes, os.PathLike)) else str(store)
-    if "://" not in key:
-        # One store per directory, however the path is spelled
-        # ("ckpt", "./ckpt/", its absolute path, a symbolic link to it).
-        key = os.path.realpath(key)
+    key = _store_key(store)
     want = DEFAULT_STAGING_BYTES if staging_bytes is None else int(staging_bytes)
     with _stores_lock:
-        if key not in _stores:
+        if key not in _stores or _stores[key][0].closed:
             _stores[key] = (cairn.Store(key, staging_bytes=want), want)
         st, have = _stores[key]
         if staging_bytes is not None and have != want:
@@ -76,6 +80,25 @@ def _store(store, staging_bytes=None):
                 f"invalid staging_bytes: {want}: the store at {key!r} is open with {have}"
             )
         return st
+
+
+def close(store):
+    """Close the store `cairn.torch` opened at a path (or the `cairn.Store`
+    given): wait for its queued saves to commit, then free its staging pool
+    (`DEFAULT_STAGING_BYTES` of resident memory) and threads. A later call
+    with that path opens it anew. Nothing if none is open there."""
+    if isinstance(store, cairn.Store):
+        with _stores_lock:
+            for key, (st, _) in list(_stores.items()):
+                if st is store:
+                    del _stores[key]
+        store.close()
+        return
+    key = _store_key(store)
+    with _stores_lock:
+        entry = _stores.pop(key, None)
+    if entry is not None:
+        entry[0].close()
 
 
 def _torch():

@@ -54,6 +54,18 @@ def register_pool(base, length):
         return pinned_by
 
 
+def unregister_pool(base):
+    """Undo `register_pool` for the pool at `base` (before its memory is
+    freed); nothing if it was never registered or not pinned."""
+    with _lock:
+        pinned_by = _registered.pop(base, None)
+        if pinned_by == "cudaHostRegister":
+            try:
+                _torch().cuda.cudart().cudaHostUnregister(base)
+            except Exception:  # noqa: BLE001 - the memory is freed either way
+                pass
+
+
 def pool_info():
     """How each staging pool seen so far is pinned (for scripts/gpu-check):
     a dict base address -> `"cudaHostRegister"` or None."""

@@ -28,6 +28,14 @@ the core's region reads, which read each chunk once and verify it, straight
 into the destination tensor when it is a contiguous CPU tensor of the saved
 dtype.
 
+Checkpoint ids: DCP passes `checkpoint_id` (as in
+`dcp.save(state, checkpoint_id=..., storage_writer=w)`) to the storage's
+`reset`. For cairn it is the path `STORE/runs/RUN/STEP` that
+`storage_meta` reports (`STEP` may be "latest" for a reader): the writer
+then saves, and the reader reads, that step of that store. Any other id is
+refused by name rather than ignored, so a writer or reader reused across
+ids never saves to or loads from a step other than the one asked for.
+
 `dcp.async_save` stages with DCP's default stager (a CPU copy of the state
 dict, so training may go on) and then saves that copy as `dcp.save` does:
 which rank saves which item, and the ranks taking part, are only known once
@@ -70,6 +78,35 @@ def _dcp_base():
 _StorageWriter, _StorageReader = _dcp_base()
 
 
+def _checkpoint_id(checkpoint_id, *, reader):
+    """(store path, run, step) named by a DCP checkpoint id of the form
+    `STORE/runs/RUN/STEP` (`STEP` a number, or "latest" for a reader);
+    `InvalidError` naming the id otherwise."""
+    want = "STORE/runs/RUN/STEP" + (' (STEP a number or "latest")' if reader else " (STEP a number)")
+    if not isinstance(checkpoint_id, (str, bytes, os.PathLike)):
+        raise cairn.InvalidError(
+            f"invalid checkpoint_id: got {type(checkpoint_id).__name__}, expected a path {want}"
+        )
+    text = os.fsdecode(checkpoint_id)
+    parts = text.rstrip("/").rsplit("/", 3)
+    if len(parts) != 4 or parts[1] != "runs" or not parts[0] or not parts[2]:
+        raise cairn.InvalidError(f"invalid checkpoint_id: {text!r}: expected a path {want}")
+    step = parts[3]
+    if step.isascii() and step.isdigit():
+        step = int(step)
+    elif not (reader and step == "latest"):
+        raise cairn.InvalidError(f"invalid checkpoint_id: {text!r}: step {step!r} is not a number; expected {want}")
+    return parts[0], parts[2], step
+
+
+def _same_store(store, path):
+    """`store` if it is the store at `path`, else the one opened there."""
+    here = store.path
+    if "://" not in path and os.path.realpath(path) == os.path.realpath(here):
+        return store
+    return _store(path)
+
+
 def _as_shard(fqn, tensor, item):
     """A `cairn.Shard` of a tensor write item (host memory, contiguous)."""
     torch = _torch()
@@ -108,7 +145,13 @@ class CairnStorageWriter(_StorageWriter):
 
     # -- StorageWriter ---------------------------------------------------
     def reset(self, checkpoint_id=None):
-        pass
+        """A new save: into the step `checkpoint_id` names
+        (`STORE/runs/RUN/STEP`), or the same step as before without one."""
+        if checkpoint_id is None:
+            return
+        path, run, step = _checkpoint_id(checkpoint_id, reader=False)
+        self.store = _same_store(self.store, path)
+        self.run, self.step = run, step
 
     def set_up_storage_writer(self, is_coordinator, *args, **kwargs):
         self.is_coordinator = bool(is_coordinator)
@@ -176,7 +219,12 @@ class CairnStorageWriter(_StorageWriter):
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id):
-        return False
+        """Whether `checkpoint_id` is a step path `STORE/runs/RUN/STEP`."""
+        try:
+            _checkpoint_id(checkpoint_id, reader=False)
+        except cairn.InvalidError:
+            return False
+        return True
 
     def storage_meta(self):
         from torch.distributed.checkpoint.metadata import StorageMeta
@@ -202,6 +250,13 @@ class CairnStorageReader(_StorageReader):
         return self.step
 
     def reset(self, checkpoint_id=None):
+        """A new load: of the step `checkpoint_id` names
+        (`STORE/runs/RUN/STEP`, `STEP` a number or "latest"), or of the
+        same step argument as before (resolved anew) without one."""
+        if checkpoint_id is not None:
+            path, run, step = _checkpoint_id(checkpoint_id, reader=True)
+            self.store = _same_store(self.store, path)
+            self.run, self._step_arg = run, step
         self.step = None
 
     def read_metadata(self, *args, **kwargs):
@@ -337,4 +392,10 @@ class CairnStorageReader(_StorageReader):
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id):
-        return False
+        """Whether `checkpoint_id` is a step path `STORE/runs/RUN/STEP`
+        (`STEP` a number or "latest")."""
+        try:
+            _checkpoint_id(checkpoint_id, reader=True)
+        except cairn.InvalidError:
+            return False
+        return True
