@@ -271,7 +271,7 @@ impl Error {
     /// The broad class of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Io { .. } => ErrorKind::Unavailable,
+            Error::Io { source, .. } => io_kind(source.kind()),
             Error::Remote { source, .. } => match source {
                 object_store::Error::NotFound { .. } => ErrorKind::NotFound,
                 object_store::Error::AlreadyExists { .. } => ErrorKind::AlreadyExists,
@@ -331,5 +331,65 @@ impl Error {
             path: path.into(),
             reason: reason.into(),
         }
+    }
+}
+
+/// The kind of an operating-system I/O error: one that retrying cannot
+/// cure (no permission, a read-only file system, a name too long) is the
+/// caller's to fix; the rest (a full disk, a failed device, a store
+/// directory replaced by a file, ...) may pass once the machine is mended.
+fn io_kind(kind: std::io::ErrorKind) -> ErrorKind {
+    use std::io::ErrorKind as K;
+    match kind {
+        K::PermissionDenied | K::ReadOnlyFilesystem | K::InvalidFilename => ErrorKind::Invalid,
+        _ => ErrorKind::Unavailable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_errors_that_retrying_cannot_cure_are_invalid() {
+        let kind = |k| Error::io("open", "/x", std::io::Error::from(k)).kind();
+        for k in [
+            std::io::ErrorKind::PermissionDenied,
+            std::io::ErrorKind::ReadOnlyFilesystem,
+            std::io::ErrorKind::InvalidFilename,
+        ] {
+            assert_eq!(kind(k), ErrorKind::Invalid, "{k:?}");
+        }
+        for k in [
+            std::io::ErrorKind::StorageFull,
+            std::io::ErrorKind::TimedOut,
+            std::io::ErrorKind::NotADirectory,
+            std::io::ErrorKind::Other,
+        ] {
+            assert_eq!(kind(k), ErrorKind::Unavailable, "{k:?}");
+        }
+    }
+
+    #[test]
+    fn a_store_path_that_cannot_hold_a_store_is_invalid_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        let opts = || crate::StoreOptions {
+            staging_bytes: 16 << 20,
+            ..crate::StoreOptions::default()
+        };
+        for root in [file.clone(), file.join("s"), std::path::PathBuf::new()] {
+            let e = crate::Store::open(&root, opts())
+                .err()
+                .expect("no store there");
+            assert_eq!(e.kind(), ErrorKind::Invalid, "{}: {e}", root.display());
+            assert!(e.to_string().contains("store path"), "{e}");
+        }
+        let e = crate::Store::open_read_only("", opts())
+            .err()
+            .expect("no store at an empty path");
+        assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
+        assert!(std::fs::read(&file).unwrap() == b"x", "the file is kept");
     }
 }

@@ -235,6 +235,35 @@ pub struct UploadMarker {
 /// File name of the upload marker in a step directory.
 pub const UPLOAD_MARKER: &str = "remote.json";
 
+/// An error making the store's directory `root`, as the caller sees it: a
+/// path that cannot hold a store (empty, through a file, where directories
+/// cannot be made or written) is invalid input naming the store path; a
+/// failing disk stays what it is.
+fn root_error(root: &Path, e: Error) -> Error {
+    use std::io::ErrorKind as K;
+    let reason = match &e {
+        _ if root.as_os_str().is_empty() => "the path is empty".to_string(),
+        Error::Io { path, source, .. }
+            if matches!(
+                source.kind(),
+                K::NotADirectory
+                    | K::AlreadyExists
+                    | K::NotFound
+                    | K::PermissionDenied
+                    | K::ReadOnlyFilesystem
+                    | K::InvalidFilename
+            ) =>
+        {
+            format!("{}: {source}", path.display())
+        }
+        _ => return e,
+    };
+    Error::invalid(
+        format!("store path {:?}", root.display().to_string()),
+        reason,
+    )
+}
+
 impl Store {
     /// Open (creating if needed) a store at `root`, and start its staging
     /// pool and pipeline threads.
@@ -270,7 +299,7 @@ impl Store {
     fn open_layout(layout: Layout, opts: StoreOptions) -> Result<Store> {
         opts.check()?;
         let fs = layout.fs();
-        create_dir_all_durable_on(fs, layout.root())?;
+        create_dir_all_durable_on(fs, layout.root()).map_err(|e| root_error(layout.root(), e))?;
         check_or_write_marker(&layout)?;
         // Nothing is created or written through a link inside the store.
         layout.check_dirs(None, None)?;
@@ -317,6 +346,9 @@ impl Store {
     pub fn open_read_only(root: impl AsRef<Path>, opts: StoreOptions) -> Result<Store> {
         opts.check_threads()?;
         let layout = Layout::new(root.as_ref());
+        if layout.root().as_os_str().is_empty() {
+            return Err(root_error(layout.root(), Error::invalid("path", "empty")));
+        }
         if !layout.marker().is_file() {
             return Err(Error::NotFound {
                 what: format!("cairn store at {}", layout.root().display()),

@@ -178,6 +178,12 @@ def test_errors_map_to_one_class_per_kind(store, tmp_path):
             f.write(bytes([b[0] ^ 0xFF]))
     with pytest.raises(cairn.DataError, match="w"):
         store.load("r", 1)
+    # A path that cannot hold a store is the caller's to fix, not a retry.
+    (tmp_path / "notes").write_bytes(b"mine")
+    for bad in ("", tmp_path / "notes", tmp_path / "notes" / "ckpt"):
+        with pytest.raises(cairn.InvalidError, match="store path"):
+            cairn.Store(bad, staging_bytes=32 << 20)
+    assert (tmp_path / "notes").read_bytes() == b"mine"
 
 
 def test_shard_validation_and_sharded_calls():
