@@ -206,6 +206,27 @@ def test_pool_registration_without_a_gpu_falls_back_to_pageable_memory(tmp_path)
     assert _cuda.pool_info()[base] is None
 
 
+def test_a_pool_is_forgotten_when_its_store_is_closed_or_collected(tmp_path):
+    # A later pool at the same address must be page-locked anew, and a
+    # locked pool unlocked before its memory goes back.
+    import gc
+
+    from cairn.torch import _cuda
+
+    for how in ("close", "collect"):
+        st = cairn.Store(tmp_path / how, staging_bytes=8 << 20, chunk_size=1 << 20, leases=True)
+        st.save("r", 1, {"w": torch.arange(1000.0)}).wait()
+        _, base = st._pool()
+        _cuda.register_pool(base, 8 << 20)  # as a save of CUDA tensors does
+        assert base in _cuda.pool_info()
+        if how == "close":
+            st.close()
+        else:
+            del st
+            gc.collect()
+        assert base not in _cuda.pool_info(), how
+
+
 def test_keys_that_name_the_same_tensor_are_refused_before_saving(store):
     for state, path in (
         ({"a": {0: torch.tensor([1.0]), "0": torch.tensor([2.0])}}, "a/0"),

@@ -21,6 +21,7 @@ Errors are `cairn.Error` subclasses, one per kind: `UnavailableError`
 import json
 import math
 import sys
+import weakref
 
 import numpy as np
 
@@ -395,6 +396,15 @@ def _aligned_array(shape, dtype):
     return _aligned_empty(n).view(dtype).reshape(tuple(shape))
 
 
+def _unpin_pool(base):
+    """Forget (and unlock, where `cairn.torch` page-locked it) the staging
+    pool at `base`, before its memory is freed: a later pool at the same
+    address is then registered anew."""
+    cuda = sys.modules.get("cairn.torch._cuda")
+    if cuda is not None:
+        cuda.unregister_pool(base)
+
+
 class Store:
     """A checkpoint store on a local directory (created if missing), with
     an optional remote tier (`remote="s3://bucket/prefix"`, credentials from
@@ -443,11 +453,7 @@ class Store:
         if self._raw.closed:
             return
         if self._pool_view is not None:
-            # The pool may be page-locked for CUDA copies: unlock it before
-            # its memory is freed.
-            from .torch import _cuda
-
-            _cuda.unregister_pool(self._pool_view[1])
+            self._unpin()
             self._pool_view = None
         self._raw.close()
 
@@ -505,6 +511,9 @@ class Store:
             base, length = region
             buf = (ctypes.c_uint8 * length).from_address(base)
             self._pool_view = (torch.frombuffer(buf, dtype=torch.uint8), base)
+            # The pool may get page-locked for CUDA copies: unlocked before
+            # its memory is freed, by close or when this store is collected.
+            self._unpin = weakref.finalize(self, _unpin_pool, base)
         return self._pool_view
 
     def _save_leased(self, run, step, items, blobs, metadata, metrics, part=None):
