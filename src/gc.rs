@@ -401,6 +401,11 @@ impl Store {
         let runs =
             std::fs::read_dir(&runs_dir).map_err(|e| Error::io("list directory", &runs_dir, e))?;
         for run in runs.flatten() {
+            // A stray file (a README, notes) is no run, as for listing;
+            // a link is examined below, which refuses it.
+            if run.file_type().is_ok_and(|t| t.is_file()) {
+                continue;
+            }
             let Some(run) = run
                 .file_name()
                 .to_str()

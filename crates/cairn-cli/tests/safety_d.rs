@@ -261,3 +261,35 @@ fn a_bench_that_fails_removes_its_files() {
         .collect();
     assert!(left.is_empty(), "left in tmp/: {left:?}");
 }
+
+#[test]
+fn gc_collects_beside_a_stray_file_in_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("s");
+    make_store(&root);
+    std::fs::write(root.join("runs").join("README"), b"what these runs are").unwrap();
+    let o = cairn(&["ls", s(&root)]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    // Step 1's own chunk becomes garbage once step 1 is deleted.
+    let store = Store::open(
+        &root,
+        StoreOptions {
+            chunk_size: 64 << 10,
+            staging_bytes: 4 << 20,
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
+    store.delete("r", 1).unwrap();
+    drop(store);
+    let o = cairn(&["gc", s(&root), "--grace", "0s", "--json"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["chunks_deleted"], 1, "{report}");
+    assert_eq!(
+        std::fs::read(root.join("runs").join("README")).unwrap(),
+        b"what these runs are"
+    );
+    let o = cairn(&["verify", s(&root)]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}
