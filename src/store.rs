@@ -721,6 +721,7 @@ fn check_location(m: &Manifest, run: &str, step: u64, path: &Path) -> Result<()>
 fn check_or_write_marker(layout: &Layout) -> Result<()> {
     let path = layout.marker();
     if !path.exists() {
+        check_adoptable(layout.root())?;
         let body = serde_json::to_vec_pretty(&StoreMarker {
             format: "cairn-store".into(),
             version: FORMAT_VERSION as u64,
@@ -748,6 +749,59 @@ fn check_or_write_marker(layout: &Layout) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Refuse to make a store in a directory that holds anything but a
+/// store's own entries (or a file system's `lost+found`): a mistyped path
+/// must not turn a user's directory into a store, whose collection would
+/// then delete what lies in its `tmp/` and its `chunks/`.
+fn check_adoptable(root: &Path) -> Result<()> {
+    let rd = match std::fs::read_dir(root) {
+        Ok(rd) => rd,
+        // Read-only opens of a missing store report it elsewhere.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("list directory", root, e)),
+    };
+    let foreign: Vec<String> = rd
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            !crate::layout::STORE_ENTRIES.contains(&n.as_str())
+                && n != "lost+found"
+                && !is_marker_tmp(n)
+        })
+        .collect();
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    let mut shown: Vec<&str> = foreign.iter().map(String::as_str).take(3).collect();
+    shown.sort_unstable();
+    let more = foreign.len().saturating_sub(shown.len());
+    Err(Error::invalid(
+        format!("store path {:?}", root.display().to_string()),
+        format!(
+            "the directory holds other files ({}{}) and no {}: \
+             give a new or empty directory for a new store",
+            shown.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            },
+            crate::layout::STORE_MARKER
+        ),
+    ))
+}
+
+/// Whether `name` is the temporary file of a marker being published
+/// (`publish.<pid>.<n>.tmp`, beside it in the root): another process
+/// making the same store at the same moment, or one killed doing so.
+fn is_marker_tmp(name: &str) -> bool {
+    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    name.strip_prefix("publish.")
+        .and_then(|r| r.strip_suffix(".tmp"))
+        .and_then(|r| r.split_once('.'))
+        .is_some_and(|(pid, n)| digits(pid) && digits(n))
 }
 
 /// Read a small metadata file, refusing anything over the manifest limit

@@ -371,3 +371,45 @@ fn thread_counts_past_the_limit_are_refused_at_open() {
     o.read_threads = cairn::MAX_THREADS;
     Store::open_read_only(dir.path(), o).unwrap();
 }
+
+#[test]
+fn a_directory_of_other_files_is_not_made_a_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(home.join("tmp")).unwrap();
+    std::fs::write(home.join("notes.txt"), b"mine").unwrap();
+    std::fs::write(home.join("tmp").join("draft"), b"also mine").unwrap();
+    let e = Store::open(&home, small_opts())
+        .err()
+        .expect("a user's directory");
+    assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
+    assert!(
+        e.to_string().contains("notes.txt") && e.to_string().contains("new or empty"),
+        "{e}"
+    );
+    let names: Vec<_> = std::fs::read_dir(&home)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "nothing was added: {names:?}");
+    assert_eq!(
+        std::fs::read(home.join("tmp").join("draft")).unwrap(),
+        b"also mine"
+    );
+    // An empty directory, a new one, one holding only a file system's
+    // lost+found, and an existing store (with files beside its own) open.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let mount = dir.path().join("mount");
+    std::fs::create_dir_all(mount.join("lost+found")).unwrap();
+    // A marker left half-published by a process killed making the store
+    // (or being published by another one opening it at the same moment).
+    let half = dir.path().join("half");
+    std::fs::create_dir_all(half.join("runs")).unwrap();
+    std::fs::write(half.join("publish.4242.0.tmp"), b"{").unwrap();
+    for root in [empty, dir.path().join("new"), mount, half] {
+        drop(open(&root));
+        std::fs::write(root.join("model.safetensors"), b"x").unwrap();
+        drop(open(&root));
+    }
+}
