@@ -774,8 +774,9 @@ fn check_adoptable(root: &Path) -> Result<()> {
     if foreign.is_empty() {
         return Ok(());
     }
-    let mut shown: Vec<&str> = foreign.iter().map(String::as_str).take(3).collect();
-    shown.sort_unstable();
+    let mut foreign = foreign;
+    foreign.sort_unstable();
+    let shown: Vec<&str> = foreign.iter().map(String::as_str).take(3).collect();
     let more = foreign.len().saturating_sub(shown.len());
     Err(Error::invalid(
         format!("store path {:?}", root.display().to_string()),
