@@ -293,3 +293,39 @@ fn gc_collects_beside_a_stray_file_in_runs() {
     let o = cairn(&["verify", s(&root)]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
 }
+
+#[test]
+fn ls_writes_very_large_and_small_metrics_with_an_exponent() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("s");
+    let store = Store::open(
+        &root,
+        StoreOptions {
+            chunk_size: 64 << 10,
+            staging_bytes: 4 << 20,
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
+    let data = vec![1u8; 64];
+    let mut st = SaveState::new().tensor("w", DType::U8, &[64], &data);
+    st.metrics = BTreeMap::from([
+        ("huge".to_string(), 1e308),
+        ("loss".to_string(), 2.31),
+        ("lr".to_string(), 2.5e-9),
+        ("neg".to_string(), -3.0e20),
+    ]);
+    store.save("r", 1, &st).unwrap().wait().unwrap();
+    drop(store);
+    let o = cairn(&["ls", s(&root)]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        out.contains("huge=1e308 loss=2.31 lr=2.5e-9 neg=-3e20"),
+        "{out}"
+    );
+    // Each reads back as the number stored.
+    for (text, v) in [("1e308", 1e308), ("2.5e-9", 2.5e-9), ("-3e20", -3.0e20)] {
+        assert_eq!(text.parse::<f64>().unwrap(), v);
+    }
+}

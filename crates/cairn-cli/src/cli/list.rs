@@ -313,8 +313,22 @@ fn metrics_text(m: &std::collections::BTreeMap<String, f64>) -> String {
     if m.is_empty() {
         return String::new();
     }
-    let parts: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let parts: Vec<String> = m
+        .iter()
+        .map(|(k, v)| format!("{k}={}", metric_text(*v)))
+        .collect();
     format!("  {}", parts.join(" "))
+}
+
+/// A metric's value, exactly (the shortest text that reads back as the
+/// same number): plainly (`2.31`), or with an exponent where plain digits
+/// would run long (`1e308`, `2.5e-9`).
+fn metric_text(v: f64) -> String {
+    if v != 0.0 && v.is_finite() && (v.abs() >= 1e16 || v.abs() < 1e-5) {
+        format!("{v:e}")
+    } else {
+        format!("{v}")
+    }
 }
 
 fn upload_url(store: &cairn::Store, run: &str, step: u64) -> Option<String> {
