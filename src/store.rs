@@ -762,7 +762,7 @@ fn check_adoptable(root: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(Error::io("list directory", root, e)),
     };
-    let foreign: Vec<String> = rd
+    let mut foreign: Vec<String> = rd
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| {
@@ -774,7 +774,6 @@ fn check_adoptable(root: &Path) -> Result<()> {
     if foreign.is_empty() {
         return Ok(());
     }
-    let mut foreign = foreign;
     foreign.sort_unstable();
     let shown: Vec<&str> = foreign.iter().map(String::as_str).take(3).collect();
     let more = foreign.len().saturating_sub(shown.len());

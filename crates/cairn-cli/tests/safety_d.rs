@@ -48,15 +48,19 @@ fn files_under(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     out
 }
 
-/// Run `r` steps 1 and 2 of six 64 KiB tensors, one chunk each; step 2
-/// changes only the last tensor. Returns the chunk files step 2 alone uses.
-fn make_store(root: &Path) -> Vec<PathBuf> {
-    let opts = StoreOptions {
+/// Options of the stores these tests make: 64 KiB chunks, 4 MiB staging.
+fn small_opts() -> StoreOptions {
+    StoreOptions {
         chunk_size: 64 << 10,
         staging_bytes: 4 << 20,
         ..StoreOptions::default()
-    };
-    let store = Store::open(root, opts).expect("open store");
+    }
+}
+
+/// Run `r` steps 1 and 2 of six 64 KiB tensors, one chunk each; step 2
+/// changes only the last tensor. Returns the chunk files step 2 alone uses.
+fn make_store(root: &Path) -> Vec<PathBuf> {
+    let store = Store::open(root, small_opts()).expect("open store");
     let mut before = Vec::new();
     for step in [1u64, 2] {
         let data: Vec<Vec<u8>> = (0..6u32)
@@ -271,15 +275,7 @@ fn gc_collects_beside_a_stray_file_in_runs() {
     let o = cairn(&["ls", s(&root)]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     // Step 1's own chunk becomes garbage once step 1 is deleted.
-    let store = Store::open(
-        &root,
-        StoreOptions {
-            chunk_size: 64 << 10,
-            staging_bytes: 4 << 20,
-            ..StoreOptions::default()
-        },
-    )
-    .unwrap();
+    let store = Store::open(&root, small_opts()).unwrap();
     store.delete("r", 1).unwrap();
     drop(store);
     let o = cairn(&["gc", s(&root), "--grace", "0s", "--json"]);
@@ -298,15 +294,7 @@ fn gc_collects_beside_a_stray_file_in_runs() {
 fn ls_writes_very_large_and_small_metrics_with_an_exponent() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("s");
-    let store = Store::open(
-        &root,
-        StoreOptions {
-            chunk_size: 64 << 10,
-            staging_bytes: 4 << 20,
-            ..StoreOptions::default()
-        },
-    )
-    .unwrap();
+    let store = Store::open(&root, small_opts()).unwrap();
     let data = vec![1u8; 64];
     let mut st = SaveState::new().tensor("w", DType::U8, &[64], &data);
     st.metrics = BTreeMap::from([

@@ -49,7 +49,7 @@ import os
 import cairn
 
 from .. import _dtypes
-from . import _from_numpy, _store
+from . import _from_numpy, _store, _store_key
 
 __all__ = ["CairnStorageWriter", "CairnStorageReader"]
 
@@ -101,10 +101,7 @@ def _checkpoint_id(checkpoint_id, *, reader):
 
 def _same_store(store, path):
     """`store` if it is the store at `path`, else the one opened there."""
-    here = store.path
-    if "://" not in path and os.path.realpath(path) == os.path.realpath(here):
-        return store
-    return _store(path)
+    return store if _store_key(path) == _store_key(store.path) else _store(path)
 
 
 def _as_shard(fqn, tensor, item):
