@@ -39,9 +39,15 @@ pub struct StoreOptions {
     /// 2-core development machine one lead worker gave no steady gain in
     /// durable time (see the README's Performance section).
     pub lead_workers: usize,
-    /// Threads that write, fsync and publish chunk files (default 8). Each
-    /// spends part of its time waiting in `fdatasync`, so there are more of
-    /// them than the writes a disk needs in flight.
+    /// Threads that write, fsync and publish chunk files (default 16; as
+    /// many early writers run beside them). Each spends part of its time
+    /// waiting in `fdatasync`, so there are more of them than the writes a
+    /// disk needs in flight. A store runs at most one per two chunks of its
+    /// staging pool ([`StoreOptions::io_threads`]): a chunk being written
+    /// holds its staging space, and with more writers than half the pool a
+    /// save whose state is larger than the pool finds it all in writes
+    /// that end together, so the caller's copy and the disk take turns
+    /// instead of overlapping.
     pub sync_threads: usize,
     /// Threads that copy a state into the staging pool during `save` (0:
     /// four; a state under 32 MiB is copied on the caller's thread). The
@@ -119,7 +125,7 @@ impl Default for StoreOptions {
             codec: CodecChoice::Raw,
             workers: 0,
             lead_workers: 0,
-            sync_threads: 8,
+            sync_threads: 16,
             copy_threads: 0,
             read_threads: 16,
             direct_io: true,
@@ -154,6 +160,15 @@ impl StoreOptions {
             }
         }
         Ok(())
+    }
+
+    /// The I/O threads (and early writers) a store with these options
+    /// runs: `sync_threads`, at most one per two chunks of the staging
+    /// pool (rounded up, so a pool a few bytes short of 16 chunks still
+    /// runs eight), at least one.
+    pub fn io_threads(&self) -> usize {
+        let per_two_chunks = self.staging_bytes.div_ceil(2 * self.chunk_size.max(1));
+        self.sync_threads.min(per_two_chunks).max(1)
     }
 
     fn check(&self) -> Result<()> {
@@ -323,7 +338,7 @@ impl Store {
             PipelineThreads {
                 workers,
                 lead_workers: opts.lead_workers,
-                syncers: opts.sync_threads,
+                syncers: opts.io_threads(),
                 copy_threads: copy_threads(opts.copy_threads),
             },
             opts.verify_reused_chunks,
@@ -833,4 +848,39 @@ fn read_dir_entries(dir: &Path) -> Result<Vec<(String, std::fs::FileType)>> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StoreOptions;
+
+    /// The I/O threads a store runs for a staging pool: all of
+    /// `sync_threads` while they hold at most half the pool, fewer for a
+    /// smaller pool, never none.
+    #[test]
+    fn io_threads_hold_at_most_half_the_staging_pool() {
+        let with = |staging_chunks: usize, sync_threads: usize| {
+            let o = StoreOptions {
+                staging_bytes: staging_chunks * (16 << 20),
+                sync_threads,
+                ..StoreOptions::default()
+            };
+            o.io_threads()
+        };
+        assert_eq!(StoreOptions::default().io_threads(), 16);
+        assert_eq!(with(64, 16), 16);
+        assert_eq!(with(16, 16), 8);
+        assert_eq!(with(17, 16), 9);
+        assert_eq!(with(64, 4), 4);
+        assert_eq!(with(3, 16), 2);
+        assert_eq!(with(1, 16), 1);
+        assert_eq!(with(64, 0), 1);
+        // A pool a few bytes short of 16 chunks (`cairn bench --staging
+        // 25%` of a 1 GiB state) runs as many as one of 16.
+        let short = StoreOptions {
+            staging_bytes: (16 << 24) - 6,
+            ..StoreOptions::default()
+        };
+        assert_eq!(short.io_threads(), 8);
+    }
 }

@@ -178,6 +178,9 @@ pub struct BenchReport {
     pub chunk_size: usize,
     /// Staging budget used.
     pub staging_bytes: usize,
+    /// I/O threads the store ran: `sync_threads`, at most one per two
+    /// chunks of the staging pool (`StoreOptions::io_threads`).
+    pub io_threads: usize,
     /// Codec for the local tier.
     pub codec: CodecChoice,
     /// How caches were dropped before cold reads.
@@ -595,6 +598,7 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
         tensors: n_tensors,
         chunk_size: opts.chunk_size,
         staging_bytes: opts.staging_bytes,
+        io_threads: opts.io_threads(),
         codec: opts.codec,
         cold_method,
         stall_s: m(&|i| i.stall_s),

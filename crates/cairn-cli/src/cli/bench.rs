@@ -44,7 +44,8 @@ pub struct BenchArgs {
     #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=cairn::MAX_THREADS as u64))]
     lead_workers: Option<usize>,
     /// Threads that write, fsync and publish chunk files: the write queue
-    /// depth (default: the store's default).
+    /// depth (default: the store's default, 16; at most one per two chunks
+    /// of the staging pool).
     #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=cairn::MAX_THREADS as u64))]
     sync_threads: Option<usize>,
     /// Threads that read chunks during the restore (default: the store's
@@ -321,11 +322,12 @@ fn print_human(r: &BenchReport) -> cairn::Result<()> {
         );
     }
     outln!(
-        "save busy         hash {:.3} s   write {:.3} s   fdatasync+rename {:.3} s   commit {:.3} s (summed over threads)",
+        "save busy         hash {:.3} s   write {:.3} s   fdatasync+rename {:.3} s   commit {:.3} s (summed over {} I/O threads and the workers)",
         r.hash_busy_s,
         r.write_busy_s,
         r.sync_busy_s,
-        r.commit_s
+        r.commit_s,
+        r.io_threads
     );
     if let (Some(b), Some(x)) = (r.overlap_bound_s, r.stall_vs_overlap_bound) {
         outln!(
