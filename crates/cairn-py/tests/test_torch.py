@@ -206,6 +206,31 @@ def test_pool_registration_without_a_gpu_falls_back_to_pageable_memory(tmp_path)
     assert _cuda.pool_info()[base] is None
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_refused_page_lock_leaves_no_cuda_error_behind(tmp_path):
+    # A pool the CUDA runtime refuses to page-lock (here: one locked
+    # already, outside cairn) stays pageable, and the trainer's next CUDA
+    # op does not raise the refusal as its own error; the same for a
+    # refused unlock.
+    from cairn.torch import _cuda
+
+    st = cairn.Store(tmp_path / "s", staging_bytes=8 << 20, chunk_size=1 << 20)
+    base, length = st._raw.staging_region()
+    cudart = torch.cuda.cudart()
+    assert int(cudart.cudaHostRegister(base, length, 0)) == 0
+    try:
+        assert _cuda.register_pool(base, length) is None
+        x = torch.arange(1000, device="cuda", dtype=torch.float32)
+        assert (x * 2).sum().item() == 999000.0
+    finally:
+        assert int(cudart.cudaHostUnregister(base)) == 0
+    with _cuda._lock:
+        _cuda._registered[base] = "cudaHostRegister"  # as if cairn had locked it
+    _cuda.unregister_pool(base)  # refused: not locked any more
+    assert (x + 1).sum().item() == 500500.0
+    st.close()
+
+
 def test_a_pool_is_forgotten_when_its_store_is_closed_or_collected(tmp_path):
     # A later pool at the same address must be page-locked anew, and a
     # locked pool unlocked before its memory goes back.

@@ -18,18 +18,46 @@ Back-pressure: when the pool is full, the oldest lease in flight is waited
 for and handed back, which frees room as the pipeline drains it to disk.
 """
 
+import ctypes
+import os
 import threading
 from collections import deque
 
 _lock = threading.Lock()
 # base address -> how the pool at that address is pinned
 _registered = {}
+# the CUDA runtime library torch loaded (None: not looked for yet, False:
+# not found, e.g. a torch linked with the static runtime)
+_cudart_lib = None
 
 
 def _torch():
     import torch
 
     return torch
+
+
+def _clear_cuda_error():
+    """Reset the CUDA runtime's last error on this thread after a failed
+    `cudaHostRegister`/`cudaHostUnregister`: left set, torch raises it at
+    its next kernel launch, in the trainer's code, as if that had failed.
+    `torch.cuda.cudart()` has no `cudaGetLastError`, so it is called in
+    the `libcudart` torch loaded (found in `/proc/self/maps`); where there
+    is none (a statically linked runtime), nothing is done."""
+    global _cudart_lib
+    try:
+        if _cudart_lib is None:
+            _cudart_lib = False
+            with open("/proc/self/maps") as maps:
+                for line in maps:
+                    path = line.split(maxsplit=5)[-1].strip()
+                    if os.path.basename(path).startswith("libcudart.so"):
+                        _cudart_lib = ctypes.CDLL(path)
+                        break
+        if _cudart_lib:
+            _cudart_lib.cudaGetLastError()
+    except Exception:  # noqa: BLE001 - nothing more can be done
+        pass
 
 
 def register_pool(base, length):
@@ -48,6 +76,8 @@ def register_pool(base, length):
                 ok = rc == 0 if isinstance(rc, int) else int(getattr(rc, "value", rc)) == 0
                 if ok:
                     pinned_by = "cudaHostRegister"
+                else:
+                    _clear_cuda_error()
         except Exception:  # noqa: BLE001 - pageable memory is the fallback
             pinned_by = None
         _registered[base] = pinned_by
@@ -61,7 +91,9 @@ def unregister_pool(base):
         pinned_by = _registered.pop(base, None)
         if pinned_by == "cudaHostRegister":
             try:
-                _torch().cuda.cudart().cudaHostUnregister(base)
+                rc = _torch().cuda.cudart().cudaHostUnregister(base)
+                if int(getattr(rc, "value", rc)) != 0:
+                    _clear_cuda_error()
             except Exception:  # noqa: BLE001 - the memory is freed either way
                 pass
 
