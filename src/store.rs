@@ -167,7 +167,9 @@ impl StoreOptions {
     /// pool (rounded up, so a pool a few bytes short of 16 chunks still
     /// runs eight), at least one.
     pub fn io_threads(&self) -> usize {
-        let per_two_chunks = self.staging_bytes.div_ceil(2 * self.chunk_size.max(1));
+        let per_two_chunks = self
+            .staging_bytes
+            .div_ceil(self.chunk_size.max(1).saturating_mul(2));
         self.sync_threads.min(per_two_chunks).max(1)
     }
 
@@ -878,7 +880,7 @@ mod tests {
         // A pool a few bytes short of 16 chunks (`cairn bench --staging
         // 25%` of a 1 GiB state) runs as many as one of 16.
         let short = StoreOptions {
-            staging_bytes: (16 << 24) - 6,
+            staging_bytes: (256 << 20) - 6,
             ..StoreOptions::default()
         };
         assert_eq!(short.io_threads(), 8);

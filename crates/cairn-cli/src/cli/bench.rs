@@ -111,7 +111,8 @@ impl Staging {
     fn bytes(self, size: u64) -> u64 {
         match self {
             Staging::Bytes(b) => b,
-            Staging::Percent(p) => size / 100 * p,
+            // Multiplied first: 25% of 64 MiB is 16 MiB, one chunk.
+            Staging::Percent(p) => (u128::from(size) * u128::from(p) / 100) as u64,
         }
     }
 }
@@ -322,7 +323,7 @@ fn print_human(r: &BenchReport) -> cairn::Result<()> {
         );
     }
     outln!(
-        "save busy         hash {:.3} s   write {:.3} s   fdatasync+rename {:.3} s   commit {:.3} s (summed over {} I/O threads and the workers)",
+        "save busy         hash {:.3} s   write {:.3} s   fdatasync+rename {:.3} s   commit {:.3} s (summed over threads; I/O threads: {})",
         r.hash_busy_s,
         r.write_busy_s,
         r.sync_busy_s,
@@ -365,5 +366,22 @@ fn shape(s: &IoShape) -> String {
     match s.file_bytes {
         0 => format!("{io}, one file"),
         f => format!("{io}, {} files", human(f as u64)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Staging;
+
+    /// A share of the state is that share of its bytes, not of its bytes
+    /// rounded down to a hundredth (25% of 64 MiB was 16 bytes short of
+    /// one 16 MiB chunk, and refused as smaller than a chunk).
+    #[test]
+    fn a_staging_share_is_exact() {
+        assert_eq!(Staging::Percent(25).bytes(64 << 20), 16 << 20);
+        assert_eq!(Staging::Percent(25).bytes(1 << 30), 256 << 20);
+        assert_eq!(Staging::Percent(100).bytes(u64::MAX), u64::MAX);
+        assert_eq!(Staging::Percent(1).bytes(99), 0);
+        assert_eq!(Staging::Bytes(5).bytes(1 << 30), 5);
     }
 }

@@ -37,6 +37,12 @@ def _torch():
     return torch
 
 
+def _succeeded(rc):
+    """Whether a `torch.cuda.cudart()` call's result (an int or a
+    `cudaError` enum) is `cudaSuccess`."""
+    return int(getattr(rc, "value", rc)) == 0
+
+
 def _clear_cuda_error():
     """Reset the CUDA runtime's last error on this thread after a failed
     `cudaHostRegister`/`cudaHostUnregister`: left set, torch raises it at
@@ -73,8 +79,7 @@ def register_pool(base, length):
             torch = _torch()
             if torch.cuda.is_available():
                 rc = torch.cuda.cudart().cudaHostRegister(base, length, 0)
-                ok = rc == 0 if isinstance(rc, int) else int(getattr(rc, "value", rc)) == 0
-                if ok:
+                if _succeeded(rc):
                     pinned_by = "cudaHostRegister"
                 else:
                     _clear_cuda_error()
@@ -92,7 +97,7 @@ def unregister_pool(base):
         if pinned_by == "cudaHostRegister":
             try:
                 rc = _torch().cuda.cudart().cudaHostUnregister(base)
-                if int(getattr(rc, "value", rc)) != 0:
+                if not _succeeded(rc):
                     _clear_cuda_error()
             except Exception:  # noqa: BLE001 - the memory is freed either way
                 pass
