@@ -350,7 +350,7 @@ impl LocalChunkStore {
         let res = f
             .write_all(bytes)
             .and_then(|()| f.sync_data())
-            .map_err(|e| Error::io("write repaired chunk", &tmp, e))
+            .map_err(|e| Error::io("write chunk copied from another tier", &tmp, e))
             .and_then(|()| check_fan_out_dir(&dest))
             .and_then(|()| {
                 fs.rename(&tmp, &dest)

@@ -182,6 +182,28 @@ fn errors_and_exit_codes() {
     assert_eq!(o.status.code(), Some(2), "--step needs --run");
     let o = cairn(&["bench", m, "--codec", "lz4"]);
     assert_eq!(o.status.code(), Some(2));
+    let out = dir.path().join("x.safetensors");
+    let o = cairn(&[
+        "export",
+        m,
+        "--run",
+        "r",
+        "--step",
+        "1",
+        "--format",
+        "safetensors",
+        "--out",
+        out.to_str().unwrap(),
+        "--max-shard-size",
+        "0",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("--max-shard-size") && stderr(&o).contains("is zero"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists());
 
     // Unknown run/step on an existing store.
     let store = dir.path().join("s");

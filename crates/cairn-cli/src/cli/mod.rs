@@ -181,8 +181,9 @@ enum Command {
         /// Output file, or directory for sharded output.
         #[arg(long)]
         out: PathBuf,
-        /// Largest shard.
-        #[arg(long, default_value = "5GiB", value_parser = size::parse_size)]
+        /// Largest shard (above zero; a tensor larger than this gets a shard
+        /// of its own).
+        #[arg(long, default_value = "5GiB", value_parser = size::parse_nonzero_size)]
         max_shard_size: u64,
         /// Only tensors matching this glob.
         #[arg(long)]

@@ -25,6 +25,18 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(v as u64)
 }
 
+/// Parse a size as [`parse_size`] does, refusing zero: for limits such as
+/// export's largest shard, where zero bytes would mean nothing fits.
+pub fn parse_nonzero_size(s: &str) -> Result<u64, String> {
+    match parse_size(s)? {
+        0 => Err(format!(
+            "{:?} is zero: give a size above 0 (e.g. 5GiB)",
+            s.trim()
+        )),
+        v => Ok(v),
+    }
+}
+
 /// Format bytes with a binary unit.
 pub fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -54,5 +66,19 @@ mod tests {
         assert!(parse_size("lots").is_err());
         assert!(parse_size("3parsecs").is_err());
         assert_eq!(human(1 << 30), "1.0 GiB");
+    }
+
+    #[test]
+    fn a_zero_limit_is_refused_by_name() {
+        for zero in ["0", "0GiB", " 0.0 MiB"] {
+            let e = parse_nonzero_size(zero).unwrap_err();
+            assert!(e.contains("is zero"), "{zero}: {e}");
+            assert!(e.contains(zero.trim()), "{zero}: {e}");
+        }
+        assert_eq!(parse_nonzero_size("5GiB").unwrap(), 5 << 30);
+        assert_eq!(parse_nonzero_size("1").unwrap(), 1);
+        assert!(parse_nonzero_size("lots")
+            .unwrap_err()
+            .contains("not a size"));
     }
 }
