@@ -324,6 +324,43 @@ def test_load_checks_shapes_and_converts_dtypes_in_place(store):
     assert torch.equal(half.bias.detach(), model.bias.detach().to(torch.float64))
 
 
+def test_load_refuses_entries_the_checkpoint_lacks(store):
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    ct.save({"model": model.state_dict(), "optim": opt.state_dict()}, store, "r", 1)
+
+    # A wrapped model's names (DDP's `module.` prefix): nothing of the
+    # checkpoint would land in it, so the load is refused by name.
+    wrapped = {"module.weight": torch.zeros(3, 4), "module.bias": torch.zeros(3)}
+    with pytest.raises(cairn.InvalidError, match=r"'model/module\.weight', 'model/module\.bias'.*strict=False"):
+        ct.load({"model": wrapped}, store, "r", 1)
+    assert set(wrapped) == {"module.weight", "module.bias"}
+
+    # One entry more than the checkpoint, at any depth (an optimizer state
+    # for a parameter the checkpoint has none for): refused before anything
+    # is written.
+    weight, extra = torch.zeros(3, 4), torch.full((2,), 7.0)
+    target = {"model": {"weight": weight, "bias": torch.zeros(3), "extra": extra}}
+    with pytest.raises(cairn.InvalidError, match=r"holds no 'model/extra' \(1 entry of the state is not"):
+        ct.load(target, store, "r", 1)
+    assert torch.equal(weight, torch.zeros(3, 4))
+    opt_target = {"optim": {"state": {0: {}, 1: {}, 5: {"exp_avg": torch.zeros(1)}}}}
+    with pytest.raises(cairn.InvalidError, match=r"'optim/state/5'"):
+        ct.load(opt_target, store, "r", 1)
+
+    # strict=False loads what the checkpoint holds and leaves the rest.
+    ct.load(target, store, "r", 1, strict=False)
+    assert torch.equal(weight, model.weight.detach())
+    assert target["model"]["extra"] is extra and torch.equal(extra, torch.full((2,), 7.0))
+
+    # Many missing: the first five named, and how many in all.
+    many = {f"t{i}": torch.zeros(1) for i in range(8)}
+    with pytest.raises(cairn.InvalidError, match=r"'t4' and 3 more \(8 entries"):
+        ct.load(many, store, "r", 1)
+
+
 def test_complex_tensors_round_trip(store):
     freqs_cis = torch.polar(torch.ones(16, 4), torch.randn(16, 4))
     z = torch.randn(3, dtype=torch.complex128)

@@ -320,14 +320,16 @@ def _stored(skel, entries):
     return e, dtype, shape
 
 
-def _check(skel, target, pickles, entries):
+def _check(skel, target, pickles, entries, path, missing):
     """Refuse, before anything is written, a tensor of the state whose
-    shape differs from the checkpoint's (walks the state as `_decode`)."""
+    shape differs from the checkpoint's (walks the state as `_decode`), and
+    collect in `missing` the paths of the state's dict entries that the
+    checkpoint does not hold."""
     torch = _torch()
     if isinstance(skel, list):
         if type(target) is list and len(target) == len(skel):
-            for s, t in zip(skel, target):
-                _check(s, t, pickles, entries)
+            for i, (s, t) in enumerate(zip(skel, target)):
+                _check(s, t, pickles, entries, path + [str(i)], missing)
         return
     if not isinstance(skel, dict) or _PICKLE in skel:
         return
@@ -342,18 +344,21 @@ def _check(skel, target, pickles, entries):
         return
     if _TUPLE in skel:
         if type(target) is tuple and len(target) == len(skel[_TUPLE]):
-            for s, t in zip(skel[_TUPLE], target):
-                _check(s, t, pickles, entries)
+            for i, (s, t) in enumerate(zip(skel[_TUPLE], target)):
+                _check(s, t, pickles, entries, path + [str(i)], missing)
         return
     if not isinstance(target, dict):
         return
     if _DICT in skel:
         pairs = [(_decode(k, None, [], pickles, entries), v) for k, v in skel[_DICT]]
     else:
-        pairs = skel.items()
+        pairs = list(skel.items())
+    held = set()
     for k, v in pairs:
+        held.add(k)
         if k in target:
-            _check(v, target[k], pickles, entries)
+            _check(v, target[k], pickles, entries, path + [_escape(k)], missing)
+    missing.extend("/".join(path + [_escape(k)]) for k in target if k not in held)
 
 
 def _decode(skel, target, plan, pickles, entries):
@@ -428,7 +433,7 @@ def _decode(skel, target, plan, pickles, entries):
     return out
 
 
-def load(state_dict, store, run, step="latest"):
+def load(state_dict, store, run, step="latest", *, strict=True):
     """Load checkpoint `(run, step)` into `state_dict` in place: tensors of
     matching dtype and shape are overwritten where they are (a model's
     `state_dict()` shares its parameters, so the model is restored too);
@@ -438,8 +443,13 @@ def load(state_dict, store, run, step="latest"):
     Entries missing (an optimizer state before its first step) are
     created, as the saved tensor was: on its device (CPU without a GPU),
     an `nn.Parameter` or not, with its `requires_grad`; complex tensors
-    come back complex. Non-tensor values are replaced. Returns
-    `state_dict`."""
+    come back complex. Non-tensor values are replaced. An entry of
+    `state_dict` (at any depth of its dicts) that the checkpoint does not
+    hold raises `InvalidError` naming it, before anything is written, as
+    DCP's load does: a model whose names changed (a `module.` or
+    `_orig_mod.` prefix) would otherwise keep its initial weights. With
+    `strict=False` such entries are left as they are and the rest loads.
+    Returns `state_dict`."""
     st = _store(store)
     step = st.resolve(run, step)
     manifest = st.manifest(run, step)
@@ -455,7 +465,17 @@ def load(state_dict, store, run, step="latest"):
     for n, b in blobs.items():
         if n.startswith("cairn.torch/pickle/"):
             pickles[int(n.rsplit("/", 1)[1])] = b
-    _check(skeleton, state_dict, pickles, entries)
+    missing = []
+    _check(skeleton, state_dict, pickles, entries, [], missing)
+    if strict and missing:
+        shown = ", ".join(repr(m) for m in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        count = "1 entry of the state is" if len(missing) == 1 else f"{len(missing)} entries of the state are"
+        raise cairn.InvalidError(
+            f"invalid target: run {run!r} step {step} holds no {shown}{more} "
+            f"({count} not in the checkpoint; "
+            "load(..., strict=False) loads the rest and leaves those as they are)"
+        )
     plan = []
     result = _decode(skeleton, state_dict, plan, pickles, entries)
     st.load_into(run, [(name, t) for name, t, _, _ in plan], step=step)
