@@ -81,13 +81,14 @@ pub use format::manifest::{
 pub use gc::{GcReport, TMP_MIN_AGE};
 pub use layout::{validate_run_name, STORE_ENTRIES, STORE_MARKER};
 pub use lease::{Lease, LeasedSave, LeasedTensor, NextLease, Segment};
+pub use local::nesting::enclosing_store;
 pub use metrics::{
     latest_matching, validate_metric_name, MetricCondition, MetricFilter, MetricOp, Metrics,
     MAX_METRICS, MAX_METRIC_NAME,
 };
 pub use remote::{
     check_remote_gc_grace, RemoteMetrics, RemoteMetricsSnapshot, RemoteOptions, RemoteStore,
-    RetryPolicy, UploadReport, MIN_REMOTE_GC_GRACE,
+    RetryPolicy, UploadReport, MAX_REMOTE_GC_GRACE, MIN_REMOTE_GC_GRACE,
 };
 #[doc(hidden)]
 pub use remote::{listed_chunk_id, listed_manifest_step};

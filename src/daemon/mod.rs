@@ -104,6 +104,22 @@ impl FlushDaemon {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        if let Some(dir) = crate::local::nesting::file_url_path(&cfg.remote) {
+            // A remote in the local store's directory (or holding it): the
+            // upload would copy the store onto itself, and local retention
+            // would then delete checkpoints as "durable remotely".
+            if crate::local::nesting::overlap(&dir, &cfg.local)? {
+                return Err(Error::invalid(
+                    "remote URL",
+                    format!(
+                        "{} is the local store {} or overlaps it; give the remote its own directory",
+                        cfg.remote,
+                        cfg.local.display()
+                    ),
+                ));
+            }
+            crate::local::nesting::check_not_among_store_entries(&dir, "remote")?;
+        }
         let remote = RemoteStore::open(&cfg.remote, &options, cfg.remote_tuning.clone())?;
         let clock = crate::clock::system_clock();
         let status = SharedStatus::new(

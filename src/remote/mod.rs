@@ -60,7 +60,8 @@ pub struct RemoteOptions {
     /// than half of it, so a chunk a new manifest relies on is never a
     /// collection candidate, and an upload must finish within a quarter of
     /// it. Must be positive; the daemon and the CLI require at least
-    /// [`MIN_REMOTE_GC_GRACE`] (see [`check_remote_gc_grace`]).
+    /// [`MIN_REMOTE_GC_GRACE`] and at most [`MAX_REMOTE_GC_GRACE`] (see
+    /// [`check_remote_gc_grace`]).
     #[serde(with = "humantime_serde")]
     pub gc_grace: std::time::Duration,
     /// How chunks are encoded for the wire and the bucket: a raw chunk is
@@ -218,9 +219,16 @@ const CREATE_CONTENTION_RETRIES: u32 = 4;
 /// node clocks must agree to within an eighth of it.
 pub const MIN_REMOTE_GC_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// The longest remote collection grace period the daemon and `cairn gc`
+/// accept (one year, `1y`: 365.25 days): a grace is recorded at the remote and no later
+/// collection may use a shorter one, so a mistyped long one would stop
+/// collection there for good.
+pub const MAX_REMOTE_GC_GRACE: std::time::Duration = std::time::Duration::from_secs(31_557_600);
+
 /// Check a remote collection grace period given by a user: at least
 /// [`MIN_REMOTE_GC_GRACE`], because the remote protocol needs every upload
-/// to finish within a quarter of it. An `InvalidInput` error otherwise.
+/// to finish within a quarter of it, and at most [`MAX_REMOTE_GC_GRACE`].
+/// An `InvalidInput` error otherwise.
 pub fn check_remote_gc_grace(grace: std::time::Duration) -> Result<()> {
     if grace < MIN_REMOTE_GC_GRACE {
         return Err(Error::invalid(
@@ -229,6 +237,17 @@ pub fn check_remote_gc_grace(grace: std::time::Duration) -> Result<()> {
                 "{} is shorter than the minimum of {}: uploads must finish within a quarter of the grace period",
                 humantime::format_duration(grace),
                 humantime::format_duration(MIN_REMOTE_GC_GRACE)
+            ),
+        ));
+    }
+    if grace > MAX_REMOTE_GC_GRACE {
+        return Err(Error::invalid(
+            "remote gc grace",
+            format!(
+                "{} is longer than the maximum of {}: the remote records it, and no later \
+                 collection there may use a shorter one",
+                humantime::format_duration(grace),
+                humantime::format_duration(MAX_REMOTE_GC_GRACE)
             ),
         ));
     }

@@ -57,8 +57,19 @@ impl Tier {
 
     /// Open a store at `location` for writing, creating a local one if
     /// needed (with the smallest staging pool a store accepts, one chunk:
-    /// copies do not stage, and the pool is pre-faulted memory).
+    /// copies do not stage, and the pool is pre-faulted memory). A
+    /// directory (or `file://` URL) among another store's own entries
+    /// (`runs/`, `chunks/`, `tmp/`, ...) is refused as
+    /// [`crate::Error::InvalidInput`]: that store's gc would remove it.
     pub fn open_for_write(location: &str, remote_options: &[(String, String)]) -> Result<Tier> {
+        let dir = match crate::local::nesting::file_url_path(location) {
+            Some(dir) => Some(dir),
+            None if !is_url(location) => Some(std::path::PathBuf::from(location)),
+            None => None,
+        };
+        if let Some(dir) = dir {
+            crate::local::nesting::check_not_among_store_entries(&dir, "target store")?;
+        }
         if is_url(location) {
             return Ok(Tier::Remote(RemoteStore::open(
                 location,

@@ -104,6 +104,97 @@ fn bench_then_ls_then_verify() {
     let o = cairn(&["verify", s]);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     assert!(stdout(&o).contains("all verified"));
+    let o = cairn(&["verify", s, "--run", "bench", "--step", "latest"]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).starts_with("1 checkpoints"), "{}", stdout(&o));
+
+    // A copy among the store's own files would be removed by its gc as a
+    // leftover: refused, nothing made there. Beside them is allowed.
+    for inside in ["tmp", "chunks/new", "runs/bench/00000000000000000009"] {
+        let to = store.join(inside);
+        let o = cairn(&[
+            "restore",
+            s,
+            "--run",
+            "bench",
+            "--step",
+            "4",
+            "--to",
+            to.to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(1), "{inside}: {}", stdout(&o));
+        assert!(
+            stderr(&o).contains("inside the cairn store"),
+            "{}",
+            stderr(&o)
+        );
+        assert!(!to.join(cairn::STORE_MARKER).exists(), "{inside}");
+    }
+    let beside = store.join("copy");
+    let o = cairn(&[
+        "restore",
+        s,
+        "--run",
+        "bench",
+        "--step",
+        "4",
+        "--to",
+        beside.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // A run whose newest step is the largest: a bench into it is refused
+    // before it saves anything (the next step would wrap to 0).
+    let st = dir.path().join("x.safetensors");
+    let o = cairn(&[
+        "export",
+        s,
+        "--run",
+        "bench",
+        "--step",
+        "4",
+        "--out",
+        st.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let im = dir.path().join("im");
+    let max = u64::MAX.to_string();
+    let o = cairn(&[
+        "import",
+        im.to_str().unwrap(),
+        "--run",
+        "imp",
+        "--step",
+        &max,
+        st.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = cairn(&[
+        "bench",
+        im.to_str().unwrap(),
+        "--run",
+        "imp",
+        "--size",
+        "1MiB",
+        "--iterations",
+        "1",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(stderr(&o).contains("no room"), "{}", stderr(&o));
+    let o = cairn(&["ls", im.to_str().unwrap(), "--json"]);
+    let l: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(l.as_array().unwrap().len(), 1, "{l}");
+    let o = cairn(&[
+        "import",
+        im.to_str().unwrap(),
+        "--run",
+        "x",
+        "--step",
+        "latest",
+        st.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("not a step number"), "{}", stderr(&o));
 
     // Corrupt one chunk: verify names it and exits 1.
     let chunk = common::chunk_files(&store)

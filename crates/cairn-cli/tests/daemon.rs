@@ -272,6 +272,17 @@ fn bad_daemon_arguments_are_clear_errors() {
     ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("loopback"));
+    // A file:// remote that is the local store, or lies among its files:
+    // the upload would copy the store onto itself, and local retention
+    // would then delete its checkpoints as durable remotely.
+    for remote in [s.clone(), s.join("tmp/remote"), dir.path().to_path_buf()] {
+        let url = format!("file://{}", remote.display());
+        let o = run(&["daemon", s.to_str().unwrap(), "--remote", &url]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{url}: {err}");
+        assert!(err.contains("overlaps"), "{url}: {err}");
+    }
+    assert!(!s.join("tmp/remote").exists());
     let cfg = dir.path().join("bad.toml");
     std::fs::write(&cfg, "local = 3\n").unwrap();
     let o = run(&["daemon", "--config", cfg.to_str().unwrap()]);

@@ -469,6 +469,12 @@ fn p17_tiny_remote_grace_is_rejected_up_front() {
     );
     let o = cairn(&["gc", &url, "--grace", "10s"]);
     assert_ne!(o.status.code(), Some(0), "{:?}", text(&o));
+    // A grace beyond a year (a mistyped one, recorded for good) too.
+    let o = cairn(&["gc", &url, "--grace", "18446744073709551615s"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}{err}");
+    assert!(err.contains("longer than the maximum"), "{err}");
+    assert!(!dir.path().join("remote").exists());
     // At the minimum grace, gc runs (on an existing, empty store: a
     // missing one is "not found", never created by gc).
     std::fs::create_dir(dir.path().join("remote")).unwrap();

@@ -104,7 +104,7 @@ pub fn run_remote_bench(
     let mut store = Store::open(&local, opts)?;
     store.attach_remote(remote.clone());
     let run = format!("remote-bench-{precision}");
-    let first = store.latest(&run)?.map_or(0, |s| s + 1);
+    let first = super::run::first_free_step(&store, &run, 2 * iterations as u64)?;
     let raw_path = remote
         .chunk_path(&cairn::ChunkId::of(b"raw"))
         .child("bench-raw-object");

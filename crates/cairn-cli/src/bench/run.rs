@@ -285,6 +285,27 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The step after the newest of `run`, where a bench saves `count` steps
+/// in a row; a run whose steps would pass the largest step is refused
+/// before anything is saved (`u64::MAX + 1` would wrap to step 0).
+pub(crate) fn first_free_step(store: &Store, run: &str, count: u64) -> Result<u64> {
+    let first = match store.latest(run)? {
+        None => Some(0),
+        Some(s) => s.checked_add(1),
+    };
+    match first.filter(|f| f.checked_add(count.saturating_sub(1)).is_some()) {
+        Some(f) => Ok(f),
+        None => Err(Error::invalid(
+            format!("--run {run}"),
+            format!(
+                "its newest step leaves no room for the bench's {count} new steps before the \
+                 largest step, {}; use another --run",
+                u64::MAX
+            ),
+        )),
+    }
+}
+
 /// The bench's own files in the store's `tmp/` (the disk-limit sweep, the
 /// limit's and the raw baselines' files), removed when dropped: on every
 /// way out of a run, an error included, not only where each is done with.
@@ -339,7 +360,11 @@ pub fn run_bench(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Be
         opts.staging_bytes = total + 4 * opts.chunk_size + (64 << 20);
     }
     let store = Store::open(&cfg.store, opts.clone())?;
-    let first_step = store.latest(&cfg.run)?.map_or(0, |s| s + 1);
+    let first_step = first_free_step(
+        &store,
+        &cfg.run,
+        u64::from(cfg.warmup) + 2 * cfg.iterations as u64,
+    )?;
     let mut dest = raw::prefaulted(total)?;
     let compression = probe_compression(&probe_state);
     // The warm-up saves the state of its own step, as the iterations do,

@@ -301,52 +301,16 @@ fn ensure_open_files(need: u64, max_shard: u64) -> cairn::Result<()> {
 /// existing ancestor, so relative paths and symbolic links are seen
 /// through.
 fn check_outside_stores(out: &Path) -> cairn::Result<()> {
-    let mut existing = std::path::absolute(out).map_err(|e| Error::io("resolve", out, e))?;
-    let mut rest = Vec::new();
-    while std::fs::symlink_metadata(&existing).is_err() {
-        match existing.components().next_back() {
-            Some(c) => rest.push(c.as_os_str().to_os_string()),
-            None => return Ok(()),
-        }
-        if !existing.pop() {
-            return Ok(());
-        }
+    match cairn::enclosing_store(out)? {
+        Some(store) => Err(Error::invalid(
+            format!("output {}", out.display()),
+            format!(
+                "is inside the cairn store at {}, among its own files; an export there could replace them, so write it elsewhere",
+                store.display()
+            ),
+        )),
+        None => Ok(()),
     }
-    let mut resolved = existing
-        .canonicalize()
-        .map_err(|e| Error::io("resolve", &existing, e))?;
-    // What does not exist yet has no links to resolve: `..` there is the
-    // parent once the directories are made.
-    for part in rest.iter().rev() {
-        match part.to_str() {
-            Some("..") => {
-                resolved.pop();
-            }
-            Some(".") => {}
-            _ => resolved.push(part),
-        }
-    }
-    for store in resolved
-        .ancestors()
-        .filter(|a| a.join(cairn::STORE_MARKER).is_file())
-    {
-        let owned = resolved
-            .strip_prefix(store)
-            .ok()
-            .and_then(|rel| rel.components().next())
-            .and_then(|c| c.as_os_str().to_str())
-            .is_some_and(|first| cairn::STORE_ENTRIES.contains(&first));
-        if owned {
-            return Err(Error::invalid(
-                format!("output {}", out.display()),
-                format!(
-                    "is inside the cairn store at {}, among its own files; an export there could replace them, so write it elsewhere",
-                    store.display()
-                ),
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Before a sharded export into `single`'s directory: an older

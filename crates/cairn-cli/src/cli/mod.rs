@@ -65,6 +65,12 @@ fn parse_step(s: &str) -> Result<cairn::StepSel, String> {
     s.parse().map_err(|e: cairn::Error| e.to_string())
 }
 
+/// The step of a new checkpoint: a number (`latest` names one that exists).
+fn parse_new_step(s: &str) -> Result<u64, String> {
+    s.parse()
+        .map_err(|_| format!("{s:?} is not a step number (a new checkpoint's step is 0 to 2^64-1)"))
+}
+
 /// A run name, checked as the store checks it.
 pub(crate) fn parse_run(s: &str) -> Result<String, String> {
     cairn::validate_run_name(s)
@@ -202,8 +208,8 @@ enum Command {
         /// The run.
         #[arg(long, value_parser = parse_run)]
         run: String,
-        /// The step.
-        #[arg(long)]
+        /// The step (a number).
+        #[arg(long, value_parser = parse_new_step)]
         step: u64,
         /// A .safetensors file or a model.safetensors.index.json.
         input: PathBuf,
@@ -220,9 +226,9 @@ enum Command {
         /// Only this run.
         #[arg(long, value_parser = parse_run)]
         run: Option<String>,
-        /// Only this step (needs --run).
-        #[arg(long, requires = "run")]
-        step: Option<u64>,
+        /// Only this step, a number or `latest` (needs --run).
+        #[arg(long, requires = "run", value_parser = parse_step)]
+        step: Option<cairn::StepSel>,
         /// Print JSON.
         #[arg(long)]
         json: bool,

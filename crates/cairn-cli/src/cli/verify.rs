@@ -6,11 +6,15 @@ use super::size::human;
 pub fn run(
     location: &str,
     run: Option<&str>,
-    step: Option<u64>,
+    step: Option<cairn::StepSel>,
     json: bool,
     raw_opts: &[String],
 ) -> cairn::Result<i32> {
     let tier = open(location, raw_opts)?;
+    let step = match (run, step) {
+        (Some(run), Some(sel)) => Some(tier.resolve(run, sel)?),
+        _ => None,
+    };
     let report = tier.verify(run, step)?;
     if json {
         print_json(&report)?;
