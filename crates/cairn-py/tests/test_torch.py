@@ -361,6 +361,96 @@ def test_load_refuses_entries_the_checkpoint_lacks(store):
         ct.load(many, store, "r", 1)
 
 
+def _touch(path):
+    open(path, "w").close()
+    return "ran"
+
+
+class _RunsCode:
+    """A value whose unpickling calls a function of the pickle's choosing."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (_touch, (self.path,))
+
+
+def test_load_does_not_run_code_from_pickled_values(store, tmp_path):
+    marker = tmp_path / "ran"
+    ct.save({"w": torch.ones(4), "cfg": _RunsCode(str(marker))}, store, "r", 1)
+    assert not marker.exists()
+    w = torch.zeros(4)
+    with pytest.raises(cairn.InvalidError, match=r"_touch.*weights_only=False"):
+        ct.load({"w": w, "cfg": None}, store, "r", 1)
+    assert not marker.exists(), "load ran the checkpoint's code"
+    assert torch.equal(w, torch.zeros(4)), "refused before anything was loaded"
+    # Opted in, the value is unpickled as it was saved.
+    out = ct.load({"w": w}, store, "r", 1, weights_only=False)
+    assert marker.exists() and out["cfg"] == "ran" and torch.equal(w, torch.ones(4))
+
+
+def test_plain_pickled_values_load_by_default(store):
+    import collections
+    import datetime
+    import random
+
+    rng = np.random.RandomState(3)
+    state = {
+        "ordered": collections.OrderedDict([("b", 1), ("a", 2)]),
+        "default": collections.defaultdict(list, {"x": [1]}),
+        "set": {1, 2}, "frozen": frozenset({3}), "complex": 1 + 2j, "bytes": b"\x00\xff",
+        "array": np.arange(6, dtype=np.float16).reshape(2, 3),
+        "np_scalar": np.float64(2.5),
+        "np_rng": rng.get_state(),
+        "py_rng": random.getstate(),
+        "dtype": torch.bfloat16, "device": torch.device("cpu"), "size": torch.Size([2, 3]),
+        "when": datetime.datetime(2026, 12, 5, 8, 0), "for": datetime.timedelta(seconds=3),
+    }
+    ct.save(state, store, "r", 1)
+    out = ct.load({}, store, "r", 1)
+    for k in ("set", "frozen", "complex", "bytes", "dtype", "device", "size", "when", "for", "py_rng"):
+        assert out[k] == state[k] and type(out[k]) is type(state[k]), k
+    # Dict subclasses are stored as dicts (their items, not their type).
+    assert out["ordered"] == state["ordered"] and out["default"] == {"x": [1]}
+    np.testing.assert_array_equal(out["array"], state["array"])
+    assert out["array"].dtype == np.float16 and out["np_scalar"] == 2.5
+    assert out["np_rng"][0] == "MT19937"
+    np.testing.assert_array_equal(out["np_rng"][1], state["np_rng"][1])
+
+
+def test_states_that_cannot_be_stored_are_named(store):
+    with pytest.raises(cairn.InvalidError, match=r"tensor is a key of the dict at 'opt'"):
+        ct.save({"opt": {torch.tensor(1): 5}}, store, "r", 1)
+    with pytest.raises(cairn.InvalidError, match=r"value at 'cfg/fn' \(function\) cannot be stored"):
+        ct.save({"cfg": {"fn": lambda x: x}}, store, "r", 1)
+    loop = {"w": torch.ones(1)}
+    loop["self"] = loop
+    with pytest.raises(cairn.InvalidError, match="holds itself"):
+        ct.save(loop, store, "r", 1)
+    assert store.steps("r") == []
+
+
+def test_load_by_path_creates_nothing_and_holds_no_pool(tmp_path):
+    missing = tmp_path / "typo"
+    with pytest.raises(cairn.NotFoundError, match="typo"):
+        ct.load({}, str(missing), "r")
+    assert not missing.exists()
+    from cairn.torch.dcp import CairnStorageReader
+
+    with pytest.raises(cairn.NotFoundError):
+        CairnStorageReader(str(missing), "r")
+    assert not missing.exists()
+    # An existing store loads by path without being kept open.
+    root = tmp_path / "s"
+    ct.save({"w": torch.arange(5.0)}, root, "r", 1)
+    ct.close(root)
+    back = {"w": torch.zeros(5)}
+    ct.load(back, str(root), "r")
+    assert torch.equal(back["w"], torch.arange(5.0))
+    assert os.path.realpath(root) not in ct._stores
+
+
 def test_complex_tensors_round_trip(store):
     freqs_cis = torch.polar(torch.ones(16, 4), torch.randn(16, 4))
     z = torch.randn(3, dtype=torch.complex128)

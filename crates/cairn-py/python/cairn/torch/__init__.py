@@ -82,6 +82,30 @@ def _store(store, staging_bytes=None):
         return st
 
 
+#: Staging pool of a store opened by path only to load from (one chunk of
+#: the default chunk size: a load does not stage).
+_READ_STAGING_BYTES = 16 << 20
+
+
+def _store_to_read(store):
+    """`(store, opened)`: the `cairn.Store` given, the open one `cairn.torch`
+    holds for the path, or else a store opened for this read alone
+    (`opened` true: the caller closes it), with the smallest staging pool,
+    so that a load neither holds `DEFAULT_STAGING_BYTES` of memory nor
+    changes the pool a later save gets. A local path with no cairn store
+    raises `NotFoundError` and creates nothing."""
+    if isinstance(store, cairn.Store):
+        return store, False
+    key = _store_key(store)
+    with _stores_lock:
+        entry = _stores.get(key)
+        if entry is not None and not entry[0].closed:
+            return entry[0], False
+    if "://" not in key and not os.path.isfile(os.path.join(key, "cairn-store.json")):
+        raise cairn.NotFoundError(f"not found: cairn store at {os.fsdecode(store)!r}")
+    return cairn.Store(key, staging_bytes=_READ_STAGING_BYTES), True
+
+
 def close(store):
     """Close the store `cairn.torch` opened at a path (or the `cairn.Store`
     given): wait for its queued saves to commit, then free its staging pool
@@ -105,6 +129,56 @@ def _torch():
     import torch
 
     return torch
+
+
+# What a stored value may name when unpickled with weights_only=True (the
+# default): containers and plain values of the standard library, numpy
+# arrays and scalars, torch dtypes, devices and sizes. Nothing whose
+# construction runs code of the checkpoint's choosing.
+_SAFE_GLOBALS = {
+    "builtins": {"set", "frozenset", "complex", "slice", "range", "bytearray", "bytes",
+                 "list", "dict", "tuple", "int", "float", "str", "bool"},
+    "collections": {"OrderedDict", "defaultdict", "deque", "Counter"},
+    "datetime": {"datetime", "date", "time", "timedelta", "timezone"},
+    "decimal": {"Decimal"},
+    "fractions": {"Fraction"},
+    "numpy": {"ndarray", "dtype"},
+    "numpy.core.multiarray": {"_reconstruct", "scalar"},
+    "numpy._core.multiarray": {"_reconstruct", "scalar"},
+    "torch": {"device", "Size"},
+}
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        torch = _torch()
+        allowed = name in _SAFE_GLOBALS.get(module, ())
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            allowed = True
+        if module == "numpy.dtypes" and name.endswith("DType"):
+            allowed = True
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def _unpickle(data, index, weights_only):
+    """A stored non-tensor value: with `weights_only`, only plain values
+    and containers (see `_SAFE_GLOBALS`); a value naming anything else
+    raises `InvalidError` naming it, before anything is loaded."""
+    if not weights_only:
+        return pickle.loads(data)
+    import io
+
+    try:
+        return _SafeUnpickler(io.BytesIO(data)).load()
+    except pickle.UnpicklingError as e:
+        raise cairn.InvalidError(
+            f"invalid checkpoint value {_PICKLE_BLOB.format(index)!r}: unpickling it would "
+            f"call {e}, which load does not run by default (whoever can write the store "
+            "chooses what a pickle runs); pass weights_only=False to load it if you trust "
+            "the checkpoint"
+        ) from None
 
 
 def _escape(part):
@@ -140,6 +214,12 @@ def _encode(obj, path, tensors, pickles):
     if isinstance(obj, dict):
         if all(isinstance(k, str) and k not in _MARKERS for k in obj):
             return {k: _encode(v, path + [_escape(k)], tensors, pickles) for k, v in obj.items()}
+        for k in obj:
+            if isinstance(k, torch.Tensor):
+                raise cairn.InvalidError(
+                    f"invalid state: a tensor is a key of the dict at {'/'.join(path) or '/'!r} "
+                    "(a tensor key cannot be stored; use its value, e.g. int(key))"
+                )
         return {
             _DICT: [
                 [_encode(k, path + ["%key"], {}, pickles), _encode(v, path + [_escape(k)], tensors, pickles)]
@@ -150,13 +230,25 @@ def _encode(obj, path, tensors, pickles):
         return [_encode(v, path + [str(i)], tensors, pickles) for i, v in enumerate(obj)]
     if type(obj) is tuple:
         return {_TUPLE: [_encode(v, path + [str(i)], tensors, pickles) for i, v in enumerate(obj)]}
-    pickles.append(pickle.dumps(obj, protocol=4))
+    try:
+        pickles.append(pickle.dumps(obj, protocol=4))
+    except Exception as e:
+        raise cairn.InvalidError(
+            f"invalid state: the value at {'/'.join(path) or '/'!r} ({type(obj).__name__}) "
+            f"cannot be stored: {e}"
+        ) from None
     return {_PICKLE: len(pickles) - 1}
 
 
 def _flatten(state_dict):
     tensors, pickles = {}, []
-    skeleton = _encode(state_dict, [], tensors, pickles)
+    try:
+        skeleton = _encode(state_dict, [], tensors, pickles)
+    except RecursionError:
+        raise cairn.InvalidError(
+            "invalid state: it holds itself (a dict or list nested in itself), or is nested "
+            "deeper than Python's recursion limit"
+        ) from None
     blobs = {STATE_BLOB: json.dumps(skeleton).encode()}
     for i, p in enumerate(pickles):
         blobs[_PICKLE_BLOB.format(i)] = p
@@ -422,7 +514,7 @@ def _decode(skel, target, plan, pickles, entries):
         tgt = target if type(target) is tuple and len(target) == len(skel[_TUPLE]) else (None,) * len(skel[_TUPLE])
         return tuple(_decode(s, t, plan, pickles, entries) for s, t in zip(skel[_TUPLE], tgt))
     if _PICKLE in skel:
-        return pickle.loads(pickles[skel[_PICKLE]])
+        return pickles[skel[_PICKLE]]
     if _DICT in skel:
         pairs = [(_decode(k, None, plan, pickles, entries), v) for k, v in skel[_DICT]]
     else:
@@ -433,7 +525,7 @@ def _decode(skel, target, plan, pickles, entries):
     return out
 
 
-def load(state_dict, store, run, step="latest", *, strict=True):
+def load(state_dict, store, run, step="latest", *, strict=True, weights_only=True):
     """Load checkpoint `(run, step)` into `state_dict` in place: tensors of
     matching dtype and shape are overwritten where they are (a model's
     `state_dict()` shares its parameters, so the model is restored too);
@@ -449,8 +541,22 @@ def load(state_dict, store, run, step="latest", *, strict=True):
     DCP's load does: a model whose names changed (a `module.` or
     `_orig_mod.` prefix) would otherwise keep its initial weights. With
     `strict=False` such entries are left as they are and the rest loads.
-    Returns `state_dict`."""
-    st = _store(store)
+    Non-tensor values JSON cannot hold were pickled; as `torch.load`'s
+    `weights_only`, only plain values and containers (numpy arrays, torch
+    dtypes and devices among them) are unpickled unless
+    `weights_only=False`: a checkpoint naming anything else raises
+    `InvalidError` before anything is loaded. `store` given as a path is
+    opened for this load alone unless `cairn.torch` holds it open; a path
+    with no store raises `NotFoundError`. Returns `state_dict`."""
+    st, opened = _store_to_read(store)
+    try:
+        return _load(state_dict, st, run, step, strict, weights_only)
+    finally:
+        if opened:
+            st.close()
+
+
+def _load(state_dict, st, run, step, strict, weights_only):
     step = st.resolve(run, step)
     manifest = st.manifest(run, step)
     entries = {e["name"]: e for e in manifest["tensors"]}
@@ -464,7 +570,8 @@ def load(state_dict, store, run, step="latest", *, strict=True):
     pickles = {}
     for n, b in blobs.items():
         if n.startswith("cairn.torch/pickle/"):
-            pickles[int(n.rsplit("/", 1)[1])] = b
+            i = int(n.rsplit("/", 1)[1])
+            pickles[i] = _unpickle(b, i, weights_only)
     missing = []
     _check(skeleton, state_dict, pickles, entries, [], missing)
     if strict and missing:

@@ -49,7 +49,7 @@ import os
 import cairn
 
 from .. import _dtypes
-from . import _from_numpy, _store, _store_key
+from . import _from_numpy, _store, _store_key, _store_to_read
 
 __all__ = ["CairnStorageWriter", "CairnStorageReader"]
 
@@ -99,9 +99,12 @@ def _checkpoint_id(checkpoint_id, *, reader):
     return parts[0], parts[2], step
 
 
-def _same_store(store, path):
-    """`store` if it is the store at `path`, else the one opened there."""
-    return store if _store_key(path) == _store_key(store.path) else _store(path)
+def _same_store(store, path, *, read=False):
+    """`store` if it is the store at `path`, else the one opened there (to
+    read: as `cairn.torch.load` opens it, creating nothing)."""
+    if _store_key(path) == _store_key(store.path):
+        return store
+    return _store_to_read(path)[0] if read else _store(path)
 
 
 def _as_shard(fqn, tensor, item):
@@ -236,7 +239,9 @@ class CairnStorageReader(_StorageReader):
 
     def __init__(self, store, run, step="latest"):
         super().__init__()
-        self.store = _store(store)
+        # By path: opened to read only, as `cairn.torch.load` does (a
+        # missing store is NotFoundError; the smallest staging pool).
+        self.store = _store_to_read(store)[0]
         self.run = str(run)
         self._step_arg = step
         self.step = None
@@ -252,7 +257,7 @@ class CairnStorageReader(_StorageReader):
         same step argument as before (resolved anew) without one."""
         if checkpoint_id is not None:
             path, run, step = _checkpoint_id(checkpoint_id, reader=True)
-            self.store = _same_store(self.store, path)
+            self.store = _same_store(self.store, path, read=True)
             self.run, self._step_arg = run, step
         self.step = None
 
