@@ -353,11 +353,25 @@ struct Store {
     inner: Mutex<Option<Arc<cairn::Store>>>,
     /// Its directory, still known once closed.
     root: std::path::PathBuf,
+    /// The process that opened it. A child made by `fork` has a copy of
+    /// the store but none of its threads: a save there would wait for
+    /// them for ever.
+    pid: u32,
 }
 
 impl Store {
-    /// The open store, or `ClosedError` naming its directory.
+    /// The open store, or `ClosedError` naming its directory, or
+    /// `InvalidError` in a process forked from the one that opened it.
     fn open_store(&self) -> PyResult<Arc<cairn::Store>> {
+        if self.forked() {
+            return Err(exc::InvalidError::new_err(format!(
+                "invalid store: the store at {} was opened in process {}, and this is process {} \
+                 (forked from it), which has none of its threads; open the store anew here",
+                self.root.display(),
+                self.pid,
+                std::process::id()
+            )));
+        }
         self.inner
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -368,6 +382,28 @@ impl Store {
                     self.root.display()
                 ))
             })
+    }
+
+    /// Whether this process is a fork of the one that opened the store.
+    fn forked(&self) -> bool {
+        std::process::id() != self.pid
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // In a forked child, dropping the store would wait for threads
+        // that exist only in the parent: leave its memory to the exit.
+        if self.forked() {
+            if let Some(inner) = self
+                .inner
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+            {
+                std::mem::forget(inner);
+            }
+        }
     }
 }
 
@@ -406,6 +442,7 @@ impl Store {
             Ok(Store {
                 root: inner.root().to_path_buf(),
                 inner: Mutex::new(Some(Arc::new(inner))),
+                pid: std::process::id(),
             })
         })
         .map_err(err)
@@ -433,6 +470,11 @@ impl Store {
     /// it ends. A no-op once closed.
     fn close(&self, py: Python<'_>) {
         let taken = self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if self.forked() {
+            // See `Drop`: the pipeline's threads are the parent's.
+            std::mem::forget(taken);
+            return;
+        }
         py.detach(move || drop(taken));
     }
 

@@ -451,6 +451,45 @@ def test_load_by_path_creates_nothing_and_holds_no_pool(tmp_path):
     assert os.path.realpath(root) not in ct._stores
 
 
+def test_a_forked_child_is_refused_not_hung(store):
+    # multiprocessing's fork start method hands children a copy of the
+    # store without its pipeline threads: a save there used to wait for
+    # ever. Now every call there is refused, and the child exits cleanly.
+    ct.save({"w": torch.ones(3)}, store, "f", 1)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            try:
+                ct.save({"w": torch.ones(3)}, store, "f", 2)
+                msg = b"saved"
+            except cairn.InvalidError as e:
+                msg = b"refused: " + str(e).encode()
+            store.close()
+            os.write(w, msg)
+        finally:
+            os._exit(0)
+    os.close(w)
+    import select
+    import signal
+
+    ready, _, _ = select.select([r], [], [], 60)
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung")
+    got = os.read(r, 4096).decode()
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    assert got.startswith("refused: ") and "forked" in got and "open the store anew" in got, got
+    assert os.waitstatus_to_exitcode(status) == 0
+    # The parent's store is untouched and saves on.
+    assert store.steps("f") == [1]
+    ct.save({"w": torch.ones(3)}, store, "f", 2)
+    assert store.steps("f") == [1, 2]
+
+
 def test_complex_tensors_round_trip(store):
     freqs_cis = torch.polar(torch.ones(16, 4), torch.randn(16, 4))
     z = torch.randn(3, dtype=torch.complex128)
