@@ -206,7 +206,9 @@ pub enum Error {
     /// A sharded step cannot be committed: the parts disagree about a
     /// tensor's dtype or global shape, or hold different bytes under one
     /// blob name.
-    #[error("{name:?}: rank {first_rank} has {what} {first} but rank {other_rank} has {other}")]
+    #[error(
+        "{name:?}: rank {first_rank} has {what} {first} but rank {other_rank} has {other}{hint}"
+    )]
     PartsDisagree {
         /// The tensor or blob.
         name: String,
@@ -221,6 +223,8 @@ pub enum Error {
         other_rank: u32,
         /// Its value.
         other: String,
+        /// For two attempts of one rank: how to go on (empty otherwise).
+        hint: String,
     },
     /// The store's background pipeline has shut down.
     #[error("the store pipeline is closed")]

@@ -196,7 +196,8 @@ impl Store {
     /// stored once (the lowest rank's). The record's metadata is rank 0's.
     /// Two attempts of one rank with identical tensors, blobs and metadata
     /// are one part (the first file name is used); with different contents
-    /// the commit is refused.
+    /// the commit is refused, the error's `hint` saying where the parts
+    /// are and how to go on.
     ///
     /// The record is a function of the parts alone, so concurrent
     /// committers of the same parts publish identical bytes: one creates
@@ -213,7 +214,8 @@ impl Store {
         let _guard = crate::local::GcLock::shared(self.root())?;
         self.layout.check_dirs(Some(run), Some(step))?;
         let listing = list_parts(&self.layout.parts_dir(run, step))?;
-        let (parts, files) = pick_parts(run, step, world_size, &listing, &|file| {
+        let parts_at = self.layout.parts_dir(run, step).display().to_string();
+        let (parts, files) = pick_parts(run, step, world_size, &parts_at, &listing, &|file| {
             self.part_manifest(run, step, file)
         })?;
         let (record, mut report) = build_record(run, step, world_size, &parts, &|a, b| {
@@ -603,7 +605,12 @@ impl RemoteStore {
         }
         let listing: Vec<PartListing> =
             self.parts(run, step)?.into_iter().map(|(p, _)| p).collect();
-        let (parts, files) = pick_parts(run, step, world_size, &listing, &|file| {
+        let parts_at = format!(
+            "{} (the objects under {}/)",
+            self.url(),
+            self.parts_prefix(run, step)
+        );
+        let (parts, files) = pick_parts(run, step, world_size, &parts_at, &listing, &|file| {
             self.part_manifest(run, step, file)
         })?;
         crate::failpoint::hit("remote_commit.before_record")
@@ -635,6 +642,7 @@ fn pick_parts(
     run: &str,
     step: u64,
     world_size: u32,
+    parts_at: &str,
     listing: &[PartListing],
     read: &dyn Fn(&str) -> Result<Manifest>,
 ) -> Result<(Vec<Manifest>, usize)> {
@@ -666,6 +674,12 @@ fn pick_parts(
                     first: first.file.clone(),
                     other_rank: rank as u32,
                     other: other.file.clone(),
+                    hint: format!(
+                        "; two save attempts of this rank differ: an earlier save of run {run} step \
+                         {step} was abandoned before its commit (or two jobs save this step). With \
+                         no save of the step running, remove the abandoned attempt's part file \
+                         from {parts_at} and commit again, or save to another step"
+                    ),
                 });
             }
         }
@@ -785,6 +799,7 @@ pub(crate) fn build_record(
                     first: acc.dtype.to_string(),
                     other_rank: rank,
                     other: t.dtype.to_string(),
+                    hint: String::new(),
                 });
             }
             if acc.shape != global {
@@ -795,6 +810,7 @@ pub(crate) fn build_record(
                     first: format!("{:?}", acc.shape),
                     other_rank: rank,
                     other: format!("{global:?}"),
+                    hint: String::new(),
                 });
             }
             acc.saved.push(Saved {
@@ -836,6 +852,7 @@ pub(crate) fn build_record(
                             } else {
                                 format!("{} bytes", b.len)
                             },
+                            hint: String::new(),
                         });
                     }
                 }

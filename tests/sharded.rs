@@ -551,8 +551,10 @@ fn commit_refuses_bad_layouts_naming_what_is_wrong() {
             first,
             other_rank,
             other,
+            hint,
         } => {
             assert_eq!((name.as_str(), what), ("w", "dtype"));
+            assert_eq!(hint, "", "only two attempts of one rank get a hint");
             assert_eq!(
                 (first_rank, first.as_str(), other_rank, other.as_str()),
                 (0, "F32", 1, "I32")
@@ -617,12 +619,19 @@ fn commit_refuses_bad_layouts_naming_what_is_wrong() {
         vec![part("w", DType::F32, &g, &[5, 0], &[3, 4])],
     );
     match store.commit("r", 1, 2).unwrap_err() {
-        Error::PartsDisagree {
+        e @ Error::PartsDisagree {
             what: "part",
             first_rank: 1,
             other_rank: 1,
             ..
-        } => {}
+        } => {
+            // The message says how to go on: which directory holds the
+            // attempts, and that one of them was abandoned.
+            let msg = e.to_string();
+            let dir = store.root().join("runs/r/00000000000000000001/parts");
+            assert!(msg.contains("was abandoned"), "{msg}");
+            assert!(msg.contains(&dir.display().to_string()), "{msg}");
+        }
         e => panic!("expected two attempts of rank 1 to disagree, got {e}"),
     }
     // Same layout for another world size in a fresh step commits.
