@@ -452,6 +452,24 @@ fn p15_ls_lists_the_rest_and_flags_corrupt_manifest() {
     assert_eq!(flagged.len(), 1, "{out}");
     assert_eq!(flagged[0]["step"], 2);
     assert_eq!(flagged[0]["run"], "r");
+
+    // A run that is a symbolic link (never followed) is one BAD row, and
+    // the other runs are still listed.
+    std::os::unix::fs::symlink(dir.path(), root.join("runs/linked")).unwrap();
+    let o = cairn(&["ls", s]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}{err}");
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("r ")).count(),
+        2,
+        "{out}{err}"
+    );
+    let linked: Vec<&str> = out.lines().filter(|l| l.contains("run linked")).collect();
+    assert_eq!(linked.len(), 1, "{out}");
+    assert!(
+        linked[0].starts_with("BAD") && linked[0].contains("symbolic link"),
+        "{out}"
+    );
 }
 
 #[test]

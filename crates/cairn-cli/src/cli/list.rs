@@ -206,7 +206,23 @@ pub fn run(
             None => s.run_dirs()?,
         };
         for run in runs {
-            for step in s.pending_steps(&run)? {
+            // A run that cannot be read (a symbolic link, permissions) is
+            // a BAD row, once, and the others are still listed.
+            let steps = match s.pending_steps(&run) {
+                Ok(steps) => steps,
+                Err(e) => {
+                    if !bad.iter().any(|b: &Bad| b.run == run && b.step.is_none()) {
+                        order.push((true, bad.len()));
+                        bad.push(Bad {
+                            run: run.clone(),
+                            step: None,
+                            error: e.to_string(),
+                        });
+                    }
+                    continue;
+                }
+            };
+            for step in steps {
                 let mut parts: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
                 for p in s.parts(&run, step)? {
                     let ranks = parts.entry(p.world_size).or_default();
