@@ -67,6 +67,23 @@ enum Row<'a> {
     Pending(&'a Pending),
 }
 
+/// Record a run (no step) or checkpoint that could not be read, in
+/// listing order.
+fn flag(
+    order: &mut Vec<(bool, usize)>,
+    bad: &mut Vec<Bad>,
+    run: &str,
+    step: Option<u64>,
+    e: &cairn::Error,
+) {
+    order.push((true, bad.len()));
+    bad.push(Bad {
+        run: run.to_string(),
+        step,
+        error: e.to_string(),
+    });
+}
+
 pub fn run(
     location: &str,
     run_filter: Option<&str>,
@@ -102,12 +119,7 @@ pub fn run(
             // With --run, an invalid name is a bad argument, not bad data.
             Err(e) if run_filter.is_some() => return Err(e),
             Err(e) => {
-                order.push((true, bad.len()));
-                bad.push(Bad {
-                    run: run.clone(),
-                    step: None,
-                    error: e.to_string(),
-                });
+                flag(&mut order, &mut bad, &run, None, &e);
                 continue;
             }
         };
@@ -127,12 +139,7 @@ pub fn run(
             let (m, chunks) = match read {
                 Ok(r) => r,
                 Err(e) => {
-                    order.push((true, bad.len()));
-                    bad.push(Bad {
-                        run: run.clone(),
-                        step: Some(step),
-                        error: e.to_string(),
-                    });
+                    flag(&mut order, &mut bad, &run, Some(step), &e);
                     continue;
                 }
             };
@@ -211,13 +218,8 @@ pub fn run(
             let steps = match s.pending_steps(&run) {
                 Ok(steps) => steps,
                 Err(e) => {
-                    if !bad.iter().any(|b: &Bad| b.run == run && b.step.is_none()) {
-                        order.push((true, bad.len()));
-                        bad.push(Bad {
-                            run: run.clone(),
-                            step: None,
-                            error: e.to_string(),
-                        });
+                    if !bad.iter().any(|b| b.run == run && b.step.is_none()) {
+                        flag(&mut order, &mut bad, &run, None, &e);
                     }
                     continue;
                 }
