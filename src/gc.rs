@@ -470,9 +470,19 @@ impl Store {
                         parts.iter().collect()
                     }
                     Some(m) => {
+                        // Parts of another world size, or of a save
+                        // attempt other than the committed one, are left
+                        // from saves that were not committed.
                         let mut keep = Vec::new();
                         for p in &parts {
-                            if m.world_size != Some(p.world_size) && file_age(&p.file) >= grace {
+                            let stale = file_age(&p.file) >= grace
+                                && (m.world_size != Some(p.world_size)
+                                    || self
+                                        .part_manifest(&run, step, &p.file)?
+                                        .part
+                                        .and_then(|x| x.attempt)
+                                        != m.attempt);
+                            if stale {
                                 scan.expired_parts.push(parts_dir.join(&p.file));
                                 scan.expired_files += 1;
                             } else {

@@ -207,7 +207,11 @@ impl Store {
             step,
             tensors,
             rest,
-            Some(PartInfo { rank, world_size }),
+            Some(PartInfo {
+                rank,
+                world_size,
+                attempt: None,
+            }),
         )
     }
 
@@ -222,6 +226,7 @@ impl Store {
         let (pool, pipeline) = self.writer_parts()?;
         let chunk_size = self.options().chunk_size;
         validate_run_name(run)?;
+        let part = crate::save::with_attempt(part, rest)?;
         validate(rest)?;
         let lens = validate_leased(&tensors, rest)?;
         self.layout.check_dirs(Some(run), Some(step))?;

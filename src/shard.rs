@@ -110,7 +110,11 @@ impl Store {
             run,
             step,
             state,
-            Some(PartInfo { rank, world_size }),
+            Some(PartInfo {
+                rank,
+                world_size,
+                attempt: None,
+            }),
         )
     }
 
@@ -132,7 +136,10 @@ impl Store {
         let path = self.layout.parts_dir(run, step).join(file);
         let bytes = crate::store::read_bounded(&path)?;
         let m = decode_manifest_file(&bytes, &path)?;
-        if m.run != run || m.step != step || m.part != Some(PartInfo { rank, world_size }) {
+        if m.run != run
+            || m.step != step
+            || m.part.as_ref().map(|p| (p.rank, p.world_size)) != Some((rank, world_size))
+        {
             return Err(Error::manifest(
                 &path,
                 format!(
@@ -204,10 +211,29 @@ impl Store {
     /// it, the others return `created: false`. A record with different
     /// bytes already there is [`Error::AlreadyExists`].
     pub fn commit(&self, run: &str, step: u64, world_size: u32) -> Result<CommitReport> {
+        self.commit_attempt(run, step, world_size, None)
+    }
+
+    /// [`Store::commit`] of the parts of one save attempt
+    /// ([`SaveState::attempt`]), leaving the parts of other attempts of the
+    /// step aside (collection removes them once the step is committed and
+    /// they are past the grace). With `None`, the parts of the one attempt
+    /// every rank saved (parts that name no attempt are one attempt); two
+    /// complete attempts with different contents are refused.
+    pub fn commit_attempt(
+        &self,
+        run: &str,
+        step: u64,
+        world_size: u32,
+        attempt: Option<&str>,
+    ) -> Result<CommitReport> {
         let t0 = Instant::now();
         validate_run_name(run)?;
         if world_size == 0 {
             return Err(Error::invalid("world size", "must be at least 1"));
+        }
+        if let Some(a) = attempt {
+            crate::save::validate_attempt(a)?;
         }
         // No collection while the record is built from the parts and
         // published: what the parts reference stays stored.
@@ -215,9 +241,15 @@ impl Store {
         self.layout.check_dirs(Some(run), Some(step))?;
         let listing = list_parts(&self.layout.parts_dir(run, step))?;
         let parts_at = self.layout.parts_dir(run, step).display().to_string();
-        let (parts, files) = pick_parts(run, step, world_size, &parts_at, &listing, &|file| {
-            self.part_manifest(run, step, file)
-        })?;
+        let (parts, files) = pick_parts(
+            run,
+            step,
+            world_size,
+            attempt,
+            &parts_at,
+            &listing,
+            &|file| self.part_manifest(run, step, file),
+        )?;
         let (record, mut report) = build_record(run, step, world_size, &parts, &|a, b| {
             Ok(self.read_entry(a)? == self.read_entry(b)?)
         })?;
@@ -463,7 +495,10 @@ impl RemoteStore {
         let path = self.parts_prefix(run, step).child(file);
         let display = std::path::PathBuf::from(path.to_string());
         let m = decode_manifest_file(&bytes, &display)?;
-        if m.run != run || m.step != step || m.part != Some(PartInfo { rank, world_size }) {
+        if m.run != run
+            || m.step != step
+            || m.part.as_ref().map(|p| (p.rank, p.world_size)) != Some((rank, world_size))
+        {
             return Err(Error::manifest(&display, "does not name its location"));
         }
         let bytes = bytes::Bytes::from(bytes);
@@ -529,7 +564,10 @@ impl RemoteStore {
         let bytes = self.block_on(self.get_manifest_object(&path))??;
         let display = std::path::PathBuf::from(path.to_string());
         let m = decode_manifest_file(&bytes, &display)?;
-        if m.run != run || m.step != step || m.part != Some(PartInfo { rank, world_size }) {
+        if m.run != run
+            || m.step != step
+            || m.part.as_ref().map(|p| (p.rank, p.world_size)) != Some((rank, world_size))
+        {
             return Err(Error::manifest(&display, "does not name its location"));
         }
         Ok(m)
@@ -598,10 +636,24 @@ impl RemoteStore {
     /// rank, check them by the same rules, and put the record create-only.
     /// Blocking.
     pub fn commit(&self, run: &str, step: u64, world_size: u32) -> Result<CommitReport> {
+        self.commit_attempt(run, step, world_size, None)
+    }
+
+    /// [`Store::commit_attempt`] on the remote tier. Blocking.
+    pub fn commit_attempt(
+        &self,
+        run: &str,
+        step: u64,
+        world_size: u32,
+        attempt: Option<&str>,
+    ) -> Result<CommitReport> {
         let t0 = Instant::now();
         validate_run_name(run)?;
         if world_size == 0 {
             return Err(Error::invalid("world size", "must be at least 1"));
+        }
+        if let Some(a) = attempt {
+            crate::save::validate_attempt(a)?;
         }
         let listing: Vec<PartListing> =
             self.parts(run, step)?.into_iter().map(|(p, _)| p).collect();
@@ -610,9 +662,15 @@ impl RemoteStore {
             self.url(),
             self.parts_prefix(run, step)
         );
-        let (parts, files) = pick_parts(run, step, world_size, &parts_at, &listing, &|file| {
-            self.part_manifest(run, step, file)
-        })?;
+        let (parts, files) = pick_parts(
+            run,
+            step,
+            world_size,
+            attempt,
+            &parts_at,
+            &listing,
+            &|file| self.part_manifest(run, step, file),
+        )?;
         crate::failpoint::hit("remote_commit.before_record")
             .map_err(|e| Error::io("fail point", self.manifest_path(run, step).to_string(), e))?;
         let read = |e: &EntryRef<'_>| -> Result<Vec<u8>> {
@@ -633,40 +691,89 @@ impl RemoteStore {
 }
 
 /// Choose the part of every rank of `world_size` from `listing` (sorted by
-/// rank, then file name), reading each with `read`: the first file of a
-/// rank, after checking that every other attempt of that rank holds the
-/// same tensors, blobs and metadata. The local and the remote commit use
-/// this one rule, so both build the same record from the same parts.
-/// Returns the parts in rank order and the number of part files read.
+/// rank, then file name), reading each with `read`. Parts are grouped by
+/// the save attempt they name ([`PartInfo::attempt`]; parts naming none
+/// are one group). With `attempt`, that attempt's parts are taken and the
+/// others left aside. Without, the one attempt every rank saved is taken;
+/// two complete attempts with different contents are refused. Within the
+/// attempt, a rank's first file is its part, after checking that its other
+/// files hold the same tensors, blobs and metadata. The local and the
+/// remote commit use this one rule, so both build the same record from
+/// the same parts. Returns the parts in rank order and the number of part
+/// files of the attempt.
 fn pick_parts(
     run: &str,
     step: u64,
     world_size: u32,
+    attempt: Option<&str>,
     parts_at: &str,
     listing: &[PartListing],
     read: &dyn Fn(&str) -> Result<Manifest>,
 ) -> Result<(Vec<Manifest>, usize)> {
-    let mut by_rank: Vec<Vec<&PartListing>> = vec![Vec::new(); world_size as usize];
-    for p in listing {
-        if p.world_size == world_size {
-            by_rank[p.rank as usize].push(p);
+    type Files<'l> = Vec<Vec<(&'l PartListing, Manifest)>>;
+    let mut groups: Vec<(Option<String>, Files<'_>)> = Vec::new();
+    for p in listing.iter().filter(|p| p.world_size == world_size) {
+        let m = read(&p.file)?;
+        let named = m.part.as_ref().and_then(|x| x.attempt.clone());
+        if attempt.is_some_and(|want| named.as_deref() != Some(want)) {
+            continue;
+        }
+        let g = match groups.iter().position(|g| g.0 == named) {
+            Some(g) => g,
+            None => {
+                groups.push((named, (0..world_size).map(|_| Vec::new()).collect()));
+                groups.len() - 1
+            }
+        };
+        groups[g].1[p.rank as usize].push((p, m));
+    }
+    let complete = |g: &Files<'_>| g.iter().all(|r| !r.is_empty());
+    let Some(at) = groups.iter().position(|g| complete(&g.1)) else {
+        // The attempt closest to complete (the first of those) names the
+        // rank it waits for.
+        let most = groups
+            .iter()
+            .rev()
+            .max_by_key(|g| g.1.iter().filter(|r| !r.is_empty()).count());
+        let rank = most.map_or(0, |g| g.1.iter().position(|r| r.is_empty()).unwrap_or(0));
+        return Err(Error::MissingRank {
+            run: run.to_string(),
+            step,
+            rank: rank as u32,
+            world_size,
+        });
+    };
+    let same = |a: &Manifest, b: &Manifest| {
+        a.tensors == b.tensors && a.blobs == b.blobs && a.metadata == b.metadata
+    };
+    let chosen = groups.swap_remove(at);
+    for other in groups.iter().filter(|g| complete(&g.1)) {
+        for (rank, (mine, theirs)) in chosen.1.iter().zip(&other.1).enumerate() {
+            if !same(&mine[0].1, &theirs[0].1) {
+                return Err(Error::PartsDisagree {
+                    name: format!("part of rank {rank}"),
+                    what: "attempt",
+                    first_rank: rank as u32,
+                    first: mine[0].0.file.clone(),
+                    other_rank: rank as u32,
+                    other: theirs[0].0.file.clone(),
+                    hint: format!(
+                        "; two save attempts of run {run} step {step} ({} and {}) are each saved \
+                         by every rank, with different contents: commit one by naming its attempt, \
+                         or remove the other's part files from {parts_at}",
+                        attempt_label(&chosen.0),
+                        attempt_label(&other.0)
+                    ),
+                });
+            }
         }
     }
     let mut parts = Vec::with_capacity(world_size as usize);
     let mut files = 0;
-    for (rank, attempts) in by_rank.iter().enumerate() {
-        let Some(first) = attempts.first() else {
-            return Err(Error::MissingRank {
-                run: run.to_string(),
-                step,
-                rank: rank as u32,
-                world_size,
-            });
-        };
-        let m = read(&first.file)?;
-        for other in &attempts[1..] {
-            let o = read(&other.file)?;
-            if o.tensors != m.tensors || o.blobs != m.blobs || o.metadata != m.metadata {
+    for (rank, mut attempts) in chosen.1.into_iter().enumerate() {
+        let (first, m) = &attempts[0];
+        for (other, o) in &attempts[1..] {
+            if !same(m, o) {
                 return Err(Error::PartsDisagree {
                     name: format!("part of rank {rank}"),
                     what: "part",
@@ -675,18 +782,29 @@ fn pick_parts(
                     other_rank: rank as u32,
                     other: other.file.clone(),
                     hint: format!(
-                        "; two save attempts of this rank differ: an earlier save of run {run} step \
-                         {step} was abandoned before its commit (or two jobs save this step). With \
-                         no save of the step running, remove the abandoned attempt's part file \
-                         from {parts_at} and commit again, or save to another step"
+                        "; two saves of this rank in {} differ: an earlier save of run {run} step \
+                         {step} was abandoned before its commit (or two jobs save this step). \
+                         Name each save attempt (the DCP writer does; `SaveState::attempt`, \
+                         `attempt=` in Python) and commit it by name, or, with no save of the \
+                         step running, remove the abandoned attempt's part file from {parts_at} \
+                         and commit again, or save to another step",
+                        attempt_label(&chosen.0)
                     ),
                 });
             }
         }
         files += attempts.len();
-        parts.push(m);
+        parts.push(attempts.swap_remove(0).1);
     }
     Ok((parts, files))
+}
+
+/// How an error names an attempt.
+fn attempt_label(attempt: &Option<String>) -> String {
+    match attempt {
+        Some(a) => format!("attempt {a:?}"),
+        None => "the parts that name no attempt".to_string(),
+    }
 }
 
 /// Read regions of tensors of `manifest` from `source`.
@@ -927,6 +1045,9 @@ pub(crate) fn build_record(
         part: None,
         world_size: Some(world_size),
         sharded,
+        attempt: first
+            .and_then(|p| p.part.as_ref())
+            .and_then(|p| p.attempt.clone()),
     };
     Ok((record, report))
 }

@@ -656,6 +656,146 @@ fn commit_refuses_bad_layouts_naming_what_is_wrong() {
     );
 }
 
+/// Rank `rank` of 2 saves its half (rows `4 * rank..`) of an `[8, 4]` F32
+/// tensor `w` into step `step`, every byte `fill + rank`, as part of
+/// `attempt`.
+fn save_half(store: &Store, step: u64, rank: u32, attempt: Option<&str>, fill: u8) {
+    let st = RankState {
+        tensors: vec![(
+            "w".to_string(),
+            DType::F32,
+            vec![4, 4],
+            vec![fill + rank as u8; 64],
+            Some(ShardInfo {
+                global_shape: vec![8, 4],
+                offsets: vec![4 * rank as u64, 0],
+            }),
+        )],
+        blobs: vec![],
+        rank,
+    };
+    let mut view = st.view();
+    if let Some(a) = attempt {
+        view = view.attempt(a);
+    }
+    store
+        .save_part("r", step, rank, 2, &view)
+        .unwrap()
+        .wait()
+        .unwrap();
+}
+
+/// The bytes of `w` at `step` as the two ranks of [`save_half`] saved it.
+fn halves(fill: u8) -> Vec<u8> {
+    [vec![fill; 64], vec![fill + 1; 64]].concat()
+}
+
+/// A job dies before its commit, restarts from an earlier step and saves
+/// the step again with other contents: the commit of the new attempt
+/// takes its parts, the abandoned ones are left aside (not mixed in, not
+/// a reason to refuse), and collection removes them once the step is
+/// committed and they are past the grace.
+#[test]
+fn an_abandoned_attempt_is_left_aside_by_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = new_store(dir.path());
+    let clock = ManualClock::new();
+    store.set_clock(Arc::new(clock.clone()));
+    let w = |store: &Store, step: u64| {
+        store
+            .restore("r", StepSel::Step(step), &TensorFilter::All)
+            .unwrap()
+            .tensor("w")
+            .unwrap()
+            .data
+            .clone()
+    };
+
+    // Step 1: attempt "a1" died after rank 0 saved; "a2" is saved whole.
+    save_half(&store, 1, 0, Some("a1"), 10);
+    save_half(&store, 1, 0, Some("a2"), 20);
+    save_half(&store, 1, 1, Some("a2"), 20);
+    let r = store.commit_attempt("r", 1, 2, Some("a2")).unwrap();
+    assert_eq!((r.parts, r.created), (2, true));
+    assert_eq!(w(&store, 1), halves(20));
+    assert_eq!(
+        store.manifest("r", 1).unwrap().attempt.as_deref(),
+        Some("a2")
+    );
+
+    // Step 2: the same, committed without naming the attempt: the one
+    // attempt every rank saved is taken.
+    save_half(&store, 2, 0, Some("a1"), 30);
+    save_half(&store, 2, 0, Some("a2"), 40);
+    save_half(&store, 2, 1, Some("a2"), 40);
+    store.commit("r", 2, 2).unwrap();
+    assert_eq!(w(&store, 2), halves(40));
+
+    // Step 3: both attempts saved by every rank, with different contents:
+    // a commit that names neither is refused, naming both; naming one
+    // commits it.
+    for rank in 0..2 {
+        save_half(&store, 3, rank, Some("x1"), 50);
+        save_half(&store, 3, rank, Some("x2"), 60);
+    }
+    match store.commit("r", 3, 2).unwrap_err() {
+        e @ Error::PartsDisagree {
+            what: "attempt", ..
+        } => {
+            let msg = e.to_string();
+            assert!(msg.contains("\"x1\"") && msg.contains("\"x2\""), "{msg}");
+        }
+        e => panic!("expected two complete attempts to be refused, got {e}"),
+    }
+    assert!(store.steps("r").unwrap() == vec![1, 2]);
+    store.commit_attempt("r", 3, 2, Some("x2")).unwrap();
+    assert_eq!(w(&store, 3), halves(60));
+
+    // An attempt no rank saved waits for rank 0; a bad name is refused;
+    // only a part names an attempt.
+    save_half(&store, 4, 1, Some("b1"), 70);
+    match store.commit_attempt("r", 4, 2, Some("b1")).unwrap_err() {
+        Error::MissingRank { rank: 0, .. } => {}
+        e => panic!("expected rank 0 missing, got {e}"),
+    }
+    match store.commit_attempt("r", 4, 2, Some("nobody")).unwrap_err() {
+        Error::MissingRank { rank: 0, .. } => {}
+        e => panic!("expected rank 0 missing, got {e}"),
+    }
+    for bad in ["", "a/b", "../x", &"a".repeat(65)] {
+        let e = store.commit_attempt("r", 4, 2, Some(bad)).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Invalid, "{bad:?}: {e}");
+        let e = store
+            .save_part("r", 5, 0, 2, &SaveState::new().attempt(bad))
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Invalid, "{bad:?}: {e}");
+    }
+    let e = store
+        .save("r", 5, &SaveState::new().attempt("a1"))
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
+    assert!(e.to_string().contains("only a part"), "{e}");
+
+    // Collection: the abandoned attempts' parts of the committed steps go
+    // once past the grace, with the chunks only they held; the committed
+    // steps read as before and verify.
+    let grace = Duration::from_secs(2 * 3600);
+    let g = store.gc(grace, false).unwrap();
+    assert_eq!(g.parts_removed, 0, "younger than the grace: {g:?}");
+    clock.advance(Duration::from_secs(3 * 3600));
+    let g = store.gc(grace, false).unwrap();
+    // a1 of step 1 and 2, x1's two parts of step 3.
+    assert_eq!(g.parts_removed, 4, "{g:?}");
+    assert!(g.chunks_deleted >= 1, "{g:?}");
+    assert_eq!(store.parts("r", 1).unwrap().len(), 2);
+    assert_eq!(store.parts("r", 3).unwrap().len(), 2);
+    assert_eq!(w(&store, 1), halves(20));
+    assert_eq!(w(&store, 2), halves(40));
+    assert_eq!(w(&store, 3), halves(60));
+    let v = store.verify(None, None).unwrap();
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+}
+
 #[test]
 fn retried_identical_part_and_v1_checkpoints_still_read() {
     let dir = tempfile::tempdir().unwrap();
@@ -707,7 +847,7 @@ fn retried_identical_part_and_v1_checkpoints_still_read() {
 /// Write a part manifest by hand (as `save_part` would publish it).
 fn write_part(dir: &Path, run: &str, step: u64, m: &cairn::Manifest) {
     let bytes = cairn::format::manifest::encode_manifest(m).unwrap();
-    let p = m.part.unwrap();
+    let p = m.part.clone().unwrap();
     let parts = dir.join(format!("runs/{run}/{step:020}/parts"));
     std::fs::create_dir_all(&parts).unwrap();
     let name = format!(
@@ -774,9 +914,11 @@ fn write_row_parts(store: &Store, dir: &Path, run: &str, step: u64, n: u64, cols
             part: Some(cairn::PartInfo {
                 rank: r as u32,
                 world_size: n as u32,
+                attempt: None,
             }),
             world_size: None,
             sharded: vec![],
+            attempt: None,
         };
         write_part(dir, run, step, &m);
     }
@@ -944,6 +1086,7 @@ fn committers_race_exactly_one_record_wins() {
     m.part = Some(cairn::PartInfo {
         rank: 0,
         world_size: 1,
+        attempt: None,
     });
     m.tensors.retain(|t| t.shard.is_none());
     write_part(dir.path(), "r", 5, &m);

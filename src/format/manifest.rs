@@ -75,16 +75,27 @@ pub struct Manifest {
     /// in a record.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sharded: Vec<ShardedTensor>,
+    /// Format v2, global records only: the save attempt whose parts were
+    /// committed, when the ranks named one ([`PartInfo::attempt`]). Parts
+    /// of the step from other attempts are left for collection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<String>,
 }
 
 /// Which part of a sharded step a part manifest is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PartInfo {
     /// The rank that saved it, `0..world_size`.
     pub rank: u32,
     /// How many ranks save the step.
     pub world_size: u32,
+    /// The save attempt the part belongs to, when the ranks named one
+    /// ([`crate::SaveState::attempt`]): a commit takes the parts of one
+    /// attempt, so an attempt abandoned before its commit does not stand
+    /// in the way of the next. Absent from the JSON when not named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<String>,
 }
 
 /// A global tensor of a committed sharded step (format v2): its type and
@@ -581,6 +592,7 @@ mod tests {
             part: None,
             world_size: None,
             sharded: vec![],
+            attempt: None,
         }
     }
 

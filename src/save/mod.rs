@@ -13,6 +13,7 @@ pub(crate) use ctx::{PlannedEntry, SaveCtx};
 pub use handle::{SaveHandle, SaveReport};
 pub(crate) use pipeline::{ChunkJob, Pipeline, PipelineThreads, Submitter};
 pub(crate) use stage::{
-    position_of, sample_of, stage_entries, stage_save, validate, PACK_THRESHOLD,
+    position_of, sample_of, stage_entries, stage_save, validate, validate_attempt, with_attempt,
+    PACK_THRESHOLD,
 };
 pub use state::{SaveState, TensorView};

@@ -1092,7 +1092,7 @@ fn commit(ctx: &SaveCtx, max_dirty: u64) -> Result<SaveReport> {
     let bytes = encode_manifest(&manifest)?;
     let step_dir = layout_root.step_dir(&ctx.run, ctx.step);
     layout_root.check_dirs(Some(&ctx.run), Some(ctx.step))?;
-    if let Some(p) = ctx.part {
+    if let Some(p) = &ctx.part {
         // A part: create-only under a name of its own bytes, so a retried
         // save of the rank never collides with an earlier attempt, and
         // identical bytes are already published.
@@ -1186,9 +1186,10 @@ fn build_manifest(ctx: &SaveCtx) -> Result<Manifest> {
         blobs,
         metadata: ctx.metadata.clone(),
         metrics: ctx.metrics.clone().into(),
-        part: ctx.part,
+        part: ctx.part.clone(),
         world_size: None,
         sharded: Vec::new(),
+        attempt: None,
     })
 }
 

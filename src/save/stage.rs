@@ -51,6 +51,44 @@ fn check_metadata_size(metadata: &serde_json::Value) -> Result<()> {
 }
 
 /// Check a state before anything is staged.
+/// `part` with the attempt `state` names ([`SaveState::attempt`]): 1 to 64
+/// ASCII letters, digits, `-` or `_`, and only on a part.
+pub(crate) fn with_attempt(
+    part: Option<crate::format::manifest::PartInfo>,
+    state: &SaveState<'_>,
+) -> Result<Option<crate::format::manifest::PartInfo>> {
+    let Some(attempt) = &state.attempt else {
+        return Ok(part);
+    };
+    let Some(mut part) = part else {
+        return Err(Error::invalid(
+            "attempt",
+            format!(
+                "{attempt:?}: only a part of a sharded step (a save with a rank) names an attempt"
+            ),
+        ));
+    };
+    validate_attempt(attempt)?;
+    part.attempt = Some(attempt.clone());
+    Ok(Some(part))
+}
+
+/// An attempt name: 1 to 64 ASCII letters, digits, `-` or `_`.
+pub(crate) fn validate_attempt(attempt: &str) -> Result<()> {
+    let ok = (1..=64).contains(&attempt.len())
+        && attempt
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "attempt",
+            format!("{attempt:?}: expected 1 to 64 ASCII letters, digits, '-' or '_'"),
+        ))
+    }
+}
+
 pub(crate) fn validate(state: &SaveState<'_>) -> Result<()> {
     let mut names = HashSet::new();
     for t in &state.tensors {
@@ -122,7 +160,7 @@ pub(crate) fn stage_save(
     part: Option<crate::format::manifest::PartInfo>,
 ) -> Result<SaveHandle> {
     validate_run_name(run)?;
-    if let Some(p) = part {
+    if let Some(p) = &part {
         if p.world_size == 0 || p.rank >= p.world_size {
             return Err(Error::invalid(
                 "part",
@@ -130,6 +168,7 @@ pub(crate) fn stage_save(
             ));
         }
     }
+    let part = with_attempt(part, state)?;
     validate(state)?;
     layout.check_dirs(Some(run), Some(step))?;
     if layout.manifest_path(run, step).exists() {
@@ -279,7 +318,7 @@ pub(crate) fn position_of(ctx: &SaveCtx, name: &str, tensor: bool, index: usize)
     let mut h = blake3::Hasher::new();
     h.update(ctx.run.as_bytes());
     h.update(&[0, tensor as u8]);
-    if let Some(p) = ctx.part {
+    if let Some(p) = &ctx.part {
         h.update(&p.rank.to_le_bytes());
     }
     h.update(&[0]);

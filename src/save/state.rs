@@ -32,6 +32,10 @@ pub struct SaveState<'a> {
     /// Training metrics stored in the manifest (loss, grad norm, ...), by
     /// which [`crate::MetricFilter`] selects steps.
     pub metrics: std::collections::BTreeMap<String, f64>,
+    /// For a part of a sharded step ([`crate::Store::save_part`]): the save
+    /// attempt it belongs to, named alike by every rank of the attempt
+    /// ([`SaveState::attempt`]). `None` on a plain save.
+    pub attempt: Option<String>,
 }
 
 impl<'a> SaveState<'a> {
@@ -86,6 +90,19 @@ impl<'a> SaveState<'a> {
     /// Set the JSON metadata.
     pub fn metadata(mut self, metadata: serde_json::Value) -> Self {
         self.metadata = metadata;
+        self
+    }
+
+    /// Name the save attempt this part belongs to (1 to 64 ASCII letters,
+    /// digits, `-` or `_`). Every rank of one attempt names the same one
+    /// (the DCP writer's coordinator draws it and hands it to the ranks),
+    /// and [`crate::Store::commit_attempt`] commits that attempt's parts
+    /// only: the parts of an earlier attempt of the step, abandoned before
+    /// its commit with other contents, are then left aside instead of
+    /// refused. Only a part has an attempt; a plain save naming one is
+    /// refused.
+    pub fn attempt(mut self, attempt: impl Into<String>) -> Self {
+        self.attempt = Some(attempt.into());
         self
     }
 

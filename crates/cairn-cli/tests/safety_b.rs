@@ -227,6 +227,7 @@ fn p02_manifest_encoder_refuses_body_over_read_limit() {
         part: None,
         world_size: None,
         sharded: vec![],
+        attempt: None,
     };
     let err = cairn::format::manifest::encode_manifest(&m).expect_err("over the limit");
     assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");

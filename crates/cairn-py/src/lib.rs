@@ -497,7 +497,7 @@ impl Store {
         blobs: Vec<(String, Bound<'_, PyBytes>)>,
         metadata_json: Option<&str>,
         metrics: Option<BTreeMap<String, f64>>,
-        part: Option<(u32, u32)>,
+        part: Option<(u32, u32, Option<String>)>,
     ) -> PyResult<LeasedSave> {
         let py = slf.py();
         let metadata = match metadata_json {
@@ -531,7 +531,8 @@ impl Store {
                     state.metrics = m;
                 }
                 match part {
-                    Some((rank, world_size)) => {
+                    Some((rank, world_size, attempt)) => {
+                        state.attempt = attempt;
                         inner.lease_save_part(run, step, rank, world_size, specs, &state)
                     }
                     None => inner.lease_save(run, step, specs, &state),
@@ -564,7 +565,7 @@ impl Store {
         blobs: Vec<(String, Bound<'_, PyBytes>)>,
         metadata_json: Option<&str>,
         metrics: Option<BTreeMap<String, f64>>,
-        part: Option<(u32, u32)>,
+        part: Option<(u32, u32, Option<String>)>,
     ) -> PyResult<SaveHandle> {
         let metadata = match metadata_json {
             Some(t) => serde_json::from_str(t).map_err(|e| invalid("metadata", e))?,
@@ -626,7 +627,8 @@ impl Store {
                     state.metrics = m;
                 }
                 match part {
-                    Some((rank, world_size)) => {
+                    Some((rank, world_size, attempt)) => {
+                        state.attempt = attempt;
                         inner.save_part(run, step, rank, world_size, &state)
                     }
                     None => inner.save(run, step, &state),
@@ -642,11 +644,20 @@ impl Store {
     }
 
     /// Commit sharded step `(run, step)` saved by `world_size` ranks
-    /// ([`cairn::Store::commit`]); the report as JSON text.
-    fn commit(&self, py: Python<'_>, run: &str, step: u64, world_size: u32) -> PyResult<String> {
+    /// ([`cairn::Store::commit_attempt`]: the parts of `attempt`, or of
+    /// the one attempt every rank saved); the report as JSON text.
+    #[pyo3(signature = (run, step, world_size, attempt=None))]
+    fn commit(
+        &self,
+        py: Python<'_>,
+        run: &str,
+        step: u64,
+        world_size: u32,
+        attempt: Option<&str>,
+    ) -> PyResult<String> {
         let inner = self.open_store()?;
         let r = py
-            .detach(|| inner.commit(run, step, world_size))
+            .detach(|| inner.commit_attempt(run, step, world_size, attempt))
             .map_err(err)?;
         json_text(&r)
     }

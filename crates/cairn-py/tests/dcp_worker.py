@@ -12,6 +12,8 @@ load (any N): a freshly initialized model of the same shape sharded over N
   directory; every local shard and every other value must be equal, bit
   for bit.
 kill (4 ranks): rank 2 SIGKILLs itself in the middle of saving step 3.
+resave (4 ranks): after kill, the restarted job saves step 3 again with
+  other contents and loads it back; each rank writes DIR/ok-resave-RANK.
 groups (2 ranks): a value that differs per rank, saved with `dcp.save` and
   `dcp.async_save` (DCP keeps one rank's, as FileSystemWriter shows); saves
   with `no_dist=True` on each rank and with a one-rank process group. Each
@@ -153,6 +155,23 @@ def main():
 
             cairn.Store.save = dying_save
         dcp.save(state, storage_writer=CairnStorageWriter(store, "dcp", 3))
+    elif mode == "resave":
+        # The job restarted after "kill": it trains on from step 1 and saves
+        # step 3 again, with other contents than the dead attempt's parts.
+        model, opt = build(0)
+        train_step(model, opt, 1)
+        train_step(model, opt, 4)
+        state = state_of(model, opt)
+        dcp.save(state, storage_writer=CairnStorageWriter(store, "dcp", 3))
+        model2, opt2 = build(300)
+        train_step(model2, opt2, 9)
+        got = state_of(model2, opt2)
+        got["extra"] = {"epoch": 0, "note": ""}
+        dcp.load(got, storage_reader=CairnStorageReader(store, "dcp", 3))
+        n = same(got, state, f"resaved step 3 rank {rank}")
+        assert n >= 10, n
+        with open(os.path.join(root, f"ok-resave-{rank}"), "w") as fh:
+            fh.write("ok")
     elif mode == "groups":
         groups(root, rank, store)
     dist.destroy_process_group()

@@ -2,7 +2,8 @@
 an FSDP2-sharded model and optimizer through `CairnStorageWriter` (plain
 and `dcp.async_save`), 2, 3 and 1 ranks load it through
 `CairnStorageReader`, bit-exact against the same state saved with DCP's
-`FileSystemWriter`; a rank killed mid-save leaves the step invisible. The
+`FileSystemWriter`; a rank killed mid-save leaves the step invisible, and
+the restarted job's save of that step commits. The
 ranks' work is in `dcp_worker.py`."""
 
 import os
@@ -116,7 +117,7 @@ def test_step_saved_by_cairn_store_save_loads_through_dcp(tmp_path):
     assert back["w"].numpy().tobytes() == w.tobytes()
 
 
-def test_rank_killed_mid_save_leaves_the_step_invisible(saved):
+def test_rank_killed_mid_save_leaves_the_step_invisible_and_a_resave_commits(saved):
     p = torchrun(4, "kill", saved, expect_ok=False)
     assert p.returncode != 0, p.stdout[-4000:]
     assert "SIGKILL" in p.stdout or "Signal 9" in p.stdout, p.stdout[-4000:]
@@ -132,6 +133,16 @@ def test_rank_killed_mid_save_leaves_the_step_invisible(saved):
     parts_dir = saved / "store" / "runs" / "dcp" / f"{3:020d}" / "parts"
     parts = [p.name for p in parts_dir.iterdir()] if parts_dir.exists() else []
     assert not any(p.startswith("2-of-4") for p in parts), parts
+    assert parts, "the ranks that lived published their parts"
+    # The job restarts and saves step 3 again with other contents: the
+    # dead attempt's parts are left aside, the new save commits and loads.
+    torchrun(4, "resave", saved)
+    assert all((saved / f"ok-resave-{r}").exists() for r in range(4))
+    assert store.steps("dcp") == [1, 2, 3]
+    now = sorted(p.name for p in parts_dir.iterdir())
+    assert set(parts) < set(now) and len(now) == len(parts) + 4, (parts, now)
+    # The record names the attempt it took: not the dead one.
+    assert store.manifest("dcp", 3)["attempt"]
 
 
 @pytest.fixture(scope="module")

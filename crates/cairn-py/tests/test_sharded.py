@@ -197,6 +197,45 @@ def test_commit_names_the_missing_rank(store):
     assert store.load("r", 1)["w"].tobytes() == a.tobytes()
 
 
+def test_a_named_attempt_leaves_an_abandoned_one_aside(store):
+    a = np.arange(40, dtype=np.float32).reshape(8, 5)
+    b = a + 100
+    # An earlier save of step 1 died after rank 0 saved; then every rank
+    # saved it again, with other contents, as attempt "second".
+    store.save("r", 1, {"w": cairn.Shard(a[0:4], (8, 5), (0, 0))}, rank=0, world_size=2, attempt="first").wait()
+    for rank in (0, 1):
+        part = cairn.Shard(b[4 * rank : 4 * rank + 4], (8, 5), (4 * rank, 0))
+        store.save("r", 1, {"w": part}, rank=rank, world_size=2, attempt="second").wait()
+    with pytest.raises(cairn.NotFoundError, match="rank 1 of world size 2"):
+        store.commit("r", 1, 2, attempt="first")
+    report = store.commit("r", 1, 2, attempt="second")
+    assert report.parts == 2
+    assert store.load("r", 1)["w"].tobytes() == b.tobytes()
+    assert store.manifest("r", 1)["attempt"] == "second"
+    # Arguments.
+    with pytest.raises(cairn.InvalidError, match="only a part"):
+        store.save("r", 2, {"w": a}, attempt="x")
+    with pytest.raises(cairn.InvalidError, match="attempt"):
+        store.save("r", 2, {"w": a}, rank=0, world_size=1, attempt="a/b")
+    with pytest.raises(cairn.InvalidError, match="expected a str"):
+        store.commit("r", 2, 1, attempt=7)
+    assert store.steps("r") == [1]
+
+
+def test_run_and_metadata_that_cannot_be_stored_are_named(store):
+    a = np.zeros(4, dtype=np.float32)
+    for run in (None, 5, b"r"):
+        with pytest.raises(cairn.InvalidError, match=r"invalid run: .*expected a str"):
+            store.save(run, 1, {"w": a})
+    with pytest.raises(cairn.InvalidError, match="invalid run"):
+        store.steps(None)
+    with pytest.raises(cairn.InvalidError, match="invalid metadata: Out of range float"):
+        store.save("r", 1, {"w": a}, metadata={"lr": float("nan")})
+    with pytest.raises(cairn.InvalidError, match="invalid metadata: .*not JSON serializable"):
+        store.save("r", 1, {"w": a}, metadata={"when": object()})
+    assert store.steps("r") == []
+
+
 def test_commit_and_world_size_arguments_are_checked(store):
     with pytest.raises(cairn.InvalidError, match="world size"):
         store.commit("r", 1, 0)

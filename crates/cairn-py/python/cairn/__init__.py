@@ -281,9 +281,32 @@ def _items(mapping, what):
         raise InvalidError(f"invalid {what}: expected a dict or (name, value) pairs") from None
 
 
-def _part_arg(rank, world_size):
-    """`(rank, world_size)` of a sharded save, or None for a plain one."""
+def _run_arg(run):
+    """A run name as the core takes it: a str (the core checks its
+    characters); anything else, None included, is refused rather than
+    turned into its repr."""
+    if not isinstance(run, str):
+        raise InvalidError(f"invalid run: {run!r}: expected a str, got {type(run).__name__}")
+    return run
+
+
+def _attempt_arg(attempt):
+    """A save attempt's name, or None (the core checks its characters)."""
+    if attempt is not None and not isinstance(attempt, str):
+        raise InvalidError(f"invalid attempt: {attempt!r}: expected a str, got {type(attempt).__name__}")
+    return attempt
+
+
+def _part_arg(rank, world_size, attempt=None):
+    """`(rank, world_size, attempt)` of a sharded save, or None for a plain
+    one."""
+    attempt = _attempt_arg(attempt)
     if rank is None and world_size is None:
+        if attempt is not None:
+            raise InvalidError(
+                f"invalid attempt: {attempt!r}: only a part of a sharded step (a save with rank and "
+                "world_size) names an attempt"
+            )
         return None
     if rank is None or world_size is None:
         raise InvalidError("invalid sharded save: rank and world_size go together")
@@ -292,7 +315,7 @@ def _part_arg(rank, world_size):
             raise InvalidError(f"invalid {what}: {v!r}: expected an int in 0..={_U32_MAX}")
     if not 0 <= rank < world_size:
         raise InvalidError(f"invalid rank: {rank} is not below world_size {world_size}")
-    return (int(rank), int(world_size))
+    return (int(rank), int(world_size), attempt)
 
 
 def _tensor_entries(manifest):
@@ -474,6 +497,7 @@ class Store:
         metrics=None,
         rank=None,
         world_size=None,
+        attempt=None,
     ):
         """Save checkpoint `(run, step)`. `tensors` maps names to numpy
         arrays, torch tensors (CPU or CUDA) or `cairn.Shard`s; `blobs` maps
@@ -485,9 +509,14 @@ class Store:
         With `rank` and `world_size` the save is that rank's part of a
         sharded step: `cairn.Shard` values place their data in the global
         tensor, plain tensors are replicas of the whole tensor. A part does
-        not make the step visible; `commit` does, once every rank saved."""
+        not make the step visible; `commit` does, once every rank saved.
+        `attempt` (a str of 1 to 64 letters, digits, `-` or `_`, the same on
+        every rank) names the save attempt the part belongs to, so that
+        `commit(..., attempt=...)` takes that attempt's parts and leaves an
+        earlier attempt of the step, abandoned before its commit, aside."""
+        run = _run_arg(run)
         step = _save_step(step)
-        part = _part_arg(rank, world_size)
+        part = _part_arg(rank, world_size, attempt)
         items = _items(tensors, "tensors")
         values = [v.data if isinstance(v, Shard) else v for _, v in items]
         for (name, _), v in zip(items, values):
@@ -546,7 +575,7 @@ class Store:
             specs.append((str(name), dt, [int(d) for d in t.shape], shard))
             sources.append(t.reshape(-1).view(torch.uint8) if t.numel() else None)
         raw_blobs, meta, mets = self._extras(blobs, metadata, metrics)
-        session = self._raw.lease_save(str(run), int(step), specs, raw_blobs, meta, mets, part)
+        session = self._raw.lease_save(_run_arg(run), int(step), specs, raw_blobs, meta, mets, part)
         try:
             pool, base = self._pool()
             if any(s is not None and s.device.type != "cpu" for s in sources):
@@ -573,7 +602,12 @@ class Store:
             if not isinstance(b, (bytes, bytearray, memoryview)):
                 raise InvalidError(f"invalid blob {n!r}: expected bytes, got {type(b).__name__}")
             raw_blobs.append((str(n), bytes(b)))
-        meta = None if metadata is None else json.dumps(metadata)
+        meta = None
+        if metadata is not None:
+            try:
+                meta = json.dumps(metadata, allow_nan=False)
+            except (TypeError, ValueError) as e:
+                raise InvalidError(f"invalid metadata: {e} (metadata is stored as JSON)") from None
         mets = None
         if metrics is not None:
             mets = {}
@@ -588,10 +622,10 @@ class Store:
         keep = []
         raw = [_raw_tensor(str(n), v, keep) for n, v in items]
         raw_blobs, meta, mets = self._extras(blobs, metadata, metrics)
-        h = self._raw.save(str(run), int(step), raw, raw_blobs, meta, mets, part)
+        h = self._raw.save(_run_arg(run), int(step), raw, raw_blobs, meta, mets, part)
         return SaveHandle(h)
 
-    def commit(self, run, step, world_size):
+    def commit(self, run, step, world_size, attempt=None):
         """Make sharded step `(run, step)` visible once each of the
         `world_size` ranks saved its part (and its handle resolved). Checks
         that the parts agree and that the shards of every tensor tile it
@@ -599,13 +633,19 @@ class Store:
         rank, the overlapping or the uncovered region otherwise. Returns a
         `CommitReport` (`parts`, `tensors`, `shards`, `replicas`, `blobs`,
         `logical_bytes`, `created`, `elapsed`). Committing an already
-        committed step with the same parts succeeds with `created=False`."""
+        committed step with the same parts succeeds with `created=False`.
+        With `attempt`, the parts saved with that attempt are committed and
+        those of other attempts left aside (collection removes them once
+        the step is committed); without, the one attempt every rank saved
+        (parts saved without an attempt count as one); two complete attempts
+        with different contents are refused, naming both."""
         step = _save_step(step)
         if isinstance(world_size, bool) or not isinstance(world_size, (int, np.integer)):
             raise InvalidError(f"invalid world size: {world_size!r}: expected an int")
         if not 1 <= world_size <= _U32_MAX:
             raise InvalidError(f"invalid world size: {world_size}: must be in 1..={_U32_MAX}")
-        return CommitReport(json.loads(self._raw.commit(str(run), step, int(world_size))))
+        attempt = _attempt_arg(attempt)
+        return CommitReport(json.loads(self._raw.commit(_run_arg(run), step, int(world_size), attempt)))
 
     def load_region(self, run, step, name, offsets, shape):
         """The region of tensor `name` at `offsets` with `shape` as a numpy
@@ -618,7 +658,7 @@ class Store:
         """Several regions at once: `regions` is a list of `(name, offsets,
         shape)`; a list of numpy arrays in the same order. A chunk several
         regions need is read once."""
-        run = str(run)
+        run = _run_arg(run)
         step = self.resolve(run, step)
         dtypes = {e["name"]: e["dtype"] for e in _tensor_entries(json.loads(self._raw.manifest_json(run, step)))}
         out, raw = [], []
@@ -644,7 +684,7 @@ class Store:
 
     def steps(self, run):
         """Committed steps of `run`, ascending."""
-        return list(self._raw.steps(str(run)))
+        return list(self._raw.steps(_run_arg(run)))
 
     def latest(self, run, where=None):
         """The newest committed step of `run`, or None. With `where`, the
@@ -652,7 +692,7 @@ class Store:
         `"loss<2.5,grad_norm<=10"`), or a function of the metrics dict. A
         step without the named metric, or with a NaN, does not match."""
         if where is None or isinstance(where, str):
-            return self._raw.latest(str(run), where)
+            return self._raw.latest(_run_arg(run), where)
         if not callable(where):
             raise InvalidError("invalid where: expected conditions as text or a function of the metrics")
         for step in reversed(self.steps(run)):
@@ -662,12 +702,12 @@ class Store:
 
     def resolve(self, run, step="latest"):
         """The committed step `step` names ("latest" or a number)."""
-        return self._raw.resolve(str(run), _step_arg(step))
+        return self._raw.resolve(_run_arg(run), _step_arg(step))
 
     def manifest(self, run, step="latest"):
         """The manifest of a committed checkpoint, as a dict."""
         step = self.resolve(run, step)
-        return json.loads(self._raw.manifest_json(str(run), step))
+        return json.loads(self._raw.manifest_json(_run_arg(run), step))
 
     def metrics(self, run, step="latest"):
         """The metrics saved with a checkpoint (NaN for non-finite ones)."""
@@ -681,13 +721,13 @@ class Store:
     def blobs(self, run, step="latest", names=None):
         """The blobs of a checkpoint: dict name -> bytes."""
         step = self.resolve(run, step)
-        return dict(self._raw.blobs(str(run), step, None if names is None else list(names)))
+        return dict(self._raw.blobs(_run_arg(run), step, None if names is None else list(names)))
 
     def load(self, run, step="latest", names=None):
         """Read a checkpoint's tensors: dict name -> numpy array (bf16 and
         fp8 as ml_dtypes arrays), in saved order. `names` selects tensors;
         every chunk read is verified."""
-        run = str(run)
+        run = _run_arg(run)
         step = self.resolve(run, step)
         entries = _tensor_entries(json.loads(self._raw.manifest_json(run, step)))
         by_name = {e["name"]: e for e in entries}
@@ -715,7 +755,7 @@ class Store:
         copy; targets that share memory are restored in the order given.
         Every target is checked (name, dtype, shape, writable) before any
         is written. Returns the step read."""
-        run = str(run)
+        run = _run_arg(run)
         step = self.resolve(run, step)
         entries = {e["name"]: e for e in _tensor_entries(json.loads(self._raw.manifest_json(run, step)))}
         checked = []
@@ -808,8 +848,8 @@ class Store:
 
     def delete(self, run, step):
         """Delete a checkpoint (its chunks go at the next garbage collection)."""
-        self._raw.delete(str(run), _save_step(step))
+        self._raw.delete(_run_arg(run), _save_step(step))
 
     def upload(self, run, step):
         """Upload a checkpoint to the remote tier; the report as a dict."""
-        return json.loads(self._raw.upload(str(run), _save_step(step)))
+        return json.loads(self._raw.upload(_run_arg(run), _save_step(step)))

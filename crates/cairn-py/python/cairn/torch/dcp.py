@@ -17,7 +17,11 @@ gathers, and each rank's plan carries its rank and the world size back.
 Each item is saved by the one rank DCP's planner gives it (a replicated
 value once, as with `FileSystemWriter`). `finish`, which DCP calls on the
 coordinator once every rank's writes are done, commits the step: until then
-it is invisible, so a rank that dies mid-save leaves no step behind.
+it is invisible, so a rank that dies mid-save leaves no step behind. Each
+save is an attempt of its own (a name the coordinator draws and hands to
+the ranks with their plans), and the commit takes that attempt's parts:
+saving a step again after a job died mid-save, with other contents,
+commits the new save; the abandoned parts are left for collection.
 
 Loading: `read_metadata` rebuilds DCP's `Metadata` from cairn's own record
 (a tensor's global shape and dtype, one chunk per stored shard; one bytes
@@ -45,6 +49,7 @@ the plans are gathered, after staging.
 import dataclasses
 import io
 import os
+import uuid
 
 import cairn
 
@@ -62,11 +67,13 @@ def _torch():
 
 @dataclasses.dataclass(frozen=True)
 class _Part:
-    """A rank's place in the save, as the coordinator numbered the plans:
-    carried back to the rank in its plan's `storage_data`."""
+    """A rank's place in the save, as the coordinator numbered the plans,
+    and the save attempt the coordinator drew for this save: carried back
+    to the rank in its plan's `storage_data`."""
 
     rank: int
     world_size: int
+    attempt: str
 
 
 def _dcp_base():
@@ -136,12 +143,13 @@ class CairnStorageWriter(_StorageWriter):
     def __init__(self, store, run, step, *, metrics=None):
         super().__init__()
         self.store = _store(store)
-        self.run = str(run)
+        self.run = cairn._run_arg(run)
         self.step = int(step)
         self.metrics = metrics
         self.is_coordinator = True
         self.rank = 0
         self.world_size = 1
+        self.attempt = None
 
     # -- StorageWriter ---------------------------------------------------
     def reset(self, checkpoint_id=None):
@@ -162,11 +170,18 @@ class CairnStorageWriter(_StorageWriter):
 
     def prepare_global_plan(self, plans):
         """Number the gathered plans (DCP orders them by rank in its
-        process group): each rank's plan carries its rank and the world
-        size back to it, and the coordinator commits that many parts."""
+        process group): each rank's plan carries its rank, the world size
+        and this save's attempt back to it, and the coordinator commits
+        that many parts of that attempt. A fresh attempt per save: parts
+        an earlier save of the step left behind (a job that died before
+        its commit, then saved the step again after a restart) are left
+        aside by the commit, not mixed in or refused."""
         self.world_size = len(plans)
+        self.attempt = uuid.uuid4().hex
         return [
-            dataclasses.replace(p, storage_data=_Part(rank=i, world_size=len(plans)))
+            dataclasses.replace(
+                p, storage_data=_Part(rank=i, world_size=len(plans), attempt=self.attempt)
+            )
             for i, p in enumerate(plans)
         ]
 
@@ -206,6 +221,7 @@ class CairnStorageWriter(_StorageWriter):
                 metrics=self.metrics,
                 rank=part.rank,
                 world_size=part.world_size,
+                attempt=part.attempt,
             )
             h.wait()
             fut.set_result(results)
@@ -215,7 +231,7 @@ class CairnStorageWriter(_StorageWriter):
 
     def finish(self, metadata, results):
         if self.is_coordinator:
-            self.store.commit(self.run, self.step, self.world_size)
+            self.store.commit(self.run, self.step, self.world_size, attempt=self.attempt)
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id):
@@ -242,7 +258,7 @@ class CairnStorageReader(_StorageReader):
         # By path: opened to read only, as `cairn.torch.load` does (a
         # missing store is NotFoundError; the smallest staging pool).
         self.store = _store_to_read(store)[0]
-        self.run = str(run)
+        self.run = cairn._run_arg(run)
         self._step_arg = step
         self.step = None
 
