@@ -108,6 +108,23 @@ pub enum Error {
         /// The step.
         step: u64,
     },
+    /// A sharded step with no record here was committed on the remote
+    /// tier from the parts of an earlier save attempt (the flush daemon
+    /// uploaded them and found every rank): committing another attempt
+    /// here would make the tiers disagree on the step.
+    #[error(
+        "checkpoint run {run} step {step} is already committed on the remote {url} (from the \
+         parts of an earlier save attempt the flush daemon uploaded); a different save of it \
+         here would disagree with that record: save to another step"
+    )]
+    CommittedRemotely {
+        /// The run.
+        run: String,
+        /// The step.
+        step: u64,
+        /// The remote that holds the step's record.
+        url: String,
+    },
     /// A call to the object store failed (after retries, where the error
     /// was transient).
     #[error("object store error during {op} on {path}: {source}")]
@@ -291,7 +308,9 @@ impl Error {
             | Error::UnsupportedVersion { .. }
             | Error::UnknownCodec { .. } => ErrorKind::Data,
             Error::NotFound { .. } => ErrorKind::NotFound,
-            Error::AlreadyExists { .. } => ErrorKind::AlreadyExists,
+            Error::AlreadyExists { .. } | Error::CommittedRemotely { .. } => {
+                ErrorKind::AlreadyExists
+            }
             Error::DeadlineExceeded { .. } => ErrorKind::Unavailable,
             Error::RemoteRefused { .. } => ErrorKind::Invalid,
             Error::RetriesExhausted { .. } => ErrorKind::Unavailable,

@@ -239,6 +239,18 @@ impl Store {
         // published: what the parts reference stays stored.
         let _guard = crate::local::GcLock::shared(self.root())?;
         self.layout.check_dirs(Some(run), Some(step))?;
+        // The daemon committed the step on the remote from the parts it
+        // uploaded (an attempt whose own commit never ran): a record built
+        // here from another attempt's parts would differ from it.
+        if !self.layout.manifest_path(run, step).exists() {
+            if let Some(url) = self.uploaded_to(run, step) {
+                return Err(Error::CommittedRemotely {
+                    run: run.to_string(),
+                    step,
+                    url,
+                });
+            }
+        }
         let listing = list_parts(&self.layout.parts_dir(run, step))?;
         let parts_at = self.layout.parts_dir(run, step).display().to_string();
         let (parts, files) = pick_parts(

@@ -776,6 +776,24 @@ fn an_abandoned_attempt_is_left_aside_by_the_next() {
     assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
     assert!(e.to_string().contains("only a part"), "{e}");
 
+    // Step 6: every rank of "c1" saved, its commit never ran, and the
+    // flush daemon committed c1 on the remote from the uploaded parts
+    // (recorded by its upload marker). Committing another attempt here
+    // would make the tiers disagree: refused, naming the remote.
+    save_half(&store, 6, 0, Some("c1"), 80);
+    save_half(&store, 6, 1, Some("c1"), 80);
+    store.mark_uploaded("r", 6, "s3://bkt/p").unwrap();
+    save_half(&store, 6, 0, Some("c2"), 90);
+    save_half(&store, 6, 1, Some("c2"), 90);
+    match store.commit_attempt("r", 6, 2, Some("c2")).unwrap_err() {
+        e @ Error::CommittedRemotely { .. } => {
+            assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+            assert!(e.to_string().contains("s3://bkt/p"), "{e}");
+        }
+        e => panic!("expected the remote record to stand, got {e}"),
+    }
+    assert!(!store.steps("r").unwrap().contains(&6));
+
     // Collection: the abandoned attempts' parts of the committed steps go
     // once past the grace, with the chunks only they held; the committed
     // steps read as before and verify.
@@ -784,8 +802,11 @@ fn an_abandoned_attempt_is_left_aside_by_the_next() {
     assert_eq!(g.parts_removed, 0, "younger than the grace: {g:?}");
     clock.advance(Duration::from_secs(3 * 3600));
     let g = store.gc(grace, false).unwrap();
-    // a1 of step 1 and 2, x1's two parts of step 3.
-    assert_eq!(g.parts_removed, 4, "{g:?}");
+    // a1 of step 1 and 2, x1's two parts of step 3; and whole pending
+    // steps: step 6 (its upload marker says the remote holds it) and the
+    // one part of step 4, which step 6 supersedes.
+    assert_eq!(g.parts_removed, 4 + 4 + 1, "{g:?}");
+    assert!(store.pending_steps("r").unwrap().is_empty());
     assert!(g.chunks_deleted >= 1, "{g:?}");
     assert_eq!(store.parts("r", 1).unwrap().len(), 2);
     assert_eq!(store.parts("r", 3).unwrap().len(), 2);

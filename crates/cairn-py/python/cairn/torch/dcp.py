@@ -198,6 +198,9 @@ class CairnStorageWriter(_StorageWriter):
                     "(CairnStorageWriter.prepare_global_plan numbers the plans)"
                 )
             self.rank = part.rank
+            # The attempt the plan carries (a cached plan carries the one
+            # drawn when it was made): the coordinator commits this one.
+            self.attempt = part.attempt
             tensors, blobs, results = {}, {}, []
             for item in plan.items:
                 fqn = item.index.fqn
